@@ -1,0 +1,216 @@
+"""Strict loading of Moshi LM checkpoints in the published MLX layout (bf16, q8, q4).
+
+The safetensors header is read and checked against the model before any tensor data is
+touched, so a wrong, truncated or mismatched file gives one clear line instead of an error
+from deep inside MLX. Tensor data is then read lazily and materialised layer by layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .models.config import LmConfig, config_v0_1
+from .models.lm import Lm
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    bits: int
+    group_size: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype code: BF16, F32, U32, ...
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    quantization: Quantization | None
+
+    @property
+    def label(self) -> str:
+        return f"q{self.quantization.bits}" if self.quantization else "bf16/float"
+
+
+# Published group sizes: what `nn.quantize` used for kyutai/moshi*-mlx-q8 and -q4.
+GROUP_SIZE_FOR_BITS = {8: 64, 4: 32}
+_MAX_HEADER = 100 * 1024 * 1024
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "BOOL": 1}
+
+
+def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Parse and sanity-check a safetensors header (names, dtypes, shapes, file length)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise WeightsError(f"{path} is not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len <= 0 or header_len > min(_MAX_HEADER, size - 8):
+                raise WeightsError(f"{path} is not a safetensors file (bad header length)")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WeightsError(f"{path} is not a safetensors file (unreadable header)") from None
+    except OSError as e:
+        raise WeightsError(f"cannot read {path}: {e.strerror}") from None
+    tensors: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path} has a malformed header entry for {name!r}") from None
+        count = 1
+        for dim in shape:
+            count *= dim
+        if dtype in _DTYPE_BYTES and end - start != count * _DTYPE_BYTES[dtype]:
+            raise WeightsError(f"{path}: tensor {name!r} has {end - start} bytes for shape {list(shape)} {dtype}")
+        data_end = max(data_end, end)
+        tensors[name] = TensorInfo(dtype, shape)
+    if 8 + header_len + data_end > size:
+        raise WeightsError(
+            f"{path} is truncated ({size} bytes, needs {8 + header_len + data_end}); download it again"
+        )
+    return tensors
+
+
+def detect_quantization(tensors: dict[str, TensorInfo], config: LmConfig) -> Quantization | None:
+    """Read bits and group size off the text head: packed uint32 weight + per-group scales."""
+    weight = tensors.get("text_linear.weight")
+    if weight is None:
+        raise WeightsError("not a Moshi LM checkpoint: it has no 'text_linear.weight'")
+    if weight.dtype != "U32":
+        return None
+    scales = tensors.get("text_linear.scales")
+    if scales is None or len(weight.shape) != 2 or len(scales.shape) != 2:
+        raise WeightsError("quantized checkpoint lacks 'text_linear.scales'")
+    dim = config.transformer.d_model
+    bits, rem = divmod(weight.shape[1] * 32, dim)
+    group_size = dim // scales.shape[1] if scales.shape[1] else 0
+    if rem or bits not in (2, 3, 4, 5, 6, 8) or group_size * scales.shape[1] != dim:
+        raise WeightsError(
+            f"quantized text head {list(weight.shape)} does not fit model dim {dim}: wrong --lm-config for these weights?"
+        )
+    return Quantization(bits, group_size)
+
+
+def inspect_checkpoint(path: str | os.PathLike, config: LmConfig | None = None) -> CheckpointInfo:
+    config = config or config_v0_1()
+    tensors = read_header(path)
+    return CheckpointInfo(Path(path), tensors, detect_quantization(tensors, config))
+
+
+def build_model(config: LmConfig, quantization: Quantization | None = None, dtype: mx.Dtype = mx.bfloat16) -> Lm:
+    """A model whose parameters are lazy (nothing allocated until evaluated or loaded)."""
+    model = Lm(config)
+    model.set_dtype(dtype)
+    if quantization is not None:
+        # Every Linear and Embedding, as in the published q8/q4 files; norms stay in `dtype`.
+        nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits)
+    return model
+
+
+def expected_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+    return {name: (tuple(a.shape), a.dtype) for name, a in tree_flatten(model.parameters())}
+
+
+def _summarise(names: Iterable[str], limit: int = 3) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_layout(tensors: dict[str, TensorInfo], model: nn.Module, path: str | os.PathLike) -> None:
+    expected = expected_layout(model)
+    missing = expected.keys() - tensors.keys()
+    unexpected = tensors.keys() - expected.keys()
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_summarise(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_summarise(unexpected)})")
+        raise WeightsError(f"{path} does not match the model config: " + "; ".join(parts))
+    for name, (shape, dtype) in expected.items():
+        info = tensors[name]
+        if info.shape != shape:
+            raise WeightsError(f"{path}: {name} has shape {list(info.shape)}, the model expects {list(shape)}")
+        if (dtype == mx.uint32) != (info.dtype == "U32") or info.dtype not in ("BF16", "F16", "F32", "U32"):
+            raise WeightsError(f"{path}: {name} is {info.dtype}, the model expects {dtype}")
+
+
+def load_lm(
+    path: str | os.PathLike,
+    config: LmConfig | None = None,
+    dtype: mx.Dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Lm:
+    """Load a Moshi LM checkpoint strictly.
+
+    `dtype` is the compute dtype for unquantized tensors (default: bfloat16, as published).
+    `progress(done, total)` is called while tensors are materialised.
+    """
+    config = config or config_v0_1()
+    info = inspect_checkpoint(path, config)
+    model = build_model(config, info.quantization, dtype or mx.bfloat16)
+    check_layout(info.tensors, model, path)
+    expected = expected_layout(model)
+    try:
+        weights = mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise WeightsError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    items = []
+    for name, array in weights.items():
+        want = expected[name][1]
+        items.append((name, array if array.dtype == want else array.astype(want)))
+    model.update(tree_unflatten(items))
+    _materialise(model, progress)
+    return model
+
+
+def _materialise(model: Lm, progress: Callable[[int, int], None] | None) -> None:
+    """Evaluate parameters in layer-sized chunks so peak memory stays near the model size."""
+    groups: list[list[mx.array]] = []
+    for name, child in model.children().items():
+        if name == "transformer":
+            groups.extend([[a for _, a in tree_flatten(layer.parameters())] for layer in child.layers])
+        elif name == "depformer":
+            groups.extend([[a for _, a in tree_flatten(s.parameters())] for s in child.slices])
+        else:
+            groups.append([a for _, a in tree_flatten(child.parameters() if isinstance(child, nn.Module) else child)])
+    total = len(groups)
+    for i, group in enumerate(groups):
+        try:
+            mx.eval(group)
+        except (RuntimeError, ValueError) as e:
+            raise WeightsError(f"failed reading tensor data: {str(e).splitlines()[0]}") from None
+        if progress is not None:
+            progress(i + 1, total)
+
+
+def save_lm(model: Lm, path: str | os.PathLike) -> None:
+    """Write a model's parameters in the published layout (same names, shapes and dtypes)."""
+    mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())))

@@ -1,0 +1,207 @@
+"""Configuration dataclasses for the Moshi LM (temporal transformer + depformer)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    d_model: int
+    num_heads: int
+    num_layers: int
+    dim_feedforward: int
+    context: int
+    max_period: float = 10_000.0
+    positional_embedding: str = "rope"  # "rope" or "none"
+    norm_eps: float = 1e-8
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        # Moshi's gated FFN: 11/4 * d when the nominal feed-forward is 4 * d, else 2/3 of it.
+        if self.dim_feedforward == 4 * self.d_model:
+            return 11 * self.d_model // 4
+        return 2 * self.dim_feedforward // 3
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
+        return cls(**_known_fields(cls, data))
+
+
+@dataclass(frozen=True)
+class LmConfig:
+    transformer: TransformerConfig
+    depformer: TransformerConfig
+    text_in_vocab_size: int = 32001
+    text_out_vocab_size: int = 32000
+    audio_vocab_size: int = 2049
+    audio_codebooks: int = 16  # Moshi's generated streams followed by the user's
+    generated_codebooks: int = 8
+    audio_delays: tuple[int, ...] = (0, 1, 1, 1, 1, 1, 1, 1) * 2
+
+    def __post_init__(self) -> None:
+        if len(self.audio_delays) != self.audio_codebooks:
+            raise ValueError(
+                f"audio_delays has {len(self.audio_delays)} entries but audio_codebooks is {self.audio_codebooks}"
+            )
+        if not 0 < self.generated_codebooks <= self.audio_codebooks:
+            raise ValueError(f"generated_codebooks must be in 1..{self.audio_codebooks}")
+
+    @property
+    def user_codebooks(self) -> int:
+        return self.audio_codebooks - self.generated_codebooks
+
+    @property
+    def audio_card(self) -> int:
+        """Number of real audio codes (the last input id is padding)."""
+        return self.audio_vocab_size - 1
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.audio_delays, default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LmConfig":
+        """Build from our own `to_dict()` output or from a Kyutai `config.json` (lm_config keys).
+
+        Unknown keys are ignored so a config.json loads directly.
+        """
+        if "transformer" in data and isinstance(data["transformer"], dict):
+            own = dict(_known_fields(cls, data))
+            own["transformer"] = TransformerConfig.from_dict(data["transformer"])
+            dep = data["depformer"]
+            dep = dep.get("transformer", dep)  # accept the reference's nested DepFormerConfig too
+            own["depformer"] = TransformerConfig.from_dict(dep)
+            if "num_slices" in data.get("depformer", {}):
+                own.setdefault("generated_codebooks", data["depformer"]["num_slices"])
+            if "audio_delays" in own:
+                own["audio_delays"] = tuple(own["audio_delays"])
+            return cls(**own)
+        return cls._from_kyutai(data)
+
+    @classmethod
+    def _from_kyutai(cls, data: dict[str, Any]) -> "LmConfig":
+        missing = [k for k in ("dim", "num_heads", "num_layers", "text_card", "card", "n_q", "delays") if k not in data]
+        if missing:
+            raise ValueError(f"config.json lacks required Moshi keys: {', '.join(missing)}")
+        dim = int(data["dim"])
+        # Kyutai stores the nominal size via hidden_scale; 4.125 * d gives 11/4 d gated hidden after 2/3.
+        transformer = TransformerConfig(
+            d_model=dim,
+            num_heads=int(data["num_heads"]),
+            num_layers=int(data["num_layers"]),
+            dim_feedforward=4 * dim,
+            context=int(data.get("context", 3000)),
+            max_period=float(data.get("max_period", 10_000)),
+            positional_embedding=str(data.get("positional_embedding", "rope")),
+        )
+        dep_dim = int(data.get("depformer_dim", 1024))
+        depformer = TransformerConfig(
+            d_model=dep_dim,
+            num_heads=int(data.get("depformer_num_heads", 16)),
+            num_layers=int(data.get("depformer_num_layers", 6)),
+            dim_feedforward=int(data.get("depformer_dim_feedforward", 4 * dep_dim)),
+            context=int(data.get("depformer_context", data.get("dep_q", 8))),
+            max_period=float(data.get("depformer_max_period", 10_000)),
+            positional_embedding=str(data.get("depformer_pos_emb", "none")),
+        )
+        delays = [int(d) for d in data["delays"]]
+        n_q = int(data["n_q"])
+        return cls(
+            transformer=transformer,
+            depformer=depformer,
+            text_in_vocab_size=int(data["text_card"]) + 1,
+            text_out_vocab_size=int(data["text_card"]),
+            audio_vocab_size=int(data["card"]) + 1,
+            audio_codebooks=n_q,
+            generated_codebooks=int(data.get("dep_q", n_q // 2)),
+            audio_delays=tuple(delays[1:]),  # the first delay belongs to the text stream
+        )
+
+    def to_kyutai_dict(self) -> dict[str, Any]:
+        """The Kyutai `config.json` keys that describe this model."""
+        t, d = self.transformer, self.depformer
+        return {
+            "dim": t.d_model,
+            "num_heads": t.num_heads,
+            "num_layers": t.num_layers,
+            "hidden_scale": 4.125,
+            "causal": True,
+            "layer_scale": None,
+            "context": t.context,
+            "max_period": t.max_period,
+            "positional_embedding": t.positional_embedding,
+            "gating": "silu",
+            "norm": "rms_norm_f32",
+            "depformer_dim": d.d_model,
+            "depformer_num_heads": d.num_heads,
+            "depformer_num_layers": d.num_layers,
+            "depformer_dim_feedforward": d.dim_feedforward,
+            "depformer_context": d.context,
+            "depformer_max_period": d.max_period,
+            "depformer_pos_emb": d.positional_embedding,
+            "depformer_multi_linear": True,
+            "depformer_weights_per_step": True,
+            "dep_q": self.generated_codebooks,
+            "text_card": self.text_out_vocab_size,
+            "card": self.audio_card,
+            "n_q": self.audio_codebooks,
+            "delays": [0, *self.audio_delays],
+        }
+
+
+def config_v0_1() -> LmConfig:
+    """Moshiko / Moshika 7B (kyutai/moshi{ko,ka}-mlx-*)."""
+    return LmConfig(
+        transformer=TransformerConfig(d_model=4096, num_heads=32, num_layers=32, dim_feedforward=16384, context=3000),
+        depformer=TransformerConfig(
+            d_model=1024, num_heads=16, num_layers=6, dim_feedforward=4096, context=8, positional_embedding="none"
+        ),
+    )
+
+
+def config_small() -> LmConfig:
+    """About 340M parameters: the 7B layout scaled down, for benchmarks."""
+    return LmConfig(
+        transformer=TransformerConfig(d_model=1024, num_heads=16, num_layers=8, dim_feedforward=4096, context=3000),
+        depformer=TransformerConfig(
+            d_model=512, num_heads=8, num_layers=4, dim_feedforward=2048, context=8, positional_embedding="none"
+        ),
+    )
+
+
+def config_tiny(context: int = 3000) -> LmConfig:
+    """Tiny random-weight model for tests and --demo; sizes stay quantizable with group sizes 32 and 64."""
+    return LmConfig(
+        transformer=TransformerConfig(d_model=256, num_heads=4, num_layers=4, dim_feedforward=1024, context=context),
+        depformer=TransformerConfig(
+            d_model=256, num_heads=4, num_layers=2, dim_feedforward=1024, context=8, positional_embedding="none"
+        ),
+    )
+
+
+PRESETS = {"tiny": config_tiny, "small": config_small, "7b": config_v0_1}
+
+
+def preset(name: str) -> LmConfig:
+    try:
+        return PRESETS[name.lower()]()
+    except KeyError:
+        raise ValueError(f"unknown model config {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+__all__ = ["TransformerConfig", "LmConfig", "config_v0_1", "config_small", "config_tiny", "preset", "PRESETS"]
