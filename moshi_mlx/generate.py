@@ -35,6 +35,11 @@ class PendingStep:
         self.step = step
         self._tokens = tokens
 
+    @property
+    def raw_tokens(self) -> np.ndarray:
+        """This step's sampled tokens in the delayed layout: [text, codebook 0..K-1] (waits for them)."""
+        return np.array(self._tokens[0])
+
     def result(self) -> StepOutput | None:
         return self._gen._finish(self)
 

@@ -1,0 +1,153 @@
+"""One shared `load()`: the LM, Mimi and the text tokenizer, from the hub, local files or the demo stand-ins."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from .engine import ConversationEngine, EngineSettings
+from .loading import WeightsError, build_model, load_lm
+from .models.config import LmConfig, config_tiny, config_v0_1
+from .models.lm import Lm
+from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
+from .tokenizer import TextTokenizer
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DEMO_BANNER = "DEMO MODE: tiny random-weight model and random Mimi. Moshi will babble noise, not talk."
+
+
+@dataclass
+class Assets:
+    lm: Lm
+    mimi: object  # moshi_mlx.mimi.Mimi
+    tokenizer: TextTokenizer | None
+    description: str
+    demo: bool
+    load_seconds: float
+
+    def engine(self, settings: EngineSettings = EngineSettings()) -> ConversationEngine:
+        return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings)
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _progress_printer(label: str, log: Callable[[str], None]) -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        if log is _stderr and sys.stderr.isatty():
+            end = "\n" if done == total else ""
+            print(f"\r{label}: {done}/{total} layers", end=end, file=sys.stderr, flush=True)
+        elif done == total:
+            log(f"{label}: {total}/{total} layers")
+
+    return show
+
+
+def demo_lm(seed: int = 0, config: LmConfig | None = None) -> Lm:
+    """A tiny random-weight LM (nothing downloaded); the same seed gives the same weights."""
+    mx.random.seed(seed)
+    model = build_model(config or config_tiny(), None, mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def load(
+    quantize: int | None = None,
+    hf_repo: str | None = None,
+    revision: str | None = None,
+    moshi_weights: str | None = None,
+    mimi_weights: str | None = None,
+    tokenizer: str | None = None,
+    lm_config: str | None = None,
+    demo: bool = False,
+    dtype: str | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> Assets:
+    """Load everything a conversation needs. Errors are one-line exceptions (WeightsError, HubError, ...)."""
+    from .mimi import Mimi  # rustymimi is only needed once we really load
+
+    start = time.perf_counter()
+    if demo:
+        from .demo import demo_assets
+
+        log(DEMO_BANNER)
+        files = demo_assets()
+        lm = demo_lm()
+        mimi = Mimi(files.mimi_path)
+        tok = TextTokenizer(files.tokenizer_path)
+        return Assets(lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start)
+
+    from .hub import resolve_model_files
+
+    files = resolve_model_files(
+        quantize=quantize,
+        hf_repo=hf_repo,
+        revision=revision,
+        moshi_weights=moshi_weights,
+        mimi_weights=mimi_weights,
+        tokenizer=tokenizer,
+        lm_config=lm_config,
+    )
+    config = LmConfig.from_dict(files.lm_config) if files.lm_config else config_v0_1()
+    log(f"loading Moshi weights from {files.moshi}")
+    lm = load_lm(files.moshi, config, DTYPES[dtype] if dtype else None, _progress_printer("Moshi", log))
+    mimi = Mimi(files.mimi)
+    tok = TextTokenizer(files.tokenizer)
+    if tok.vocab_size < config.text_out_vocab_size:
+        raise WeightsError(
+            f"text tokenizer {files.tokenizer} has {tok.vocab_size} pieces but the model emits {config.text_out_vocab_size}"
+        )
+    label = files.repo or str(Path(files.moshi).parent)
+    return Assets(lm, mimi, tok, label, False, time.perf_counter() - start)
+
+
+# -- shared command-line flags ------------------------------------------------------------
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model, sampling and demo flags shared by every entry point."""
+    from .hub import add_model_args
+
+    add_model_args(parser)
+    parser.add_argument("--demo", action="store_true", help="tiny random model + random Mimi: no download (babble)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype for unquantized weights")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--text-temperature", type=float, default=DEFAULT_TEXT_SAMPLING.temperature)
+    group.add_argument("--text-topk", type=int, default=DEFAULT_TEXT_SAMPLING.top_k)
+    group.add_argument("--audio-temperature", type=float, default=DEFAULT_AUDIO_SAMPLING.temperature)
+    group.add_argument("--audio-topk", type=int, default=DEFAULT_AUDIO_SAMPLING.top_k)
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def settings_from_args(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(
+        text=SamplingParams(args.text_temperature, args.text_topk),
+        audio=SamplingParams(args.audio_temperature, args.audio_topk),
+        seed=args.seed,
+    )
+
+
+def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = _stderr) -> Assets:
+    return load(
+        quantize=getattr(args, "quantize", None),
+        hf_repo=getattr(args, "hf_repo", None),
+        revision=getattr(args, "revision", None),
+        moshi_weights=getattr(args, "moshi_weights", None),
+        mimi_weights=getattr(args, "mimi_weights", None),
+        tokenizer=getattr(args, "tokenizer", None),
+        lm_config=getattr(args, "lm_config", None),
+        demo=args.demo,
+        dtype=args.dtype,
+        log=log,
+    )
+
+
+def config_from_file(path: str | Path) -> LmConfig:
+    with open(path) as f:
+        return LmConfig.from_dict(json.load(f))

@@ -1,0 +1,288 @@
+"""The conversation engine shared by the terminal app, the web server and the offline run.
+
+`ConversationEngine` turns one 80 ms frame of user audio into one frame of Moshi's audio and
+an optional transcript piece (Mimi encode -> LM step -> Mimi decode). It owns warm-up,
+per-conversation reset and the text pieces.
+
+`EngineRunner` runs an engine on worker threads for real-time front ends: audio callbacks
+push frames without ever waiting on the model; encode, LM step and decode run as a three-stage
+pipeline, so a frame's cost is the slowest stage rather than their sum; and when the model
+falls behind, the oldest input frames are dropped so latency stays bounded.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .generate import LmGen, StepOutput
+from .models.lm import Lm
+from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
+from .tokenizer import TextTokenizer
+
+SAMPLE_RATE = 24_000
+FRAME_SIZE = 1920  # 80 ms at 24 kHz
+
+
+class AudioCodec(Protocol):
+    """What the engine needs from Mimi (see moshi_mlx.mimi.Mimi)."""
+
+    def encode_frame(self, pcm: np.ndarray) -> np.ndarray: ...
+
+    def decode_frame(self, codes: np.ndarray) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    text: SamplingParams = DEFAULT_TEXT_SAMPLING
+    audio: SamplingParams = DEFAULT_AUDIO_SAMPLING
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """Moshi's output for one input frame."""
+
+    frame: int  # index of the input frame this answers (0-based, per conversation)
+    pcm: np.ndarray  # float32 [FRAME_SIZE]; silence while the codebook delays fill
+    text: str | None  # transcript piece, if Moshi "said" a word here
+    text_token: int | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class ConversationEngine:
+    def __init__(
+        self,
+        lm: Lm,
+        mimi: AudioCodec,
+        tokenizer: TextTokenizer | None,
+        settings: EngineSettings = EngineSettings(),
+    ) -> None:
+        self.lm = lm
+        self.mimi = mimi
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.gen = LmGen(lm, settings.text, settings.audio, seed=settings.seed)
+        self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+        self.frames_in = 0
+
+    # -- conversation lifecycle -------------------------------------------------
+    def reset(self, settings: EngineSettings | None = None) -> None:
+        """Start a fresh conversation (optionally with new sampling settings)."""
+        if settings is not None and settings != self.settings:
+            self.settings = settings
+            self.gen.configure(settings.text, settings.audio, settings.seed)
+        self.gen.reset(seed=self.settings.seed)
+        self.mimi.reset()
+        self.frames_in = 0
+
+    def warmup(self, frames: int = 4) -> float:
+        """Run a few frames of silence through everything (allocations, compiled samplers), then reset.
+
+        Returns the seconds it took.
+        """
+        start = time.perf_counter()
+        for _ in range(max(frames, self.lm.config.max_delay + 2)):
+            self.process(self._silence)
+        self.reset()
+        return time.perf_counter() - start
+
+    # -- the three stages, usable separately by a pipeline --------------------------
+    def encode(self, pcm: np.ndarray) -> np.ndarray:
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if pcm.shape[0] != FRAME_SIZE:
+            raise ValueError(f"expected a frame of {FRAME_SIZE} samples, got {pcm.shape[0]}")
+        return self.mimi.encode_frame(pcm)
+
+    def step(self, codes: np.ndarray) -> StepOutput | None:
+        self.frames_in += 1
+        return self.gen.step(codes)
+
+    def decode(self, out: StepOutput | None) -> tuple[np.ndarray, str | None]:
+        if out is None:
+            return self._silence.copy(), None
+        pcm = self.mimi.decode_frame(out.audio_codes)
+        text = self.tokenizer.piece(out.text_token) if self.tokenizer is not None else None
+        return pcm, text
+
+    def process(self, pcm: np.ndarray) -> FrameResult:
+        """One frame through all three stages, synchronously."""
+        frame = self.frames_in
+        t0 = time.perf_counter()
+        codes = self.encode(pcm)
+        t1 = time.perf_counter()
+        out = self.step(codes)
+        t2 = time.perf_counter()
+        audio, text = self.decode(out)
+        t3 = time.perf_counter()
+        timings = {"encode": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3, "decode": (t3 - t2) * 1e3}
+        return FrameResult(frame, audio, text, out.text_token if out else None, timings)
+
+
+@dataclass
+class RunnerStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped: int = 0  # input frames skipped because the model was behind
+    last_latency_ms: float = 0.0  # input frame pushed -> its output ready
+    recent_step_ms: deque = field(default_factory=lambda: deque(maxlen=25))
+
+    @property
+    def behind(self) -> bool:
+        return self.last_latency_ms > 400.0
+
+
+_STOP = object()
+
+
+class EngineRunner:
+    """Real-time wrapper: push 80 ms frames from any thread, receive FrameResults via a callback.
+
+    `max_pending` bounds the input frames waiting for the encoder; beyond it the oldest are
+    dropped (and counted) so the delay between speaking and hearing Moshi cannot grow.
+    """
+
+    def __init__(
+        self,
+        engine: ConversationEngine,
+        on_result: Callable[[FrameResult], None],
+        max_pending: int = 3,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.on_result = on_result
+        self.on_error = on_error
+        self.stats = RunnerStats()
+        self._inbox: deque[tuple[np.ndarray, float]] = deque()
+        self._max_pending = max_pending
+        self._lock = threading.Lock()
+        self._have_input = threading.Condition(self._lock)
+        # Small queues between stages: backpressure reaches the inbox, where frames are dropped.
+        self._to_lm: queue.Queue = queue.Queue(maxsize=1)
+        self._to_decode: queue.Queue = queue.Queue(maxsize=1)
+        self._running = False
+        self._threads: list[threading.Thread] = []
+        self.error: BaseException | None = None
+
+    def start(self) -> "EngineRunner":
+        self._running = True
+        for target, name in ((self._encode_loop, "encode"), (self._lm_loop, "lm"), (self._decode_loop, "decode")):
+            thread = threading.Thread(target=self._guard(target), name=f"moshi-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Never blocks: safe to call from an audio callback."""
+        now = time.perf_counter()
+        with self._lock:
+            self.stats.frames_in += 1
+            self._inbox.append((np.array(pcm, dtype=np.float32, copy=True).reshape(-1), now))
+            while len(self._inbox) > self._max_pending:
+                self._inbox.popleft()
+                self.stats.dropped += 1
+            self._have_input.notify()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        with self._lock:
+            self._running = False
+            self._have_input.notify_all()
+        for q in (self._to_lm, self._to_decode):
+            try:
+                q.put_nowait(_STOP)
+            except queue.Full:
+                pass
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+
+    def __enter__(self) -> "EngineRunner":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def alive(self) -> bool:
+        return self._running and all(t.is_alive() for t in self._threads)
+
+    # -- stages -------------------------------------------------------------------
+    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as e:  # surface worker failures instead of going silent
+                self.error = e
+                with self._lock:
+                    self._running = False
+                    self._have_input.notify_all()
+                if self.on_error is not None:
+                    self.on_error(e)
+
+        return run
+
+    def _put(self, q: queue.Queue, item: object) -> bool:
+        while self._running:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, q: queue.Queue) -> object:
+        while self._running:
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _STOP
+
+    def _encode_loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self._inbox:
+                    self._have_input.wait(0.1)
+                if not self._running:
+                    return
+                pcm, pushed_at = self._inbox.popleft()
+            t0 = time.perf_counter()
+            codes = self.engine.encode(pcm)
+            if not self._put(self._to_lm, (codes, pushed_at, (time.perf_counter() - t0) * 1e3)):
+                return
+
+    def _lm_loop(self) -> None:
+        while True:
+            item = self._get(self._to_lm)
+            if item is _STOP:
+                return
+            codes, pushed_at, encode_ms = item
+            frame = self.engine.frames_in
+            t0 = time.perf_counter()
+            out = self.engine.step(codes)
+            lm_ms = (time.perf_counter() - t0) * 1e3
+            self.stats.recent_step_ms.append(lm_ms)
+            if not self._put(self._to_decode, (frame, out, pushed_at, {"encode": encode_ms, "lm": lm_ms})):
+                return
+
+    def _decode_loop(self) -> None:
+        while True:
+            item = self._get(self._to_decode)
+            if item is _STOP:
+                return
+            frame, out, pushed_at, timings = item
+            t0 = time.perf_counter()
+            pcm, text = self.engine.decode(out)
+            timings["decode"] = (time.perf_counter() - t0) * 1e3
+            self.stats.frames_out += 1
+            self.stats.last_latency_ms = (time.perf_counter() - pushed_at) * 1e3
+            self.on_result(FrameResult(frame, pcm, text, out.text_token if out else None, timings))
