@@ -162,6 +162,18 @@ def check_layout(tensors: dict[str, TensorInfo], model: nn.Module, path: str | o
             raise WeightsError(f"{path}: {name} is {info.dtype}, the model expects {dtype}")
 
 
+def default_dtype(quantization: Quantization | None) -> mx.Dtype:
+    """bfloat16 as published, except quantized models on the CPU device.
+
+    MLX's CPU quantized matmul is several times slower with bfloat16 activations/scales than
+    with float32 ones (measured: benchmarks/bench.py), while weights stay packed either way;
+    so on CPU the small scale/bias tensors are widened to float32. Metal keeps bfloat16.
+    """
+    if quantization is not None and mx.default_device() == mx.cpu:
+        return mx.float32
+    return mx.bfloat16
+
+
 def load_lm(
     path: str | os.PathLike,
     config: LmConfig | None = None,
@@ -170,12 +182,12 @@ def load_lm(
 ) -> Lm:
     """Load a Moshi LM checkpoint strictly.
 
-    `dtype` is the compute dtype for unquantized tensors (default: bfloat16, as published).
-    `progress(done, total)` is called while tensors are materialised.
+    `dtype` is the compute dtype for unquantized tensors and quantization scales (default:
+    `default_dtype()`). `progress(done, total)` is called while tensors are materialised.
     """
     config = config or config_v0_1()
     info = inspect_checkpoint(path, config)
-    model = build_model(config, info.quantization, dtype or mx.bfloat16)
+    model = build_model(config, info.quantization, dtype or default_dtype(info.quantization))
     check_layout(info.tensors, model, path)
     expected = expected_layout(model)
     try:

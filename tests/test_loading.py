@@ -56,10 +56,19 @@ def test_round_trip_save_load_run(tmp_path, name):
     model, path = _tiny_file(tmp_path, QUANTS[name])
     info = inspect_checkpoint(path, config_tiny())
     assert info.quantization == QUANTS[name]
-    loaded = load_lm(path, config_tiny())
+    loaded = load_lm(path, config_tiny(), mx.bfloat16)
     for (k, a), (k2, b) in zip(tree_flatten(model.parameters()), tree_flatten(loaded.parameters())):
         assert k == k2 and a.dtype == b.dtype and mx.array_equal(a, b).item(), k
     assert _greedy_outputs(loaded) == _greedy_outputs(model)
+
+
+def test_quantized_defaults_to_float32_scales_on_cpu(tmp_path):
+    _, path = _tiny_file(tmp_path, QUANTS["q4"])
+    model = load_lm(path, config_tiny())
+    expected = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
+    assert model.text_linear.scales.dtype == expected
+    assert model.text_linear.weight.dtype == mx.uint32
+    assert len(_greedy_outputs(model)) == 5
 
 
 def test_quantized_outputs_close_to_bf16(tmp_path):
