@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import mlx.core as mx
 import numpy as np
 
 from .generate import LmGen, StepOutput
@@ -261,6 +262,8 @@ class EngineRunner:
                 return
 
     def _lm_loop(self) -> None:
+        # MLX streams belong to the thread that made them: this worker needs its own.
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
         while True:
             item = self._get(self._to_lm)
             if item is _STOP:

@@ -73,6 +73,7 @@ class LmGen:
         self._audio_sampler = make_sampler(audio_sampling, self.config.audio_card)
         self.seed = seed
         self._key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
+        mx.eval(self._key)
 
     def reset(self, seed: int | None = None) -> None:
         """Start a new conversation; caches are reused, not reallocated."""
@@ -80,6 +81,7 @@ class LmGen:
         if seed is not None:
             self.seed = seed
             self._key = mx.random.key(seed)
+            mx.eval(self._key)
         self.step_index = 0
         self._last_generated: mx.array | None = None  # device tokens of the previous step
         hist = self.config.max_delay + 1

@@ -12,3 +12,27 @@ def manifests_dir() -> Path:
     if not (MANIFESTS / "moshi-7b-mlx-bf16.json").is_file():
         pytest.skip(f"published-layout manifests not found in {MANIFESTS} (set MOSHI_MLX_MANIFESTS)")
     return MANIFESTS
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory):
+    """Random Mimi (published layout) + stand-in tokenizer, written once per test session."""
+    from moshi_mlx.demo import demo_assets
+
+    return demo_assets(tmp_path_factory.mktemp("demo-assets"))
+
+
+@pytest.fixture(scope="session")
+def demo_assets_loaded(demo_files, monkeypatch_session):
+    """The whole `load(demo=True)` result (tiny LM + real rustymimi), shared by the session."""
+    from moshi_mlx.assets import load
+
+    monkeypatch_session.setenv("MOSHI_MLX_DEMO_DIR", str(demo_files.mimi_path.parent))
+    return load(demo=True, log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()

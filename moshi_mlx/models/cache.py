@@ -49,7 +49,9 @@ class RotatingKVCache:
     @classmethod
     def allocate(cls, batch: int, num_heads: int, head_dim: int, capacity: int, dtype: mx.Dtype) -> "RotatingKVCache":
         shape = (batch, num_heads, capacity, head_dim)
-        return cls(mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype))
+        keys, values = mx.zeros(shape, dtype=dtype), mx.zeros(shape, dtype=dtype)
+        mx.eval(keys, values)  # materialise here so any thread can step the session later
+        return cls(keys, values)
 
     def update(self, keys: mx.array, values: mx.array, ctx: StepContext) -> tuple[mx.array, mx.array, mx.array]:
         self.keys = mx.slice_update(self.keys, keys.astype(self.keys.dtype), ctx.slot, axes=(2,))

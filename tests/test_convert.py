@@ -1,0 +1,396 @@
+"""PyTorch -> MLX checkpoint conversion: the 7B mapping checked on the manifests, tiny stand-ins end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from moshi_mlx.convert import (
+    ConvertError,
+    Dims,
+    build_config,
+    convert,
+    expected_specs,
+    main,
+    output_specs,
+    plan_conversion,
+)
+from moshi_mlx.loading import load_lm
+from moshi_mlx.models.config import LmConfig, config_v0_1
+from mlx.utils import tree_flatten
+
+ST_DTYPE = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
+
+# Tiny but quantizable (every input dim divides 64): see the stand-ins doc.
+TINY = Dims(
+    dim=256, num_layers=4, hidden=704, text_in=501, text_out=500, audio_vocab=129,
+    n_q=4, dep_q=2, dep_dim=256, dep_layers=2, dep_hidden=704,
+)
+
+
+@pytest.fixture
+def manifest(manifests_dir):
+    def read(name: str) -> dict:
+        return json.loads((manifests_dir / name).read_text())
+
+    return read
+
+
+def _specs(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {k: (tuple(v["shape"]), ST_DTYPE[v["dtype"]]) for k, v in manifest["tensors"].items()}
+
+
+def _legacy(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Rewrite current attention names into the older stacked `in_proj_weight` / `out_proj.weight` form."""
+    out: dict[str, tuple[int, ...]] = {}
+    stacked: dict[str, list[tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
+        m = re.fullmatch(r"(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight", name)
+        if m is None:
+            out[name] = shape
+            continue
+        key = f"{m.group(1)}.in_proj_weight" if m.group(2) == "in" else f"{m.group(1)}.out_proj.weight"
+        stacked.setdefault(key, []).append(shape)
+    for key, parts in stacked.items():
+        out[key] = (sum(p[0] for p in parts), parts[0][1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the 7B mapping, on name -> shape dicts only (nothing allocated)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["in_projs", "legacy_in_proj_weight"])
+@pytest.mark.parametrize("bits,which", [(None, "bf16"), (8, "q8"), (4, "q4")])
+def test_7b_mapping_matches_published_manifests(manifest, legacy, bits, which):
+    pt = {k: tuple(v["shape"]) for k, v in manifest("moshi-7b-pytorch-bf16.json")["tensors"].items()}
+    if legacy:
+        pt = _legacy(pt)
+        assert "depformer.layers.0.self_attn.in_proj_weight" in pt
+        assert pt["depformer.layers.0.self_attn.in_proj_weight"] == (8 * 3 * 1024, 1024)
+        assert pt["transformer.layers.0.self_attn.in_proj_weight"] == (3 * 4096, 4096)
+    plan = plan_conversion(pt)
+    assert plan.layout == "pytorch"
+    got = output_specs(plan.pieces, bits)
+    want = _specs(manifest(f"moshi-7b-mlx-{which}.json"))
+    assert set(got) == set(want)
+    assert got == want
+
+
+def test_7b_param_count_difference_is_the_shared_depformer_norms(manifest):
+    pt_manifest = manifest("moshi-7b-pytorch-bf16.json")
+    mlx_manifest = manifest("moshi-7b-mlx-bf16.json")
+    plan = plan_conversion({k: v["shape"] for k, v in pt_manifest["tensors"].items()})
+    diff = mlx_manifest["logical_param_count"] - pt_manifest["param_count"]
+    assert diff == 86016
+    # Sources used more than once: exactly the depformer norms, copied into every slice.
+    uses: dict[str, list[str]] = {}
+    for p in plan.pieces:
+        uses.setdefault(p.source, []).append(p.name)
+    shared = {src: names for src, names in uses.items() if len(names) > 1}
+    assert shared and all(re.fullmatch(r"depformer\.layers\.\d\.norm[12]\.alpha", s) for s in shared)
+    assert len(shared) == 6 * 2
+    extra = sum((len(names) - 1) * 1024 for names in shared.values())
+    assert extra == diff == 7 * 6 * 2 * 1024
+    # Everything else is used exactly once, and every source is used.
+    assert set(uses) == set(pt_manifest["tensors"])
+
+
+def test_7b_config_derived_from_shapes_is_config_v0_1_and_model_layout_agrees(manifest):
+    pt = {k: v["shape"] for k, v in manifest("moshi-7b-pytorch-bf16.json")["tensors"].items()}
+    plan = plan_conversion(pt)
+    cfg, cfg_json, notes = build_config(plan.dims)
+    assert cfg == config_v0_1()
+    assert LmConfig.from_dict(cfg_json) == config_v0_1()
+    assert cfg_json["dim"] == 4096 and cfg_json["dep_q"] == 8 and cfg_json["delays"][:3] == [0, 0, 1]
+    assert any("num_heads=32" in n for n in notes)
+    # The lead's model, built lazily, expects exactly what the plan writes (bf16 and q4).
+    for bits in (None, 4):
+        assert expected_specs(cfg, bits) == output_specs(plan.pieces, bits)
+
+
+def test_7b_pytorch_config_overrides_are_accepted(manifest):
+    """The PyTorch repo's own config (depformer_dim_feedforward 4224 etc.) describes the same model."""
+    pt_manifest = manifest("moshi-7b-pytorch-bf16.json")
+    plan = plan_conversion({k: v["shape"] for k, v in pt_manifest["tensors"].items()})
+    cfg, cfg_json, notes = build_config(plan.dims, pt_manifest["config"])
+    assert cfg.depformer.hidden_dim == 2816
+    assert cfg.transformer.num_heads == 32 and not any("num_heads" in n for n in notes)
+    assert expected_specs(cfg, None) == output_specs(plan.pieces, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tiny stand-ins, end to end
+
+
+def pytorch_shapes(d: Dims, legacy: bool = False) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a PyTorch-layout Moshi checkpoint (moshi 0.2.x state_dict naming)."""
+    s: dict[str, tuple[int, ...]] = {"text_emb.weight": (d.text_in, d.dim), "text_linear.weight": (d.text_out, d.dim)}
+    s["out_norm.alpha"] = (1, 1, d.dim)
+    for i in range(d.n_q):
+        s[f"emb.{i}.weight"] = (d.audio_vocab, d.dim)
+    for l in range(d.num_layers):
+        p = f"transformer.layers.{l}"
+        s[f"{p}.self_attn.in_projs.0.weight"] = (3 * d.dim, d.dim)
+        s[f"{p}.self_attn.out_projs.0.weight"] = (d.dim, d.dim)
+        s[f"{p}.norm1.alpha"] = s[f"{p}.norm2.alpha"] = (1, 1, d.dim)
+        s[f"{p}.gating.linear_in.weight"] = (2 * d.hidden, d.dim)
+        s[f"{p}.gating.linear_out.weight"] = (d.dim, d.hidden)
+    D = d.dep_dim
+    s["depformer_text_emb.weight"] = (d.text_in, D)
+    for k in range(d.dep_q):
+        s[f"depformer_in.{k}.weight"] = (D, d.dim)
+        s[f"linears.{k}.weight"] = (d.audio_vocab - 1, D)
+        if k:
+            s[f"depformer_emb.{k - 1}.weight"] = (d.audio_vocab, D)
+    for l in range(d.dep_layers):
+        p = f"depformer.layers.{l}"
+        s[f"{p}.norm1.alpha"] = s[f"{p}.norm2.alpha"] = (1, 1, D)
+        for k in range(d.dep_q):
+            s[f"{p}.self_attn.in_projs.{k}.weight"] = (3 * D, D)
+            s[f"{p}.self_attn.out_projs.{k}.weight"] = (D, D)
+            s[f"{p}.gating.{k}.linear_in.weight"] = (2 * d.dep_hidden, D)
+            s[f"{p}.gating.{k}.linear_out.weight"] = (D, d.dep_hidden)
+    return _legacy(s) if legacy else s
+
+
+def write_random(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, mx.array]:
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    arrays = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        arrays[name] = (0.05 * mx.random.normal(shape, key=keys[i])).astype(mx.bfloat16)
+    mx.save_safetensors(str(path), arrays)
+    return arrays
+
+
+def reference_mlx(src: dict[str, mx.array], d: Dims) -> dict[str, mx.array]:
+    """The MLX tensors a correct conversion must produce, written out rule by rule from the PyTorch names."""
+    out = {"text_emb.weight": src["text_emb.weight"], "text_linear.weight": src["text_linear.weight"]}
+    out["out_norm.weight"] = src["out_norm.alpha"].reshape(-1)
+    for i in range(d.n_q):
+        out[f"audio_embs.{i}.weight"] = src[f"emb.{i}.weight"]
+    K, D = d.dep_q, d.dep_dim
+
+    def attn(prefix: str, kind: str, k: int, rows: int) -> mx.array:
+        current = f"{prefix}.self_attn.{kind}_projs.{k}.weight"
+        if current in src:
+            return src[current]
+        stacked = src[f"{prefix}.self_attn.in_proj_weight" if kind == "in" else f"{prefix}.self_attn.out_proj.weight"]
+        return stacked[k * rows : (k + 1) * rows]
+
+    for l in range(d.num_layers):
+        p = f"transformer.layers.{l}"
+        out[f"{p}.self_attn.in_proj.weight"] = attn(p, "in", 0, 3 * d.dim)
+        out[f"{p}.self_attn.out_proj.weight"] = attn(p, "out", 0, d.dim)
+        for n in ("norm1", "norm2"):
+            out[f"{p}.{n}.weight"] = src[f"{p}.{n}.alpha"].reshape(-1)
+        for n in ("linear_in", "linear_out"):
+            out[f"{p}.gating.{n}.weight"] = src[f"{p}.gating.{n}.weight"]
+    for k in range(K):
+        s = f"depformer.slices.{k}"
+        out[f"{s}.emb.weight"] = src["depformer_text_emb.weight"] if k == 0 else src[f"depformer_emb.{k - 1}.weight"]
+        out[f"{s}.linear_in.weight"] = src[f"depformer_in.{k}.weight"]
+        out[f"{s}.linear_out.weight"] = src[f"linears.{k}.weight"]
+        for l in range(d.dep_layers):
+            q, t = f"depformer.layers.{l}", f"{s}.transformer.layers.{l}"
+            out[f"{t}.self_attn.in_proj.weight"] = attn(q, "in", k, 3 * D)
+            out[f"{t}.self_attn.out_proj.weight"] = attn(q, "out", k, D)
+            for n in ("norm1", "norm2"):
+                out[f"{t}.{n}.weight"] = src[f"{q}.{n}.alpha"].reshape(-1)
+            for n in ("linear_in", "linear_out"):
+                out[f"{t}.gating.{n}.weight"] = src[f"{q}.gating.{k}.{n}.weight"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory):
+    """Random tiny PyTorch-layout checkpoints in both naming forms (same values)."""
+    root = tmp_path_factory.mktemp("pt")
+    current = root / "current.safetensors"
+    arrays = write_random(current, pytorch_shapes(TINY))
+    legacy_arrays = dict(arrays)
+    for name in list(legacy_arrays):
+        m = re.fullmatch(r"(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight", name)
+        if m:
+            del legacy_arrays[name]
+    stacked = {}
+    for prefix, count in [(f"transformer.layers.{l}", 1) for l in range(TINY.num_layers)] + [
+        (f"depformer.layers.{l}", TINY.dep_q) for l in range(TINY.dep_layers)
+    ]:
+        stacked[f"{prefix}.self_attn.in_proj_weight"] = mx.concatenate(
+            [arrays[f"{prefix}.self_attn.in_projs.{k}.weight"] for k in range(count)]
+        )
+        stacked[f"{prefix}.self_attn.out_proj.weight"] = mx.concatenate(
+            [arrays[f"{prefix}.self_attn.out_projs.{k}.weight"] for k in range(count)]
+        )
+    legacy_arrays.update(stacked)
+    assert set(legacy_arrays) == set(pytorch_shapes(TINY, legacy=True))
+    legacy = root / "legacy.safetensors"
+    mx.save_safetensors(str(legacy), legacy_arrays)
+    return {"current": (current, arrays), "legacy": (legacy, legacy_arrays)}
+
+
+def _assert_loads_like_published(path: Path, cfg_path: Path, bits):
+    """Names/shapes/dtypes exactly as a published file for this config, and the app's strict loader takes it."""
+    cfg = LmConfig.from_dict(json.loads(cfg_path.read_text()))
+    written = mx.load(str(path))
+    dtypes = {mx.bfloat16: "BF16", mx.uint32: "U32"}
+    assert {k: (tuple(v.shape), dtypes[v.dtype]) for k, v in written.items()} == expected_specs(cfg, bits)
+    model = load_lm(path, cfg)
+    assert set(dict(tree_flatten(model.parameters()))) == set(written)
+    return model, written
+
+
+@pytest.mark.parametrize("form", ["current", "legacy"])
+def test_tiny_bf16_conversion_is_exact(tmp_path, tiny_sources, form):
+    src_path, src = tiny_sources[form]
+    out = convert(src_path, tmp_path, progress=False, log=lambda m: None)
+    assert out == tmp_path / "model.safetensors"
+    assert not list(tmp_path.glob("*.partial"))
+    cfg_json = json.loads((tmp_path / "config.json").read_text())
+    assert cfg_json["moshi_name"] == "model.safetensors"
+    assert cfg_json["dim"] == 256 and cfg_json["n_q"] == 4 and cfg_json["dep_q"] == 2
+    assert cfg_json["text_card"] == 500 and cfg_json["card"] == 128
+    model, written = _assert_loads_like_published(out, tmp_path / "config.json", None)
+    ref = reference_mlx(src, TINY)
+    assert set(written) == set(ref)
+    for k, v in ref.items():
+        assert written[k].dtype == mx.bfloat16
+        assert mx.array_equal(written[k], v).item(), k
+    # ... and the values reach the model's parameters unchanged.
+    params = dict(tree_flatten(model.parameters()))
+    names = ("depformer.slices.1.transformer.layers.1.norm2.weight", "depformer.slices.1.emb.weight", "out_norm.weight")
+    for k in names:
+        assert mx.array_equal(params[k], ref[k]).item()
+
+
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 32)])
+def test_tiny_quantized_conversion_matches_mx_quantize(tmp_path, tiny_sources, bits, group):
+    src_path, src = tiny_sources["legacy"]
+    out = convert(src_path, tmp_path, bits=bits, progress=False, log=lambda m: None)
+    assert out.name == f"model.q{bits}.safetensors"
+    assert json.loads((tmp_path / "config.json").read_text())["moshi_name"] == out.name
+    _, written = _assert_loads_like_published(out, tmp_path / "config.json", bits)
+    ref = reference_mlx(src, TINY)
+    for name, value in ref.items():
+        if value.ndim == 1:  # norms stay bf16
+            assert written[name].dtype == mx.bfloat16 and mx.array_equal(written[name], value).item()
+            continue
+        base = name[: -len(".weight")]
+        w, scales, biases = written[name], written[base + ".scales"], written[base + ".biases"]
+        assert w.dtype == mx.uint32 and scales.dtype == mx.bfloat16 and biases.dtype == mx.bfloat16
+        assert w.shape == (value.shape[0], value.shape[1] * bits // 32)
+        assert scales.shape == (value.shape[0], value.shape[1] // group)
+        # Bit-identical to what nn.quantize produces from the same bf16 weights (the published recipe).
+        qw, qs, qb = mx.quantize(value, group_size=group, bits=bits)
+        assert mx.array_equal(w, qw).item() and mx.array_equal(scales, qs).item() and mx.array_equal(biases, qb).item()
+        back = mx.dequantize(w, scales, biases, group_size=group, bits=bits).astype(mx.float32)
+        err = mx.abs(back - value.astype(mx.float32)).max().item()
+        step = mx.abs(scales.astype(mx.float32)).max().item()
+        scale_of_values = mx.abs(value.astype(mx.float32)).max().item()
+        # within about a quantization step (bf16 scales/biases and bf16 output add rounding)
+        assert err <= step + scale_of_values * 2**-6, (name, err, step)
+        v32 = value.astype(mx.float32)
+        rel = (mx.sqrt(mx.mean((back - v32) ** 2)) / mx.sqrt(mx.mean(v32**2))).item()
+        assert rel < (0.01 if bits == 8 else 0.15), (name, rel)
+
+
+def test_mlx_bf16_input_is_requantized(tmp_path, tiny_sources):
+    src_path, src = tiny_sources["current"]
+    bf16 = convert(src_path, tmp_path / "bf16", progress=False, log=lambda m: None)
+    q4 = convert(bf16, tmp_path / "q4", bits=4, progress=False, log=lambda m: None)
+    direct = convert(src_path, tmp_path / "direct", bits=4, progress=False, log=lambda m: None)
+    a, b = mx.load(str(q4)), mx.load(str(direct))
+    assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)
+    with pytest.raises(ConvertError, match="already quantized"):
+        convert(q4, tmp_path / "again", bits=8, progress=False, log=lambda m: None)
+
+
+def test_written_file_is_valid_safetensors(tmp_path, tiny_sources):
+    safetensors = pytest.importorskip("safetensors")
+    out = convert(tiny_sources["current"][0], tmp_path, bits=8, progress=False, log=lambda m: None)
+    with safetensors.safe_open(str(out), framework="numpy") as f:  # the reference parser validates offsets
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "mlx"}
+        w = f.get_tensor("text_linear.weight")
+    assert keys == set(mx.load(str(out)))
+    assert w.dtype.name == "uint32" and w.shape == (500, 256 * 8 // 32)
+
+
+def test_config_file_fills_what_shapes_do_not_show(tmp_path, tiny_sources):
+    cfg = tmp_path / "in.json"
+    cfg.write_text(json.dumps({"num_heads": 4, "depformer_num_heads": 4, "context": 100, "delays": [0, 0, 2, 0, 2]}))
+    convert(tiny_sources["current"][0], tmp_path / "o", config=cfg, progress=False, log=lambda m: None)
+    out = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert out["num_heads"] == 4 and out["context"] == 100 and out["delays"] == [0, 0, 2, 0, 2]
+    c = LmConfig.from_dict(out)
+    assert c.transformer.num_heads == 4 and c.audio_delays == (0, 2, 0, 2)
+    # Values the shapes fix must agree.
+    cfg.write_text(json.dumps({"dim": 512}))
+    with pytest.raises(ConvertError, match=r"dim=512 .* 256"):
+        convert(tiny_sources["current"][0], tmp_path / "p", config=cfg, progress=False, log=lambda m: None)
+    cfg.write_text(json.dumps({"delays": [0, 1]}))
+    with pytest.raises(ConvertError, match="delays has 2 entries"):
+        convert(tiny_sources["current"][0], tmp_path / "p", config=cfg, progress=False, log=lambda m: None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# wrong inputs: one clear line
+
+
+def _save(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    mx.save_safetensors(str(path), {k: mx.zeros(v, dtype=mx.bfloat16) for k, v in shapes.items()})
+    return path
+
+
+def test_wrong_inputs_give_one_line_errors(tmp_path, tiny_sources):
+    shapes = pytorch_shapes(TINY)
+    cases = []
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello, I am not a checkpoint at all\n")
+    cases.append((text, "not a safetensors file"))
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    cases.append((empty, "empty"))
+    cases.append((tmp_path / "nope.safetensors", "no such file"))
+    mimi = _save(tmp_path / "mimi.safetensors", {"encoder.model.0.conv.conv.weight": (4, 1, 7), "quantizer.x": (2,)})
+    cases.append((mimi, "Mimi codec weights"))
+    other = _save(tmp_path / "other.safetensors", {"model.embed_tokens.weight": (8, 8)})
+    cases.append((other, "not a PyTorch Moshi LM checkpoint"))
+    missing = dict(shapes)
+    del missing["depformer.layers.1.gating.1.linear_out.weight"]
+    missing_path = _save(tmp_path / "missing.safetensors", missing)
+    cases.append((missing_path, r"missing tensor depformer\.layers\.1\.gating\.1\."))
+    bad_shape = dict(shapes)
+    bad_shape["linears.1.weight"] = (64, TINY.dep_dim)
+    shape_path = _save(tmp_path / "shape.safetensors", bad_shape)
+    cases.append((shape_path, r"linears\.1\.weight has shape \[64, 256\], expected \[128, 256\]"))
+    extra = dict(shapes)
+    extra["condition_provider.foo.weight"] = (2, 2)
+    cases.append((_save(tmp_path / "extra.safetensors", extra), r"unexpected tensor condition_provider\.foo\.weight"))
+    truncated = tmp_path / "truncated.safetensors"
+    data = tiny_sources["current"][0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    cases.append((truncated, "truncated"))
+    for path, pattern in cases:
+        with pytest.raises(ConvertError, match=pattern) as info:
+            convert(path, tmp_path / "out", progress=False, log=lambda m: None)
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_cli(tmp_path, tiny_sources, capsys):
+    assert main([str(tiny_sources["legacy"][0]), str(tmp_path / "o"), "-q", "4", "--no-progress"]) == 0
+    assert (tmp_path / "o" / "model.q4.safetensors").is_file() and (tmp_path / "o" / "config.json").is_file()
+    err = capsys.readouterr().err
+    assert "pytorch layout" in err and "num_heads=2" in err
+    assert main([str(tmp_path / "missing.safetensors"), str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no such file" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main([str(tiny_sources["legacy"][0]), str(tmp_path / "p"), "-q", "3"])
+    assert "invalid choice" in capsys.readouterr().err
