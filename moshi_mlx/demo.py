@@ -1,0 +1,351 @@
+"""Stand-in assets for ``--demo``: everything is generated locally, nothing is downloaded.
+
+* :func:`write_random_mimi` writes a Mimi codec checkpoint with random weights in the exact tensor
+  layout of the published file (names, shapes and dtypes are derived here from Mimi's configuration),
+  so ``rustymimi`` loads it and produces finite, noise-like audio.
+* :func:`write_stand_in_tokenizer` trains a tiny SentencePiece model that has a piece for every text id.
+* :func:`demo_assets` creates both once in a cache directory and reuses them afterwards.
+
+Files are always written to a temporary name in the target directory and renamed into place, so an
+interrupted run never leaves a truncated file behind under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "MIMI_CONFIG",
+    "mimi_tensor_layout",
+    "write_random_mimi",
+    "is_valid_mimi_file",
+    "is_valid_tokenizer_file",
+    "write_stand_in_tokenizer",
+    "DemoAssets",
+    "demo_assets",
+    "default_cache_dir",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Mimi layout
+# --------------------------------------------------------------------------------------------------
+
+#: The configuration of the published Mimi codec (the values rustymimi has built in).
+MIMI_CONFIG = {
+    "channels": 1,
+    "seanet": {
+        "dimension": 512,
+        "n_filters": 64,
+        "ratios": [8, 6, 5, 4],  # decoder order; the encoder walks them reversed
+        "n_residual_layers": 1,
+        "kernel_size": 7,
+        "residual_kernel_size": 3,
+        "last_kernel_size": 3,
+        "compress": 2,
+    },
+    "transformer": {"d_model": 512, "num_layers": 8, "dim_feedforward": 2048},
+    "quantizer": {"n_q": 32, "n_q_semantic": 1, "bins": 2048, "dimension": 256},
+    "downsample_stride": 2,  # 25 Hz transformer rate -> 12.5 Hz token rate
+}
+
+
+def _conv(prefix: str, c_in: int, c_out: int, k: int, bias: bool = True):
+    yield f"{prefix}.weight", (c_out, c_in, k)
+    if bias:
+        yield f"{prefix}.bias", (c_out,)
+
+
+def _convtr(prefix: str, c_in: int, c_out: int, k: int, groups: int = 1, bias: bool = True):
+    yield f"{prefix}.weight", (c_in, c_out // groups, k)
+    if bias:
+        yield f"{prefix}.bias", (c_out,)
+
+
+def _resblock(prefix: str, dim: int, cfg: dict):
+    hidden = dim // cfg["compress"]
+    # block = [ELU, conv k=3 dim->hidden, ELU, conv k=1 hidden->dim]; only indices 1 and 3 carry weights
+    yield from _conv(f"{prefix}.block.1.conv.conv", dim, hidden, cfg["residual_kernel_size"])
+    yield from _conv(f"{prefix}.block.3.conv.conv", hidden, dim, 1)
+
+
+def _seanet_encoder(cfg: dict, channels: int):
+    nf, idx = cfg["n_filters"], 0
+    yield from _conv(f"encoder.model.{idx}.conv.conv", channels, nf, cfg["kernel_size"])
+    idx += 1
+    mult = 1
+    for ratio in reversed(cfg["ratios"]):
+        for _ in range(cfg["n_residual_layers"]):
+            yield from _resblock(f"encoder.model.{idx}", mult * nf, cfg)
+            idx += 1
+        idx += 1  # ELU
+        yield from _conv(f"encoder.model.{idx}.conv.conv", mult * nf, 2 * mult * nf, 2 * ratio)
+        idx += 1
+        mult *= 2
+    idx += 1  # ELU
+    yield from _conv(f"encoder.model.{idx}.conv.conv", mult * nf, cfg["dimension"], cfg["last_kernel_size"])
+
+
+def _seanet_decoder(cfg: dict, channels: int):
+    nf, idx = cfg["n_filters"], 0
+    mult = 2 ** len(cfg["ratios"])
+    yield from _conv(f"decoder.model.{idx}.conv.conv", cfg["dimension"], mult * nf, cfg["kernel_size"])
+    idx += 1
+    for ratio in cfg["ratios"]:
+        idx += 1  # ELU
+        yield from _convtr(f"decoder.model.{idx}.convtr.convtr", mult * nf, mult * nf // 2, 2 * ratio)
+        idx += 1
+        for _ in range(cfg["n_residual_layers"]):
+            yield from _resblock(f"decoder.model.{idx}", mult * nf // 2, cfg)
+            idx += 1
+        mult //= 2
+    idx += 1  # ELU
+    yield from _conv(f"decoder.model.{idx}.conv.conv", nf, channels, cfg["last_kernel_size"])
+
+
+def _transformer(prefix: str, cfg: dict):
+    d, ff = cfg["d_model"], cfg["dim_feedforward"]
+    for i in range(cfg["num_layers"]):
+        p = f"{prefix}.transformer.layers.{i}"
+        yield f"{p}.self_attn.out_proj.weight", (d, d)
+        yield f"{p}.self_attn.in_proj_weight", (3 * d, d)
+        for norm in ("norm1", "norm2"):
+            yield f"{p}.{norm}.weight", (d,)
+            yield f"{p}.{norm}.bias", (d,)
+        yield f"{p}.linear1.weight", (ff, d)
+        yield f"{p}.linear2.weight", (d, ff)
+        yield f"{p}.layer_scale_1.scale", (d,)
+        yield f"{p}.layer_scale_2.scale", (d,)
+
+
+def _rvq(prefix: str, n_q: int, d_model: int, cfg: dict):
+    dim, bins = cfg["dimension"], cfg["bins"]
+    yield f"{prefix}.input_proj.weight", (dim, d_model, 1)
+    yield f"{prefix}.output_proj.weight", (d_model, dim, 1)
+    for i in range(n_q):
+        p = f"{prefix}.vq.layers.{i}._codebook"
+        yield f"{p}._initialized", (1,)
+        yield f"{p}.cluster_usage", (bins,)
+        yield f"{p}.embedding_sum", (bins, dim)
+
+
+def mimi_tensor_layout(config: dict = MIMI_CONFIG) -> dict[str, tuple[int, ...]]:
+    """Names and shapes (all float32) of a Mimi checkpoint, in the published file's order."""
+    seanet, tr, q = config["seanet"], config["transformer"], config["quantizer"]
+    dim, k_res = seanet["dimension"], config["downsample_stride"]
+    parts = [
+        _seanet_encoder(seanet, config["channels"]),
+        _seanet_decoder(seanet, config["channels"]),
+        _transformer("encoder_transformer", tr),
+        _transformer("decoder_transformer", tr),
+        _rvq("quantizer.rvq_first", q["n_q_semantic"], dim, q),
+        _rvq("quantizer.rvq_rest", q["n_q"] - q["n_q_semantic"], dim, q),
+        # conv with kernel 2*stride, no bias; depthwise transposed conv for the way back up
+        _conv("downsample.conv.conv.conv", dim, dim, 2 * k_res, bias=False),
+        _convtr("upsample.convtr.convtr.convtr", dim, dim, 2 * k_res, groups=dim, bias=False),
+    ]
+    layout: dict[str, tuple[int, ...]] = {}
+    for part in parts:
+        for name, shape in part:
+            assert name not in layout, name
+            layout[name] = tuple(int(s) for s in shape)
+    return layout
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, scale: float) -> np.ndarray:
+    if name.endswith(("._initialized", ".cluster_usage")):
+        return np.ones(shape, np.float32)  # codebook vector = embedding_sum / cluster_usage
+    if name.endswith(".embedding_sum"):
+        return rng.standard_normal(shape, dtype=np.float32)
+    if name.endswith(".scale"):  # layer scale
+        return np.full(shape, 0.01, np.float32)
+    if ".norm" in name:
+        return (np.ones if name.endswith(".weight") else np.zeros)(shape, np.float32)
+    if name.endswith(".bias"):
+        return np.zeros(shape, np.float32)
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= np.float32(scale / math.sqrt(max(fan_in, 1)))
+    return w
+
+
+def write_random_mimi(path: str | os.PathLike, seed: int = 0, scale: float = 0.5) -> Path:
+    """Write a random-weight Mimi checkpoint (~385 MB, float32) in the published layout to ``path``."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    tensors = {name: _random_tensor(name, shape, rng, scale) for name, shape in mimi_tensor_layout().items()}
+    with _atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"moshi_mlx": "random stand-in", "seed": str(seed)})
+    return path
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("file too short")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError("implausible header size")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if path.stat().st_size != 8 + n + end:
+        raise ValueError("file size does not match its header (truncated?)")
+    return header
+
+
+def is_valid_mimi_file(path: str | os.PathLike) -> bool:
+    """Cheap check (header only) that ``path`` is a complete safetensors file with Mimi's layout."""
+    try:
+        header = _read_safetensors_header(Path(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    layout = mimi_tensor_layout()
+    if set(header) != set(layout):
+        return False
+    return all(header[k]["dtype"] == "F32" and tuple(header[k]["shape"]) == s for k, s in layout.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Text tokenizer
+# --------------------------------------------------------------------------------------------------
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+_NUM_SPECIALS = 4  # 0 <unk>, 1 <s>, 2 </s>, 3 <pad> (as in Moshi's tokenizer: text ids 0 and 3 are skipped)
+
+
+def _made_up_words(n: int) -> list[str]:
+    """``n`` distinct short pronounceable words, shortest first ("ba", "be", ..., "baba", ...)."""
+    syll = [c + v for c in _CONSONANTS for v in _VOWELS]
+    words: list[str] = []
+    layer = [""]
+    while len(words) < n:
+        layer = [w + s for w in layer for s in syll]
+        words.extend(layer[: n - len(words)])
+    return words
+
+
+def write_stand_in_tokenizer(path: str | os.PathLike, vocab_size: int = 32000) -> Path:
+    """Train a small SentencePiece model with exactly ``vocab_size`` pieces, one for every id.
+
+    Ids 0..3 are ``<unk>``, ``<s>``, ``</s>``, ``<pad>``; ids 0 (unknown) and 3 (padding) are the ones
+    the app never prints, as with Moshi's real tokenizer. Every other id is a made-up word such as
+    ``▁bako`` so that random text ids decode to readable gibberish. Takes a few seconds.
+    """
+    import sentencepiece as spm
+
+    path = Path(path)
+    # specials (4) + user symbols + the corpus's characters (which take the last ids) = vocab_size
+    chars = sorted(set(_CONSONANTS + _VOWELS)) + ["\u2581"]
+    n_user = vocab_size - _NUM_SPECIALS - len(chars)
+    if n_user < 1:
+        raise ValueError(f"vocab_size must be at least {_NUM_SPECIALS + len(chars) + 1}")
+    words = _made_up_words(n_user + len(_CONSONANTS) * len(_VOWELS))
+    # Symbols are words of 4+ letters; the 2-letter words appear only in the training corpus.
+    symbols = ["\u2581" + w for w in words if len(w) > 2][:n_user]
+    corpus = [" ".join(words[i : i + 12]) for i in range(0, min(len(words), 3000), 12)]
+    with tempfile.TemporaryDirectory(dir=path.parent if path.parent.exists() else None) as tmpdir:
+        prefix = os.path.join(tmpdir, "spm")
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus),
+            model_prefix=prefix,
+            model_type="unigram",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            user_defined_symbols=symbols,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            pad_piece="<pad>",
+            character_coverage=1.0,
+            num_threads=1,
+            minloglevel=2,
+        )
+        model = Path(prefix + ".model").read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    if sp.get_piece_size() != vocab_size:
+        raise RuntimeError(f"stand-in tokenizer has {sp.get_piece_size()} pieces, expected {vocab_size}")
+    with _atomic_path(path) as tmp:
+        tmp.write_bytes(model)
+    return path
+
+
+def is_valid_tokenizer_file(path: str | os.PathLike, vocab_size: int = 32000) -> bool:
+    try:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        return sp.get_piece_size() == vocab_size and sp.pad_id() == 3 and sp.unk_id() == 0
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+class _atomic_path:
+    """Context manager yielding a temporary path next to ``path``; renamed onto ``path`` on success."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            os.chmod(self.tmp, 0o644)  # mkstemp creates 0600
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+@dataclass(frozen=True)
+class DemoAssets:
+    mimi_path: Path
+    tokenizer_path: Path
+
+
+MIMI_FILE = "mimi-random.safetensors"
+TOKENIZER_FILE = "tokenizer-stand-in.model"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("MOSHI_MLX_DEMO_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/moshi_mlx/demo").expanduser()
+
+
+def demo_assets(cache_dir: str | os.PathLike | None = None) -> DemoAssets:
+    """Return the demo's stand-in files, creating them in ``cache_dir`` the first time (silently)."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    mimi_path, tok_path = root / MIMI_FILE, root / TOKENIZER_FILE
+    if not is_valid_mimi_file(mimi_path):
+        write_random_mimi(mimi_path)
+    if not is_valid_tokenizer_file(tok_path):
+        write_stand_in_tokenizer(tok_path)
+    return DemoAssets(mimi_path=mimi_path, tokenizer_path=tok_path)

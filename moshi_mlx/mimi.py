@@ -1,0 +1,444 @@
+"""Mimi audio codec (rustymimi) behind a small, checked, frame-by-frame API.
+
+One frame is 80 ms of 24 kHz mono audio (1920 float32 samples) <-> ``num_codebooks`` codes in [0, 2048).
+
+Long sessions
+-------------
+rustymimi sizes its rotary position table by ``max_seq_len`` positions (default 8192); Mimi's transformers
+run at 25 Hz, two positions per frame, so one rustymimi instance fails at frame 4096 (about 5.5 minutes),
+and ``reset()`` does not rewind its position counter. :class:`Mimi` therefore retires instances before
+they reach the limit (the *handoff*):
+
+* The encoder and the decoder are separate *lanes*, each with its own rustymimi instance, so they can be
+  driven from different threads and hand off independently.
+* When the active instance of a lane has processed ``max_frames - overlap_frames`` frames, a fresh
+  instance (the *spare*) is loaded and fed the very same input (PCM for the encoder, codes for the
+  decoder) alongside it. Mimi's transformers attend to a window of 250 positions (10 s, 125 frames),
+  so the spare's state converges to the active one's while they run side by side (exactly after at
+  most one window per layer, 8 windows; in practice much sooner, see ``DEFAULT_OVERLAP_FRAMES``).
+* After ``overlap_frames`` frames the spare becomes the active instance. The encoder switches between
+  two frames; the decoder crossfades from the old to the new output over the last
+  ``crossfade_frames`` frames of the overlap, so there is no click.
+* The decoder's first handoff is staggered by half a period so the two lanes never overlap at the same
+  time (each overlap doubles that lane's cost for its duration).
+
+Memory: each rustymimi instance holds its own f32 weights (~350 MB): two normally, three during an
+overlap. Loading a spare takes roughly 0.2-0.9 s on a small CPU and holds the GIL (rustymimi does not release it
+while loading). The spare's step runs on a helper thread in parallel with the active one's (rustymimi
+releases the GIL while it computes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+__all__ = [
+    "SAMPLE_RATE",
+    "FRAME_SIZE",
+    "FRAME_RATE",
+    "CODEBOOK_SIZE",
+    "MAX_CODEBOOKS",
+    "CONTEXT_FRAMES",
+    "DEFAULT_OVERLAP_FRAMES",
+    "MimiError",
+    "MimiInputError",
+    "Mimi",
+]
+
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920
+FRAME_RATE = 12.5
+CODEBOOK_SIZE = 2048  #: codes are in [0, CODEBOOK_SIZE)
+MAX_CODEBOOKS = 32  #: codebooks in the published checkpoint
+CONTEXT_FRAMES = 125  #: attention window of Mimi's transformers: 250 positions at 25 Hz
+POSITIONS_PER_FRAME = 2  #: transformer positions per 80 ms frame
+RUSTYMIMI_DEFAULT_MAX_SEQ_LEN = 8192
+#: Frames a spare runs beside the active instance before it takes over (30 s, three attention windows).
+#: The state converges exactly after num_layers (8) windows at most; measured on random weights, three
+#: windows bring decoded audio to within float noise (or -46 dB in the most chaotic case tried).
+DEFAULT_OVERLAP_FRAMES = 3 * CONTEXT_FRAMES
+# Loading a spare instance holds the GIL for up to ~1 s (every thread stalls), so hand off
+# rarely: one hour per instance costs ~44 MB of position table, measured.
+DEFAULT_MAX_FRAMES = 45_000
+_SAFETY_FRAMES = 4  # never run an instance right up to its position table's end
+_DTYPES = ("f32", "f16", "bf16")
+
+
+class MimiError(RuntimeError):
+    """A failure of the Mimi codec (missing or bad weights, an error inside rustymimi)."""
+
+
+class MimiInputError(MimiError, ValueError):
+    """Bad input given to Mimi (wrong size, dtype or value); also a ``ValueError``."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (rustymimi appends Rust backtraces)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _single_axis(arr: np.ndarray, n: int, what: str) -> None:
+    """``arr`` must hold ``n`` values along one axis (other axes of length 1, at most 3 dims)."""
+    if arr.ndim > 3 or arr.size != n or (arr.ndim > 0 and max(arr.shape) != n) or (arr.ndim == 0 and n != 1):
+        raise MimiInputError(f"{what} must have shape ({n},), got {arr.shape}")
+
+
+def _check_pcm_frame(pcm) -> np.ndarray:
+    arr = np.asarray(pcm)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise MimiInputError(f"pcm must be floating point samples in [-1, 1], got dtype {arr.dtype}")
+    _single_axis(arr, FRAME_SIZE, "a pcm frame")
+    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(1, 1, FRAME_SIZE)
+    if not np.isfinite(arr).all():
+        raise MimiInputError("pcm frame contains NaN or infinite samples")
+    return arr
+
+
+def _check_codes(codes, num_codebooks: int, frames: int | None = None) -> np.ndarray:
+    """Validate codes; returns uint32 [1, K, F] (F = 1 when ``frames`` is None)."""
+    arr = np.asarray(codes)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise MimiInputError(f"codes must be integers, got dtype {arr.dtype}")
+    if frames is None:
+        _single_axis(arr, num_codebooks, "codes for one frame")
+        arr = arr.reshape(1, num_codebooks, 1)
+    else:
+        if arr.ndim != 2 or arr.shape[0] != num_codebooks:
+            raise MimiInputError(f"codes must have shape ({num_codebooks}, frames), got {arr.shape}")
+        arr = arr.reshape(1, num_codebooks, arr.shape[1])
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi >= CODEBOOK_SIZE:
+            bad = lo if lo < 0 else hi
+            raise MimiInputError(f"codes must be in [0, {CODEBOOK_SIZE}), got {bad}")
+    return np.ascontiguousarray(arr, dtype=np.uint32)
+
+
+# --------------------------------------------------------------------------------------------------
+# One direction (encoder or decoder) with handoffs
+# --------------------------------------------------------------------------------------------------
+
+
+class _Lane:
+    """A chain of rustymimi instances running one direction, handed off before each reaches its limit."""
+
+    def __init__(
+        self,
+        load: Callable[[], object],
+        step: Callable[[object, np.ndarray], np.ndarray],
+        max_frames: int,
+        overlap: int,
+        crossfade: int,
+        phase: int = 0,
+        parallel: bool = True,
+    ):
+        self._load, self._step = load, step
+        self.max_frames, self.overlap, self.crossfade = max_frames, overlap, crossfade
+        self.parallel = parallel
+        self.lock = threading.Lock()
+        self.active = load()
+        # ``phase`` pretends the first instance has already run that many frames (staggers lanes).
+        self.active_frames = phase
+        self.spare = None
+        self.spare_frames = 0
+        self.handoffs = 0
+        self.frames = 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _run(self, inst, x):
+        try:
+            out = self._step(inst, x)
+        except Exception as e:  # rustymimi raises ValueError/TypeError with a Rust backtrace
+            raise MimiError(f"rustymimi failed: {_first_line(e)}") from None
+        if out is None:
+            raise MimiError("rustymimi returned no output for a full frame")
+        return out
+
+    def _run_both(self, x):
+        if not self.parallel:
+            return self._run(self.active, x), self._run(self.spare, x)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimi-spare")
+        fut = self._pool.submit(self._run, self.spare, x)
+        try:
+            a = self._run(self.active, x)
+        finally:
+            s = fut.result()
+        return a, s
+
+    def _crossfade(self, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """Mix for the spare's frame number ``spare_frames`` (1-based) within the crossfade window."""
+        j = self.spare_frames - (self.overlap - self.crossfade) - 1  # 0 .. crossfade-1
+        if j < 0:
+            return old
+        n = old.shape[-1]
+        t = (np.arange(n, dtype=np.float64) + j * n + 0.5) / (self.crossfade * n)
+        w = (0.5 - 0.5 * np.cos(np.pi * t)).astype(np.float32)  # raised cosine, 0 -> 1
+        return old * (1.0 - w) + new * w
+
+    # -- API ---------------------------------------------------------------------------------------
+    def step(self, x: np.ndarray, mix: bool) -> np.ndarray:
+        with self.lock:
+            if self.spare is None and self.active_frames >= self.max_frames - self.overlap:
+                self.spare = self._load_spare()
+                self.spare_frames = 0
+            if self.spare is None:
+                out = self._run(self.active, x)
+                self.active_frames += 1
+            else:
+                old, new = self._run_both(x)
+                self.active_frames += 1
+                self.spare_frames += 1
+                out = self._crossfade(old, new) if mix else old
+                if self.spare_frames >= self.overlap:
+                    self.active, self.spare = self.spare, None
+                    self.active_frames, self.spare_frames = self.spare_frames, 0
+                    self.handoffs += 1
+            self.frames += 1
+            return out
+
+    def _load_spare(self):
+        try:
+            return self._load()
+        except MimiError:
+            raise
+        except Exception as e:
+            raise MimiError(f"could not load a fresh Mimi instance for the handoff: {_first_line(e)}") from None
+
+    def reset(self) -> None:
+        with self.lock:
+            self.spare, self.spare_frames = None, 0
+            if self.active_frames >= self.max_frames - self.overlap:
+                # A reset state needs no warm-up: a fresh instance is its exact equivalent.
+                self.active, self.active_frames = self._load_spare(), 0
+            else:
+                try:
+                    self.active.reset()
+                except Exception as e:
+                    raise MimiError(f"rustymimi reset failed: {_first_line(e)}") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public class
+# --------------------------------------------------------------------------------------------------
+
+
+class Mimi:
+    """Streaming Mimi codec over rustymimi with checked inputs and unbounded session length.
+
+    Args:
+        path: the Mimi safetensors file (e.g. ``tokenizer-e351c8d8-checkpoint125.safetensors``).
+        num_codebooks: codebooks per frame (1..32; Moshi uses 8).
+        max_frames: frames one rustymimi instance may process before it is retired. ``None`` keeps
+            rustymimi's default position table (4096 frames, about 5.5 minutes) and retires instances
+            a few frames before its end. Larger values move the handoffs further apart at a memory
+            cost of about 1 KiB per frame and instance (rotary tables; 131072 frames = 2.9 h: +125 MB).
+        overlap_frames: frames a fresh instance runs beside the active one before taking over
+            (default 375 = 30 s, capped at ``max_frames // 2``).
+        crossfade_frames: decoder crossfade length at a handoff, within the overlap (default 1 = 80 ms).
+        dtype: rustymimi compute dtype, "f32" (default), "f16" or "bf16".
+        stagger: offset the decoder's handoffs by half a period from the encoder's.
+        parallel: run the spare's step on a helper thread during an overlap.
+
+    ``encode_frame`` and ``decode_frame`` may be called from two different threads; each direction
+    serialises its own calls.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        num_codebooks: int = 8,
+        *,
+        max_frames: int | None = DEFAULT_MAX_FRAMES,
+        overlap_frames: int | None = None,
+        crossfade_frames: int = 1,
+        dtype: str = "f32",
+        stagger: bool = True,
+        parallel: bool = True,
+    ):
+        self.path = Path(path)
+        if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, (int, np.integer)):
+            raise ValueError(f"num_codebooks must be an int, got {num_codebooks!r}")
+        if not 1 <= num_codebooks <= MAX_CODEBOOKS:
+            raise ValueError(f"num_codebooks must be in [1, {MAX_CODEBOOKS}], got {num_codebooks}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        self.num_codebooks = int(num_codebooks)
+        self.dtype = dtype
+
+        if max_frames is None:
+            self._max_seq_len = None
+            self.max_frames = RUSTYMIMI_DEFAULT_MAX_SEQ_LEN // POSITIONS_PER_FRAME - _SAFETY_FRAMES
+        else:
+            max_frames = int(max_frames)
+            if max_frames < 2:
+                raise ValueError(f"max_frames must be at least 2, got {max_frames}")
+            self.max_frames = max_frames
+            self._max_seq_len = POSITIONS_PER_FRAME * (max_frames + _SAFETY_FRAMES)
+        if overlap_frames is None:
+            overlap_frames = min(DEFAULT_OVERLAP_FRAMES, self.max_frames // 2)
+        overlap_frames = int(overlap_frames)
+        crossfade_frames = int(crossfade_frames)
+        if not 1 <= overlap_frames <= self.max_frames // 2:
+            raise ValueError(
+                f"overlap_frames must be in [1, max_frames // 2 = {self.max_frames // 2}], got {overlap_frames}"
+            )
+        if not 1 <= crossfade_frames <= overlap_frames:
+            raise ValueError(f"crossfade_frames must be in [1, overlap_frames], got {crossfade_frames}")
+        self.overlap_frames, self.crossfade_frames = overlap_frames, crossfade_frames
+
+        if not self.path.is_file():
+            raise MimiError(f"Mimi weights not found: {self.path}")
+        try:
+            import rustymimi
+        except ImportError as e:  # pragma: no cover - a dependency of the package
+            raise MimiError(f"rustymimi is not installed ({e}); pip install 'rustymimi>=0.4.1,<0.5'") from None
+        self._rustymimi = rustymimi
+
+        period = self.max_frames - self.overlap_frames
+        common = dict(
+            max_frames=self.max_frames, overlap=overlap_frames, crossfade=crossfade_frames, parallel=parallel
+        )
+        self._enc = _Lane(self._load, lambda t, x: t.encode_step(x), **common)
+        self._dec = _Lane(self._load, lambda t, c: t.decode_step(c), phase=period // 2 if stagger else 0, **common)
+
+    def _load(self):
+        kwargs = {"num_codebooks": self.num_codebooks, "dtype": self.dtype}
+        if self._max_seq_len is not None:
+            kwargs["max_seq_len"] = self._max_seq_len
+        if not self.path.is_file():
+            raise MimiError(f"Mimi weights not found: {self.path}")
+        try:
+            return self._rustymimi.Tokenizer(str(self.path), **kwargs)
+        except Exception as e:
+            detail = _first_line(e).replace(f'path: "{self.path}"', "").strip() or type(e).__name__
+            raise MimiError(f"cannot load Mimi weights from {self.path}: {detail}") from None
+
+    # -- streaming -------------------------------------------------------------------------------
+    def encode_frame(self, pcm: np.ndarray) -> np.ndarray:
+        """Encode one 80 ms frame: float [1920] in [-1, 1] -> uint32 [num_codebooks]."""
+        x = _check_pcm_frame(pcm)
+        codes = self._enc.step(x, mix=False)
+        return np.ascontiguousarray(codes.reshape(-1)[: self.num_codebooks], dtype=np.uint32)
+
+    def decode_frame(self, codes) -> np.ndarray:
+        """Decode one frame: integer codes [num_codebooks] in [0, 2048) -> float32 [1920]."""
+        c = _check_codes(codes, self.num_codebooks)
+        pcm = self._dec.step(c, mix=True)
+        return np.ascontiguousarray(pcm.reshape(-1), dtype=np.float32)
+
+    def reset(self) -> None:
+        """Start a new, independent stream in both directions."""
+        self.reset_encoder()
+        self.reset_decoder()
+
+    def reset_encoder(self) -> None:
+        self._enc.reset()
+
+    def reset_decoder(self) -> None:
+        self._dec.reset()
+
+    # -- offline -----------------------------------------------------------------------------------
+    def encode(self, pcm) -> np.ndarray:
+        """Encode a whole clip: float [T] -> uint32 [num_codebooks, ceil(T / 1920)].
+
+        The last partial frame is padded with zeros. The clip is encoded from a fresh state and the
+        encoder is reset again afterwards, so do not interleave this with streaming ``encode_frame``.
+        """
+        arr = np.asarray(pcm)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise MimiInputError(f"pcm must be floating point samples in [-1, 1], got dtype {arr.dtype}")
+        if arr.ndim != 1:
+            if arr.ndim <= 3 and arr.size == max(arr.shape, default=0):
+                arr = arr.reshape(-1)
+            else:
+                raise MimiInputError(f"pcm must be one-dimensional (mono), got shape {arr.shape}")
+        n_frames = math.ceil(arr.shape[0] / FRAME_SIZE)
+        padded = np.zeros(n_frames * FRAME_SIZE, np.float32)
+        padded[: arr.shape[0]] = arr
+        if not np.isfinite(padded).all():
+            raise MimiInputError("pcm contains NaN or infinite samples")
+        out = np.zeros((self.num_codebooks, n_frames), np.uint32)
+        self.reset_encoder()
+        try:
+            for i in range(n_frames):
+                out[:, i] = self.encode_frame(padded[i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
+        finally:
+            self.reset_encoder()
+        return out
+
+    def decode(self, codes) -> np.ndarray:
+        """Decode a whole clip: integer codes [num_codebooks, F] -> float32 [F * 1920].
+
+        Decoded from a fresh state; the decoder is reset again afterwards.
+        """
+        c = _check_codes(codes, self.num_codebooks, frames=-1)
+        n_frames = c.shape[-1]
+        out = np.zeros(n_frames * FRAME_SIZE, np.float32)
+        self.reset_decoder()
+        try:
+            for i in range(n_frames):
+                out[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] = self.decode_frame(c[0, :, i])
+        finally:
+            self.reset_decoder()
+        return out
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def handoffs(self) -> int:
+        """Handoffs completed so far, both directions together."""
+        return self._enc.handoffs + self._dec.handoffs
+
+    @property
+    def encoder_handoffs(self) -> int:
+        return self._enc.handoffs
+
+    @property
+    def decoder_handoffs(self) -> int:
+        return self._dec.handoffs
+
+    @property
+    def frames_encoded(self) -> int:
+        return self._enc.frames
+
+    @property
+    def frames_decoded(self) -> int:
+        return self._dec.frames
+
+    def close(self) -> None:
+        """Stop the helper threads used during overlaps (optional; idle threads end with the process)."""
+        self._enc.close()
+        self._dec.close()
+
+    def __enter__(self) -> "Mimi":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Mimi({str(self.path)!r}, num_codebooks={self.num_codebooks}, max_frames={self.max_frames}, "
+            f"overlap_frames={self.overlap_frames}, handoffs={self.handoffs})"
+        )
