@@ -1,0 +1,287 @@
+"""Talk to Moshi in the terminal: ``python -m moshi_mlx.local -q 4`` (``--demo`` runs with no download).
+
+Thin over the library: :mod:`moshi_mlx.assets` loads the model, :class:`moshi_mlx.engine.EngineRunner`
+runs it on worker threads, :class:`moshi_mlx.audio.DuplexAudio` moves 80 ms frames between the
+sound devices and the runner. This module only wires them together and talks to the user:
+start-up time, Moshi's words as they come (stdout), and how far behind real time the model is (stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+
+from .audio import FRAME_SIZE, SAMPLE_RATE, AudioDeviceError, DuplexAudio, list_devices, release_portaudio
+
+FRAME_S = FRAME_SIZE / SAMPLE_RATE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .assets import add_engine_args
+
+    p = argparse.ArgumentParser(
+        prog="python -m moshi_mlx.local",
+        description="Real-time spoken conversation with Moshi through the microphone and speaker.",
+    )
+    add_engine_args(p)
+    g = p.add_argument_group("audio")
+    g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
+    g.add_argument("--input-device", default=None, metavar="DEV", help="microphone: index or part of its name")
+    g.add_argument("--output-device", default=None, metavar="DEV", help="speaker: index or part of its name")
+    g.add_argument(
+        "--max-lag-frames", type=int, default=3, metavar="N",
+        help="80 ms mic frames allowed to wait for the model; older ones are skipped when it falls behind "
+        "(default 3)",
+    )
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# What the user sees
+# ------------------------------------------------------------------------------------------------
+
+
+class _Display:
+    """Transcript on stdout, status on stderr; all writes happen on the main thread.
+
+    On a terminal the words being spoken and a small lag indicator share one live line on stderr;
+    finished lines go to stdout. Otherwise every piece goes to stdout as it comes and a status line
+    goes to stderr about once a second when something changed.
+    """
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty() and sys.stderr.isatty()
+        self.line = ""
+        self.status = ""
+        self._last_status_print = 0.0
+        self._printed_status = ""
+
+    def _width(self) -> int:
+        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
+
+    def _redraw(self) -> None:
+        tail = f"  [{self.status}]" if self.status else ""
+        room = self._width() - len(tail)
+        text = self.line if len(self.line) <= room else "…" + self.line[-(room - 1):]
+        sys.stderr.write("\r\033[K" + text + "\033[2m" + tail + "\033[0m")
+        sys.stderr.flush()
+
+    def _clear(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+    def text(self, piece: str) -> None:
+        if not self.tty:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            return
+        self.line += piece
+        limit = self._width() - 30
+        if len(self.line) > limit:  # commit the line at a word boundary
+            cut = self.line.rfind(" ", 0, limit)
+            cut = cut if cut > 0 else limit
+            self._clear()
+            sys.stdout.write(self.line[:cut].strip() + "\n")
+            sys.stdout.flush()
+            self.line = self.line[cut:]
+        self._redraw()
+
+    def set_status(self, status: str, now: float) -> None:
+        self.status = status
+        if self.tty:
+            self._redraw()
+        elif status != self._printed_status and now - self._last_status_print >= 1.0:
+            self.message(f"[status] {status}")
+            self._printed_status, self._last_status_print = status, now
+
+    def message(self, msg: str) -> None:
+        """A whole line on stderr (warnings, summary)."""
+        if self.tty:
+            self._clear()
+        sys.stdout.flush()
+        print(msg, file=sys.stderr, flush=True)
+        if self.tty and (self.line or self.status):
+            self._redraw()
+
+    def finish(self) -> None:
+        if self.tty:
+            self._clear()
+            if self.line.strip():
+                sys.stdout.write(self.line.strip() + "\n")
+        else:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The session
+# ------------------------------------------------------------------------------------------------
+
+
+def _raise_interrupt(signum, frame):  # SIGTERM ends a session like Ctrl-C
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def converse(args: argparse.Namespace) -> int:
+    from .assets import load_from_args, settings_from_args
+    from .engine import EngineRunner
+
+    # Devices first: a wrong --input-device should not cost a model load.
+    runner = None
+
+    def push(frame):
+        if runner is not None:
+            runner.push(frame)
+
+    # Echo cancellation plugs in here: DuplexAudio(..., echo_canceller=EchoCanceller(...)) gets every
+    # frame sent to the speaker and every mic frame, in the audio callbacks (see DuplexAudio).
+    audio = DuplexAudio(push, args.input_device, args.output_device, max_queued=args.max_lag_frames + 3)
+    _log(audio.describe())
+
+    t0 = time.perf_counter()
+    assets = load_from_args(args, log=_log)
+    engine = assets.engine(settings_from_args(args))
+    load_s = time.perf_counter() - t0
+    warm_s = engine.warmup()
+    _log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description}")
+
+    texts: queue.SimpleQueue = queue.SimpleQueue()
+    latencies: deque[float] = deque(maxlen=100_000)
+    failure: list[BaseException] = []
+
+    def on_result(res) -> None:  # engine's decode thread: hand over, never wait
+        audio.play(res.pcm)
+        latencies.append(runner.stats.last_latency_ms)
+        if res.text:
+            texts.put(res.text)
+
+    runner = EngineRunner(engine, on_result, max_pending=args.max_lag_frames, on_error=failure.append)
+    display = _Display()
+    started = time.perf_counter()
+    warned_drops = 0
+    last_warn = 0.0
+    interrupted = False
+    try:
+        runner.start()
+        audio.start()
+        _log("listening: speak to Moshi (Ctrl-C to quit)")
+        while True:
+            try:
+                display.text(texts.get(timeout=0.1))
+                while True:
+                    display.text(texts.get_nowait())
+            except queue.Empty:
+                pass
+            if failure or runner.error is not None:
+                raise failure[0] if failure else runner.error
+            if audio.callback_error is not None:
+                raise AudioDeviceError(f"audio callback failed: {audio.callback_error}")
+            now = time.perf_counter()
+            st, ast = runner.stats, audio.stats
+            lag_ms = st.last_latency_ms + audio.queued_frames * FRAME_S * 1e3
+            display.set_status(
+                f"lag {lag_ms:4.0f} ms | dropped {st.dropped} | underruns {ast.underruns}", now
+            )
+            if st.dropped > warned_drops and now - last_warn >= 2.0:
+                display.message(
+                    f"moshi is behind real time: skipped {st.dropped} of your frames so far "
+                    f"({st.dropped * FRAME_S:.1f} s of audio); lag {lag_ms:.0f} ms"
+                )
+                warned_drops, last_warn = st.dropped, now
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        with _sigint_ignored():  # a second Ctrl-C must not break the cleanup
+            audio.close()
+            runner.stop(timeout=1.0)
+            display.finish()
+    st, ast = runner.stats, audio.stats
+    lat = list(latencies)
+    lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
+    _log(
+        f"session: {time.perf_counter() - started:.1f} s, {st.frames_in} frames in, {st.frames_out} answered, "
+        f"{st.dropped} dropped ({st.dropped * FRAME_S:.1f} s), {ast.underruns} underruns{lat_txt}"
+        + (" (stopped by Ctrl-C)" if interrupted else "")
+    )
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_lag_frames < 1:
+        parser.error("--max-lag-frames must be at least 1")
+    debug = bool(os.environ.get("MOSHI_MLX_DEBUG"))
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if args.list_devices:
+            print(list_devices())
+            return 0
+        return converse(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        known = {"HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError", "AudioDeviceError"}
+        msg = _one_line(e)
+        label = "" if type(e).__name__ in known and msg else f"{type(e).__name__}: "
+        print(f"error: {label}{msg}", file=sys.stderr)
+        return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def cli() -> None:
+    """Command-line entry: ``main()``, then a quick exit.
+
+    By then the streams are closed and the engine threads stopped; PortAudio is released, and the
+    rest of the interpreter's teardown (freeing the model, joining idle helper threads), which can
+    take half a second, is skipped so that Ctrl-C feels immediate.
+    """
+    rc = main()
+    release_portaudio()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
+
+
+if __name__ == "__main__":
+    cli()

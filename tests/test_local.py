@@ -1,0 +1,404 @@
+"""`python -m moshi_mlx.local --demo` end to end, as a user runs it, through real PortAudio streams.
+
+The sound devices are virtual (no sound card here): a private JACK server on the dummy driver gives
+real-time 80 ms ticks; the "microphone" is espeak-ng speech played into the app's input port with
+jack-play and the "speaker" is recorded with jack-record. The model is the tiny random demo model
+(it babbles), which is what makes this testable with no download.
+
+CPU is scarce on the test machines (the demo frame costs ~35 ms LM + ~75 ms Mimi, shared with other
+jobs), so the app really falls behind and drops frames; the tests assert what holds regardless:
+bounded latency, drops reported, streams running at real time, clean Ctrl-C.
+The lag test makes the LM artificially slow by wrapping ConversationEngine.step in the child
+process (a test-only wrapper; the product has no such hook).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .audio_env import (
+    JACK_TOOLS, ROOT, SPEECH_TOOLS, JackServer, active_fraction, alsa_file_env, missing, portaudio_problem, read_wav,
+    rms, speech_wav,
+)
+
+FRAME_S = 0.08
+
+
+@pytest.fixture(scope="module")
+def portaudio():
+    problem = portaudio_problem()
+    if problem:
+        pytest.skip(f"PortAudio not usable here: {problem} (apt install libportaudio2)")
+
+
+@pytest.fixture(scope="module")
+def jack_tools(portaudio):
+    lacking = missing(*JACK_TOOLS, *SPEECH_TOOLS)
+    if lacking:
+        pytest.skip(f"needs {', '.join(lacking)} (apt install jackd2 jack-tools espeak-ng sox)")
+
+
+class App:
+    """The app as a child process; stdout/stderr are read as they come, with arrival times."""
+
+    def __init__(self, args: list[str], env: dict, prelude: str | None = None):
+        code = (prelude or "") + (
+            "\nimport sys; sys.argv = ['moshi_mlx.local'] + sys.argv[1:]\nfrom moshi_mlx.local import cli; cli()"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.out: list[tuple[float, str]] = []
+        self.err: list[tuple[float, str]] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.out), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(pipe, sink):
+        while True:
+            chunk = os.read(pipe.fileno(), 4096)
+            if not chunk:
+                return
+            sink.append((time.monotonic(), chunk.decode(errors="replace")))
+
+    @property
+    def stdout(self) -> str:
+        return "".join(c for _, c in self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(c for _, c in self.err)
+
+    def interrupt(self, timeout: float = 10.0) -> float:
+        """SIGINT; returns the seconds until the process was gone."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout)
+        elapsed = time.monotonic() - t0
+        for t in self._threads:
+            t.join(5)
+        return elapsed
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def _session(stderr: str) -> dict:
+    m = re.search(
+        r"session: ([\d.]+) s, (\d+) frames in, (\d+) answered, (\d+) dropped \(([\d.]+) s\), (\d+) underruns"
+        r"(?:, latency median (\d+) ms / max (\d+) ms)?",
+        stderr,
+    )
+    assert m, stderr
+    keys = ["seconds", "frames_in", "answered", "dropped", "dropped_s", "underruns", "lat_median", "lat_max"]
+    return {k: float(v) if v is not None else None for k, v in zip(keys, m.groups())}
+
+
+def _status_lines(stderr: str) -> list[dict]:
+    return [
+        {"lag": int(a), "dropped": int(b), "underruns": int(c)}
+        for a, b, c in re.findall(r"\[status\] lag +(\d+) ms \| dropped (\d+) \| underruns (\d+)", stderr)
+    ]
+
+
+def _no_traceback(stderr: str) -> None:
+    assert "Traceback" not in stderr and "Exception" not in stderr, stderr
+
+
+def _talk(jack: JackServer, app: App, speech: Path, record: Path, seconds: float, rate: int) -> float:
+    """Wait for the app's streams, record its speaker, play speech into its mic; returns the app's start time."""
+    assert jack.wait_for_port("PortAudio:in_0", 90), app.stderr
+    started = time.monotonic()
+    jack.disconnect("system:capture_1", "PortAudio:in_0")
+    rec = jack.record("PortAudio:out_0", record, seconds)
+    jack.play_into(speech, "PortAudio:in_0")
+    rc = rec.wait(seconds + 30)
+    head = record.read_bytes()[:64] if record.exists() else b"(missing)"
+    size = record.stat().st_size if record.exists() else 0
+    assert rc == 0 and size > rate * seconds, f"jack-record rc {rc}, {size} bytes, header {head!r}\n{app.stderr}"
+    return started
+
+
+def test_conversation_over_jack_realtime(jack_tools, tmp_path):
+    """Speech in, babble out, transcript live on stdout, then Ctrl-C: within ~1 s, exit 0, no traceback."""
+    speech = speech_wav(tmp_path / "speech.wav", rate=24000, pad=(0.5, 0.5))  # ~6 s
+    with JackServer(24000, 1920, log_dir=tmp_path) as jack:
+        app = App(["--demo", "--input-device", "system", "--output-device", "system"], jack.env)
+        try:
+            _talk(jack, app, speech, tmp_path / "spk.wav", 6, 24000)
+            n_pieces_before_stop = len(app.stdout.split())
+            sig_at = time.monotonic()
+            took = app.interrupt()
+        finally:
+            app.kill()
+    err = app.stderr
+    assert app.proc.returncode in (0, 130), err
+    assert took < 1.5, f"exit took {took:.2f} s after SIGINT"
+    _no_traceback(err)
+    assert "DEMO MODE" in err
+    m = re.search(r"ready in ([\d.]+) s \(load ([\d.]+) s, warm-up ([\d.]+) s\)", err)
+    assert m, err
+    assert "mic: 1 'system' (24000 Hz)" in err and "resampled" not in err
+
+    # transcript: pieces arrived while the conversation ran, not only at the end
+    assert n_pieces_before_stop >= 5, app.stdout
+    first_piece_at = next(t for t, c in app.out if c.strip())
+    assert first_piece_at < sig_at - 2.0
+
+    # the speaker stream ran at real time: 6 s of 24 kHz audio recorded, Moshi's babble in it
+    out, rate = read_wav(tmp_path / "spk.wav")
+    assert rate == 24000 and abs(out.size / rate - 6.0) < 0.5
+    assert rms(out) > 2e-4 and active_fraction(out, rate) > 0.3, "speaker output is (nearly) silent"
+    assert np.isfinite(out).all() and np.abs(out).max() <= 1.0
+
+    s = _session(err)
+    print(f"\nSIGINT -> exit {took:.2f} s; {m.group(0)}; {s}")
+    # mic callbacks kept real-time pace for the whole session (one 80 ms frame per tick)
+    assert s["frames_in"] >= 0.85 * (s["seconds"] / FRAME_S) - 5, s
+    assert s["answered"] + s["dropped"] <= s["frames_in"] and s["answered"] > 10, s
+    assert s["lat_max"] is not None and s["lat_max"] < 3000, s  # bounded (max_pending 3 by default)
+    if s["dropped"]:
+        assert "moshi is behind real time: skipped" in err
+
+
+def test_lag_is_bounded_and_reported_with_a_slow_model(jack_tools, tmp_path):
+    """LM step made 250 ms slower than it is (3x over the 80 ms budget): frames are dropped, the user
+    is told, and latency stays bounded instead of growing with the session."""
+    slow = (
+        "import time\nfrom moshi_mlx import engine\n_step = engine.ConversationEngine.step\n"
+        "def slow_step(self, codes):\n    time.sleep(0.25)\n    return _step(self, codes)\n"
+        "engine.ConversationEngine.step = slow_step\n"
+    )
+    speech = speech_wav(tmp_path / "speech.wav", rate=24000, pad=(0.5, 2.5))  # ~8 s
+    with JackServer(24000, 1920, log_dir=tmp_path) as jack:
+        app = App(
+            ["--demo", "--input-device", "system", "--output-device", "system", "--max-lag-frames", "2"],
+            jack.env, prelude=slow,
+        )
+        try:
+            _talk(jack, app, speech, tmp_path / "spk.wav", 8, 24000)
+            app.interrupt()
+        finally:
+            app.kill()
+    err = app.stderr
+    assert app.proc.returncode in (0, 130), err
+    _no_traceback(err)
+    s = _session(err)
+    print("\n" + "\n".join(ln for ln in err.splitlines() if "status" in ln or "session" in ln or "behind" in ln))
+    # at most one frame per 0.25 s gets through; the rest must have been dropped, and said so
+    assert s["answered"] <= s["seconds"] / 0.25 + 3, s
+    assert s["dropped"] >= 0.4 * s["frames_in"], s
+    assert "moshi is behind real time: skipped" in err
+    # bounded: inbox of 2 frames + 3 stages, each frame ~0.3 s or more here -> well under 4 s
+    assert s["lat_max"] < 4000, s
+    status = _status_lines(err)
+    assert len(status) >= 4, err
+    later = [st["lag"] for st in status[len(status) // 2 :]]
+    assert max(later) < 4000, status  # not growing with the session
+    assert status[-1]["dropped"] > status[0]["dropped"]
+    out, rate = read_wav(tmp_path / "spk.wav")
+    assert active_fraction(out, rate) > 0.1  # Moshi still speaks (with gaps where frames were skipped)
+
+
+def test_resampled_device_48k(jack_tools, tmp_path):
+    """A JACK server at 48 kHz accepts only 48 kHz: the app opens it at 48 kHz with 3840-sample blocks
+    and resamples both directions."""
+    speech = speech_wav(tmp_path / "speech.wav", text="Hello there, can you hear me?", rate=48000, pad=(0.2, 0.5))
+    with JackServer(48000, 3840, log_dir=tmp_path) as jack:
+        app = App(["--demo", "--input-device", "system", "--output-device", "system"], jack.env)
+        try:
+            _talk(jack, app, speech, tmp_path / "spk.wav", 4, 48000)
+            app.interrupt()
+        finally:
+            app.kill()
+    err = app.stderr
+    assert app.proc.returncode in (0, 130), err
+    _no_traceback(err)
+    assert "mic: 1 'system' (48000 Hz, resampled to 24 kHz)" in err
+    out, rate = read_wav(tmp_path / "spk.wav")
+    assert rate == 48000 and abs(out.size / rate - 4.0) < 0.5
+    assert rms(out) > 2e-4 and active_fraction(out, rate) > 0.3
+    s = _session(err)
+    assert s["frames_in"] >= 0.85 * (s["seconds"] / FRAME_S) - 5, s  # 24 kHz frames at real-time pace
+    assert s["answered"] > 5
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors and device listing (no model load needed: devices are checked first)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def alsa_env(portaudio, tmp_path):
+    np.zeros(1920 * 4, np.float32).tofile(tmp_path / "mic.f32")
+    return alsa_file_env(tmp_path / "home", tmp_path / "mic.f32", tmp_path / "spk.raw")
+
+
+def _run(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "moshi_mlx.local", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def test_list_devices(alsa_env):
+    r = _run(["--list-devices"], alsa_env)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\s*[>< ]*\s*\d+ fakemic_raw \(ALSA; \d+ in, \d+ out; \d+ Hz\)$", r.stdout, re.M), r.stdout
+    assert "fakespk_raw" in r.stdout and "(> default input, < default output)" in r.stdout
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["--input-device", "nonexistent"],
+            "error: --input-device 'nonexistent': no such input device (see --list-devices)",
+        ),
+        (["--output-device", "999"], "error: --output-device 999: no such device"),
+    ],
+)
+def test_device_errors_are_one_line(alsa_env, args, needle):
+    r = _run(["--demo", *args], alsa_env)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(needle), r.stderr
+    assert "DEMO MODE" not in r.stderr  # failed before loading anything
+
+
+def test_model_file_error_is_one_line(alsa_env, tmp_path):
+    r = _run(
+        ["--input-device", "fakemic_raw", "--output-device", "fakespk_raw",
+         "--moshi-weights", str(tmp_path / "nope.safetensors"), "--mimi-weights", str(tmp_path / "nope2.safetensors"),
+         "--tokenizer", str(tmp_path / "nope.model")],
+        alsa_env,
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "nope" in lines[-1], r.stderr
+    assert lines[0].startswith("mic: ")  # the device line, then only the error
+    assert len(lines) == 2 and "Traceback" not in r.stderr
+
+
+def test_bad_max_lag_frames(alsa_env):
+    r = _run(["--demo", "--max-lag-frames", "0"], alsa_env)
+    assert r.returncode == 2 and "--max-lag-frames must be at least 1" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# In process, with a clocked fake of sounddevice (no PortAudio; see audio_env.FakeSD)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_in_process_session_resampled_and_no_stray_threads(monkeypatch, capsys):
+    """The whole session in this process: device 2 only takes 48 kHz (resampled both ways), a thread
+    plays the part of PortAudio's clock, Ctrl-C arrives as a real SIGINT; afterwards no thread of the
+    session is left."""
+    import signal as _signal
+
+    from moshi_mlx import audio, local
+
+    from .audio_env import FakeSD
+
+    t = np.arange(3840 * 200) / 48000
+    voice = (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 2 * t) > 0)).astype(np.float32)
+    sd = FakeSD(clocked=True, mic=lambda i, n: np.resize(voice[i * n : (i + 1) * n], n))
+    monkeypatch.setattr(audio, "_sd", lambda: sd)
+    before = set(threading.enumerate())
+    stop_after = 40  # callbacks (3.2 s of audio) once the stream runs
+
+    def interrupter():
+        while not (sd.streams and sd.streams[0].active and len(sd.streams[0].output) >= stop_after):
+            time.sleep(0.02)
+        _signal.raise_signal(_signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupter, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    rc = local.main(["--demo", "--input-device", "USB Headset", "--output-device", "2"])
+    watcher.join(5)
+    assert rc == 0 and time.monotonic() - t0 < 60
+    leftover = [th.name for th in threading.enumerate() if th not in before and th.is_alive()]
+    assert not leftover, leftover
+    (stream,) = sd.streams  # one duplex stream at 48 kHz, 80 ms blocks
+    assert (stream.kind, stream.samplerate, stream.blocksize, stream.active) == ("duplex", 48000, 3840, False)
+    out = np.concatenate(stream.output)
+    assert active_fraction(out, 48000) > 0.3
+    cap = capsys.readouterr()
+    assert "(48000 Hz, resampled to 24 kHz)" in cap.err and "session:" in cap.err and "stopped by Ctrl-C" in cap.err
+    assert len(cap.out.split()) >= 5  # transcript pieces
+    assert _signal.getsignal(_signal.SIGTERM) is not local._raise_interrupt  # handler restored
+
+
+def test_tty_display(monkeypatch):
+    """On a terminal: live words + lag indicator on one redrawn stderr line; full lines to stdout."""
+    import io
+
+    from moshi_mlx.local import _Display
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out, err = Tty(), Tty()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((60, 20)))
+    d = _Display()
+    assert d.tty
+    d.set_status("lag  120 ms | dropped 0 | underruns 0", 0.0)
+    for w in [" hello"] + [" word"] * 12:
+        d.text(w)
+    d.message("moshi is behind real time: skipped 3 of your frames")
+    d.finish()
+    lines = out.getvalue().splitlines()
+    assert " ".join(lines) == "hello" + " word" * 12 and len(lines) >= 2 and all(len(ln) < 60 for ln in lines)
+    assert "\r\x1b[K" in err.getvalue() and "[lag  120 ms" in err.getvalue()
+    assert "moshi is behind real time" in err.getvalue()
+
+
+def test_engine_failure_mid_session_is_one_line(monkeypatch, capsys):
+    """Mimi failing inside the engine thread (simulated: decode raises MimiError on its 5th frame)
+    ends the session with one error line and exit code 1, streams and threads closed."""
+    from moshi_mlx import audio, local
+    from moshi_mlx.engine import ConversationEngine
+    from moshi_mlx.mimi import MimiError
+
+    from .audio_env import FakeSD
+
+    sd = FakeSD(clocked=True)
+    sd.rates[2] = {24000}
+    monkeypatch.setattr(audio, "_sd", lambda: sd)
+    calls = {"n": 0}
+    real_decode = ConversationEngine.decode
+
+    def failing_decode(self, out):
+        calls["n"] += 1
+        if calls["n"] == 13:  # well after the warm-up (4 frames) and a few live frames
+            raise MimiError("rustymimi failed: index-select invalid index")
+        return real_decode(self, out)
+
+    monkeypatch.setattr(ConversationEngine, "decode", failing_decode)
+    before = set(threading.enumerate())
+    rc = local.main(["--demo", "--input-device", "2", "--output-device", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert err.strip().splitlines()[-1] == "error: rustymimi failed: index-select invalid index", err
+    assert "Traceback" not in err and not sd.streams[0].active
+    assert not [th.name for th in threading.enumerate() if th not in before and th.is_alive()]
