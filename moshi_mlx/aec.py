@@ -48,6 +48,7 @@ t) satisfies this, because what is written now is heard by the mic later.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 from typing import Deque
 
@@ -63,6 +64,7 @@ _INSTALL_HINT = "pip install livekit, or pass --no-aec"
 _APM_MAX_DELAY_MS = 500
 _PREDELAY_ABOVE_MS = 300
 _PREDELAY_RESIDUAL_MS = 200
+_FAR_ACTIVE_LEVEL = 8  # int16 peak above which the speaker counts as playing (about -72 dBFS)
 
 
 class AecUnavailable(RuntimeError):
@@ -175,6 +177,7 @@ class EchoCanceller:
             raise _unavailable(e) from None
         self._far_frame = rtc.AudioFrame(self._far_buf, self.sample_rate, 1, self.chunk)
         self._near_frame = rtc.AudioFrame(self._near_buf, self.sample_rate, 1, self.chunk)
+        self._energy_in = self._energy_out = 0.0
         with self._lock:
             self._apm = apm
             self._far.clear()
@@ -221,6 +224,17 @@ class EchoCanceller:
                 self._far.popleft()
                 self.far_dropped_chunks += 1
 
+    @property
+    def reduction_db(self) -> float | None:
+        """Mic energy removed while the speaker was playing, in dB (None before any such audio).
+
+        While only Moshi talks this is the echo return loss enhancement; the user's own speech
+        over Moshi lowers it, so treat it as a session-level indication.
+        """
+        if self._energy_in <= 0.0:
+            return None
+        return 10.0 * math.log10(self._energy_in / max(self._energy_out, 1e-9))
+
     def process_near(self, mic_pcm: np.ndarray) -> np.ndarray:
         """Return the cleaned microphone signal (float32, same length as the input).
 
@@ -250,7 +264,12 @@ class EchoCanceller:
                 self._far_view[:] = far
             apm.process_reverse_stream(self._far_frame)
             self._near_view[:] = x[i : i + c]
+            far_active = far is not None and np.abs(far).max() > _FAR_ACTIVE_LEVEL
+            if far_active:
+                self._energy_in += float(np.square(self._near_view, dtype=np.float64).sum())
             apm.process_stream(self._near_frame)
+            if far_active:
+                self._energy_out += float(np.square(self._near_view, dtype=np.float64).sum())
             out[i : i + c] = self._near_view
         out *= 1.0 / 32768.0
         return out

@@ -155,7 +155,7 @@ class EngineRunner:
         self,
         engine: ConversationEngine,
         on_result: Callable[[FrameResult], None],
-        max_pending: int = 3,
+        max_pending: int = 2,
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -168,6 +168,9 @@ class EngineRunner:
         self._have_input = threading.Condition(self._lock)
         # Small queues between stages: backpressure reaches the inbox, where frames are dropped.
         self._to_lm: queue.Queue = queue.Queue(maxsize=1)
+        # The encoder takes a frame from the inbox only when the LM queue has room, so waiting
+        # frames wait in the inbox, where the oldest can still be dropped.
+        self._lm_slot = threading.Semaphore(1)
         self._to_decode: queue.Queue = queue.Queue(maxsize=1)
         self._running = False
         self._threads: list[threading.Thread] = []
@@ -250,6 +253,9 @@ class EngineRunner:
 
     def _encode_loop(self) -> None:
         while True:
+            while not self._lm_slot.acquire(timeout=0.1):
+                if not self._running:
+                    return
             with self._lock:
                 while self._running and not self._inbox:
                     self._have_input.wait(0.1)
@@ -268,6 +274,7 @@ class EngineRunner:
             item = self._get(self._to_lm)
             if item is _STOP:
                 return
+            self._lm_slot.release()
             codes, pushed_at, encode_ms = item
             frame = self.engine.frames_in
             t0 = time.perf_counter()

@@ -38,9 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-device", default=None, metavar="DEV", help="microphone: index or part of its name")
     g.add_argument("--output-device", default=None, metavar="DEV", help="speaker: index or part of its name")
     g.add_argument(
-        "--max-lag-frames", type=int, default=3, metavar="N",
+        "--max-lag-frames", type=int, default=2, metavar="N",
         help="80 ms mic frames allowed to wait for the model; older ones are skipped when it falls behind "
-        "(default 3)",
+        "(default 2)",
+    )
+    g.add_argument(
+        "--no-aec", action="store_true",
+        help="turn off echo cancellation (on by default so Moshi does not hear itself through the speakers)",
+    )
+    g.add_argument(
+        "--aec-delay-ms", type=int, default=120, metavar="MS",
+        help="expected speaker-to-mic delay, a starting hint for the echo canceller (default 120)",
+    )
+    g.add_argument(
+        "--demo-output", default="moshi-demo.wav", metavar="WAV",
+        help="with --demo and no sound devices: where to write Moshi's babble (default moshi-demo.wav)",
     )
     return p
 
@@ -158,10 +170,17 @@ def converse(args: argparse.Namespace) -> int:
         if runner is not None:
             runner.push(frame)
 
-    # Echo cancellation plugs in here: DuplexAudio(..., echo_canceller=EchoCanceller(...)) gets every
-    # frame sent to the speaker and every mic frame, in the audio callbacks (see DuplexAudio).
-    audio = DuplexAudio(push, args.input_device, args.output_device, max_queued=args.max_lag_frames + 3)
-    _log(audio.describe())
+    echo_canceller = None if args.no_aec else _make_echo_canceller(args.aec_delay_ms)
+    try:
+        audio = DuplexAudio(
+            push, args.input_device, args.output_device,
+            max_queued=args.max_lag_frames + 3, echo_canceller=echo_canceller,
+        )
+    except AudioDeviceError as e:
+        if args.demo and args.input_device is None and args.output_device is None:
+            return _offline_demo(args, e)
+        raise
+    _log(audio.describe() + (", echo cancellation on" if echo_canceller else ", echo cancellation off"))
 
     t0 = time.perf_counter()
     assets = load_from_args(args, log=_log)
@@ -223,11 +242,46 @@ def converse(args: argparse.Namespace) -> int:
     st, ast = runner.stats, audio.stats
     lat = list(latencies)
     lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
+    reduction = echo_canceller.reduction_db if echo_canceller is not None else None
+    if reduction is not None:
+        _log(f"echo cancellation: {reduction:.1f} dB removed from the mic while Moshi was speaking")
     _log(
         f"session: {time.perf_counter() - started:.1f} s, {st.frames_in} frames in, {st.frames_out} answered, "
         f"{st.dropped} dropped ({st.dropped * FRAME_S:.1f} s), {ast.underruns} underruns{lat_txt}"
         + (" (stopped by Ctrl-C)" if interrupted else "")
     )
+    return 0
+
+
+def _make_echo_canceller(delay_ms: int):
+    """The WebRTC echo canceller, or None (with a clear warning) where it cannot run."""
+    from .aec import AecUnavailable, EchoCanceller
+
+    try:
+        return EchoCanceller(delay_ms=delay_ms)
+    except AecUnavailable as e:
+        _log(f"warning: {_one_line(e)}; continuing without echo cancellation (use headphones)")
+        return None
+
+
+def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
+    """--demo on a machine with no usable sound device: run the same pipeline on a test signal."""
+    import numpy as np
+
+    from .assets import load_from_args, settings_from_args
+    from .run_inference import converse_offline, write_wav
+
+    _log(f"no usable sound device ({_one_line(device_error)})")
+    _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {args.demo_output}")
+    assets = load_from_args(args, log=_log)
+    engine = assets.engine(settings_from_args(args))
+    t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
+    # A gliding tone with a syllable-like envelope stands in for a voice.
+    signal_in = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
+    out, pieces = converse_offline(engine, signal_in.astype(np.float32))
+    write_wav(args.demo_output, out)
+    print("".join(p["text"] for p in pieces).strip())
+    _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio in {args.demo_output}")
     return 0
 
 

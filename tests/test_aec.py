@@ -398,3 +398,20 @@ def test_through_sounddevice_streams(voices, tmp_path):
     check(m)
     # same input, same processing: identical to the offline run
     np.testing.assert_array_equal(cleaned, run_canceller(spk, mic, delay_ms))
+
+
+@needs_livekit
+def test_session_reduction_figure(voices):
+    """The figure the terminal app prints at the end of a session: echo-only mic -> large reduction."""
+    spk, _ = voices
+    mic, _ = make_mic(spk, np.zeros_like(spk), 120)
+    ec = aec_mod.EchoCanceller(sample_rate=SR, frame_size=FRAME, delay_ms=120)
+    assert ec.reduction_db is None
+    for k in range(0, T, FRAME):
+        ec.process_far(spk[k : k + FRAME])
+        ec.process_near(mic[k : k + FRAME])
+    reduction = ec.reduction_db
+    ec.reset()
+    assert ec.reduction_db is None
+    ec.close()
+    assert reduction is not None and reduction > 20.0, reduction
