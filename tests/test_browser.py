@@ -1,0 +1,289 @@
+"""The web UI in a real browser: headless Chromium with a fake microphone fed from spoken WAV.
+
+The page is served by the real server (demo model, in-process) and driven over the Chrome DevTools
+Protocol with aiohttp (no Playwright or Selenium needed). The test checks that the page streamed the
+microphone (the server decoded its Ogg/Opus), that Moshi's audio came back and was decoded and played
+by the page, that the transcript filled, and that a busy server and a disconnect are shown properly.
+Screenshots go to artifacts/.
+
+Needs Debian's ``chromium`` (apt-get install chromium); skipped with a reason when it is missing.
+Set MOSHI_MLX_CHROMIUM to use another Chromium/Chrome binary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+pytest_asyncio = pytest.importorskip("pytest_asyncio")
+
+from .test_local_web import expect_handshake, make_speech, start_server, stop_server, wait_idle, write_wav  # noqa: E402
+
+pytestmark = pytest.mark.asyncio
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+
+
+def chromium_path() -> str | None:
+    env = os.environ.get("MOSHI_MLX_CHROMIUM")
+    if env:
+        return env if Path(env).exists() else None
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+# ------------------------------------------------------------------------------------------------
+# A minimal DevTools Protocol client
+# ------------------------------------------------------------------------------------------------
+
+
+class Browser:
+    """Headless Chromium with a fake microphone, driven over the DevTools protocol."""
+
+    def __init__(self, binary: str, mic_wav: Path, allow_mic: bool = True):
+        self.binary, self.mic_wav, self.allow_mic = binary, mic_wav, allow_mic
+        self.profile = tempfile.mkdtemp(prefix="moshi-chromium-")
+        self.proc: subprocess.Popen | None = None
+        self.http: aiohttp.ClientSession | None = None
+        self.ws = None
+        self._next = 0
+        self._pending: dict[int, asyncio.Future] = {}
+        self.console: list[str] = []
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> "Browser":
+        self.proc = subprocess.Popen(
+            [
+                self.binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--no-default-browser-check", f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
+                *(["--use-fake-ui-for-media-stream"] if self.allow_mic else []),
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={self.mic_wav}",
+                "--autoplay-policy=no-user-gesture-required", "--window-size=900,1000", "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        port_file = Path(self.profile) / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while True:
+            if port_file.exists() and len(port_file.read_text().split()) >= 2:
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"chromium did not start (exit code {self.proc.poll()})")
+            await asyncio.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        self.http = aiohttp.ClientSession()
+        targets = await (await self.http.get(f"http://127.0.0.1:{port}/json/list")).json()
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = await self.http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0)
+        self._reader = asyncio.ensure_future(self._read())
+        await self.call("Runtime.enable")
+        await self.call("Page.enable")
+        return self
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            if "id" in data:
+                fut = self._pending.pop(data["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(data)
+            elif data.get("method") == "Runtime.consoleAPICalled":
+                args = data["params"].get("args", [])
+                self.console.append(" ".join(str(a.get("value", a.get("description", ""))) for a in args))
+            elif data.get("method") == "Runtime.exceptionThrown":
+                self.console.append("EXCEPTION " + json.dumps(data["params"]["exceptionDetails"])[:500])
+
+    async def call(self, method: str, **params):
+        self._next += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[self._next] = fut
+        await self.ws.send_str(json.dumps({"id": self._next, "method": method, "params": params}))
+        data = await asyncio.wait_for(fut, 30)
+        if "error" in data:
+            raise RuntimeError(f"{method}: {data['error']}")
+        return data["result"]
+
+    async def eval(self, expression: str):
+        r = await self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"page error: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    async def goto(self, url: str) -> None:
+        await self.call("Page.navigate", url=url)
+
+    async def wait_for(self, expression: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if await self.eval(expression):
+                    return True
+            except RuntimeError:
+                pass  # page still loading
+            await asyncio.sleep(0.25)
+        return False
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self.call("Page.captureScreenshot", format="png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.ws is not None:
+            await self.ws.close()
+        if self.http is not None:
+            await self.http.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = chromium_path()
+    if path is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium, or set MOSHI_MLX_CHROMIUM)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(chromium):
+    from moshi_mlx.assets import load
+
+    eng = load(demo=True, log=lambda msg: None).engine()
+    eng.warmup()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def mic_wav(tmp_path_factory, chromium) -> Path:
+    d = tmp_path_factory.mktemp("mic")
+    speech = make_speech(d, 48000)
+    silence = np.zeros(24000, np.float32)  # Chromium loops the file: leave a pause between repeats
+    return write_wav(d / "speech48k.wav", np.concatenate([speech, silence]), 48000)
+
+
+STATS = "window.moshi && window.moshi.stats"
+
+
+async def test_browser_talks_to_moshi(chromium, engine, mic_wav):
+    running = await start_server(engine)
+    browser = await Browser(chromium, mic_wav).start()
+    page = f"http://127.0.0.1:{running.port}/"
+    try:
+        # 1. Busy server: a Python client holds the conversation; the page says so.
+        async with aiohttp.ClientSession() as http, http.ws_connect(running.url()) as holder:
+            await expect_handshake(holder)
+            await browser.goto(page + "?rawmic=1&autoconnect=1")
+            busy_shown = await browser.wait_for(
+                "document.getElementById('message').textContent.includes('busy')", timeout=30
+            )
+            await browser.screenshot(ARTIFACTS / "browser_busy.png")
+            assert busy_shown, f"no busy message; console: {browser.console[-10:]}"
+            assert await browser.eval(f"{STATS}.state") == "error"
+        await wait_idle(running.server)
+        errors_before = json.loads(await browser.eval(f"JSON.stringify({STATS}.errors)"))
+
+        # 2. Choose settings, connect by clicking, stream the fake microphone, hear Moshi, read its words.
+        await browser.eval(
+            "(() => { const f = document.getElementById('settings');"
+            " f.elements.text_topk.value = '10'; f.elements.seed.value = '7';"
+            " f.dispatchEvent(new Event('input')); })()"
+        )
+        await browser.eval("document.getElementById('connect').click()")
+        assert await browser.wait_for(f"{STATS}.handshake === true", timeout=30), browser.console[-10:]
+        conv = running.server.active
+        assert conv is not None
+        ok = await browser.wait_for(
+            f"{STATS}.samplesDecoded > 48000 && {STATS}.samplesPlayed > 24000 && {STATS}.transcriptChars > 0",
+            timeout=60,
+        )
+        stats = json.loads(await browser.eval(f"JSON.stringify({STATS})"))
+        transcript = await browser.eval("document.getElementById('transcript').innerText")
+        await browser.screenshot(ARTIFACTS / "browser_conversation.png")
+        (ARTIFACTS / "browser_stats.json").write_text(json.dumps(stats, indent=1))
+        assert ok, f"page stats: {stats}; console: {browser.console[-10:]}"
+        # The page's microphone reached the model as decodable Ogg/Opus.
+        assert stats["pagesSent"] > 10 and stats["maxInputRms"] > 0.01
+        assert conv.frames_pushed > 10 and conv.bad_audio == 0
+        # Moshi's audio came back, was decoded and went through the jitter buffer.
+        assert stats["audioMessagesIn"] > 5 and stats["decodeErrors"] == 0
+        assert stats["serverInfo"]["type"] == "info" and stats["serverStats"] is not None
+        assert stats["serverInfo"]["settings"]["text_topk"] == 10 and stats["serverInfo"]["settings"]["seed"] == 7
+        assert await browser.eval("document.querySelector('#settings input[name=seed]').disabled") is True
+        # The transcript shows Moshi's words.
+        assert len(transcript.strip()) > 10 and stats["textPieces"] > 0
+        assert await browser.eval("document.getElementById('demo-note').hidden") is False
+        assert stats["errors"] == errors_before  # nothing went wrong since the busy message
+
+        # 3. Disconnect: the server ends the conversation and the page is ready again.
+        await browser.eval("document.getElementById('connect').click()")
+        await wait_idle(running.server)
+        assert await browser.wait_for(f"{STATS}.state === 'idle'", timeout=10)
+        assert await browser.eval("document.getElementById('connect').textContent") == "Connect"
+
+        # 4. Lost connection: the server goes away mid-conversation; the page says so.
+        await browser.eval("document.getElementById('connect').click()")
+        assert await browser.wait_for(f"{STATS}.handshake === true", timeout=30)
+        await running.runner.cleanup()
+        lost = await browser.wait_for(
+            "document.getElementById('message').textContent.length > 0 && " f"{STATS}.state === 'error'", timeout=15
+        )
+        await browser.screenshot(ARTIFACTS / "browser_lost.png")
+        assert lost, browser.console[-10:]
+    finally:
+        await browser.close()
+        await stop_server(running)
+
+
+async def test_denied_microphone_is_explained(chromium, engine, mic_wav):
+    running = await start_server(engine)
+    browser = await Browser(chromium, mic_wav, allow_mic=False).start()
+    try:
+        origin = f"http://127.0.0.1:{running.port}"
+        try:  # without --use-fake-ui-for-media-stream headless Chromium denies anyway; make it explicit
+            await browser.call(
+                "Browser.setPermission", origin=origin, permission={"name": "microphone"}, setting="denied"
+            )
+        except RuntimeError:
+            pass
+        await browser.goto(origin + "/?autoconnect=1")
+        shown = await browser.wait_for(
+            "document.getElementById('message').textContent.includes('denied')", timeout=30
+        )
+        await browser.screenshot(ARTIFACTS / "browser_mic_denied.png")
+        message = await browser.eval("document.getElementById('message').textContent")
+        assert shown, f"message {message!r}; console: {browser.console[-5:]}"
+        assert running.server.conversations == 0  # no connection without a microphone
+    finally:
+        await browser.close()
+        await stop_server(running)

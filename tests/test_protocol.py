@@ -1,0 +1,193 @@
+"""Kyutai WebSocket protocol helpers: pure functions, no server."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from moshi_mlx import protocol
+from moshi_mlx.engine import EngineSettings
+from moshi_mlx.protocol import (
+    Control,
+    FrameChunker,
+    Handshake,
+    Kind,
+    Message,
+    ParamError,
+    ProtocolError,
+    decode,
+    decode_handshake,
+    parse_query,
+)
+from moshi_mlx.sampling import SamplingParams
+
+
+def test_kind_values_match_kyutai():
+    assert [int(k) for k in Kind] == [0, 1, 2, 3, 4, 5, 6]
+    assert [k.name for k in Kind] == ["HANDSHAKE", "AUDIO", "TEXT", "CONTROL", "METADATA", "ERROR", "PING"]
+
+
+def test_bare_handshake_is_one_zero_byte():
+    assert protocol.encode_handshake() == b"\x00"
+    assert decode_handshake(decode(b"\x00")) == Handshake(0, 0)
+
+
+def test_versioned_handshake_round_trip():
+    data = protocol.encode_handshake(0, 7)
+    assert data == b"\x00" + struct.pack("<II", 0, 7)
+    assert decode_handshake(decode(data)) == Handshake(0, 7)
+
+
+def test_bad_handshakes():
+    with pytest.raises(ProtocolError):
+        decode_handshake(decode(b"\x00\x01\x02"))
+    with pytest.raises(ProtocolError):
+        decode_handshake(decode(b"\x02hi"))
+
+
+def test_encoders_round_trip():
+    assert decode(protocol.encode_audio(b"OggS123")) == Message(Kind.AUDIO, b"OggS123")
+    assert decode(protocol.encode_text(" héllo")).text == " héllo"
+    assert decode(protocol.encode_error("busy")).text == "busy"
+    assert decode(protocol.encode_ping()) == Message(Kind.PING, b"")
+    meta = decode(protocol.encode_metadata({"a": 1, "b": [1, "x"]}))
+    assert meta.kind == Kind.METADATA and meta.json() == {"a": 1, "b": [1, "x"]}
+    ctl = decode(protocol.encode_control(Control.PAUSE))
+    assert ctl.control() == Control.PAUSE
+    assert decode(protocol.encode_control(42)).control() == 42
+    with pytest.raises(ValueError):
+        protocol.encode_control(300)
+
+
+def test_decode_rejects_empty_and_oversized():
+    with pytest.raises(ProtocolError, match="empty"):
+        decode(b"")
+    with pytest.raises(ProtocolError, match="larger"):
+        decode(b"\x01" + bytes(100), max_bytes=50)
+    with pytest.raises(ProtocolError):
+        decode("text frame")  # type: ignore[arg-type]
+
+
+def test_unknown_kind_is_ignored():
+    assert decode(b"\x07abc") is None
+    assert decode(b"\xff") is None
+
+
+def test_payload_validation():
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        decode(b"\x02\xff\xfe").text
+    with pytest.raises(ProtocolError, match="JSON"):
+        decode(b"\x04{not json").json()
+    with pytest.raises(ProtocolError, match="object"):
+        decode(b"\x04[1,2]").json()
+    with pytest.raises(ProtocolError, match="one byte"):
+        decode(b"\x03").control()
+    assert json.loads(protocol.encode_metadata({"x": "é"})[1:]) == {"x": "é"}
+
+
+# -- query parameters ---------------------------------------------------------------------------
+
+
+def test_no_params_keeps_defaults():
+    defaults = EngineSettings(SamplingParams(0.5, 10), SamplingParams(0.9, 100), seed=3)
+    r = parse_query({}, defaults)
+    assert r.settings == defaults
+    assert r.applied == {} and r.ignored == {} and r.unknown == ()
+
+
+def test_kyutai_client_params():
+    q = {
+        "text_temperature": "0.7",
+        "text_topk": "25",
+        "audio_temperature": "0.8",
+        "audio_topk": "250",
+        "pad_mult": "0",
+        "text_seed": "1234",
+        "audio_seed": "1234",
+        "repetition_penalty": "1.0",
+        "repetition_penalty_context": "64",
+        "worker_auth_id": "x",
+    }
+    r = parse_query(q)
+    s = r.settings
+    assert (s.text.temperature, s.text.top_k, s.audio.temperature, s.audio.top_k, s.seed) == (0.7, 25, 0.8, 250, 1234)
+    assert set(r.ignored) == {"pad_mult", "repetition_penalty", "repetition_penalty_context"}
+    assert r.unknown == ("worker_auth_id",)
+    assert r.applied["text_seed"] == r.applied["audio_seed"] == 1234
+    assert r.describe()["seed"] == 1234
+
+
+def test_seed_precedence_and_conflicts():
+    assert parse_query({"audio_seed": "5"}).settings.seed == 5
+    r = parse_query({"text_seed": "1", "audio_seed": "2"})
+    assert r.settings.seed == 1 and "audio_seed" in r.ignored and "text_seed" not in r.ignored
+    r = parse_query({"seed": "9", "text_seed": "1"})
+    assert r.settings.seed == 9 and "text_seed" in r.ignored
+
+
+def test_integer_formats():
+    assert parse_query({"text_topk": "25.0"}).settings.text.top_k == 25
+    assert parse_query({"audio_topk": " 7 "}).settings.audio.top_k == 7
+    assert parse_query({"text_temperature": "0"}).settings.text.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    "name,value,fragment",
+    [
+        ("text_temperature", "abc", "must be a number"),
+        ("text_temperature", "-1", ">= 0"),
+        ("audio_temperature", "nan", "finite"),
+        ("audio_temperature", "inf", "finite"),
+        ("audio_temperature", "1e9", "<= 100"),
+        ("text_topk", "2.5", "integer"),
+        ("text_topk", "-3", "between"),
+        ("audio_topk", "", "integer"),
+        ("text_seed", "-1", "between"),
+        ("audio_seed", str(2**64), "between"),
+        ("seed", "x", "integer"),
+        ("pad_mult", "nope", "number"),
+        ("repetition_penalty", "0", "> 0"),
+        ("repetition_penalty_context", "-1", "between"),
+    ],
+)
+def test_bad_values_raise_clear_errors(name, value, fragment):
+    with pytest.raises(ParamError) as info:
+        parse_query({name: value})
+    assert name in str(info.value) and fragment in str(info.value)
+
+
+def test_repeated_param():
+    assert parse_query([("text_topk", "5"), ("text_topk", "5")]).settings.text.top_k == 5
+    with pytest.raises(ParamError, match="twice"):
+        parse_query([("text_topk", "5"), ("text_topk", "6")])
+
+
+# -- re-chunking ----------------------------------------------------------------------------------
+
+
+def test_frame_chunker_rechunks_arbitrary_sizes():
+    rng = np.random.default_rng(0)
+    signal = rng.standard_normal(1920 * 5 + 123).astype(np.float32)
+    chunker = FrameChunker()
+    frames, pos = [], 0
+    for size in [1, 959, 960, 2000, 7, 3840, 1500, 0, 2356]:
+        frames += chunker.push(signal[pos : pos + size])
+        pos += size
+    frames += chunker.push(signal[pos:])
+    assert all(f.shape == (1920,) and f.dtype == np.float32 for f in frames)
+    assert len(frames) == 5 and chunker.pending == 123
+    np.testing.assert_array_equal(np.concatenate(frames), signal[: 1920 * 5])
+    chunker.reset()
+    assert chunker.pending == 0
+    assert chunker.push(np.zeros(0, np.float32)) == []
+
+
+def test_frame_chunker_copies_input():
+    chunker = FrameChunker(4)
+    data = np.arange(8, dtype=np.float32)
+    out = chunker.push(data)
+    data[:] = -1
+    np.testing.assert_array_equal(np.concatenate(out), np.arange(8, dtype=np.float32))
+    with pytest.raises(ValueError):
+        FrameChunker(0)
