@@ -3,8 +3,17 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MANIFESTS = Path(os.environ.get("MOSHI_MLX_MANIFESTS", SHARED / "manifests"))
+def _find_manifests() -> Path:
+    """Published-layout manifests: $MOSHI_MLX_MANIFESTS, else the team's shared folder beside the repo."""
+    if os.environ.get("MOSHI_MLX_MANIFESTS"):
+        return Path(os.environ["MOSHI_MLX_MANIFESTS"])
+    for shared in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")):
+        if (shared / "manifests").is_dir():
+            return shared / "manifests"
+    return Path("shared/manifests")
+
+
+MANIFESTS = _find_manifests()
 
 
 @pytest.fixture(scope="session")
