@@ -35,6 +35,7 @@ import json
 import os
 import resource
 import statistics
+import typing
 import sys
 import time
 
@@ -73,7 +74,7 @@ QUANT = {"q8": (8, 64), "q4": (4, 32)}
 DEFAULT_STEPS = {"tiny": (100, 10), "small": (20, 3), "7b": (5, 1)}
 
 
-def _fail(msg: str) -> "NoReturn":  # type: ignore[name-defined]
+def _fail(msg: str) -> "typing.NoReturn":
     print(f"reference_step.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
 

@@ -12,15 +12,15 @@ interrupted run never leaves a truncated file behind under the final name.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .loading import read_safetensors_header
 
 __all__ = [
     "MIMI_CONFIG",
@@ -188,27 +188,11 @@ def write_random_mimi(path: str | os.PathLike, seed: int = 0, scale: float = 0.5
     return path
 
 
-def _read_safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("file too short")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise ValueError("implausible header size")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    end = max((v["data_offsets"][1] for v in header.values()), default=0)
-    if path.stat().st_size != 8 + n + end:
-        raise ValueError("file size does not match its header (truncated?)")
-    return header
-
-
 def is_valid_mimi_file(path: str | os.PathLike) -> bool:
     """Cheap check (header only) that ``path`` is a complete safetensors file with Mimi's layout."""
     try:
-        header = _read_safetensors_header(Path(path))
-    except (OSError, ValueError, KeyError, TypeError):
+        header = read_safetensors_header(Path(path)).tensors
+    except (OSError, ValueError):
         return False
     layout = mimi_tensor_layout()
     if set(header) != set(layout):

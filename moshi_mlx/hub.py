@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from .loading import SafetensorsHeader, read_safetensors_header
 
 __all__ = [
     "HubError",
@@ -73,70 +74,6 @@ class ModelFiles:
     lm_config: dict | None
     repo: str | None
     quantize: int | None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# safetensors header (no tensor data is read)
-
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
-}
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass
-class SafetensorsHeader:
-    tensors: dict[str, dict[str, Any]]  # name -> {"dtype": "BF16", "shape": [...], "data_offsets": [a, b]}
-    metadata: dict[str, str] | None
-    data_start: int  # absolute file offset of the first data byte
-    file_size: int
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v["shape"]) for k, v in self.tensors.items()}
-
-
-def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and check a safetensors header; raises ValueError with a short reason.
-
-    Checks that every tensor's byte range matches its shape and dtype and lies inside the file, so a
-    truncated (partially downloaded) file is caught here rather than as a crash while loading.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError("file is empty")
-    if size < 8:
-        raise ValueError(f"not a safetensors file (only {size} bytes)")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n < 2 or n > _MAX_HEADER or n > size - 8:
-            raise ValueError("not a safetensors file (bad header length)")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"not a safetensors file (bad entry for {name!r})") from None
-        if dtype not in _DTYPE_BYTES:
-            raise ValueError(f"tensor {name} has unknown dtype {dtype}")
-        if end - start != math.prod(shape) * _DTYPE_BYTES[dtype] or start < 0:
-            raise ValueError(f"tensor {name}: byte range does not match shape {shape} {dtype}")
-        if end > data_len:
-            raise ValueError(
-                f"file is truncated ({size} bytes; tensor {name} needs {8 + n + end}): incomplete download or copy?"
-            )
-    return SafetensorsHeader(tensors=header, metadata=metadata, data_start=8 + n, file_size=size)
 
 
 def checkpoint_bits(tensors: dict[str, dict[str, Any]]) -> int | None:

@@ -8,11 +8,11 @@ from deep inside MLX. Tensor data is then read lazily and materialised layer by 
 from __future__ import annotations
 
 import json
+import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,50 +51,79 @@ class CheckpointInfo:
 
 # Published group sizes: what `nn.quantize` used for kyutai/moshi*-mlx-q8 and -q4.
 GROUP_SIZE_FOR_BITS = {8: 64, 4: 32}
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}
 _MAX_HEADER = 100 * 1024 * 1024
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "U32": 4, "I32": 4, "U8": 1, "I8": 1, "I64": 8, "BOOL": 1}
+
+
+@dataclass
+class SafetensorsHeader:
+    tensors: dict[str, dict[str, Any]]  # name -> {"dtype": "BF16", "shape": [...], "data_offsets": [a, b]}
+    metadata: dict[str, str] | None
+    data_start: int  # absolute file offset of the first data byte
+    file_size: int
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v["shape"]) for k, v in self.tensors.items()}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and check a safetensors header; raises ValueError with a short reason.
+
+    Checks that every tensor's byte range matches its shape and dtype and lies inside the file, so a
+    truncated (partially downloaded) file is caught here rather than as a crash while loading.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("file is empty")
+    if size < 8:
+        raise ValueError(f"not a safetensors file (only {size} bytes)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n < 2 or n > _MAX_HEADER or n > size - 8:
+            raise ValueError("not a safetensors file (bad header length)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    data_len = size - 8 - n
+    for name, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"not a safetensors file (bad entry for {name!r})") from None
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"tensor {name} has unknown dtype {dtype}")
+        if end - start != math.prod(shape) * _DTYPE_BYTES[dtype] or start < 0:
+            raise ValueError(f"tensor {name}: byte range does not match shape {shape} {dtype}")
+        if end > data_len:
+            raise ValueError(
+                f"file is truncated ({size} bytes; tensor {name} needs {8 + n + end}): incomplete download or copy?"
+            )
+    return SafetensorsHeader(tensors=header, metadata=metadata, data_start=8 + n, file_size=size)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Parse and sanity-check a safetensors header (names, dtypes, shapes, file length)."""
+    """The checked header of an LM checkpoint, or a WeightsError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise WeightsError(f"{path} is not a safetensors file (only {size} bytes)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len <= 0 or header_len > min(_MAX_HEADER, size - 8):
-                raise WeightsError(f"{path} is not a safetensors file (bad header length)")
-            header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WeightsError(f"{path} is not a safetensors file (unreadable header)") from None
+        header = read_safetensors_header(path)
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
     except OSError as e:
         raise WeightsError(f"cannot read {path}: {e.strerror}") from None
-    tensors: dict[str, TensorInfo] = {}
-    data_end = 0
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path} has a malformed header entry for {name!r}") from None
-        count = 1
-        for dim in shape:
-            count *= dim
-        if dtype in _DTYPE_BYTES and end - start != count * _DTYPE_BYTES[dtype]:
-            raise WeightsError(f"{path}: tensor {name!r} has {end - start} bytes for shape {list(shape)} {dtype}")
-        data_end = max(data_end, end)
-        tensors[name] = TensorInfo(dtype, shape)
-    if 8 + header_len + data_end > size:
-        raise WeightsError(
-            f"{path} is truncated ({size} bytes, needs {8 + header_len + data_end}); download it again"
-        )
-    return tensors
+    return {name: TensorInfo(info["dtype"], tuple(info["shape"])) for name, info in header.tensors.items()}
 
 
 def detect_quantization(tensors: dict[str, TensorInfo], config: LmConfig) -> Quantization | None:

@@ -39,7 +39,8 @@ def _top_k_mask(logits: mx.array, k: int) -> mx.array:
     return mx.where(logits >= kth, logits, -mx.inf)
 
 
-@lru_cache(maxsize=None)
+# Bounded: web clients choose their own settings, and each distinct pair compiles a function.
+@lru_cache(maxsize=64)
 def make_sampler(params: SamplingParams, vocab_size: int | None = None) -> Sampler:
     """Return a compiled sampler for `params`; top-k larger than the vocabulary is clamped."""
     if params.temperature == 0.0:

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from .audio_env import JACK_TOOLS, SPEECH_TOOLS, missing, portaudio_problem
+
 def _find_manifests() -> Path:
     """Published-layout manifests: $MOSHI_MLX_MANIFESTS, else the team's shared folder beside the repo."""
     if os.environ.get("MOSHI_MLX_MANIFESTS"):
@@ -45,3 +47,18 @@ def monkeypatch_session():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+# Virtual audio devices (see tests/audio_env.py).
+@pytest.fixture(scope="module")
+def portaudio():
+    problem = portaudio_problem()
+    if problem:
+        pytest.skip(f"PortAudio not usable here: {problem} (apt install libportaudio2)")
+
+
+@pytest.fixture(scope="module")
+def jack_tools(portaudio):
+    lacking = missing(*JACK_TOOLS, *SPEECH_TOOLS)
+    if lacking:
+        pytest.skip(f"needs {', '.join(lacking)} (apt install jackd2 jack-tools espeak-ng sox)")

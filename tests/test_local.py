@@ -27,25 +27,11 @@ import numpy as np
 import pytest
 
 from .audio_env import (
-    JACK_TOOLS, ROOT, SPEECH_TOOLS, JackServer, active_fraction, alsa_file_env, missing, portaudio_problem, read_wav,
+    ROOT, JackServer, active_fraction, alsa_file_env, read_wav,
     rms, speech_wav,
 )
 
 FRAME_S = 0.08
-
-
-@pytest.fixture(scope="module")
-def portaudio():
-    problem = portaudio_problem()
-    if problem:
-        pytest.skip(f"PortAudio not usable here: {problem} (apt install libportaudio2)")
-
-
-@pytest.fixture(scope="module")
-def jack_tools(portaudio):
-    lacking = missing(*JACK_TOOLS, *SPEECH_TOOLS)
-    if lacking:
-        pytest.skip(f"needs {', '.join(lacking)} (apt install jackd2 jack-tools espeak-ng sox)")
 
 
 class App:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 import time
 
-import pytest
 
 from .audio_env import JackServer
-from .test_local import App, _no_traceback, _session, jack_tools, portaudio  # noqa: F401  (fixtures)
+from .test_local import App, _no_traceback, _session
 
 
 def _echo_session(tmp_path, extra_args):
