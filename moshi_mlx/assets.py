@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -146,8 +145,3 @@ def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = _stder
         dtype=args.dtype,
         log=log,
     )
-
-
-def config_from_file(path: str | Path) -> LmConfig:
-    with open(path) as f:
-        return LmConfig.from_dict(json.load(f))

@@ -795,17 +795,9 @@ def _load_model(args: argparse.Namespace, progress: _Progress) -> _Loaded:
         mimi_path = Path(args.mimi_weights) if args.mimi_weights else None
         tok_path = Path(args.tokenizer) if args.tokenizer else None
     else:
-        from .hub import resolve_model_files
+        from .hub import model_files_from_args
 
-        files = resolve_model_files(
-            quantize=args.quantize,
-            hf_repo=args.hf_repo,
-            revision=args.revision,
-            moshi_weights=args.moshi_weights,
-            mimi_weights=args.mimi_weights,
-            tokenizer=args.tokenizer,
-            lm_config=args.lm_config,
-        )
+        files = model_files_from_args(args)
         cfg = LmConfig.from_dict(files.lm_config) if files.lm_config else config_v0_1()
         compute = None
         if args.dtype is not None:

@@ -136,10 +136,6 @@ class RunnerStats:
     last_latency_ms: float = 0.0  # input frame pushed -> its output ready
     recent_step_ms: deque = field(default_factory=lambda: deque(maxlen=25))
 
-    @property
-    def behind(self) -> bool:
-        return self.last_latency_ms > 400.0
-
 
 _STOP = object()
 

@@ -62,11 +62,12 @@ def test_round_trip_save_load_run(tmp_path, name):
     assert _greedy_outputs(loaded) == _greedy_outputs(model)
 
 
-def test_quantized_defaults_to_float32_scales_on_cpu(tmp_path):
+def test_quantized_computes_in_float32_on_cpu_with_published_scales(tmp_path):
     _, path = _tiny_file(tmp_path, QUANTS["q4"])
     model = load_lm(path, config_tiny())
     expected = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
-    assert model.text_linear.scales.dtype == expected
+    assert model.out_norm.weight.dtype == expected
+    assert model.text_linear.scales.dtype == mx.bfloat16 and model.text_emb.biases.dtype == mx.bfloat16
     assert model.text_linear.weight.dtype == mx.uint32
     assert len(_greedy_outputs(model)) == 5
 

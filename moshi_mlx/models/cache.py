@@ -92,11 +92,6 @@ class TemporalCache:
     def state(self) -> list[mx.array]:
         return [a for layer in self.layers for a in (layer.keys, layer.values)]
 
-    @state.setter
-    def state(self, arrays: list[mx.array]) -> None:
-        for i, layer in enumerate(self.layers):
-            layer.keys, layer.values = arrays[2 * i], arrays[2 * i + 1]
-
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)

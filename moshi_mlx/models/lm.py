@@ -100,18 +100,3 @@ class Lm(nn.Module):
             x = x + embed(table, tokens[:, k + 1 : k + 2])
         hidden = self.out_norm(self.transformer(x, caches, ctx))
         return hidden, self.text_linear(hidden)[:, 0, :]
-
-    def step(
-        self,
-        tokens: mx.array,
-        ctx: StepContext,
-        caches: list[RotatingKVCache],
-        text_sampler: Sampler,
-        audio_sampler: Sampler,
-        keys: mx.array,
-    ) -> mx.array:
-        """One full 80 ms step: returns [B, 1 + generated_codebooks] (text token, then audio codes)."""
-        hidden, text_logits = self.temporal(tokens, caches, ctx)
-        text_token = text_sampler(text_logits, keys[0])
-        audio = self.depformer.sample(hidden, text_token, audio_sampler, keys[1:])
-        return mx.concatenate([text_token[:, None], audio], axis=1)
