@@ -136,6 +136,11 @@ class RunnerStats:
     last_latency_ms: float = 0.0  # input frame pushed -> its output ready
     recent_step_ms: deque = field(default_factory=lambda: deque(maxlen=25))
 
+    @property
+    def behind(self) -> bool:
+        """Latency well past what the queues allow when keeping up: the model is slower than real time."""
+        return self.last_latency_ms > 400.0
+
 
 _STOP = object()
 
