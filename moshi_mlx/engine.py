@@ -12,9 +12,12 @@ falls behind, the oldest input frames are dropped so latency stays bounded.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
+from concurrent.futures import Future
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -39,6 +42,71 @@ class AudioCodec(Protocol):
     def decode_frame(self, codes: np.ndarray) -> np.ndarray: ...
 
     def reset(self) -> None: ...
+
+
+class MlxThread:
+    """One long-lived thread, with its own MLX stream, where all of an engine's model work runs.
+
+    MLX streams belong to the thread that created them, so stepping a session from whichever
+    thread happens to call (an audio front end, a web handler, a fresh runner) would need a new
+    stream each time. A stream left behind by a finished thread also aborts the process at exit
+    ("terminate called without an active exception", exit code 134), so the thread destroys its
+    streams before it ends, and live ones are closed at interpreter exit.
+    """
+
+    _live: "weakref.WeakSet[MlxThread]" = weakref.WeakSet()
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _serve(self, jobs: queue.SimpleQueue) -> None:
+        mx.set_default_stream(mx.new_stream(mx.default_device()))
+        try:
+            while (job := jobs.get()) is not None:
+                future, fn, args = job
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except BaseException as e:
+                        future.set_exception(e)
+        finally:
+            mx.synchronize()
+            mx.clear_streams()
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._thread is None:
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._serve, args=(self._jobs,), name="moshi-mlx", daemon=True)
+                self._thread.start()
+                MlxThread._live.add(self)
+            self._jobs.put((future, fn, args))
+        return future
+
+    def run(self, fn: Callable, *args: object):
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        return self.submit(fn, *args).result()
+
+    def close(self) -> None:
+        with self._lock:
+            thread, jobs = self._thread, self._jobs
+            self._thread = self._jobs = None
+        if thread is not None:
+            jobs.put(None)
+            if thread is not threading.current_thread():
+                thread.join()
+
+    @classmethod
+    def _close_all(cls) -> None:
+        for worker in list(cls._live):
+            worker.close()
+
+
+atexit.register(MlxThread._close_all)
 
 
 @dataclass(frozen=True)
@@ -71,17 +139,22 @@ class ConversationEngine:
         self.mimi = mimi
         self.tokenizer = tokenizer
         self.settings = settings
-        self.gen = LmGen(lm, settings.text, settings.audio, seed=settings.seed)
+        self.mlx = MlxThread()
+        self.gen = self.mlx.run(LmGen, lm, settings.text, settings.audio, settings.seed)
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0
+
+    def close(self) -> None:
+        """Stop the engine's model thread (the engine can still be used: it restarts on demand)."""
+        self.mlx.close()
 
     # -- conversation lifecycle -------------------------------------------------
     def reset(self, settings: EngineSettings | None = None) -> None:
         """Start a fresh conversation (optionally with new sampling settings)."""
         if settings is not None and settings != self.settings:
             self.settings = settings
-            self.gen.configure(settings.text, settings.audio, settings.seed)
-        self.gen.reset(seed=self.settings.seed)
+            self.mlx.run(self.gen.configure, settings.text, settings.audio, settings.seed)
+        self.mlx.run(self.gen.reset, self.settings.seed)
         self.mimi.reset()
         self.frames_in = 0
 
@@ -105,7 +178,7 @@ class ConversationEngine:
 
     def step(self, codes: np.ndarray) -> StepOutput | None:
         self.frames_in += 1
-        return self.gen.step(codes)
+        return self.mlx.run(self.gen.step, codes)
 
     def decode(self, out: StepOutput | None) -> tuple[np.ndarray, str | None]:
         if out is None:
@@ -175,14 +248,16 @@ class EngineRunner:
         self._to_decode: queue.Queue = queue.Queue(maxsize=1)
         self._running = False
         self._threads: list[threading.Thread] = []
+        self._lm_done: Future | None = None
         self.error: BaseException | None = None
 
     def start(self) -> "EngineRunner":
         self._running = True
-        for target, name in ((self._encode_loop, "encode"), (self._lm_loop, "lm"), (self._decode_loop, "decode")):
+        for target, name in ((self._encode_loop, "encode"), (self._decode_loop, "decode")):
             thread = threading.Thread(target=self._guard(target), name=f"moshi-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._lm_done = self.engine.mlx.submit(self._guard(self._lm_loop))
         return self
 
     def push(self, pcm: np.ndarray) -> None:
@@ -209,6 +284,11 @@ class EngineRunner:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
+        if self._lm_done is not None:
+            try:
+                self._lm_done.result(max(0.0, deadline - time.monotonic()))
+            except Exception:  # a timeout here; worker errors were already reported
+                pass
 
     def __enter__(self) -> "EngineRunner":
         return self.start()
@@ -218,7 +298,8 @@ class EngineRunner:
 
     @property
     def alive(self) -> bool:
-        return self._running and all(t.is_alive() for t in self._threads)
+        lm_running = self._lm_done is not None and not self._lm_done.done()
+        return self._running and lm_running and all(t.is_alive() for t in self._threads)
 
     # -- stages -------------------------------------------------------------------
     def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
@@ -268,9 +349,7 @@ class EngineRunner:
             if not self._put(self._to_lm, (codes, pushed_at, (time.perf_counter() - t0) * 1e3)):
                 return
 
-    def _lm_loop(self) -> None:
-        # MLX streams belong to the thread that made them: this worker needs its own.
-        mx.set_default_stream(mx.new_stream(mx.default_device()))
+    def _lm_loop(self) -> None:  # runs on the engine's MLX thread
         while True:
             item = self._get(self._to_lm)
             if item is _STOP:

@@ -238,6 +238,7 @@ def converse(args: argparse.Namespace) -> int:
         with _sigint_ignored():  # a second Ctrl-C must not break the cleanup
             audio.close()
             runner.stop(timeout=1.0)
+            engine.close()
             display.finish()
     st, ast = runner.stats, audio.stats
     lat = list(latencies)
@@ -278,7 +279,10 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
     # A gliding tone with a syllable-like envelope stands in for a voice.
     signal_in = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
-    out, pieces = converse_offline(engine, signal_in.astype(np.float32))
+    try:
+        out, pieces = converse_offline(engine, signal_in.astype(np.float32))
+    finally:
+        engine.close()
     write_wav(args.demo_output, out)
     print("".join(p["text"] for p in pieces).strip())
     _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio in {args.demo_output}")

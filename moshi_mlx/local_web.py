@@ -428,6 +428,7 @@ class ChatServer:
             conv.closing = True
             conv.runner.stop(timeout=5.0)
         self.executor.shutdown(wait=True)
+        self.engine.close()
 
     # -- HTTP --------------------------------------------------------------------------------
     async def handle_info(self, request: web.Request) -> web.Response:

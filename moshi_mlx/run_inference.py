@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         assets = load_from_args(args, log=log)
         log(f"loaded in {assets.load_seconds:.1f} s: {assets.description}")
         engine = assets.engine(settings_from_args(args))
-        t = convert_file(engine, args.input, args.output, args.transcript, _Progress(), loaded)
+        try:
+            t = convert_file(engine, args.input, args.output, args.transcript, _Progress(), loaded)
+        finally:
+            engine.close()
         speed = t["duration"] / t["processing_seconds"] if t["processing_seconds"] else 0.0
         log(
             f"wrote {args.output} ({t['duration']:.2f} s, {t['frames']} frames, {speed:.2f}x real time)"

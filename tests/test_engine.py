@@ -12,6 +12,7 @@ from moshi_mlx.sampling import GREEDY, SamplingParams
 def engine(demo_assets_loaded):
     eng = demo_assets_loaded.engine(EngineSettings(seed=1))
     yield eng
+    eng.close()
 
 
 def speechlike(n_frames, seed=0):
@@ -82,7 +83,31 @@ def test_runner_streams_and_drops_oldest_when_behind(engine):
     assert stats.frames_out + stats.dropped == 20, stats
     assert stats.dropped >= 14  # at most 2 waiting + 1 per pipeline stage + the one in hand get through
     assert len(results) == stats.frames_out and [r.frame for r in results] == list(range(len(results)))
-    assert not any(t.is_alive() for t in threading.enumerate() if t.name.startswith("moshi-"))
+    assert not any(t.is_alive() for t in threading.enumerate() if t.name in ("moshi-encode", "moshi-decode"))
+    assert not runner.alive
+    model_thread = engine.mlx._thread
+    engine.close()  # the engine's model thread ends too
+    assert model_thread is not None and not model_thread.is_alive()
+
+
+def test_model_work_runs_on_one_thread_whoever_calls(demo_assets_loaded):
+    """MLX streams are bound to threads: steps from any caller run on the engine's own thread."""
+    eng = demo_assets_loaded.engine(EngineSettings(seed=4))
+    seen = set()
+    original = eng.gen.step
+
+    def spy(codes):
+        seen.add(threading.current_thread().name)
+        return original(codes)
+
+    eng.gen.step = spy
+    frames = speechlike(2)
+    eng.process(frames[0])
+    worker = threading.Thread(target=eng.process, args=(frames[1],))
+    worker.start()
+    worker.join(30)
+    eng.close()
+    assert seen == {"moshi-mlx"}
 
 
 def test_runner_reports_worker_errors(demo_assets_loaded):
