@@ -124,6 +124,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
+def add_lag_arg(group: argparse._ActionsContainer) -> None:
+    """--max-lag-frames, shared by the real-time front ends (terminal and web)."""
+    group.add_argument(
+        "--max-lag-frames", type=int, default=2, metavar="N",
+        help="80 ms frames allowed to wait for the model; older ones are skipped when it falls behind (default 2)",
+    )
+
+
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     return EngineSettings(
         text=SamplingParams(args.text_temperature, args.text_topk),

@@ -26,7 +26,7 @@ FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .assets import add_engine_args
+    from .assets import add_engine_args, add_lag_arg
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
@@ -37,11 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
     g.add_argument("--input-device", default=None, metavar="DEV", help="microphone: index or part of its name")
     g.add_argument("--output-device", default=None, metavar="DEV", help="speaker: index or part of its name")
-    g.add_argument(
-        "--max-lag-frames", type=int, default=2, metavar="N",
-        help="80 ms mic frames allowed to wait for the model; older ones are skipped when it falls behind "
-        "(default 2)",
-    )
+    add_lag_arg(g)
     g.add_argument(
         "--no-aec", action="store_true",
         help="turn off echo cancellation (on by default so Moshi does not hear itself through the speakers)",

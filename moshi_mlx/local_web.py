@@ -579,7 +579,7 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .assets import add_engine_args
+    from .assets import add_engine_args, add_lag_arg
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local_web",
@@ -596,10 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-browser", action="store_true", help="do not open the browser")
     g.add_argument("--web-dir", default=None, help="folder with the UI (default: the repository's web/)")
-    g.add_argument(
-        "--max-lag-frames", type=int, default=2, metavar="N",
-        help="80 ms frames allowed to wait for the model; older ones are skipped when it falls behind (default 2)",
-    )
+    add_lag_arg(g)
     return p
 
 
