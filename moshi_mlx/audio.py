@@ -24,6 +24,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from .errors import first_line
+
 SAMPLE_RATE = 24_000
 FRAME_SIZE = 1920  # 80 ms at 24 kHz
 #: Rates tried, in order, when a device cannot run at 24 kHz (after its own default rate).
@@ -32,11 +34,6 @@ FALLBACK_RATES = (48_000, 44_100, 32_000, 96_000, 16_000, 88_200, 22_050)
 
 class AudioDeviceError(RuntimeError):
     """A sound device problem (missing PortAudio, unknown or unsuitable device, stream failure): one line."""
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -72,7 +69,7 @@ def _sd():
             import sounddevice
     except OSError as e:  # raised by sounddevice when libportaudio cannot be loaded
         raise AudioDeviceError(
-            f"{_one_line(e)}: install PortAudio "
+            f"{first_line(e)}: install PortAudio "
             "(Debian/Ubuntu: apt install libportaudio2; macOS: brew install portaudio)"
         ) from None
     except ImportError as e:
@@ -202,7 +199,7 @@ def _query(sd) -> list[dict]:
     try:
         return list(sd.query_devices())
     except Exception as e:
-        raise AudioDeviceError(f"cannot list sound devices: {_one_line(e)}") from None
+        raise AudioDeviceError(f"cannot list sound devices: {first_line(e)}") from None
 
 
 def list_devices() -> str:
@@ -290,7 +287,7 @@ def pick_rate(device: int, kind: str) -> int:
         except Exception as e:  # PortAudioError / ValueError: "Invalid sample rate", ...
             last_err = e
     raise AudioDeviceError(
-        f"{kind} device {device} '{info['name']}' accepts no usable mono float32 format ({_one_line(last_err)})"
+        f"{kind} device {device} '{info['name']}' accepts no usable mono float32 format ({first_line(last_err)})"
     )
 
 
@@ -488,7 +485,7 @@ class DuplexAudio:
                 s.start()
         except Exception as e:  # sd.PortAudioError, ValueError from sounddevice's checks
             self.close()
-            raise AudioDeviceError(f"cannot open the sound devices: {_one_line(e)}") from None
+            raise AudioDeviceError(f"cannot open the sound devices: {first_line(e)}") from None
         return self
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import first_line
 from .loading import SafetensorsHeader, read_safetensors_header
 
 __all__ = [
@@ -94,11 +95,6 @@ def checkpoint_bits(tensors: dict[str, dict[str, Any]]) -> int | None:
 # local files given on the command line
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
-
-
 def _check_path(kind: str, path: str | os.PathLike) -> Path:
     flag = FLAGS[kind]
     p = Path(path).expanduser()
@@ -110,7 +106,7 @@ def _check_path(kind: str, path: str | os.PathLike) -> Path:
         with open(p, "rb") as f:
             f.read(1)
     except OSError as e:
-        raise HubError(f"{flag} {p}: cannot be read ({e.strerror or _one_line(e)})") from None
+        raise HubError(f"{flag} {p}: cannot be read ({e.strerror or first_line(e)})") from None
     if p.stat().st_size == 0:
         raise HubError(f"{flag} {p}: file is empty")
     return p
@@ -135,7 +131,7 @@ def _check_moshi_file(p: Path, origin: str | None = None) -> int | None:
     try:
         return checkpoint_bits(names)
     except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise HubError(f"{where}: {_one_line(e)}") from None
+        raise HubError(f"{where}: {first_line(e)}") from None
 
 
 def _looks_like_mimi(names: dict[str, Any]) -> bool:
@@ -185,7 +181,7 @@ def _read_config(p: Path, origin: str | None = None) -> dict:
     try:
         LmConfig.from_dict(data)
     except Exception as e:
-        raise HubError(f"{where}: not a usable LM config ({_one_line(e)})") from None
+        raise HubError(f"{where}: not a usable LM config ({first_line(e)})") from None
     return data
 
 
@@ -249,7 +245,7 @@ class _Repo:
         try:
             get_session().head(self.endpoint, timeout=_timeout())
         except Exception as e:  # any answer at all means the hub is reachable
-            return _one_line(e) or e.__class__.__name__
+            return first_line(e) or e.__class__.__name__
         return None
 
     def _unavailable(self, filename: str | None, kind: str) -> HubError:
@@ -273,7 +269,7 @@ class _Repo:
                 return set(HfApi(endpoint=self.endpoint).list_repo_files(self.repo_id, revision=self.revision))
             except Exception as e:
                 self._raise_known(e, None, None)
-                self.offline_reason = f"cannot list {self.repo_id} on {self.endpoint} ({_one_line(e)})"
+                self.offline_reason = f"cannot list {self.repo_id} on {self.endpoint} ({first_line(e)})"
         return self._cached_files()
 
     def _cached_files(self) -> set[str] | None:
@@ -335,14 +331,14 @@ class _Repo:
             if self.offline_reason is None:  # the hub answered the probe but not this request
                 cause = e.__cause__ or e
                 raise HubError(
-                    f"{self.label}: could not get {filename} from {self.endpoint} ({_one_line(cause)}) and it is not "
+                    f"{self.label}: could not get {filename} from {self.endpoint} ({first_line(cause)}) and it is not "
                     f"in the Hugging Face cache ({self.cache_dir}); pass {FLAGS[kind]} PATH"
                 ) from None
             raise self._unavailable(filename, kind) from None
         except Exception as e:
             self._raise_known(e, filename, kind)
             raise HubError(
-                f"{self.label}: could not get {filename} ({_one_line(e)}); pass {FLAGS[kind]} PATH"
+                f"{self.label}: could not get {filename} ({first_line(e)}); pass {FLAGS[kind]} PATH"
             ) from None
         return Path(path)
 

@@ -20,7 +20,16 @@ import threading
 import time
 from collections import deque
 
-from .audio import FRAME_SIZE, SAMPLE_RATE, AudioDeviceError, DuplexAudio, list_devices, release_portaudio
+from .audio import (
+    FRAME_SIZE,
+    SAMPLE_RATE,
+    AudioDeviceError,
+    DuplexAudio,
+    list_devices,
+    release_portaudio,
+)
+from .errors import error_line
+from .errors import first_line
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
@@ -257,7 +266,7 @@ def _make_echo_canceller(delay_ms: int):
     try:
         return EchoCanceller(delay_ms=delay_ms)
     except AecUnavailable as e:
-        _log(f"warning: {_one_line(e)}; continuing without echo cancellation (use headphones)")
+        _log(f"warning: {first_line(e)}; continuing without echo cancellation (use headphones)")
         return None
 
 
@@ -268,7 +277,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     from .assets import load_from_args, settings_from_args
     from .run_inference import converse_offline, write_wav
 
-    _log(f"no usable sound device ({_one_line(device_error)})")
+    _log(f"no usable sound device ({first_line(device_error)})")
     _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {args.demo_output}")
     assets = load_from_args(args, log=_log)
     engine = assets.engine(settings_from_args(args))
@@ -283,11 +292,6 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     print("".join(p["text"] for p in pieces).strip())
     _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio in {args.demo_output}")
     return 0
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,10 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        known = {"HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError", "AudioDeviceError"}
-        msg = _one_line(e)
-        label = "" if type(e).__name__ in known and msg else f"{type(e).__name__}: "
-        print(f"error: {label}{msg}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
     finally:
         if old_term is not None:

@@ -41,7 +41,16 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from . import protocol
-from .engine import FRAME_SIZE, SAMPLE_RATE, ConversationEngine, EngineRunner, EngineSettings, FrameResult
+from .engine import (
+    FRAME_SIZE,
+    SAMPLE_RATE,
+    ConversationEngine,
+    EngineRunner,
+    EngineSettings,
+    FrameResult,
+)
+from .errors import error_line
+from .errors import first_line
 from .protocol import FrameChunker, Kind, ParamError, ProtocolError
 
 log = logging.getLogger("moshi_mlx.web")
@@ -72,13 +81,6 @@ def find_web_dir(explicit: str | os.PathLike | None = None) -> Path:
         f"the web UI was not found (looked for index.html in {where}); run from a checkout of the "
         "repository, or point --web-dir / MOSHI_MLX_WEB_DIR at its web/ folder"
     )
-
-
-def _first_line(e: BaseException) -> str:
-    for line in str(e).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,13 +207,13 @@ class Conversation:
             try:
                 page = self.writer.append_pcm(np.ascontiguousarray(result.pcm, dtype=np.float32).reshape(-1))
             except Exception as e:  # never let the codec kill the engine thread
-                self._call(self._send_error, f"could not encode Moshi's audio: {_first_line(e)}", "encode")
+                self._call(self._send_error, f"could not encode Moshi's audio: {first_line(e)}", "encode")
         else:
             self.not_encoded += 1  # skipped before encoding: the Ogg stream stays continuous
         self._call(self._deliver, page, result.text)
 
     def on_error(self, error: BaseException) -> None:
-        self._call(self._fail, f"the model failed: {_first_line(error)}")
+        self._call(self._fail, f"the model failed: {first_line(error)}")
 
     # -- event loop side -------------------------------------------------------------------
     def _deliver(self, page: bytes, text: str | None) -> None:
@@ -308,7 +310,7 @@ class Conversation:
         except Exception as e:  # sphn raises ValueError; after any error its reader is unusable
             self.bad_audio += 1
             self.reader = self._sphn.OpusStreamReader(SAMPLE_RATE)
-            self._send_error(f"could not decode audio ({_first_line(e)}); the Opus decoder was reset", key="audio")
+            self._send_error(f"could not decode audio ({first_line(e)}); the Opus decoder was reset", key="audio")
             return
         if self.runner is None:
             return
@@ -503,7 +505,7 @@ class ChatServer:
             pass
         except Exception as e:
             log.exception("%s: conversation failed", peer)
-            conv.failure = conv.failure or f"server error: {_first_line(e)}"
+            conv.failure = conv.failure or f"server error: {first_line(e)}"
             try:  # directly: the sender task may not be running yet
                 await asyncio.wait_for(ws.send_bytes(protocol.encode_error(conv.failure)), 2.0)
                 await asyncio.wait_for(ws.close(code=1011, message=b"server error"), 2.0)
@@ -712,11 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        known = {"HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError", "WebUiMissing",
-                 "FileNotFoundError", "OSError", "ValueError"}
-        msg = _first_line(e)
-        label = "" if type(e).__name__ in known and msg else f"{type(e).__name__}: "
-        print(f"error: {label}{msg}", file=sys.stderr)
+        print(error_line(e, frozenset({"FileNotFoundError", "OSError", "ValueError"})), file=sys.stderr)
         return 1
     finally:
         if server is not None:

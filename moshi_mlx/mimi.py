@@ -39,6 +39,8 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import first_line
+
 __all__ = [
     "SAMPLE_RATE",
     "FRAME_SIZE",
@@ -77,14 +79,6 @@ class MimiError(RuntimeError):
 
 class MimiInputError(MimiError, ValueError):
     """Bad input given to Mimi (wrong size, dtype or value); also a ``ValueError``."""
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (rustymimi appends Rust backtraces)."""
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +159,7 @@ class _Lane:
         try:
             out = self._step(inst, x)
         except Exception as e:  # rustymimi raises ValueError/TypeError with a Rust backtrace
-            raise MimiError(f"rustymimi failed: {_first_line(e)}") from None
+            raise MimiError(f"rustymimi failed: {first_line(e)}") from None
         if out is None:
             raise MimiError("rustymimi returned no output for a full frame")
         return out
@@ -219,7 +213,7 @@ class _Lane:
         except MimiError:
             raise
         except Exception as e:
-            raise MimiError(f"could not load a fresh Mimi instance for the handoff: {_first_line(e)}") from None
+            raise MimiError(f"could not load a fresh Mimi instance for the handoff: {first_line(e)}") from None
 
     def reset(self) -> None:
         with self.lock:
@@ -231,7 +225,7 @@ class _Lane:
                 try:
                     self.active.reset()
                 except Exception as e:
-                    raise MimiError(f"rustymimi reset failed: {_first_line(e)}") from None
+                    raise MimiError(f"rustymimi reset failed: {first_line(e)}") from None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -332,7 +326,7 @@ class Mimi:
         try:
             return self._rustymimi.Tokenizer(str(self.path), **kwargs)
         except Exception as e:
-            detail = _first_line(e).replace(f'path: "{self.path}"', "").strip() or type(e).__name__
+            detail = first_line(e).replace(f'path: "{self.path}"', "").strip() or type(e).__name__
             raise MimiError(f"cannot load Mimi weights from {self.path}: {detail}") from None
 
     # -- streaming -------------------------------------------------------------------------------

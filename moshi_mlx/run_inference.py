@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from .audio import FRAME_SIZE, SAMPLE_RATE, resample
+from .errors import error_line
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
@@ -282,10 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("MOSHI_MLX_DEBUG"):
             raise
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        known = {"HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError", "AudioFileError"}
-        label = "" if type(e).__name__ in known and lines else f"{type(e).__name__}: "
-        print(f"error: {label}{lines[0] if lines else ''}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 1
 
 
