@@ -79,11 +79,15 @@ class LmGen:
         mx.eval(self._key)
 
     def reset(self, seed: int | None = None) -> None:
-        """Start a new conversation; caches are reused, not reallocated."""
+        """Start a new conversation; caches are reused, not reallocated.
+
+        With a seed (given here or earlier), the conversation replays identically.
+        """
         self._cache.reset()
         if seed is not None:
             self.seed = seed
-            self._key = mx.random.key(seed)
+        if self.seed is not None:
+            self._key = mx.random.key(self.seed)
             mx.eval(self._key)
         self.step_index = 0
         self._last_generated: mx.array | None = None  # device tokens of the previous step

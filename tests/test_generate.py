@@ -71,6 +71,14 @@ def test_same_seed_same_conversation_and_different_seed_differs(tiny_model):
     assert key(a) != key(c)
 
 
+def test_reset_replays_a_seeded_sampled_conversation(tiny_model):
+    gen = LmGen(tiny_model, seed=11)
+    first = run(gen, user_frames(6))
+    gen.reset()
+    second = run(gen, user_frames(6))
+    assert [o.audio_codes.tolist() for o in first if o] == [o.audio_codes.tolist() for o in second if o]
+
+
 def test_reset_replays_the_same_conversation(tiny_model):
     gen = LmGen(tiny_model, GREEDY, GREEDY)
     first = run(gen, user_frames(6))
