@@ -6,7 +6,8 @@ from __future__ import annotations
 USER_ERRORS = frozenset(
     {
         "HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError",
-        "AudioDeviceError", "AudioFileError", "WebUiMissing",
+        "AudioDeviceError", "AudioFileError", "WebUiMissing", "TlsError",
+        "BadUrl", "ServerUnreachable", "ServerRefused", "ProtocolFailure", "ConnectionLost",
     }
 )
 
