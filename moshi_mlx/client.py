@@ -26,7 +26,16 @@ from dataclasses import dataclass, field
 
 from .audio import FRAME_SIZE, SAMPLE_RATE, AudioDeviceError, DuplexAudio, list_devices
 from .errors import error_line
-from .remote import DEFAULT_URL, BadUrl, ClientError, ConnectionLost, RemoteConversation, chat_url, sampling_params
+from .remote import (
+    DEFAULT_URL,
+    BadUrl,
+    ClientError,
+    ConnectionLost,
+    RemoteConversation,
+    ServerRefused,
+    chat_url,
+    sampling_params,
+)
 from .terminal import Display, add_audio_args, exit_now, lag_status, log, make_echo_canceller
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
@@ -153,7 +162,9 @@ class _Session:
             try:
                 handshake = await self._until_stopped(conv.connect())
             except ClientError as e:
-                if self.totals.connections == 0 or not self.args.reconnect or failures + 1 >= RECONNECT_TRIES:
+                # A refusal (busy, origin, TLS) is the server's answer: asking again at once will not change it.
+                if (self.totals.connections == 0 or not self.args.reconnect or isinstance(e, ServerRefused)
+                        or failures + 1 >= RECONNECT_TRIES):
                     raise
                 failures += 1
                 self.display.message(f"{error_line(e)}; trying again ({failures}/{RECONNECT_TRIES - 1})")

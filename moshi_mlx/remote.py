@@ -15,6 +15,7 @@ Every failure is one of the :class:`ClientError` classes, each with a one-line m
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import threading
@@ -240,7 +241,8 @@ class RemoteConversation:
         except aiohttp.ClientConnectorDNSError:
             raise ServerUnreachable(f"cannot reach {self.where}: unknown host name {self.url.host!r}") from None
         except aiohttp.ClientConnectorError as e:
-            reason = e.os_error.strerror or first_line(e.os_error)
+            errno = getattr(e.os_error, "errno", None)  # asyncio's strerror repeats the address; errno is clearer
+            reason = os.strerror(errno) if errno else first_line(e.os_error)
             raise ServerUnreachable(f"cannot reach {self.where}: {reason.lower()} (is the server running?)") from None
         except aiohttp.WSServerHandshakeError as e:
             raise ServerRefused(_http_refusal(self.url, e.status, e.message)) from None
