@@ -638,7 +638,10 @@ def _ssl_setup(option: str | None, host: str) -> tuple[ssl.SSLContext | None, Ca
         if host in ("localhost", "127.0.0.1", "::1"):
             log.info("other devices cannot reach %s; add --host 0.0.0.0 to serve the LAN", host)
             return
-        shown = [a for a in info.addresses if not a.startswith("127.") and a != "::1"] if host in ("", "0.0.0.0", "::") else [host]
+        lan = [a for a in info.addresses if not a.startswith("127.") and a != "::1"]
+        if host == "0.0.0.0":  # IPv4 only
+            lan = [a for a in lan if ":" not in a]
+        shown = lan if host in ("", "0.0.0.0", "::") else [host]
         for addr in shown:
             log.info("from another device: %s  (accept the certificate warning after checking the fingerprint)",
                      browser_url(addr, port, True))
