@@ -10,7 +10,8 @@ class MoshiError(Exception):
 USER_ERRORS = frozenset(
     {
         "HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError",
-        "AudioDeviceError", "AudioFileError", "WebUiMissing",
+        "AudioDeviceError", "AudioFileError", "WebUiMissing", "TlsError",
+        "BadUrl", "ServerUnreachable", "ServerRefused", "ProtocolFailure", "ConnectionLost",
     }
 )
 
