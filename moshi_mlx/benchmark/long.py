@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
-import numpy as np
 
 from .measure import Progress, Stats, mb, rss_bytes, timed
 
@@ -60,7 +59,7 @@ def long_session(
     window = max(1, min(200, max(5, steps // 20), steps // 3 or steps))
     middle = max(0, steps // 2 - window // 2)
     bounds = {"start": (0, window), "middle": (middle, middle + window), "end": (steps - window, steps)}
-    times = np.zeros(steps)
+    times = [0.0] * steps
     windows: dict[str, Window] = {}
     minutes: list[MinuteMark] = []
 
@@ -71,7 +70,7 @@ def long_session(
         times[n] = ms
         for name, (a, b) in bounds.items():
             if n == b - 1:
-                windows[name] = Window(a, b - 1, Stats.of(list(times[a:b])), mb(mx.get_active_memory()), mb(rss_bytes()))
+                windows[name] = Window(a, b - 1, Stats.of(times[a:b]), mb(mx.get_active_memory()), mb(rss_bytes()))
         if (n + 1) % FRAMES_PER_MINUTE == 0 and (n + 1) // FRAMES_PER_MINUTE in MINUTES:
             minutes.append(MinuteMark((n + 1) // FRAMES_PER_MINUTE, n + 1, mb(rss_bytes()), mb(mx.get_active_memory())))
 
@@ -80,7 +79,7 @@ def long_session(
     mid, end = windows["middle"], windows["end"]
     mem_growth = round(end.mlx_active_mb - mid.mlx_active_mb, 1)
     rss_growth = round(end.rss_mb - mid.rss_mb, 1)
-    ratio = round(end.time.median_ms / mid.time.median_ms, 3)
+    ratio = round(end.time.median_ms / mid.time.median_ms, 3) if mid.time.median_ms > 0 else 1.0
     # MLX's active memory is exact and must not grow; RSS wobbles a little with the allocators;
     # step time on a shared machine is noisy, so 25 % is allowed.
     return LongRun(
@@ -94,6 +93,6 @@ def long_session(
         mlx_active_growth_mb=mem_growth,
         rss_growth_mb=rss_growth,
         end_over_middle_time=ratio,
-        flat_memory=mem_growth <= 1.0 and rss_growth <= 64.0,
-        flat_time=ratio <= 1.25,
+        flat_memory=bool(mem_growth <= 1.0 and rss_growth <= 64.0),
+        flat_time=bool(ratio <= 1.25),
     )

@@ -32,7 +32,7 @@ class Stats:
     def of(cls, times_ms: list[float]) -> "Stats":
         if not times_ms:
             raise ValueError("no timings to summarise")
-        ordered = sorted(times_ms)
+        ordered = sorted(float(t) for t in times_ms)
         p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
         return cls(
             n=len(ordered),
