@@ -95,18 +95,12 @@ def random_config(name: str, context: int | None) -> LmConfig:
     return config
 
 
+# The app's model flags, passed to `load()` under the same names.
+MODEL_FLAGS = ("quantize", "hf_repo", "revision", "moshi_weights", "mimi_weights", "tokenizer", "lm_config", "dtype")
+
+
 def model_source(args: Any) -> dict[str, Any]:
-    """The app's model flags as `load()` keyword arguments."""
-    return {
-        "quantize": args.quantize,
-        "hf_repo": args.hf_repo,
-        "revision": args.revision,
-        "moshi_weights": args.moshi_weights,
-        "mimi_weights": args.mimi_weights,
-        "tokenizer": args.tokenizer,
-        "lm_config": args.lm_config,
-        "dtype": args.dtype,
-    }
+    return {name: getattr(args, name) for name in MODEL_FLAGS}
 
 
 def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: Callable[[int, int], None] | None) -> Loaded:
