@@ -45,7 +45,6 @@ class ModelInfo:
     compute_dtype: str
     params: int  # logical parameter count (before packing)
     weights_gb: float  # bytes the loaded parameters take
-    kv_bits: int | None  # KV cache precision asked for (None: the model's compute dtype)
     path: str | None = None
     repo: str | None = None
 
@@ -133,7 +132,7 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
     t0 = time.perf_counter()
     assets = load_assets(**source, log=log)
     load = LoadTimes(round(time.perf_counter() - t0, 3), gb(mx.get_peak_memory()), write_s, file_gb)
-    info = describe(assets.lm, kind, config_name, args, assets.description)
+    info = describe(assets.lm, kind, config_name)
     if kind == "file":
         path = Path(args.moshi_weights) if args.moshi_weights else None
         info = dataclasses.replace(info, path=str(path) if path else None, repo=None if path else assets.description)
@@ -156,7 +155,7 @@ def param_count(config: LmConfig) -> int:
     return int(sum(p.size for _, p in tree_flatten(Lm(config).parameters())))
 
 
-def describe(lm: Lm, kind: str, config_name: str | None, args: Any, description: str) -> ModelInfo:
+def describe(lm: Lm, kind: str, config_name: str | None) -> ModelInfo:
     config = lm.config
     bits, group = _quantization(lm)
     dtype = str(lm.dtype).rsplit(".", 1)[-1]
@@ -178,7 +177,6 @@ def describe(lm: Lm, kind: str, config_name: str | None, args: Any, description:
         compute_dtype=dtype,
         params=param_count(config),
         weights_gb=gb(weights_bytes(lm)),
-        kv_bits=getattr(args, "kv_bits", None),
     )
 
 

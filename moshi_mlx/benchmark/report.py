@@ -59,7 +59,7 @@ def format_table(res: BenchResult) -> str:
     lines = [
         f"machine : {m.chip} | {m.os} | {m.memory_gb} GB | MLX {m.mlx_version} on {m.mlx_device}",
         f"model   : {model.label} | {model.params / 1e6:.0f}M params | weights {model.weights_gb} GB"
-        + (f" | KV {model.kv_bits}-bit" if model.kv_bits else "")
+        + (f" | KV cache {s.kv_bits}-bit" if s.kv_bits else "")
         + (f" | {model.path or model.repo}" if model.path or model.repo else ""),
         f"run     : {s.steps} timed steps after {s.warmup} warm-up, from session position {s.start_position} "
         f"(window {s.context})",

@@ -29,6 +29,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def kv_bits(args: argparse.Namespace) -> int | None:
+    """--kv-bits, once the shared flags have it (the quantized KV cache); None keeps the model's dtype."""
+    return getattr(args, "kv_bits", None)
+
+
 def _set_device(name: str | None) -> None:
     if name == "gpu":
         if not mx.is_available(mx.gpu):
@@ -38,7 +43,7 @@ def _set_device(name: str | None) -> None:
         mx.set_default_device(mx.cpu)
 
 
-def _settings(args: argparse.Namespace, engine_kv: Any, context: int, position: int) -> Settings:
+def _settings(args: argparse.Namespace, context: int, position: int) -> Settings:
     return Settings(
         steps=args.steps,
         warmup=args.warmup,
@@ -46,18 +51,18 @@ def _settings(args: argparse.Namespace, engine_kv: Any, context: int, position: 
         context=context,
         seed=args.seed,
         realtime_frames=0 if (args.lm_only or args.long) else args.realtime_frames,
-        kv_bits=engine_kv,
-        split=not args.no_split,
+        kv_bits=kv_bits(args),
+        split=not (args.no_split or args.long),
         long=args.long,
     )
 
 
 def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress: Progress, machine: Machine) -> dict:
     """LM alone, then Mimi and the pipeline, each phase with its own memory peaks."""
-    assets, kv_bits = loaded.assets, loaded.info.kv_bits
+    assets, kv = loaded.assets, kv_bits(args)
     sampling = settings_from_args(args)
     probe = MemoryProbe()
-    lm = time_lm(assets.lm, args.steps, args.warmup, position, args.seed, kv_bits, not args.no_split, progress,
+    lm = time_lm(assets.lm, args.steps, args.warmup, position, args.seed, kv, not args.no_split, progress,
                  probe.sample, sampling.text, sampling.audio)
     out: dict[str, Any] = {"lm": lm, "lm_memory": probe.result()}
     if args.lm_only:
@@ -67,7 +72,7 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
     probe = MemoryProbe()
     short_warmup = min(args.warmup, 5)
     out["mimi"] = time_mimi(assets.mimi, args.steps, short_warmup, args.seed, progress)
-    engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv_bits))
+    engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv))
     try:
         engine.warmup(frames=short_warmup)
         sequential = time_sequential(engine, args.steps, args.warmup, position, progress, probe.sample)
@@ -89,21 +94,21 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
 
 
 def _long_run(args: argparse.Namespace, loaded: Loaded, progress: Progress, machine: Machine) -> dict:
-    assets, kv_bits = loaded.assets, loaded.info.kv_bits
+    assets, kv = loaded.assets, kv_bits(args)
     sampling = settings_from_args(args)
     probe = MemoryProbe()
     engine = None
     if args.long_pipeline:
         from .pipeline import speechlike_pcm
 
-        engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv_bits))
+        engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv))
         pcm = speechlike_pcm(64, 3)
         gen = engine.gen
 
         def step(i: int) -> None:
             engine.process(pcm[i % 64])
     else:
-        gen = new_generator(assets.lm, sampling.text, sampling.audio, args.seed, kv_bits)
+        gen = new_generator(assets.lm, sampling.text, sampling.audio, args.seed, kv)
         codes = user_codes(assets.lm.config, 256, args.seed)
 
         def step(i: int) -> None:
@@ -158,7 +163,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
         machine=machine,
         model=loaded.info,
         load=loaded.load,
-        settings=_settings(args, loaded.info.kv_bits, context, position),
+        settings=_settings(args, context, position),
         memory=memory,
         verdict=out["verdict"],
         lm=lm,
