@@ -119,12 +119,12 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     assets = load(source, demo=args.demo, dtype=args.dtype, log=log)  # the app's one front door
-    load = LoadTimes(round(time.perf_counter() - t0, 3), gb(mx.get_peak_memory()), write_s, file_gb)
+    times = LoadTimes(round(time.perf_counter() - t0, 3), gb(mx.get_peak_memory()), write_s, file_gb)
     info = describe(assets.lm, kind, config_name)
     if kind == "file":
         path = Path(args.moshi_weights) if args.moshi_weights else None
         info = dataclasses.replace(info, path=str(path) if path else None, repo=None if path else assets.description)
-    return Loaded(assets, info, load)
+    return Loaded(assets, info, times)
 
 
 def _quantization(lm: Lm) -> tuple[int | None, int | None]:
