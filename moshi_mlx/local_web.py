@@ -65,21 +65,25 @@ class WebUiMissing(RuntimeError):
 
 
 def find_web_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The folder holding the UI (index.html): ``explicit``, $MOSHI_MLX_WEB_DIR, <repo>/web or <package>/web."""
+    """The folder holding the UI (index.html): ``explicit``, $MOSHI_MLX_WEB_DIR, <package>/web or <repo>/web.
+
+    An installed wheel carries the UI as ``moshi_mlx/web/``; an editable install from a clone has
+    none there and uses the repository's ``web/`` beside the package.
+    """
     candidates: list[Path] = []
     if explicit:
         candidates.append(Path(explicit))
     elif os.environ.get("MOSHI_MLX_WEB_DIR"):
         candidates.append(Path(os.environ["MOSHI_MLX_WEB_DIR"]))
     else:
-        candidates += [PACKAGE_DIR.parent / "web", PACKAGE_DIR / "web"]
+        candidates += [PACKAGE_DIR / "web", PACKAGE_DIR.parent / "web"]
     for c in candidates:
         if (c / "index.html").is_file():
             return c.resolve()
     where = ", ".join(str(c) for c in candidates)
     raise WebUiMissing(
-        f"the web UI was not found (looked for index.html in {where}); run from a checkout of the "
-        "repository, or point --web-dir / MOSHI_MLX_WEB_DIR at its web/ folder"
+        f"the web UI was not found (looked for index.html in {where}); reinstall the package, or point "
+        "--web-dir / MOSHI_MLX_WEB_DIR at a folder holding the UI"
     )
 
 
