@@ -52,6 +52,7 @@ from .engine import (
 from .errors import error_line
 from .errors import first_line
 from .protocol import FrameChunker, Kind, ParamError, ProtocolError
+from .server_info import server_info
 
 log = logging.getLogger("moshi_mlx.web")
 
@@ -194,6 +195,8 @@ class Conversation:
         self.not_encoded = 0  # Moshi's frames skipped because the client did not keep up (decode thread)
         self._last_error_sent: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
+        # Every metadata message starts with these (Kyutai's client checks each one against its schema).
+        self.server_fields = server_info(query.describe(), server.lm_model_file)
 
     # -- engine side (worker threads) ------------------------------------------------------
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
@@ -259,6 +262,7 @@ class Conversation:
         st = self.runner.stats if self.runner is not None else None
         steps = list(st.recent_step_ms) if st is not None else []
         return {
+            **self.server_fields,
             "type": "stats",
             "seconds": round(time.monotonic() - self.started, 1),
             "frames_in": st.frames_in if st else 0,
@@ -274,6 +278,7 @@ class Conversation:
 
     def info(self) -> dict[str, Any]:
         return {
+            **self.server_fields,
             "type": "info",
             "server": "moshi_mlx",
             "model": self.server.description,
@@ -403,8 +408,10 @@ class ChatServer:
         stats_interval: float = 1.0,
         check_origin: bool = True,
         default_settings: EngineSettings | None = None,
+        lm_model_file: str = "",
     ) -> None:
         self.engine = engine
+        self.lm_model_file = lm_model_file
         # Settings for parameters a client leaves out (the command line's, by default).
         self.default_settings: EngineSettings = default_settings or engine.settings
         self.description = description
@@ -707,7 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_s = engine.warmup()
         log.info("ready in %.1f s (load %.1f s, warm-up %.1f s): %s", load_s + warm_s, load_s, warm_s, assets.description)
         server = ChatServer(
-            engine, description=assets.description, demo=assets.demo, max_pending=args.max_lag_frames
+            engine, description=assets.description, demo=assets.demo, max_pending=args.max_lag_frames,
+            lm_model_file=assets.lm_file,
         )
         app = create_app(server, web_dir)
         asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser))

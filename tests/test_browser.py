@@ -64,6 +64,7 @@ class Browser:
         self._next = 0
         self._pending: dict[int, asyncio.Future] = {}
         self.console: list[str] = []
+        self.errors: list[str] = []  # console.error, uncaught exceptions, failed loads (Log domain)
         self._reader: asyncio.Task | None = None
 
     async def start(self) -> "Browser":
@@ -95,6 +96,7 @@ class Browser:
         self._reader = asyncio.ensure_future(self._read())
         await self.call("Runtime.enable")
         await self.call("Page.enable")
+        await self.call("Log.enable")
         return self
 
     async def _read(self) -> None:
@@ -106,9 +108,16 @@ class Browser:
                     fut.set_result(data)
             elif data.get("method") == "Runtime.consoleAPICalled":
                 args = data["params"].get("args", [])
-                self.console.append(" ".join(str(a.get("value", a.get("description", ""))) for a in args))
+                line = " ".join(str(a.get("value", a.get("description", ""))) for a in args)
+                self.console.append(line)
+                if data["params"].get("type") in ("error", "assert"):
+                    self.errors.append(line)
             elif data.get("method") == "Runtime.exceptionThrown":
                 self.console.append("EXCEPTION " + json.dumps(data["params"]["exceptionDetails"])[:500])
+                self.errors.append(self.console[-1])
+            elif data.get("method") == "Log.entryAdded" and data["params"]["entry"].get("level") == "error":
+                entry = data["params"]["entry"]
+                self.errors.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}")
 
     async def call(self, method: str, **params):
         self._next += 1
