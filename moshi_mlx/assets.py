@@ -12,7 +12,9 @@ from typing import Callable
 import mlx.core as mx
 
 from .engine import ConversationEngine, EngineSettings
-from .loading import WeightsError, build_model, load_lm
+from .errors import MoshiError
+from .hub import ModelSource
+from .loading import WeightsError, build_model, load_lm, resolve_model
 from .models.config import LmConfig, config_tiny, config_v0_1
 from .models.lm import Lm
 from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
@@ -60,22 +62,23 @@ def demo_lm(seed: int = 0, config: LmConfig | None = None) -> Lm:
 
 
 def load(
-    quantize: int | None = None,
-    hf_repo: str | None = None,
-    revision: str | None = None,
-    moshi_weights: str | None = None,
-    mimi_weights: str | None = None,
-    tokenizer: str | None = None,
-    lm_config: str | None = None,
+    source: ModelSource = ModelSource(),
     demo: bool = False,
     dtype: str | None = None,
     log: Callable[[str], None] = _stderr,
 ) -> Assets:
-    """Load everything a conversation needs. Errors are one-line exceptions (WeightsError, HubError, ...)."""
+    """The one front door: the LM, Mimi and the text tokenizer for `source` (or the demo stand-ins).
+
+    Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
+    """
     from .mimi import Mimi  # rustymimi is only needed once we really load
 
     start = time.perf_counter()
     if demo:
+        if source != ModelSource():
+            given = [f for f in ("quantize", "hf_repo", "revision") if getattr(source, f) is not None]
+            flags = ["-q" if f == "quantize" else "--" + f.replace("_", "-") for f in given] + source.given_files
+            raise MoshiError(f"--demo runs built-in stand-ins and cannot use {', '.join(flags)}: drop one or the other")
         from .demo import demo_assets
 
         log(DEMO_BANNER)
@@ -88,20 +91,10 @@ def load(
             lm_file="none: random demo weights",
         )
 
-    from .hub import resolve_model_files
-
-    files = resolve_model_files(
-        quantize=quantize,
-        hf_repo=hf_repo,
-        revision=revision,
-        moshi_weights=moshi_weights,
-        mimi_weights=mimi_weights,
-        tokenizer=tokenizer,
-        lm_config=lm_config,
-    )
-    config = LmConfig.from_dict(files.lm_config) if files.lm_config else config_v0_1()
+    resolved = resolve_model(source)
+    files, config = resolved.files, resolved.config
     log(f"loading Moshi weights from {files.moshi}")
-    lm = load_lm(files.moshi, config, DTYPES[dtype] if dtype else None, _progress_printer("Moshi", log))
+    lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, _progress_printer("Moshi", log))
     mimi = Mimi(files.mimi)
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:
@@ -145,15 +138,4 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
 
 
 def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = _stderr) -> Assets:
-    return load(
-        quantize=getattr(args, "quantize", None),
-        hf_repo=getattr(args, "hf_repo", None),
-        revision=getattr(args, "revision", None),
-        moshi_weights=getattr(args, "moshi_weights", None),
-        mimi_weights=getattr(args, "mimi_weights", None),
-        tokenizer=getattr(args, "tokenizer", None),
-        lm_config=getattr(args, "lm_config", None),
-        demo=args.demo,
-        dtype=args.dtype,
-        log=log,
-    )
+    return load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log)

@@ -795,10 +795,11 @@ def _load_model(args: argparse.Namespace, progress: _Progress) -> _Loaded:
         mimi_path = Path(args.mimi_weights) if args.mimi_weights else None
         tok_path = Path(args.tokenizer) if args.tokenizer else None
     else:
-        from .hub import model_files_from_args
+        from .hub import ModelSource
+        from .loading import resolve_model
 
-        files = model_files_from_args(args)
-        cfg = LmConfig.from_dict(files.lm_config) if files.lm_config else config_v0_1()
+        resolved = resolve_model(ModelSource.from_args(args))
+        files, cfg = resolved.files, resolved.config
         compute = None
         if args.dtype is not None:
             dtype = canonical_dtype(args.dtype)
@@ -806,9 +807,9 @@ def _load_model(args: argparse.Namespace, progress: _Progress) -> _Loaded:
                 raise ValueError("--dtype q8/q4 is for random weights; for files use -q 8 / -q 4")
             compute = _FLOAT[dtype]
         t0 = time.perf_counter()
-        lm = load_lm(files.moshi, cfg, compute, layer_bar("load_lm"))
+        lm = load_lm(resolved.checkpoint, cfg, compute, layer_bar("load_lm"))
         load = {"kind": "load_lm from file (OS file cache not flushed)", "lm_s": round(time.perf_counter() - t0, 3)}
-        bits = files.quantize
+        bits = resolved.quantize
         dtype = f"q{bits}" if bits else {mx.float32: "f32", mx.float16: "f16"}.get(lm.dtype, "bf16")
         label = f"-q {bits}" if bits else dtype
         model = {
@@ -827,9 +828,7 @@ def _load_model(args: argparse.Namespace, progress: _Progress) -> _Loaded:
         if model["source"] == "random":
             quant = {"bits": bits, "group_size": GROUP_SIZE_FOR_BITS[bits]}
         else:
-            from .loading import inspect_checkpoint
-
-            q = inspect_checkpoint(model["path"], cfg).quantization
+            q = resolved.checkpoint.quantization
             quant = {"bits": q.bits, "group_size": q.group_size} if q else None
     model["quantization"] = quant
     model["compute_dtype"] = str(lm.dtype).replace("mlx.core.", "")

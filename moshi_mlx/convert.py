@@ -49,7 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .hub import MOSHI_NAMES, read_safetensors_header
+from .errors import MoshiError
+from .hub import MOSHI_NAMES
+from .loading import GROUP_SIZE_FOR_BITS as QUANT_GROUP_SIZE
+from .loading import WeightsError, read_tensor_infos
 
 __all__ = [
     "ConvertError",
@@ -64,12 +67,10 @@ __all__ = [
     "main",
 ]
 
-# Group sizes of the published files: nn.quantize(model, bits=8, group_size=64) / (bits=4, group_size=32).
-QUANT_GROUP_SIZE = {8: 64, 4: 32}
 _SOURCE_DTYPES = ("BF16", "F16", "F32")
 
 
-class ConvertError(ValueError):
+class ConvertError(MoshiError, ValueError):
     """The input cannot be converted; the message is one line meant for the user."""
 
 
@@ -526,15 +527,15 @@ def convert(
     if bits not in (None, 4, 8):
         raise ConvertError(f"-q must be 4 or 8, got {bits}")
     try:
-        header = read_safetensors_header(src)
-    except ValueError as e:
-        raise ConvertError(f"{src}: {e}") from None
+        tensors, _ = read_tensor_infos(src)
+    except WeightsError as e:
+        raise ConvertError(str(e)) from None
     try:
-        plan = plan_conversion(header.shapes())
+        plan = plan_conversion({name: info.shape for name, info in tensors.items()})
     except ConvertError as e:
         raise ConvertError(f"{src}: {e}") from None
     for name in {p.source for p in plan.pieces}:
-        dtype = header.tensors[name]["dtype"]
+        dtype = tensors[name].dtype
         if dtype not in _SOURCE_DTYPES:
             raise ConvertError(f"{src}: tensor {name} has dtype {dtype}; expected one of {', '.join(_SOURCE_DTYPES)}")
 
@@ -564,42 +565,35 @@ def convert(
     out_path = out_dir / out_name
     partial = out_dir / (out_name + ".partial")
     kind = "bf16" if bits is None else f"{bits}-bit (group size {QUANT_GROUP_SIZE[bits]})"
-    say(f"converting {src} ({plan.layout} layout, {len(header.tensors)} tensors) -> {out_path} [{kind}]")
+    say(f"converting {src} ({plan.layout} layout, {len(tensors)} tensors) -> {out_path} [{kind}]")
     if notes:
         say("not recorded in the weights, assumed (set with --config): " + "; ".join(notes))
 
-    np_dtypes = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32}
     writer = _Writer(partial, specs, order)
     bar = _progress(writer.total, progress, out_name)
     bar.update(writer.header_bytes)
     try:
-        with open(src, "rb") as f:
-            for source, pieces in groups.items():
-                info = header.tensors[source]
-                shape = tuple(info["shape"])
-                buf = np.empty(math.prod(shape), dtype=np_dtypes[info["dtype"]])
-                f.seek(header.data_start + info["data_offsets"][0])
-                if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
-                    raise ConvertError(f"{src}: file ended while reading {source}")
-                x = mx.array(buf.reshape(shape))
-                del buf
-                x = x.view(mx.bfloat16) if info["dtype"] == "BF16" else x.astype(mx.bfloat16)
-                for p in pieces:
-                    y = x
-                    if p.chunk is not None:
-                        i, n = p.chunk
-                        rows = shape[0] // n
-                        y = y[i * rows : (i + 1) * rows]
-                    y = y.reshape(p.shape)
-                    parts = [y] if bits is None or len(p.shape) != 2 else list(
-                        mx.quantize(y, group_size=QUANT_GROUP_SIZE[bits], bits=bits)
-                    )
-                    mx.eval(parts)
-                    for (name, _, _), t in zip(_quantized_parts(p.name, p.shape, bits), parts):
-                        arr = np.ascontiguousarray(np.asarray(t.view(mx.uint16) if t.dtype == mx.bfloat16 else t))
-                        bar.update(writer.write(name, memoryview(arr).cast("B")))
-                    del parts, y
-                del x
+        source_arrays = mx.load(str(src))  # lazy: each tensor is read from the file when first evaluated
+        for source, pieces in groups.items():
+            shape = tensors[source].shape
+            x = source_arrays.pop(source)  # popped so each tensor's data is freed once converted
+            x = x if x.dtype == mx.bfloat16 else x.astype(mx.bfloat16)
+            for p in pieces:
+                y = x
+                if p.chunk is not None:
+                    i, n = p.chunk
+                    rows = shape[0] // n
+                    y = y[i * rows : (i + 1) * rows]
+                y = y.reshape(p.shape)
+                parts = [y] if bits is None or len(p.shape) != 2 else list(
+                    mx.quantize(y, group_size=QUANT_GROUP_SIZE[bits], bits=bits)
+                )
+                mx.eval(parts)
+                for (name, _, _), t in zip(_quantized_parts(p.name, p.shape, bits), parts):
+                    arr = np.ascontiguousarray(np.asarray(t.view(mx.uint16) if t.dtype == mx.bfloat16 else t))
+                    bar.update(writer.write(name, memoryview(arr).cast("B")))
+                del parts, y
+            del x
         writer.close()
         if partial.stat().st_size != writer.total:
             raise RuntimeError(f"wrote {partial.stat().st_size} bytes, expected {writer.total}")
@@ -612,6 +606,8 @@ def convert(
         bar.close()
 
     cfg_json = {"moshi_name": out_name, **{k: v for k, v in cfg_json.items() if k != "moshi_name"}}
+    if bits is not None:  # written down, as mlx-lm does, so loading need not infer it from shapes
+        cfg_json["quantization"] = {"group_size": QUANT_GROUP_SIZE[bits], "bits": bits}
     (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n", encoding="utf-8")
     say(f"wrote {out_path} ({_size(writer.total)}, {len(specs)} tensors) and {out_dir / 'config.json'}")
     return out_path

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loading import read_safetensors_header
+from .loading import WeightsError, read_tensor_infos
 
 __all__ = [
     "MIMI_CONFIG",
@@ -191,13 +191,13 @@ def write_random_mimi(path: str | os.PathLike, seed: int = 0, scale: float = 0.5
 def is_valid_mimi_file(path: str | os.PathLike) -> bool:
     """Cheap check (header only) that ``path`` is a complete safetensors file with Mimi's layout."""
     try:
-        header = read_safetensors_header(Path(path)).tensors
-    except (OSError, ValueError):
+        tensors, _ = read_tensor_infos(path)
+    except WeightsError:
         return False
     layout = mimi_tensor_layout()
-    if set(header) != set(layout):
+    if set(tensors) != set(layout):
         return False
-    return all(header[k]["dtype"] == "F32" and tuple(header[k]["shape"]) == s for k, s in layout.items())
+    return all(tensors[k].dtype == "F32" and tensors[k].shape == s for k, s in layout.items())
 
 
 # --------------------------------------------------------------------------------------------------

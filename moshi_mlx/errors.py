@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+
+class MoshiError(Exception):
+    """Base of every error whose message is one line written for the user (printed without a traceback)."""
+
 # Errors whose message is written for the user: printed without their class name.
 USER_ERRORS = frozenset(
     {

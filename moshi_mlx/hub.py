@@ -4,8 +4,9 @@ Files come from the Hugging Face hub (through `huggingface_hub`, its cache, `HF_
 and `HF_HUB_OFFLINE`) or from local paths given on the command line. Whatever goes wrong ends in a
 `HubError` whose message is one line naming what could not be had and the flag that provides it.
 
-The LM's quantization is read from the checkpoint itself, never assumed from `-q` or the repo name, so
-`-q` and `--hf-repo` cannot silently disagree.
+This module only finds files. What is *in* them (checkpoint kind, quantization, layout) is `loading.py`'s
+job, which reads each header once; the hub uses file names (and the repo's listing) to pick the right
+weights before any large download.
 """
 
 from __future__ import annotations
@@ -15,27 +16,11 @@ import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import first_line
-from .loading import SafetensorsHeader, read_safetensors_header
-
-__all__ = [
-    "HubError",
-    "ModelFiles",
-    "resolve_model_files",
-    "add_model_args",
-    "model_files_from_args",
-    "read_safetensors_header",
-    "SafetensorsHeader",
-    "checkpoint_bits",
-    "DEFAULT_REPOS",
-    "MOSHI_NAMES",
-    "MIMI_NAME",
-    "TOKENIZER_NAME",
-]
+from .errors import MoshiError, first_line
 
 DEFAULT_REPOS: dict[int | None, str] = {
     4: "kyutai/moshiko-mlx-q4",
@@ -50,6 +35,7 @@ MOSHI_NAMES: dict[int | None, str] = {
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
 TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 CONFIG_NAME = "config.json"
+_DEFAULT_NAMES = frozenset({*MOSHI_NAMES.values(), MIMI_NAME, TOKENIZER_NAME, CONFIG_NAME})
 
 # Seconds to wait for the hub to answer before treating it as unreachable (falls back to the cache).
 TIMEOUT_ENV = "MOSHI_MLX_HUB_TIMEOUT"
@@ -63,8 +49,37 @@ FLAGS = {
 }
 
 
-class HubError(RuntimeError):
-    """A model file could not be resolved; the message is one line meant for the user."""
+class HubError(MoshiError, RuntimeError):
+    """A model file could not be found or fetched; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the model comes from: the seven model-choosing flags, named as the CLI names them.
+
+    `ModelSource.from_args(args)` takes them straight from argparse, so every entry point chooses
+    models the same way.
+    """
+
+    quantize: int | None = None
+    hf_repo: str | None = None
+    revision: str | None = None
+    moshi_weights: str | os.PathLike | None = None
+    mimi_weights: str | os.PathLike | None = None
+    tokenizer: str | os.PathLike | None = None
+    lm_config: str | os.PathLike | dict | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ModelSource":
+        return cls(**{f.name: getattr(args, f.name, None) for f in fields(cls)})
+
+    @property
+    def given_files(self) -> list[str]:
+        """The local-file flags that were given (for refusing them where they make no sense, e.g. --demo)."""
+        return [FLAGS[k] for k in ("moshi", "mimi", "tokenizer", "lm_config") if getattr(self, _FIELD[k]) is not None]
+
+
+_FIELD = {"moshi": "moshi_weights", "mimi": "mimi_weights", "tokenizer": "tokenizer", "lm_config": "lm_config"}
 
 
 @dataclass
@@ -74,28 +89,15 @@ class ModelFiles:
     tokenizer: Path
     lm_config: dict | None
     repo: str | None
-    quantize: int | None
-
-
-def checkpoint_bits(tensors: dict[str, dict[str, Any]]) -> int | None:
-    """Quantization bits of an MLX Moshi LM checkpoint from its header alone (None = unquantized)."""
-    if "text_linear.scales" not in tensors:
-        return None
-    if "out_norm.weight" not in tensors or "text_linear.weight" not in tensors:
-        raise ValueError("cannot tell the quantization: out_norm.weight or text_linear.weight is missing")
-    packed = tensors["text_linear.weight"]["shape"][-1]
-    dim = tensors["out_norm.weight"]["shape"][-1]
-    bits = packed * 32 // dim
-    if bits * dim != packed * 32:
-        raise ValueError("cannot tell the quantization from text_linear.weight")
-    return bits
+    origins: dict[str, str]  # kind -> how to name the file in messages ("--mimi-weights X", "repo/name")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # local files given on the command line
 
 
-def _check_path(kind: str, path: str | os.PathLike) -> Path:
+def check_local_path(kind: str, path: str | os.PathLike) -> Path:
+    """A local file given by flag: exists, is a file, is readable, is not empty."""
     flag = FLAGS[kind]
     p = Path(path).expanduser()
     if not p.exists():
@@ -112,59 +114,7 @@ def _check_path(kind: str, path: str | os.PathLike) -> Path:
     return p
 
 
-def _check_moshi_file(p: Path, origin: str | None = None) -> int | None:
-    """Validate an MLX Moshi LM checkpoint; returns its quantization bits."""
-    where = origin or f"{FLAGS['moshi']} {p}"
-    try:
-        header = read_safetensors_header(p)
-    except ValueError as e:
-        raise HubError(f"{where}: {e}") from None
-    names = header.tensors
-    if "text_emb.weight" in names and "emb.0.weight" in names and "audio_embs.0.weight" not in names:
-        raise HubError(
-            f"{where}: this is a PyTorch-layout Moshi checkpoint; convert it first with "
-            f"`python -m moshi_mlx.convert {p} OUT_DIR` and pass OUT_DIR/model.safetensors"
-        )
-    if "text_emb.weight" not in names or "text_linear.weight" not in names:
-        hint = " (it looks like Mimi weights: use --mimi-weights)" if _looks_like_mimi(names) else ""
-        raise HubError(f"{where}: not a Moshi LM checkpoint (no text_emb/text_linear tensors){hint}")
-    try:
-        return checkpoint_bits(names)
-    except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise HubError(f"{where}: {first_line(e)}") from None
-
-
-def _looks_like_mimi(names: dict[str, Any]) -> bool:
-    return any(k.startswith("encoder.") for k in names) and any(k.startswith("quantizer.") for k in names)
-
-
-def _check_mimi_file(p: Path, origin: str | None = None) -> None:
-    where = origin or f"{FLAGS['mimi']} {p}"
-    try:
-        header = read_safetensors_header(p)
-    except ValueError as e:
-        raise HubError(f"{where}: {e}") from None
-    if not _looks_like_mimi(header.tensors):
-        hint = " (it looks like Moshi LM weights: use --moshi-weights)" if "text_emb.weight" in header.tensors else ""
-        raise HubError(f"{where}: not Mimi codec weights (no encoder./quantizer. tensors){hint}")
-
-
-def _check_tokenizer_file(p: Path, origin: str | None = None) -> None:
-    where = origin or f"{FLAGS['tokenizer']} {p}"
-    try:
-        import sentencepiece
-    except ImportError:  # pragma: no cover - sentencepiece is a dependency
-        return
-    try:
-        sp = sentencepiece.SentencePieceProcessor(model_file=str(p))
-        ok = sp.get_piece_size() > 0
-    except Exception:
-        ok = False
-    if not ok:
-        raise HubError(f"{where}: not a SentencePiece model (the text tokenizer, e.g. {TOKENIZER_NAME})")
-
-
-def _read_config(p: Path, origin: str | None = None) -> dict:
+def read_local_config(p: Path, origin: str | None = None) -> dict:
     where = origin or f"{FLAGS['lm_config']} {p}"
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -174,14 +124,6 @@ def _read_config(p: Path, origin: str | None = None) -> dict:
         raise HubError(f"{where}: invalid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict):
         raise HubError(f"{where}: expected a JSON object with the LM config keys (dim, num_heads, ...)")
-    try:
-        from .models.config import LmConfig
-    except ImportError:  # pragma: no cover
-        return data
-    try:
-        LmConfig.from_dict(data)
-    except Exception as e:
-        raise HubError(f"{where}: not a usable LM config ({first_line(e)})") from None
     return data
 
 
@@ -272,22 +214,17 @@ class _Repo:
                 self.offline_reason = f"cannot list {self.repo_id} on {self.endpoint} ({first_line(e)})"
         return self._cached_files()
 
-    def _cached_files(self) -> set[str] | None:
-        from huggingface_hub.file_download import repo_folder_name
+    def _cached_files(self, candidates: set[str] | None = None) -> set[str] | None:
+        """Which of the files we could want are in the local cache for this revision (None: none)."""
+        from huggingface_hub import try_to_load_from_cache
 
-        storage = Path(self.cache_dir) / repo_folder_name(repo_id=self.repo_id, repo_type="model")
-        rev = self.revision or "main"
-        if re.fullmatch(r"[0-9a-f]{40}", rev):
-            commit = rev
-        else:
-            ref = storage / "refs" / rev
-            if not ref.is_file():
-                return None
-            commit = ref.read_text().strip()
-        snapshot = storage / "snapshots" / commit
-        if not snapshot.is_dir():
-            return None
-        return {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+        names = candidates or _DEFAULT_NAMES
+        found = set()
+        for name in names:
+            hit = try_to_load_from_cache(self.repo_id, name, cache_dir=self.cache_dir, revision=self.revision)
+            if isinstance(hit, str):
+                found.add(name)
+        return found or None
 
     def _raise_known(self, e: Exception, filename: str | None, kind: str | None) -> None:
         """Turn the hub's errors that have a definite meaning into one-line HubErrors."""
@@ -341,10 +278,6 @@ class _Repo:
                 f"{self.label}: could not get {filename} ({first_line(e)}); pass {FLAGS[kind]} PATH"
             ) from None
         return Path(path)
-
-    def cached(self, filename: str) -> bool:
-        files = self._cached_files()
-        return files is not None and filename in files
 
 
 def _bits_from_name(name: str) -> int | None | str:
@@ -405,117 +338,70 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
     raise HubError(f"{repo.label} has no Moshi weights ({want}); check --hf-repo or pass --moshi-weights PATH")
 
 
-def resolve_model_files(
-    quantize: int | None = None,
-    hf_repo: str | None = None,
-    revision: str | None = None,
-    moshi_weights: str | os.PathLike | None = None,
-    mimi_weights: str | os.PathLike | None = None,
-    tokenizer: str | os.PathLike | None = None,
-    lm_config: str | os.PathLike | dict | None = None,
-    progress: bool = True,
-) -> ModelFiles:
-    """Resolve the LM weights, Mimi weights, text tokenizer and LM config.
+def find_model_files(source: ModelSource, local_bits: int | None = None, progress: bool = True) -> ModelFiles:
+    """Find the LM weights, Mimi weights, text tokenizer and LM config (paths only; contents are loading's job).
 
-    Local paths are checked first (exists, readable, non-empty, right kind of file). Anything not given
-    locally comes from `hf_repo` (default: the Moshiko repo for `quantize`) at `revision`. The returned
-    `quantize` is what the LM checkpoint holds; a `quantize` that disagrees with it is an error.
+    Local paths must exist and be readable. Anything not given locally comes from `source.hf_repo`
+    (default: the Moshiko repo for `quantize`, or for `local_bits`, the bits of local LM weights) at
+    `source.revision`. The weights file is chosen by name from the repo's listing, so a `-q` the repo
+    cannot honour is refused before any large download.
     """
+    quantize = source.quantize
     if quantize not in (None, 4, 8):
         raise HubError(f"-q/--quantize must be 4 or 8 (or absent for bf16), got {quantize!r}")
 
     # 1. Local files, checked up front before any network access.
-    moshi_path = mimi_path = tok_path = None
-    local_bits: int | None = None
-    if moshi_weights is not None:
-        moshi_path = _check_path("moshi", moshi_weights)
-        local_bits = _check_moshi_file(moshi_path)
-        if quantize is not None and local_bits != quantize:
-            raise HubError(
-                f"--moshi-weights {moshi_path} holds {_describe(local_bits)} weights but -q {quantize} was given: "
-                f"{_q_hint(local_bits)}"
-            )
-    if mimi_weights is not None:
-        mimi_path = _check_path("mimi", mimi_weights)
-        _check_mimi_file(mimi_path)
-    if tokenizer is not None:
-        tok_path = _check_path("tokenizer", tokenizer)
-        _check_tokenizer_file(tok_path)
+    local = {kind: check_local_path(kind, getattr(source, field)) for kind, field in _FIELD.items()
+             if kind != "lm_config" and getattr(source, field) is not None}
+    origins = {kind: f"{FLAGS[kind]} {path}" for kind, path in local.items()}
     config: dict | None = None
-    if isinstance(lm_config, dict):
-        config = dict(lm_config)
-    elif lm_config is not None:
-        config = _read_config(_check_path("lm_config", lm_config))
+    if isinstance(source.lm_config, dict):
+        config = dict(source.lm_config)
+    elif source.lm_config is not None:
+        config = read_local_config(check_local_path("lm_config", source.lm_config))
 
     # 2. Everything else from the hub.
-    if moshi_path is not None and mimi_path is not None and tok_path is not None and hf_repo is None:
-        return ModelFiles(moshi_path, mimi_path, tok_path, config, None, _confirm_bits(moshi_path, local_bits, config))
+    if len(local) == 3 and source.hf_repo is None:
+        return ModelFiles(local["moshi"], local["mimi"], local["tokenizer"], config, None, origins)
 
-    if hf_repo is None:
+    if source.hf_repo is None:
         repo_id = DEFAULT_REPOS[quantize if quantize is not None else local_bits]
     else:
-        repo_id = hf_repo.strip()
+        repo_id = source.hf_repo.strip()
         if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", repo_id):
-            raise HubError(f"--hf-repo {hf_repo!r}: expected a hub repo id like kyutai/moshiko-mlx-q4")
+            raise HubError(f"--hf-repo {source.hf_repo!r}: expected a hub repo id like kyutai/moshiko-mlx-q4")
 
     with _progress_bars(progress):
-        repo = _Repo(repo_id, revision)
+        repo = _Repo(repo_id, source.revision)
         files = repo.list_files()
 
         repo_config: dict = {}
         if files is not None and CONFIG_NAME in files:
-            repo_config = _read_config(repo.download(CONFIG_NAME, "lm_config"), origin=f"{repo.label}/{CONFIG_NAME}")
+            repo_config = read_local_config(repo.download(CONFIG_NAME, "lm_config"), origin=f"{repo.label}/{CONFIG_NAME}")
         if config is None and repo_config:
             config = repo_config
+        if repo.offline_reason is not None and repo_config:  # names the config gives may be cached too
+            named = {str(repo_config[k]) for k in ("moshi_name", "mimi_name", "tokenizer_name") if repo_config.get(k)}
+            files = repo._cached_files({*_DEFAULT_NAMES, *named})
 
         # Decide every name and check it against the listing before the (large) downloads start.
         needed: dict[str, str] = {}
-        if moshi_path is None:
+        if "moshi" not in local:
             needed["moshi"] = _pick_moshi_name(repo, files, quantize, repo_config)
-        if mimi_path is None:
+        if "mimi" not in local:
             needed["mimi"] = str(repo_config.get("mimi_name") or MIMI_NAME)
-        if tok_path is None:
+        if "tokenizer" not in local:
             needed["tokenizer"] = str(repo_config.get("tokenizer_name") or TOKENIZER_NAME)
         for kind, name in needed.items():
             if files is not None and name not in files:
                 if repo.offline_reason is not None:
                     raise repo._unavailable(name, kind)
                 raise HubError(f"{repo.label} has no file {name}; pass {FLAGS[kind]} PATH")
+        for kind, name in needed.items():
+            local[kind] = repo.download(name, kind)
+            origins[kind] = f"{repo.label}/{name}"
 
-        if moshi_path is None:
-            name = needed["moshi"]
-            moshi_path = repo.download(name, "moshi")
-            bits = _check_moshi_file(moshi_path, origin=f"{repo.label}/{name}")
-            if quantize is not None and bits != quantize:
-                raise HubError(
-                    f"{repo.label}/{name} holds {_describe(bits)} weights, not {quantize}-bit: {_q_hint(bits)}"
-                )
-            local_bits = bits
-        if mimi_path is None:
-            name = needed["mimi"]
-            mimi_path = repo.download(name, "mimi")
-            _check_mimi_file(mimi_path, origin=f"{repo.label}/{name}")
-        if tok_path is None:
-            name = needed["tokenizer"]
-            tok_path = repo.download(name, "tokenizer")
-            _check_tokenizer_file(tok_path, origin=f"{repo.label}/{name}")
-
-    bits = _confirm_bits(moshi_path, local_bits, config)
-    return ModelFiles(moshi_path, mimi_path, tok_path, config, repo_id, bits)
-
-
-def _confirm_bits(path: Path, bits: int | None, config: dict | None) -> int | None:
-    """Cross-check the header-derived bits with the loader's own inspection (WeightsError propagates)."""
-    try:
-        from .loading import inspect_checkpoint
-        from .models.config import LmConfig
-    except ImportError:  # pragma: no cover - loader unavailable
-        return bits
-    info = inspect_checkpoint(path, LmConfig.from_dict(config) if config else None)
-    found = info.quantization.bits if info.quantization is not None else None
-    if found != bits:
-        raise HubError(f"{path}: quantization unclear ({_describe(bits)} by header, {_describe(found)} by loader)")
-    return found
+    return ModelFiles(local["moshi"], local["mimi"], local["tokenizer"], config, repo_id, origins)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -537,16 +423,3 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, metavar="PATH", help=f"local SentencePiece model ({TOKENIZER_NAME})")
     g.add_argument("--lm-config", default=None, metavar="PATH", help="local config.json describing the LM")
     return parser
-
-
-def model_files_from_args(args: argparse.Namespace, progress: bool = True) -> ModelFiles:
-    return resolve_model_files(
-        quantize=args.quantize,
-        hf_repo=args.hf_repo,
-        revision=args.revision,
-        moshi_weights=args.moshi_weights,
-        mimi_weights=args.mimi_weights,
-        tokenizer=args.tokenizer,
-        lm_config=args.lm_config,
-        progress=progress,
-    )

@@ -7,8 +7,6 @@ from deep inside MLX. Tensor data is then read lazily and materialised layer by 
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +15,16 @@ from typing import Any, Callable, Iterable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from safetensors import SafetensorError, safe_open
+
+from .errors import MoshiError, first_line
+from .hub import FLAGS, TOKENIZER_NAME, ModelFiles, ModelSource, check_local_path, find_model_files, read_local_config
 
 from .models.config import LmConfig, config_v0_1
 from .models.lm import Lm
 
 
-class WeightsError(ValueError):
+class WeightsError(MoshiError, ValueError):
     """A checkpoint that cannot be loaded; the message is one line meant for the user."""
 
 
@@ -31,6 +33,9 @@ class Quantization:
     bits: int
     group_size: int
 
+    def to_dict(self) -> dict[str, int]:
+        return {"group_size": self.group_size, "bits": self.bits}
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -38,118 +43,120 @@ class TensorInfo:
     shape: tuple[int, ...]
 
 
+# Published group sizes: what `nn.quantize` used for kyutai/moshi*-mlx-q8 and -q4.
+GROUP_SIZE_FOR_BITS = {8: 64, 4: 32}
+
+
+def describe_bits(bits: int | None) -> str:
+    return "bf16" if bits is None else f"{bits}-bit"
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
+    """Everything known about a checkpoint from its header, read once and passed along."""
+
     path: Path
     tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
     quantization: Quantization | None
 
     @property
+    def bits(self) -> int | None:
+        return self.quantization.bits if self.quantization else None
+
+    @property
     def label(self) -> str:
-        return f"q{self.quantization.bits}" if self.quantization else "bf16/float"
+        return describe_bits(self.bits)
 
 
-# Published group sizes: what `nn.quantize` used for kyutai/moshi*-mlx-q8 and -q4.
-GROUP_SIZE_FOR_BITS = {8: 64, 4: 32}
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
-}
-_MAX_HEADER = 100 * 1024 * 1024
+def read_tensor_infos(path: str | os.PathLike, origin: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Names, dtypes and shapes of a safetensors file, and its metadata, without reading tensor data.
 
-
-@dataclass
-class SafetensorsHeader:
-    tensors: dict[str, dict[str, Any]]  # name -> {"dtype": "BF16", "shape": [...], "data_offsets": [a, b]}
-    metadata: dict[str, str] | None
-    data_start: int  # absolute file offset of the first data byte
-    file_size: int
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v["shape"]) for k, v in self.tensors.items()}
-
-
-def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and check a safetensors header; raises ValueError with a short reason.
-
-    Checks that every tensor's byte range matches its shape and dtype and lies inside the file, so a
-    truncated (partially downloaded) file is caught here rather than as a crash while loading.
+    safetensors checks that the byte ranges tile the file exactly, so a truncated (partially downloaded)
+    file is caught here instead of as a crash while loading. Errors are one line, prefixed by `origin`.
     """
     path = Path(path)
+    where = origin or str(path)
+    if not path.exists():
+        raise WeightsError(f"{where}: no such file")
+    if path.is_dir():
+        raise WeightsError(f"{where}: is a directory, expected a file")
     size = path.stat().st_size
     if size == 0:
-        raise ValueError("file is empty")
-    if size < 8:
-        raise ValueError(f"not a safetensors file (only {size} bytes)")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n < 2 or n > _MAX_HEADER or n > size - 8:
-            raise ValueError("not a safetensors file (bad header length)")
-        raw = f.read(n)
+        raise WeightsError(f"{where}: file is empty")
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError("not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors file (header is not a JSON object)")
-    metadata = header.pop("__metadata__", None)
-    data_len = size - 8 - n
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise ValueError(f"not a safetensors file (bad entry for {name!r})") from None
-        if dtype not in _DTYPE_BYTES:
-            raise ValueError(f"tensor {name} has unknown dtype {dtype}")
-        if end - start != math.prod(shape) * _DTYPE_BYTES[dtype] or start < 0:
-            raise ValueError(f"tensor {name}: byte range does not match shape {shape} {dtype}")
-        if end > data_len:
-            raise ValueError(
-                f"file is truncated ({size} bytes; tensor {name} needs {8 + n + end}): incomplete download or copy?"
-            )
-    return SafetensorsHeader(tensors=header, metadata=metadata, data_start=8 + n, file_size=size)
-
-
-def read_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """The checked header of an LM checkpoint, or a WeightsError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    try:
-        header = read_safetensors_header(path)
-    except ValueError as e:
-        raise WeightsError(f"{path}: {e}") from None
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                tensors[name] = TensorInfo(piece.get_dtype(), tuple(piece.get_shape()))
+    except SafetensorError as e:
+        reason = str(e)
+        if "not fully covered" in reason or "incomplete metadata" in reason:
+            raise WeightsError(f"{where}: file is truncated ({size} bytes): incomplete download or copy?") from None
+        raise WeightsError(f"{where}: not a safetensors file ({reason.split(': ')[-1]})") from None
     except OSError as e:
-        raise WeightsError(f"cannot read {path}: {e.strerror}") from None
-    return {name: TensorInfo(info["dtype"], tuple(info["shape"])) for name, info in header.tensors.items()}
+        raise WeightsError(f"{where}: cannot be read ({e.strerror or first_line(e)})") from None
+    return tensors, metadata
 
 
-def detect_quantization(tensors: dict[str, TensorInfo], config: LmConfig) -> Quantization | None:
-    """Read bits and group size off the text head: packed uint32 weight + per-group scales."""
-    weight = tensors.get("text_linear.weight")
-    if weight is None:
-        raise WeightsError("not a Moshi LM checkpoint: it has no 'text_linear.weight'")
-    if weight.dtype != "U32":
+def looks_like_mimi(tensors: dict[str, TensorInfo]) -> bool:
+    return any(k.startswith("encoder.") for k in tensors) and any(k.startswith("quantizer.") for k in tensors)
+
+
+def infer_quantization(tensors: dict[str, TensorInfo]) -> Quantization | None:
+    """Bits and group size read off the text head, for files that do not say (the published ones).
+
+    The model width comes from `out_norm.weight`, so no config is needed to tell.
+    """
+    weight, scales, norm = (tensors.get(k) for k in ("text_linear.weight", "text_linear.scales", "out_norm.weight"))
+    if weight is None or weight.dtype != "U32":
         return None
-    scales = tensors.get("text_linear.scales")
-    if scales is None or len(weight.shape) != 2 or len(scales.shape) != 2:
-        raise WeightsError("quantized checkpoint lacks 'text_linear.scales'")
-    dim = config.transformer.d_model
+    if scales is None or norm is None or len(weight.shape) != 2 or len(scales.shape) != 2:
+        raise WeightsError("quantized checkpoint lacks text_linear.scales or out_norm.weight")
+    dim = norm.shape[-1]
     bits, rem = divmod(weight.shape[1] * 32, dim)
     group_size = dim // scales.shape[1] if scales.shape[1] else 0
     if rem or bits not in (2, 3, 4, 5, 6, 8) or group_size * scales.shape[1] != dim:
-        raise WeightsError(
-            f"quantized text head {list(weight.shape)} does not fit model dim {dim}: wrong --lm-config for these weights?"
-        )
+        raise WeightsError(f"quantized text head {list(weight.shape)} does not fit model width {dim}")
     return Quantization(bits, group_size)
 
 
-def inspect_checkpoint(path: str | os.PathLike, config: LmConfig | None = None) -> CheckpointInfo:
-    config = config or config_v0_1()
-    tensors = read_header(path)
-    return CheckpointInfo(Path(path), tensors, detect_quantization(tensors, config))
+def quantization_from_config(config: dict[str, Any] | None) -> Quantization | None:
+    """The `quantization` entry we write into config.json (as mlx-lm does), if present."""
+    q = (config or {}).get("quantization")
+    if not isinstance(q, dict):
+        return None
+    try:
+        return Quantization(int(q["bits"]), int(q["group_size"]))
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"config.json: bad quantization entry {q!r} (expected bits and group_size)") from None
+
+
+def inspect_checkpoint(
+    path: str | os.PathLike, config: dict[str, Any] | None = None, origin: str | None = None
+) -> CheckpointInfo:
+    """Read an MLX Moshi LM checkpoint's header once and decide its quantization once.
+
+    The quantization written in `config` (config.json) wins; files that carry none (the published
+    ones) are read off their shapes. Wrong kinds of file get a one-line error that says what to do.
+    """
+    where = origin or str(path)
+    tensors, metadata = read_tensor_infos(path, where)
+    if "text_emb.weight" in tensors and "emb.0.weight" in tensors and "audio_embs.0.weight" not in tensors:
+        raise WeightsError(
+            f"{where}: this is a PyTorch-layout Moshi checkpoint; convert it first with "
+            f"`python -m moshi_mlx.convert {path} OUT_DIR` and pass OUT_DIR/model.safetensors"
+        )
+    if "text_emb.weight" not in tensors or "text_linear.weight" not in tensors:
+        hint = " (it looks like Mimi weights: use --mimi-weights)" if looks_like_mimi(tensors) else ""
+        raise WeightsError(f"{where}: not a Moshi LM checkpoint (no text_emb/text_linear tensors){hint}")
+    try:
+        quantization = quantization_from_config(config) or infer_quantization(tensors)
+    except WeightsError as e:
+        raise WeightsError(f"{where}: {e}") from None
+    return CheckpointInfo(Path(path), tensors, metadata, quantization)
 
 
 def build_model(config: LmConfig, quantization: Quantization | None = None, dtype: mx.Dtype = mx.bfloat16) -> Lm:
@@ -210,18 +217,20 @@ def default_dtype(quantization: Quantization | None) -> mx.Dtype:
 
 
 def load_lm(
-    path: str | os.PathLike,
+    path: str | os.PathLike | CheckpointInfo,
     config: LmConfig | None = None,
     dtype: mx.Dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Lm:
     """Load a Moshi LM checkpoint strictly.
 
+    `path` may be a `CheckpointInfo` already inspected (the header is then not read again).
     `dtype` is the compute dtype for unquantized tensors and quantization scales (default:
     `default_dtype()`). `progress(done, total)` is called while tensors are materialised.
     """
     config = config or config_v0_1()
-    info = inspect_checkpoint(path, config)
+    info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
+    path = info.path
     model = build_model(config, info.quantization, dtype or default_dtype(info.quantization))
     check_layout(info.tensors, model, path)
     expected = expected_layout(model)
@@ -261,3 +270,87 @@ def _materialise(model: Lm, progress: Callable[[int, int], None] | None) -> None
 def save_lm(model: Lm, path: str | os.PathLike) -> None:
     """Write a model's parameters in the published layout (same names, shapes and dtypes)."""
     mx.save_safetensors(str(path), dict(tree_flatten(model.parameters())))
+
+
+# -- one path from model-choosing flags to checked files --------------------------------------------------
+@dataclass
+class ResolvedModel:
+    """The files a conversation needs, each checked for what it holds; the LM header read exactly once."""
+
+    files: ModelFiles
+    checkpoint: CheckpointInfo
+    config: LmConfig
+
+    @property
+    def quantize(self) -> int | None:
+        return self.checkpoint.bits
+
+    @property
+    def repo(self) -> str | None:
+        return self.files.repo
+
+
+def _refuse_bits(quantize: int | None, info: CheckpointInfo, where: str) -> None:
+    if quantize is not None and info.bits != quantize:
+        hint = "drop -q" if info.bits is None else f"use -q {info.bits} (or drop -q)"
+        raise WeightsError(f"{where} holds {describe_bits(info.bits)} weights but -q {quantize} was given: {hint}")
+
+
+def check_mimi_file(path: Path, where: str) -> None:
+    tensors, _ = read_tensor_infos(path, where)
+    if not looks_like_mimi(tensors):
+        hint = " (it looks like Moshi LM weights: use --moshi-weights)" if "text_emb.weight" in tensors else ""
+        raise WeightsError(f"{where}: not Mimi codec weights (no encoder./quantizer. tensors){hint}")
+
+
+def check_tokenizer_file(path: Path, where: str) -> None:
+    import sentencepiece
+
+    try:
+        ok = sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size() > 0
+    except Exception:  # sentencepiece raises bare RuntimeErrors/OSErrors for anything it cannot parse
+        ok = False
+    if not ok:
+        raise WeightsError(f"{where}: not a SentencePiece model (the text tokenizer, e.g. {TOKENIZER_NAME})")
+
+
+def parse_config(data: dict[str, Any] | None, where: str) -> LmConfig:
+    if data is None:
+        return config_v0_1()
+    try:
+        return LmConfig.from_dict(data)
+    except Exception as e:  # from_dict raises KeyError/TypeError/ValueError for incomplete configs
+        raise WeightsError(f"{where}: not a usable LM config ({first_line(e)})") from None
+
+
+def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
+    """Find every file (hub.py), then check each for what it holds; local files before any network access."""
+    config: LmConfig | None = None
+    config_dict: dict[str, Any] | None = None
+    if isinstance(source.lm_config, dict):
+        config_dict = source.lm_config
+        config = parse_config(config_dict, "lm_config")
+    elif source.lm_config is not None:
+        path = check_local_path("lm_config", source.lm_config)
+        config_dict = read_local_config(path)
+        config = parse_config(config_dict, f"--lm-config {path}")
+    local: CheckpointInfo | None = None
+    if source.moshi_weights is not None:
+        path = check_local_path("moshi", source.moshi_weights)
+        local = inspect_checkpoint(path, config_dict, origin=f"--moshi-weights {path}")
+        _refuse_bits(source.quantize, local, f"--moshi-weights {path}")
+    checks = {"mimi": (source.mimi_weights, check_mimi_file), "tokenizer": (source.tokenizer, check_tokenizer_file)}
+    for kind, (given, check) in checks.items():
+        if given is not None:
+            path = check_local_path(kind, given)
+            check(path, f"{FLAGS[kind]} {path}")
+
+    files = find_model_files(source, local.bits if local else None, progress)
+    if config is None:
+        config = parse_config(files.lm_config, f"{files.repo}/config.json")
+    checkpoint = local or inspect_checkpoint(files.moshi, files.lm_config, files.origins["moshi"])
+    _refuse_bits(source.quantize, checkpoint, files.origins["moshi"])
+    for kind, (given, check) in checks.items():
+        if given is None:
+            check(getattr(files, kind), files.origins[kind])
+    return ResolvedModel(files, checkpoint, config)

@@ -273,7 +273,9 @@ def test_tiny_quantized_conversion_matches_mx_quantize(tmp_path, tiny_sources, b
     src_path, src = tiny_sources["legacy"]
     out = convert(src_path, tmp_path, bits=bits, progress=False, log=lambda m: None)
     assert out.name == f"model.q{bits}.safetensors"
-    assert json.loads((tmp_path / "config.json").read_text())["moshi_name"] == out.name
+    written_cfg = json.loads((tmp_path / "config.json").read_text())
+    assert written_cfg["moshi_name"] == out.name
+    assert written_cfg["quantization"] == {"bits": bits, "group_size": group}  # written down, not left to inference
     _, written = _assert_loads_like_published(out, tmp_path / "config.json", bits)
     ref = reference_mlx(src, TINY)
     for name, value in ref.items():

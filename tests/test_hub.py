@@ -10,6 +10,7 @@ HF_HOME cache, then go offline (HF_HUB_OFFLINE=1) or point at dead endpoints.
 from __future__ import annotations
 
 import argparse
+from collections import namedtuple
 import hashlib
 import json
 import os
@@ -28,18 +29,19 @@ import pytest
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import utils as hf_utils
 
-from moshi_mlx.hub import (
-    DEFAULT_REPOS,
-    MIMI_NAME,
-    MOSHI_NAMES,
-    TOKENIZER_NAME,
-    HubError,
-    add_model_args,
-    model_files_from_args,
-    resolve_model_files,
-)
-from moshi_mlx.loading import Quantization, build_model, save_lm
+from moshi_mlx.errors import MoshiError
+from moshi_mlx.hub import DEFAULT_REPOS, MIMI_NAME, MOSHI_NAMES, TOKENIZER_NAME, ModelSource, add_model_args
+from moshi_mlx.loading import Quantization, build_model, resolve_model, save_lm
 from moshi_mlx.models.config import LmConfig, TransformerConfig
+
+Resolved = namedtuple("Resolved", "moshi mimi tokenizer lm_config repo quantize")
+
+
+def resolve_model_files(progress: bool = False, **source) -> Resolved:
+    """The one resolution path (hub finds, loading checks), flattened for comparisons."""
+    r = resolve_model(ModelSource(**source), progress=progress)
+    return Resolved(r.files.moshi, r.files.mimi, r.files.tokenizer, r.files.lm_config, r.repo, r.quantize)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # stand-in files
@@ -275,12 +277,12 @@ def test_hf_repo_without_q_takes_quantization_from_the_checkpoint(hub_env):
 
 
 def test_q_disagreeing_with_repo_is_one_line_naming_the_flag(hub_env, fake_hub):
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(quantize=8, hf_repo="kyutai/moshika-mlx-q4", progress=False)
     msg = _one_line(e)
     assert "kyutai/moshika-mlx-q4" in msg and "model.q4.safetensors" in msg and "-q 4" in msg
     assert not fake_hub.requests_for("model.q4.safetensors")  # decided from the listing, nothing downloaded
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(quantize=4, hf_repo="kyutai/moshiko-mlx-bf16", progress=False)
     assert "drop -q" in _one_line(e)
 
@@ -291,7 +293,7 @@ def test_config_json_names_the_files(hub_env):
         "weights-v2.safetensors", "codec.safetensors", "spm.model",
     )
     assert files.quantize == 8  # read from the checkpoint: the name does not say
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(quantize=4, hf_repo="someone/custom", progress=False)
     assert "8-bit" in _one_line(e) and "-q 8" in str(e.value)
 
@@ -312,13 +314,13 @@ def test_repo_with_several_quantizations(hub_env):
     ],
 )
 def test_hub_errors_are_one_line(hub_env, kwargs, pattern):
-    with pytest.raises(HubError, match=pattern) as e:
+    with pytest.raises(MoshiError, match=pattern) as e:
         resolve_model_files(progress=False, **kwargs)
     _one_line(e)
 
 
 def test_missing_file_is_reported_before_any_large_download(hub_env, fake_hub):
-    with pytest.raises(HubError, match="--mimi-weights"):
+    with pytest.raises(MoshiError, match="--mimi-weights"):
         resolve_model_files(hf_repo="someone/no-mimi", progress=False)
     assert fake_hub.requests_for("/api/models/someone/no-mimi/tree/")
     assert not [r for r in fake_hub.requests_for("someone/no-mimi/resolve/") if r[0] == "GET" and "model" in r[1]]
@@ -368,7 +370,7 @@ def test_local_moshi_weights_with_hub_for_the_rest(hub_env, local_files, fake_hu
     assert files.moshi == local_files["moshi"] and files.quantize == 4
     assert files.repo == DEFAULT_REPOS[4]  # mimi/tokenizer come from the repo matching the local weights
     assert not fake_hub.requests_for("model.q4.safetensors")
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(moshi_weights=local_files["moshi"], quantize=8, progress=False)
     msg = _one_line(e)
     assert "--moshi-weights" in msg and "4-bit" in msg and "-q 4" in msg
@@ -408,7 +410,7 @@ def test_local_override_errors(tmp_path, local_files, assets):
         ({"lm_config": local_files["moshi"]}, r"^--lm-config .*: not a JSON file"),
     ]
     for kwargs, pattern in cases:
-        with pytest.raises(HubError, match=pattern) as e:
+        with pytest.raises(MoshiError, match=pattern) as e:
             resolve_model_files(progress=False, **kwargs)
         _one_line(e)
 
@@ -418,7 +420,7 @@ def test_unreadable_local_file(local_files):
     p = local_files["tokenizer"]
     p.chmod(0)
     try:
-        with pytest.raises(HubError, match=r"^--tokenizer .*: cannot be read"):
+        with pytest.raises(MoshiError, match=r"^--tokenizer .*: cannot be read"):
             resolve_model_files(tokenizer=p, progress=False)
     finally:
         p.chmod(0o644)
@@ -431,7 +433,7 @@ def test_unreadable_local_file(local_files):
 def test_offline_not_cached_names_repo_file_and_flag_fast(hub_env, fake_hub, monkeypatch):
     _offline(monkeypatch)
     t0 = time.monotonic()
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(quantize=4, progress=False)
     assert time.monotonic() - t0 < 2
     msg = _one_line(e)
@@ -439,7 +441,7 @@ def test_offline_not_cached_names_repo_file_and_flag_fast(hub_env, fake_hub, mon
     assert "HF_HUB_OFFLINE" in msg and str(hub_env) in msg
     assert fake_hub.log == []
     # With the weights given locally, the next missing file is named with its own flag.
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(hf_repo="someone/custom", progress=False)
     assert "someone/custom" in _one_line(e) and "--moshi-weights" in str(e.value)
 
@@ -454,7 +456,7 @@ def test_cache_serves_everything_offline(hub_env, fake_hub, monkeypatch):
     # -q omitted: the cached snapshot decides the file, and the checkpoint the bits.
     assert resolve_model_files(hf_repo="kyutai/moshiko-mlx-q4", progress=False) == online[4]
     assert resolve_model_files(hf_repo="someone/custom", progress=False) == custom
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(hf_repo="kyutai/moshiko-mlx-q4", quantize=8, progress=False)
     assert "caches model.q4.safetensors" in _one_line(e) and "-q 4" in str(e.value)
     assert fake_hub.log == []
@@ -468,7 +470,7 @@ def test_unreachable_endpoint_falls_back_to_cache_or_fails_fast(hub_env, fake_hu
     _point_at(monkeypatch, dead)
     t0 = time.monotonic()
     assert resolve_model_files(quantize=4, progress=False) == cached
-    with pytest.raises(HubError) as e:
+    with pytest.raises(MoshiError) as e:
         resolve_model_files(quantize=8, progress=False)
     assert time.monotonic() - t0 < 5
     msg = _one_line(e)
@@ -485,7 +487,7 @@ def test_silent_endpoint_times_out_instead_of_hanging(hub_env, monkeypatch):
         monkeypatch.setenv("MOSHI_MLX_HUB_TIMEOUT", "0.5")
         t0 = time.monotonic()
         pattern = r"kyutai/moshiko-mlx-bf16: nothing of this repo is in the Hugging Face cache .* cannot reach .*"
-        with pytest.raises(HubError, match=pattern + r".*--moshi-weights PATH") as e:
+        with pytest.raises(MoshiError, match=pattern + r".*--moshi-weights PATH") as e:
             resolve_model_files(progress=False)
         assert time.monotonic() - t0 < 4
         _one_line(e)
@@ -499,15 +501,18 @@ def test_silent_endpoint_times_out_instead_of_hanging(hub_env, monkeypatch):
 _SCRIPT = textwrap.dedent(
     """
     import json, sys, time
-    from moshi_mlx.hub import resolve_model_files, HubError
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.hub import ModelSource
+    from moshi_mlx.loading import resolve_model
     t0 = time.monotonic()
     try:
-        f = resolve_model_files(quantize={q}, hf_repo={repo!r})
-    except HubError as e:
+        r = resolve_model(ModelSource(quantize={q}, hf_repo={repo!r}))
+        f = r.files
+    except MoshiError as e:
         print(json.dumps({{"error": str(e), "seconds": time.monotonic() - t0}}))
         sys.exit(3)
     print(json.dumps({{"moshi": str(f.moshi), "mimi": str(f.mimi), "tokenizer": str(f.tokenizer),
-                       "quantize": f.quantize, "repo": f.repo, "config": f.lm_config is not None}}))
+                       "quantize": r.quantize, "repo": f.repo, "config": f.lm_config is not None}}))
     """
 )
 
@@ -549,8 +554,8 @@ def test_add_model_args(hub_env, capsys):
     args = parser.parse_args(["-q", "4", "--hf-repo", "kyutai/moshika-mlx-q4", "--revision", "v0"])
     assert (args.quantize, args.hf_repo, args.revision) == (4, "kyutai/moshika-mlx-q4", "v0")
     assert [args.moshi_weights, args.mimi_weights, args.tokenizer, args.lm_config] == [None] * 4
-    files = model_files_from_args(args, progress=False)
-    assert files.lm_config["context"] == 8
+    resolved = resolve_model(ModelSource.from_args(args), progress=False)
+    assert resolved.files.lm_config["context"] == 8 and resolved.config.transformer.context == 8
     with pytest.raises(SystemExit):
         parser.parse_args(["-q", "3"])
     assert "invalid choice: 3" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def _greedy_outputs(model, steps=6):
 @pytest.mark.parametrize("name", ["bf16", "q8", "q4"])
 def test_round_trip_save_load_run(tmp_path, name):
     model, path = _tiny_file(tmp_path, QUANTS[name])
-    info = inspect_checkpoint(path, config_tiny())
+    info = inspect_checkpoint(path)
     assert info.quantization == QUANTS[name]
     loaded = load_lm(path, config_tiny(), mx.bfloat16)
     for (k, a), (k2, b) in zip(tree_flatten(model.parameters()), tree_flatten(loaded.parameters())):
@@ -97,7 +97,7 @@ def _write_header(path, header: dict, data: bytes = b""):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(WeightsError, match="not found"):
+    with pytest.raises(WeightsError, match="no such file"):
         load_lm(tmp_path / "nope.safetensors", config_tiny())
 
 
@@ -146,5 +146,18 @@ def test_weights_for_another_model_size(tmp_path):
 def test_header_byte_count_mismatch(tmp_path):
     path = tmp_path / "m.safetensors"
     _write_header(path, {"text_linear.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 8]}}, b"\0" * 8)
-    with pytest.raises(WeightsError, match="byte range does not match"):
-        inspect_checkpoint(path, config_tiny())
+    with pytest.raises(WeightsError, match="not a safetensors file .invalid shape, data type, or offset"):
+        inspect_checkpoint(path)
+
+
+def test_quantization_written_in_config_wins_and_is_checked(tmp_path):
+    """As mlx-lm does: the config's `quantization` entry decides; shapes are only the fallback."""
+    _, path = _tiny_file(tmp_path, QUANTS["q4"])
+    inferred = inspect_checkpoint(path).quantization
+    written = inspect_checkpoint(path, {"quantization": {"bits": 4, "group_size": inferred.group_size}}).quantization
+    assert written == inferred and inferred.bits == 4
+    with pytest.raises(WeightsError, match="bad quantization entry"):
+        inspect_checkpoint(path, {"quantization": {"bits": "four"}})
+    wrong = inspect_checkpoint(path, {"quantization": {"bits": 8, "group_size": 64}})
+    with pytest.raises(WeightsError, match="has shape"):  # a config that lies about the file is caught by the layout check
+        load_lm(wrong, config_tiny())

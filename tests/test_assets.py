@@ -1,0 +1,26 @@
+"""The one front door: `load(ModelSource(...), demo=...)`."""
+
+import argparse
+
+import pytest
+
+from moshi_mlx import ModelSource, load
+from moshi_mlx.errors import MoshiError
+from moshi_mlx.hub import add_model_args
+
+
+@pytest.mark.parametrize(
+    "source,flag",
+    [(ModelSource(moshi_weights="notes.txt"), "--moshi-weights"), (ModelSource(quantize=4), "-q"),
+     (ModelSource(hf_repo="kyutai/moshika-mlx-q4"), "--hf-repo")],
+)
+def test_demo_refuses_model_flags_instead_of_ignoring_them(source, flag):
+    with pytest.raises(MoshiError, match=f"--demo .*cannot use {flag}") as e:
+        load(source, demo=True, log=lambda m: None)
+    assert "\n" not in str(e.value)
+
+
+def test_model_source_takes_the_cli_flags_by_name():
+    args = add_model_args(argparse.ArgumentParser()).parse_args(["-q", "8", "--tokenizer", "t.model"])
+    assert ModelSource.from_args(args) == ModelSource(quantize=8, tokenizer="t.model")
+    assert ModelSource.from_args(args).given_files == ["--tokenizer"]
