@@ -2,7 +2,7 @@
 """Same as ``python -m moshi_mlx.benchmark`` (run from a checkout without installing).
 
     python benchmarks/bench.py -q 4 --json results/m2pro-q4.json
-    python benchmarks/bench.py --config small --dtype q4 --steps 100
+    python benchmarks/bench.py --config small -q 4 --steps 100
     python benchmarks/bench.py --long
 """
 

@@ -10,7 +10,8 @@ class MoshiError(Exception):
 USER_ERRORS = frozenset(
     {
         "HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError",
-        "AudioDeviceError", "AudioFileError", "WebUiMissing", "RecordingError",
+        "AudioDeviceError", "AudioFileError", "WebUiMissing", "TlsError", "RecordingError",
+        "BadUrl", "ServerUnreachable", "ServerRefused", "ProtocolFailure", "ConnectionLost",
     }
 )
 

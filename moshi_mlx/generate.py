@@ -8,8 +8,9 @@ step) is known `max_delay` steps after its first codebook was sampled.
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -25,6 +26,28 @@ class StepOutput:
     frame: int  # index of the frame these tokens belong to (0-based)
     text_token: int
     audio_codes: np.ndarray  # [generated_codebooks] int32, each in [0, audio_card)
+
+
+@dataclass
+class StepTimings:
+    """Opt-in per-step timings, recorded by `LmGen` when attached as `gen.timings`.
+
+    Timing the two halves needs a sync between them (the app's step runs them as one async
+    graph), so it costs a little; with `gen.timings = None` (the default) the step is unchanged.
+    """
+
+    temporal_ms: list[float] = field(default_factory=list)  # embeddings, temporal transformer, text sampling
+    depformer_ms: list[float] = field(default_factory=list)  # every generated codebook, incl. sampling
+    _mark: float = 0.0
+
+    def start(self) -> None:
+        self._mark = time.perf_counter()
+
+    def lap(self, into: list[float], *arrays: mx.array) -> None:
+        mx.eval(*arrays)
+        now = time.perf_counter()
+        into.append((now - self._mark) * 1e3)
+        self._mark = now
 
 
 class PendingStep:
@@ -61,6 +84,7 @@ class LmGen:
         self._gen_delays = self._delays[: self.config.generated_codebooks]
         self._user_delays = self._delays[self.config.generated_codebooks :]
         self._cache = model.make_cache(batch)
+        self.timings: StepTimings | None = None  # attach one to have each step time its two halves
         self.configure(text_sampling, audio_sampling, seed)
         self.reset()
 
@@ -131,9 +155,16 @@ class LmGen:
         self._key = keys[0]
         # The temporal transformer stays eager: tracing it with mx.compile took seconds per
         # attended-length bucket (a stall mid-conversation) and gained nothing measurable.
+        timings = self.timings
+        if timings is not None:
+            timings.start()
         hidden, text_logits = self.model.temporal(tokens, self._cache.layers, self._cache.context())
         text_token = self._text_sampler(text_logits, keys[1])
+        if timings is not None:
+            timings.lap(timings.temporal_ms, hidden, text_token, keys)
         audio = self._depformer(hidden, text_token, keys[2:])
+        if timings is not None:
+            timings.lap(timings.depformer_ms, audio)
         generated = mx.concatenate([text_token[:, None], audio], axis=1)
         self._cache.position += 1
         self._last_generated = generated

@@ -9,10 +9,8 @@ start-up time, Moshi's words as they come (stdout), and how far behind real time
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import queue
-import shutil
 import signal
 import statistics
 import sys
@@ -26,35 +24,28 @@ from .audio import (
     AudioDeviceError,
     DuplexAudio,
     list_devices,
-    release_portaudio,
 )
 from .errors import error_line
 from .errors import first_line
+from .terminal import Display as _Display
+from .terminal import add_audio_args, exit_now, lag_status
+from .terminal import log as _log
+from .terminal import make_echo_canceller as _make_echo_canceller
+from .terminal import raise_interrupt as _raise_interrupt
+from .terminal import sigint_ignored as _sigint_ignored
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .assets import add_engine_args, add_lag_arg
+    from .assets import add_engine_args
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
         description="Real-time spoken conversation with Moshi through the microphone and speaker.",
     )
     add_engine_args(p)
-    g = p.add_argument_group("audio")
-    g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
-    g.add_argument("--input-device", default=None, metavar="DEV", help="microphone: index or part of its name")
-    g.add_argument("--output-device", default=None, metavar="DEV", help="speaker: index or part of its name")
-    add_lag_arg(g)
-    g.add_argument(
-        "--no-aec", action="store_true",
-        help="turn off echo cancellation (on by default so Moshi does not hear itself through the speakers)",
-    )
-    g.add_argument(
-        "--aec-delay-ms", type=int, default=120, metavar="MS",
-        help="expected speaker-to-mic delay, a starting hint for the echo canceller (default 120)",
-    )
+    g = add_audio_args(p)
     g.add_argument(
         "--record", metavar="DIR", default=None,
         help="save the conversation into DIR when it ends (also on Ctrl-C): stereo WAV (you left, Moshi right), "
@@ -68,105 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------
-# What the user sees
-# ------------------------------------------------------------------------------------------------
-
-
-class _Display:
-    """Transcript on stdout, status on stderr; all writes happen on the main thread.
-
-    On a terminal the words being spoken and a small lag indicator share one live line on stderr;
-    finished lines go to stdout. Otherwise every piece goes to stdout as it comes and a status line
-    goes to stderr about once a second when something changed.
-    """
-
-    def __init__(self) -> None:
-        self.tty = sys.stdout.isatty() and sys.stderr.isatty()
-        self.line = ""
-        self.status = ""
-        self._last_status_print = 0.0
-        self._printed_status = ""
-
-    def _width(self) -> int:
-        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
-
-    def _redraw(self) -> None:
-        tail = f"  [{self.status}]" if self.status else ""
-        room = self._width() - len(tail)
-        text = self.line if len(self.line) <= room else "…" + self.line[-(room - 1):]
-        sys.stderr.write("\r\033[K" + text + "\033[2m" + tail + "\033[0m")
-        sys.stderr.flush()
-
-    def _clear(self) -> None:
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
-
-    def text(self, piece: str) -> None:
-        if not self.tty:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            return
-        self.line += piece
-        limit = self._width() - 30
-        if len(self.line) > limit:  # commit the line at a word boundary
-            cut = self.line.rfind(" ", 0, limit)
-            cut = cut if cut > 0 else limit
-            self._clear()
-            sys.stdout.write(self.line[:cut].strip() + "\n")
-            sys.stdout.flush()
-            self.line = self.line[cut:]
-        self._redraw()
-
-    def set_status(self, status: str, now: float) -> None:
-        self.status = status
-        if self.tty:
-            self._redraw()
-        elif status != self._printed_status and now - self._last_status_print >= 1.0:
-            self.message(f"[status] {status}")
-            self._printed_status, self._last_status_print = status, now
-
-    def message(self, msg: str) -> None:
-        """A whole line on stderr (warnings, summary)."""
-        if self.tty:
-            self._clear()
-        sys.stdout.flush()
-        print(msg, file=sys.stderr, flush=True)
-        if self.tty and (self.line or self.status):
-            self._redraw()
-
-    def finish(self) -> None:
-        if self.tty:
-            self._clear()
-            if self.line.strip():
-                sys.stdout.write(self.line.strip() + "\n")
-        else:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
 # The session
 # ------------------------------------------------------------------------------------------------
-
-
-def _raise_interrupt(signum, frame):  # SIGTERM ends a session like Ctrl-C
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigint_ignored():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def converse(args: argparse.Namespace) -> int:
@@ -245,9 +139,7 @@ def converse(args: argparse.Namespace) -> int:
             now = time.perf_counter()
             st, ast = runner.stats, audio.stats
             lag_ms = st.last_latency_ms + audio.queued_frames * FRAME_S * 1e3
-            display.set_status(
-                f"lag {lag_ms:4.0f} ms | dropped {st.dropped} | underruns {ast.underruns}", now
-            )
+            display.set_status(lag_status(lag_ms, st.dropped, ast.underruns), now)
             if st.dropped > warned_drops and now - last_warn >= 2.0:
                 display.message(
                     f"moshi is behind real time: skipped {st.dropped} of your frames so far "
@@ -306,17 +198,6 @@ def _save_recording(recorder, directory: str, model: str) -> None:
         _log(f"error: the recording could not be saved: {first_line(e)}")
         return
     _log(f"recording saved ({files.seconds:.1f} s): " + ", ".join(str(p) for p in files))
-
-
-def _make_echo_canceller(delay_ms: int):
-    """The WebRTC echo canceller, or None (with a clear warning) where it cannot run."""
-    from .aec import AecUnavailable, EchoCanceller
-
-    try:
-        return EchoCanceller(delay_ms=delay_ms)
-    except AecUnavailable as e:
-        _log(f"warning: {first_line(e)}; continuing without echo cancellation (use headphones)")
-        return None
 
 
 def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
@@ -378,20 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Command-line entry: ``main()``, then a quick exit.
-
-    By then the streams are closed and the engine threads stopped; PortAudio is released, and the
-    rest of the interpreter's teardown (freeing the model, joining idle helper threads), which can
-    take half a second, is skipped so that Ctrl-C feels immediate.
-    """
-    rc = main()
-    release_portaudio()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(rc)
+    """Command-line entry: ``main()``, then a quick exit (see :func:`moshi_mlx.terminal.exit_now`)."""
+    exit_now(main())
 
 
 if __name__ == "__main__":

@@ -603,9 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     g.add_argument(
-        "--ssl", metavar="DIR", default=None,
-        help="serve https/wss with DIR/cert.pem and DIR/key.pem (browsers only allow the microphone on "
-        "localhost or over https)",
+        "--ssl", metavar="auto|DIR", default=None,
+        help="serve https/wss (browsers only allow the microphone on localhost or over https): 'auto' makes "
+        "a self-signed certificate for this machine on first use and keeps it in your config folder; "
+        "DIR uses DIR/cert.pem and DIR/key.pem",
     )
     g.add_argument("--no-browser", action="store_true", help="do not open the browser")
     g.add_argument("--web-dir", default=None, help="folder with the UI (default: the repository's web/)")
@@ -630,6 +631,35 @@ def ssl_context(directory: str | os.PathLike) -> ssl.SSLContext:
     return ctx
 
 
+def _ssl_setup(option: str | None, host: str) -> tuple[ssl.SSLContext | None, Callable[[int], None] | None]:
+    """--ssl auto|DIR: the server's SSL context, and what to tell the user once the port is known."""
+    if not option:
+        return None, None
+    if option != "auto":
+        return ssl_context(option), None
+    from . import tls
+
+    info = tls.ensure_certificate()
+    ctx = tls.server_context(info.cert, info.key)
+    made = "made a new" if info.created else "using the"
+    log.info("%s self-signed certificate %s", made, info.cert)
+    log.info("certificate SHA-256 fingerprint: %s", info.fingerprint)
+
+    def announce(port: int) -> None:
+        if host in ("localhost", "127.0.0.1", "::1"):
+            log.info("other devices cannot reach %s; add --host 0.0.0.0 to serve the LAN", host)
+            return
+        lan = [a for a in info.addresses if not a.startswith("127.") and a != "::1"]
+        if host == "0.0.0.0":  # IPv4 only
+            lan = [a for a in lan if ":" not in a]
+        shown = lan if host in ("", "0.0.0.0", "::") else [host]
+        for addr in shown:
+            log.info("from another device: %s  (accept the certificate warning after checking the fingerprint)",
+                     browser_url(addr, port, True))
+
+    return ctx, announce
+
+
 def browser_url(host: str, port: int, secure: bool) -> str:
     shown = "localhost" if host in ("", "0.0.0.0", "::", "localhost") else host
     if ":" in shown and not shown.startswith("["):
@@ -638,7 +668,8 @@ def browser_url(host: str, port: int, secure: bool) -> str:
 
 
 async def serve(
-    app: web.Application, host: str, port: int, ssl_ctx: ssl.SSLContext | None, open_browser: bool
+    app: web.Application, host: str, port: int, ssl_ctx: ssl.SSLContext | None, open_browser: bool,
+    announce: Callable[[int], None] | None = None,
 ) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -653,6 +684,8 @@ async def serve(
         port = sockets[0].getsockname()[1] if sockets else port
     url = browser_url(host, port, ssl_ctx is not None)
     print(f"open {url} in your browser (Ctrl-C to quit)", file=sys.stderr, flush=True)
+    if announce is not None:
+        announce(port)
     if open_browser:
         threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
     stop = asyncio.Event()
@@ -705,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
         from .assets import load_from_args, settings_from_args
 
         web_dir = find_web_dir(args.web_dir)  # fail before the (slow) model load
-        ssl_ctx = ssl_context(args.ssl) if args.ssl else None
+        ssl_ctx, announce = _ssl_setup(args.ssl, args.host)
         check_port_free(args.host, args.port)
         t0 = time.perf_counter()
         assets = load_from_args(args)
@@ -718,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             lm_model_file=assets.lm_file,
         )
         app = create_app(server, web_dir)
-        asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser))
+        asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser, announce))
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -37,9 +37,9 @@ FRAME_S = 0.08
 class App:
     """The app as a child process; stdout/stderr are read as they come, with arrival times."""
 
-    def __init__(self, args: list[str], env: dict, prelude: str | None = None):
+    def __init__(self, args: list[str], env: dict, prelude: str | None = None, module: str = "moshi_mlx.local"):
         code = (prelude or "") + (
-            "\nimport sys; sys.argv = ['moshi_mlx.local'] + sys.argv[1:]\nfrom moshi_mlx.local import cli; cli()"
+            f"\nimport sys; sys.argv = ['{module}'] + sys.argv[1:]\nfrom {module} import cli; cli()"
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE

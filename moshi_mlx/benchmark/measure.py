@@ -1,0 +1,163 @@
+"""Measurement: the one timing loop (`timed`), its statistics, memory readings and progress bars."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+import mlx.core as mx
+import psutil
+from tqdm import tqdm
+
+_PROCESS = psutil.Process(os.getpid())
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Milliseconds per call over `n` timed calls (nearest-rank p90, as benchmarks/reference_step.py)."""
+
+    n: int
+    median_ms: float
+    p90_ms: float
+    max_ms: float
+    mean_ms: float
+    min_ms: float
+
+    @classmethod
+    def of(cls, times_ms: list[float]) -> "Stats":
+        if not times_ms:
+            raise ValueError("no timings to summarise")
+        ordered = sorted(float(t) for t in times_ms)
+        p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+        return cls(
+            n=len(ordered),
+            median_ms=round(statistics.median(ordered), 3),
+            p90_ms=round(p90, 3),
+            max_ms=round(ordered[-1], 3),
+            mean_ms=round(statistics.fmean(ordered), 3),
+            min_ms=round(ordered[0], 3),
+        )
+
+
+class _LineStream:
+    """Turns tqdm's carriage-return redraws into whole lines, for logs and pipes (not a terminal)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self._stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+class Progress:
+    """Progress bars on stderr: a live bar on a terminal, a line every `interval_s` otherwise."""
+
+    def __init__(self, enabled: bool = True, interval_s: float = 10.0) -> None:
+        self.enabled = enabled
+        self.interval_s = interval_s
+
+    def bar(self, total: int, desc: str) -> tqdm:
+        stream = sys.stderr
+        if stream.isatty():
+            return tqdm(total=total, desc=desc, file=stream, leave=False, unit="step", dynamic_ncols=True,
+                        disable=not self.enabled)
+        # tqdm redraws with "\r"; in a log that would be one endless line, so each redraw becomes a line,
+        # at most one per interval plus the last.
+        return tqdm(total=total, desc=desc, file=_LineStream(stream), leave=True, unit="step", ncols=80,
+                    mininterval=self.interval_s, maxinterval=self.interval_s, ascii=True, disable=not self.enabled)
+
+
+    def layers(self, desc: str) -> Callable[[int, int], None]:
+        """A `progress(done, total)` callback (as the loader takes) drawing a bar per layer."""
+        state: dict[str, tqdm] = {}
+
+        def show(done: int, total: int) -> None:
+            if "bar" not in state:
+                state["bar"] = self.bar(total, desc)
+            state["bar"].update(done - state["bar"].n)
+            if done == total:
+                state.pop("bar").close()
+
+        return show
+
+
+def timed(
+    call: Callable[[int], object],
+    n: int,
+    warmup: int = 0,
+    bar: tqdm | None = None,
+    after: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Call `call(i)` for i in range(warmup + n); milliseconds of each of the last `n` calls.
+
+    `after(i, ms)` runs outside the timed region (memory probes, snapshots).
+    """
+    times: list[float] = []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        call(i)
+        ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+        if after is not None:
+            after(i, ms)
+        if bar is not None:
+            bar.update()
+    return times
+
+
+def rss_bytes() -> int:
+    """The process's resident set now."""
+    return int(_PROCESS.memory_info().rss)
+
+
+def rss_peak_bytes() -> int:
+    """The process's peak resident set since it started (ru_maxrss: bytes on macOS, KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def gb(n: float | None) -> float | None:
+    return None if n is None else round(n / 1e9, 3)
+
+
+def mb(n: float | None) -> float | None:
+    return None if n is None else round(n / 1e6, 1)
+
+
+@dataclass(frozen=True)
+class PhaseMemory:
+    """Peak memory while one phase ran (MLX's allocator and the process's resident set)."""
+
+    mlx_peak_gb: float
+    rss_peak_gb: float  # highest resident set sampled between the phase's steps
+    rss_end_gb: float
+
+
+class MemoryProbe:
+    """Tracks one phase's peaks: MLX's peak counter is reset at the start; RSS is sampled between steps.
+
+    ru_maxrss cannot be reset, so an earlier phase's peak (e.g. while loading) would hide this
+    one's; sampling the current resident set after each step (outside the timed region) can.
+    """
+
+    def __init__(self) -> None:
+        mx.reset_peak_memory()
+        self._rss_peak = rss_bytes()
+
+    def sample(self, *_: object) -> None:
+        self._rss_peak = max(self._rss_peak, rss_bytes())
+
+    def result(self) -> PhaseMemory:
+        self.sample()
+        return PhaseMemory(gb(mx.get_peak_memory()), gb(self._rss_peak), gb(rss_bytes()))

@@ -1,0 +1,173 @@
+"""The model the benchmark times, always loaded through the app's own front door, `assets.load()`.
+
+Random weights (``--config tiny|small|7b``) are built in the published layout (bfloat16, or
+q8/q4 with bfloat16 scales, like kyutai/moshiko-mlx-*), written to a temporary safetensors file
+with its config.json, and then loaded like any local checkpoint, so they take the app's path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..assets import Assets, load
+from ..hub import ModelSource
+from ..loading import GROUP_SIZE_FOR_BITS, Quantization, _materialise, build_model, save_lm
+from ..models.config import LmConfig, config_v0_1, preset
+from ..models.lm import Lm
+from .measure import gb
+
+# Precision names used by benchmarks/compare_reference.py (the reference's spelling) -> (quantize, dtype).
+PRECISIONS: dict[str, tuple[int | None, str | None]] = {
+    "f32": (None, "float32"),
+    "bf16": (None, "bfloat16"),
+    "q8": (8, None),
+    "q4": (4, None),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    label: str  # how the verdict names it: "-q 4", "small -q 4 (random weights)", ...
+    source: str  # "file", "random" or "demo"
+    config: str  # tiny / small / 7b, or "from config.json"
+    bits: int | None  # weight quantization, None for float weights
+    group_size: int | None
+    compute_dtype: str
+    params: int  # logical parameter count (before packing)
+    weights_gb: float  # bytes the loaded parameters take
+    path: str | None = None
+    repo: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadTimes:
+    load_s: float  # assets.load(): resolve files, load the LM, Mimi and tokenizer
+    mlx_peak_gb: float  # MLX allocator peak while loading
+    write_random_s: float | None = None  # building + writing random weights (not part of loading)
+    file_gb: float | None = None
+
+
+@dataclass
+class Loaded:
+    assets: Assets
+    info: ModelInfo
+    load: LoadTimes
+
+
+def write_random_checkpoint(
+    config: LmConfig, bits: int | None, folder: Path, seed: int = 0, progress: Callable[[int, int], None] | None = None
+) -> tuple[Path, Path]:
+    """Random weights in the published layout plus their config.json; returns (weights, config) paths."""
+    mx.random.seed(seed)
+    quant = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits else None
+    model = build_model(config, quant, mx.bfloat16)
+    _materialise(model, progress)  # layer by layer, so peak memory stays near the model's size
+    weights = folder / f"model.{f'q{bits}' if bits else 'bf16'}.safetensors"
+    save_lm(model, weights)
+    del model
+    gc.collect()
+    mx.clear_cache()  # give the builder's memory back before the timed load
+    config_path = folder / "config.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    return weights, config_path
+
+
+def random_config(name: str, context: int | None) -> LmConfig:
+    config = preset(name)
+    if context is not None:
+        config = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, context=context))
+    return config
+
+
+def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: Callable[[int, int], None] | None) -> Loaded:
+    """Load what the command line asks for: demo, random weights in a named config, or model files."""
+    source = ModelSource.from_args(args)
+    write_s = file_gb = None
+    if args.demo:
+        kind, config_name = "demo", "tiny"
+    elif args.config is not None:
+        from ..demo import demo_assets
+
+        kind, config_name = "random", args.config
+        t0 = time.perf_counter()
+        weights, config_path = write_random_checkpoint(
+            random_config(args.config, args.context), args.quantize, scratch, args.seed, progress
+        )
+        write_s = round(time.perf_counter() - t0, 3)
+        file_gb = gb(weights.stat().st_size)
+        stand_ins = demo_assets()
+        source = dataclasses.replace(
+            source,
+            moshi_weights=str(weights),
+            lm_config=str(config_path),
+            mimi_weights=args.mimi_weights or str(stand_ins.mimi_path),
+            tokenizer=args.tokenizer or str(stand_ins.tokenizer_path),
+        )
+    else:
+        kind, config_name = "file", None
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    assets = load(source, demo=args.demo, dtype=args.dtype, log=log)  # the app's one front door
+    load = LoadTimes(round(time.perf_counter() - t0, 3), gb(mx.get_peak_memory()), write_s, file_gb)
+    info = describe(assets.lm, kind, config_name)
+    if kind == "file":
+        path = Path(args.moshi_weights) if args.moshi_weights else None
+        info = dataclasses.replace(info, path=str(path) if path else None, repo=None if path else assets.description)
+    return Loaded(assets, info, load)
+
+
+def _quantization(lm: Lm) -> tuple[int | None, int | None]:
+    head = lm.text_linear
+    if isinstance(head, nn.QuantizedLinear):
+        return head.bits, head.group_size
+    return None, None
+
+
+def weights_bytes(lm: Lm) -> int:
+    return int(sum(p.nbytes for _, p in tree_flatten(lm.parameters())))
+
+
+def param_count(config: LmConfig) -> int:
+    """Logical parameter count of a config; a lazy model, so nothing is allocated."""
+    return int(sum(p.size for _, p in tree_flatten(Lm(config).parameters())))
+
+
+def describe(lm: Lm, kind: str, config_name: str | None) -> ModelInfo:
+    config = lm.config
+    bits, group = _quantization(lm)
+    dtype = str(lm.dtype).rsplit(".", 1)[-1]
+    precision = f"-q {bits}" if bits else ("bf16" if dtype == "bfloat16" else dtype)
+    if kind == "demo":
+        label = "--demo (tiny random weights)"
+    elif kind == "random":
+        label = f"{config_name} {precision} (random weights)"
+    else:
+        label = precision
+    if config_name is None:
+        config_name = "7b" if config == config_v0_1() else "from config.json"
+    return ModelInfo(
+        label=label,
+        source=kind,
+        config=config_name,
+        bits=bits,
+        group_size=group,
+        compute_dtype=dtype,
+        params=param_count(config),
+        weights_gb=gb(weights_bytes(lm)),
+    )
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """Where random weights are written; removed when the run ends."""
+    return tempfile.TemporaryDirectory(prefix="moshi-mlx-bench-")

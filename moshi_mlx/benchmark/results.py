@@ -1,0 +1,82 @@
+"""Everything one benchmark run measured, as dataclasses (written as JSON with a schema version)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from .long import LongRun
+from .machine import Machine
+from .measure import PhaseMemory
+from .models import LoadTimes, ModelInfo
+from .pipeline import MimiTimes, RunnerResult, Sequential
+from .steps import LmTimes
+
+SCHEMA = "moshi_mlx.benchmark/2"
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    warmup: int
+    start_position: int  # session position the timed steps start at (= context: window already full)
+    context: int
+    seed: int
+    realtime_frames: int
+    kv_bits: int | None
+    split: bool
+    long: bool
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    sequential: Sequential
+    threaded: RunnerResult
+    realtime: RunnerResult | None
+
+
+@dataclass(frozen=True)
+class Memory:
+    lm: PhaseMemory | None  # the LM steps alone, before Mimi runs
+    pipeline: PhaseMemory | None  # LM + Mimi both ways + the runner's buffers
+    mlx_peak_gb: float  # MLX's allocator, whole run (loading included)
+    rss_peak_gb: float  # the process's peak resident set, whole run (ru_maxrss)
+    weights_gb: float
+    kv_cache_gb: float | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    line: str
+    keeps_up: bool
+    ms_per_frame: float  # work per 80 ms frame on the basis below
+    basis: str  # what was timed: threaded pipeline, sequential pipeline or the LM alone
+    rtf: float  # ms_per_frame / 80: below 1 keeps up
+    headroom: float  # 1 - rtf: negative when it falls behind
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    created: str
+    command: str
+    machine: Machine
+    model: ModelInfo
+    load: LoadTimes
+    settings: Settings
+    memory: Memory
+    verdict: Verdict
+    lm: LmTimes | None = None
+    mimi: MimiTimes | None = None
+    pipeline: Pipeline | None = None
+    long: LongRun | None = None
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if self.long is not None:
+            out["long"]["flat"] = self.long.flat
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"

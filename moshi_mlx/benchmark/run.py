@@ -1,0 +1,231 @@
+"""Orchestration: load through the app's front door, run the measurements in order, build the result."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from ..assets import settings_from_args
+from ..engine import ConversationEngine
+from ..errors import error_line
+from .args import build_parser, check_args, start_position
+from .long import LongRun, long_session
+from .machine import Machine, machine_info
+from .measure import MemoryProbe, PhaseMemory, Progress, gb, rss_peak_bytes
+from .models import PRECISIONS, Loaded, load_model, scratch_dir
+from .pipeline import time_mimi, time_runner, time_sequential
+from .report import format_table, verdict
+from .results import BenchResult, Memory, Pipeline, Settings
+from .steps import LmTimes, engine_settings, kv_cache_bytes, new_generator, time_lm, user_codes
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def kv_bits(args: argparse.Namespace) -> int | None:
+    """--kv-bits, once the shared flags have it (the quantized KV cache); None keeps the model's dtype."""
+    return getattr(args, "kv_bits", None)
+
+
+def _set_device(name: str | None) -> None:
+    if name == "gpu":
+        if not mx.is_available(mx.gpu):
+            raise RuntimeError("--device gpu: this MLX build has no GPU backend (install MLX with Metal or CUDA)")
+        mx.set_default_device(mx.gpu)
+    elif name == "cpu":
+        mx.set_default_device(mx.cpu)
+
+
+def _settings(args: argparse.Namespace, context: int, position: int) -> Settings:
+    return Settings(
+        steps=args.steps,
+        warmup=args.warmup,
+        start_position=position,
+        context=context,
+        seed=args.seed,
+        realtime_frames=0 if (args.lm_only or args.long) else args.realtime_frames,
+        kv_bits=kv_bits(args),
+        split=not (args.no_split or args.long),
+        long=args.long,
+    )
+
+
+def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress: Progress, machine: Machine) -> dict:
+    """LM alone, then Mimi and the pipeline, each phase with its own memory peaks."""
+    assets, kv = loaded.assets, kv_bits(args)
+    sampling = settings_from_args(args)
+    probe = MemoryProbe()
+    lm = time_lm(assets.lm, args.steps, args.warmup, position, args.seed, kv, not args.no_split, progress,
+                 probe.sample, sampling.text, sampling.audio)
+    out: dict[str, Any] = {"lm": lm, "lm_memory": probe.result()}
+    if args.lm_only:
+        out["verdict"] = verdict(lm.step.median_ms, loaded.info.label, machine.where(), "LM alone, Mimi not included",
+                                 p90_ms=lm.step.p90_ms)
+        return out
+    probe = MemoryProbe()
+    short_warmup = min(args.warmup, 5)
+    out["mimi"] = time_mimi(assets.mimi, args.steps, short_warmup, args.seed, progress)
+    engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv))
+    try:
+        engine.warmup(frames=short_warmup)
+        sequential = time_sequential(engine, args.steps, args.warmup, position, progress, probe.sample)
+        threaded = time_runner(engine, args.steps, args.warmup, position, False, progress, probe.sample)
+        realtime = None
+        if args.realtime_frames > 0:
+            realtime = time_runner(engine, args.realtime_frames, short_warmup, position, True, progress, probe.sample)
+    finally:
+        engine.close()
+    out["pipeline"] = Pipeline(sequential, threaded, realtime)
+    out["pipeline_memory"] = probe.result()
+    if threaded.ms_per_frame is not None:
+        basis, ms = "threaded pipeline", threaded.ms_per_frame
+    else:
+        basis, ms = "sequential pipeline", sequential.frame.median_ms
+    dropped = realtime.dropped if realtime is not None else 0
+    out["verdict"] = verdict(ms, loaded.info.label, machine.where(), basis, dropped, lm.step.p90_ms)
+    return out
+
+
+def _long_run(args: argparse.Namespace, loaded: Loaded, progress: Progress, machine: Machine) -> dict:
+    assets, kv = loaded.assets, kv_bits(args)
+    sampling = settings_from_args(args)
+    probe = MemoryProbe()
+    engine = None
+    if args.long_pipeline:
+        from .pipeline import speechlike_pcm
+
+        engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv))
+        pcm = speechlike_pcm(64, 3)
+        gen = engine.gen
+
+        def step(i: int) -> None:
+            engine.process(pcm[i % 64])
+    else:
+        gen = new_generator(assets.lm, sampling.text, sampling.audio, args.seed, kv)
+        codes = user_codes(assets.lm.config, 256, args.seed)
+
+        def step(i: int) -> None:
+            gen.step(codes[i % 256])
+
+    try:
+        long: LongRun = long_session(step, args.steps, args.warmup, args.long_pipeline, progress)
+    finally:
+        if engine is not None:
+            engine.close()
+    basis = "whole pipeline, sequential" if args.long_pipeline else "LM alone, Mimi not included"
+    v = verdict(long.end.time.median_ms, loaded.info.label, machine.where(), basis + ", last window")
+    state = "memory and step time stay flat" if long.flat else (
+        "memory GROWS" if not long.flat_memory else "step time drifts up")
+    v = replace(v, line=f"{v.line}; over {long.steps} steps {state}")
+    memory = probe.result()
+    return {"long": long, "verdict": v, "kv": kv_cache_bytes(gen),
+            "lm_memory": None if args.long_pipeline else memory,
+            "pipeline_memory": memory if args.long_pipeline else None}
+
+
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
+    """Everything the command line does; returns the result (printed and written by `main`)."""
+    _set_device(args.device)
+    progress = Progress(args.progress)
+    machine = machine_info()
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    with scratch_dir() as scratch:
+        loaded = load_model(args, Path(scratch), _log, progress.layers("random weights"))
+        context = loaded.assets.lm.config.transformer.context
+        position = 0 if args.long else start_position(args.position, context)
+        try:
+            out = _long_run(args, loaded, progress, machine) if args.long else _short_run(
+                args, loaded, position, progress, machine)
+        finally:
+            loaded.assets.mimi.close()
+    lm: LmTimes | None = out.get("lm")
+    phases: list[PhaseMemory] = [m for m in (out.get("lm_memory"), out.get("pipeline_memory")) if m is not None]
+    kv = lm.kv_cache_gb if lm is not None else gb(out.get("kv"))
+    memory = Memory(
+        lm=out.get("lm_memory"),
+        pipeline=out.get("pipeline_memory"),
+        mlx_peak_gb=max([loaded.load.mlx_peak_gb, *(m.mlx_peak_gb for m in phases)]),
+        rss_peak_gb=gb(rss_peak_bytes()),
+        weights_gb=loaded.info.weights_gb,
+        kv_cache_gb=kv,
+    )
+    command = " ".join(["python -m moshi_mlx.benchmark", *(sys.argv[1:] if argv is None else argv)])
+    return BenchResult(
+        created=created,
+        command=command,
+        machine=machine,
+        model=loaded.info,
+        load=loaded.load,
+        settings=_settings(args, context, position),
+        memory=memory,
+        verdict=out["verdict"],
+        lm=lm,
+        mimi=out.get("mimi"),
+        pipeline=out.get("pipeline"),
+        long=out.get("long"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = check_args(parser, parser.parse_args(argv))
+    try:
+        result = run(args, argv)
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return 130
+    except Exception as e:  # one line for the user, as the app's other front ends
+        _log(error_line(e))
+        return 1
+    print(format_table(result), flush=True)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result.to_json())
+        _log(f"wrote {path}")
+    return 0
+
+
+def time_lm_steps(config_name: str, precision: str, steps: int, warmup: int, seed: int = 0, position: int = 0) -> dict:
+    """LM steps of random weights in a named config, for benchmarks/compare_reference.py.
+
+    `precision` is the reference's spelling (f32, bf16, q8, q4). Same path as the command line
+    (published layout written, loaded through `assets.load()`); a fresh conversation by default,
+    like the reference's own loop. `peak_memory_gb` is MLX's peak during the steps.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    quantize, dtype = PRECISIONS[precision]
+    argv = ["--config", config_name, "--steps", str(steps), "--warmup", str(warmup), "--seed", str(seed),
+            "--position", str(position), "--lm-only", "--no-split", "--no-progress"]
+    argv += ["-q", str(quantize)] if quantize else ["--dtype", dtype]
+    parser = build_parser()
+    res = run(check_args(parser, parser.parse_args(argv)), argv)
+    step = res.lm.step
+    return {
+        "impl": "ours",
+        "config": config_name,
+        "dtype": precision,
+        "median_ms": step.median_ms,
+        "p90_ms": step.p90_ms,
+        "max_ms": step.max_ms,
+        "mean_ms": step.mean_ms,
+        "steps_per_s": res.lm.steps_per_s,
+        "peak_memory_gb": res.memory.lm.mlx_peak_gb,
+        "rss_peak_gb": res.memory.rss_peak_gb,
+        "steps": steps,
+        "warmup": warmup,
+        "build_s": res.load.write_random_s,
+        "load_s": res.load.load_s,
+        "params": res.model.params,
+        "weights_gb": res.model.weights_gb,
+        "mlx_version": mx.__version__,
+        "device": str(mx.default_device()),
+    }

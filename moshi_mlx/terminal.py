@@ -1,0 +1,163 @@
+"""What the terminal front ends share (``moshi_mlx.local`` and ``moshi_mlx.client``).
+
+The live transcript and lag line (:class:`Display`), the audio flags, the echo canceller set-up,
+Ctrl-C / SIGTERM handling and the quick exit once everything is closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import threading
+
+from .audio import release_portaudio
+from .errors import first_line
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Device, lag and echo-cancellation flags; returns the group so callers can add their own."""
+    from .assets import add_lag_arg
+
+    g = parser.add_argument_group("audio")
+    g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
+    g.add_argument("--input-device", default=None, metavar="DEV", help="microphone: index or part of its name")
+    g.add_argument("--output-device", default=None, metavar="DEV", help="speaker: index or part of its name")
+    add_lag_arg(g)
+    g.add_argument(
+        "--no-aec", action="store_true",
+        help="turn off echo cancellation (on by default so Moshi does not hear itself through the speakers)",
+    )
+    g.add_argument(
+        "--aec-delay-ms", type=int, default=120, metavar="MS",
+        help="expected speaker-to-mic delay, a starting hint for the echo canceller (default 120)",
+    )
+    return g
+
+
+def make_echo_canceller(delay_ms: int):
+    """The WebRTC echo canceller, or None (with a clear warning) where it cannot run."""
+    from .aec import AecUnavailable, EchoCanceller
+
+    try:
+        return EchoCanceller(delay_ms=delay_ms)
+    except AecUnavailable as e:
+        log(f"warning: {first_line(e)}; continuing without echo cancellation (use headphones)")
+        return None
+
+
+def lag_status(lag_ms: float, dropped: int, underruns: int) -> str:
+    """The status line's text; the same in both front ends (tests parse it)."""
+    return f"lag {lag_ms:4.0f} ms | dropped {dropped} | underruns {underruns}"
+
+
+class Display:
+    """Transcript on stdout, status on stderr; all writes happen on the main thread.
+
+    On a terminal the words being spoken and a small lag indicator share one live line on stderr;
+    finished lines go to stdout. Otherwise every piece goes to stdout as it comes and a status line
+    goes to stderr about once a second when something changed.
+    """
+
+    def __init__(self) -> None:
+        self.tty = sys.stdout.isatty() and sys.stderr.isatty()
+        self.line = ""
+        self.status = ""
+        self._last_status_print = 0.0
+        self._printed_status = ""
+
+    def _width(self) -> int:
+        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
+
+    def _redraw(self) -> None:
+        tail = f"  [{self.status}]" if self.status else ""
+        room = self._width() - len(tail)
+        text = self.line if len(self.line) <= room else "…" + self.line[-(room - 1):]
+        sys.stderr.write("\r\033[K" + text + "\033[2m" + tail + "\033[0m")
+        sys.stderr.flush()
+
+    def _clear(self) -> None:
+        sys.stderr.write("\r\033[K")
+        sys.stderr.flush()
+
+    def text(self, piece: str) -> None:
+        if not self.tty:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            return
+        self.line += piece
+        limit = self._width() - 30
+        if len(self.line) > limit:  # commit the line at a word boundary
+            cut = self.line.rfind(" ", 0, limit)
+            cut = cut if cut > 0 else limit
+            self._clear()
+            sys.stdout.write(self.line[:cut].strip() + "\n")
+            sys.stdout.flush()
+            self.line = self.line[cut:]
+        self._redraw()
+
+    def set_status(self, status: str, now: float) -> None:
+        self.status = status
+        if self.tty:
+            self._redraw()
+        elif status != self._printed_status and now - self._last_status_print >= 1.0:
+            self.message(f"[status] {status}")
+            self._printed_status, self._last_status_print = status, now
+
+    def message(self, msg: str) -> None:
+        """A whole line on stderr (warnings, summary)."""
+        if self.tty:
+            self._clear()
+        sys.stdout.flush()
+        print(msg, file=sys.stderr, flush=True)
+        if self.tty and (self.line or self.status):
+            self._redraw()
+
+    def finish(self) -> None:
+        if self.tty:
+            self._clear()
+            if self.line.strip():
+                sys.stdout.write(self.line.strip() + "\n")
+        else:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def raise_interrupt(signum, frame):  # SIGTERM ends a session like Ctrl-C
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """A second Ctrl-C must not break the cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def exit_now(rc: int) -> None:
+    """Leave at once, once streams are closed and worker threads stopped.
+
+    PortAudio is released (sound servers such as JACK stall on clients that vanish without closing);
+    the rest of the interpreter's teardown (freeing the model, joining idle helper threads), which
+    can take half a second, is skipped so that Ctrl-C feels immediate.
+    """
+    release_portaudio()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
