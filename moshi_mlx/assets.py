@@ -32,6 +32,7 @@ class Assets:
     description: str
     demo: bool
     load_seconds: float
+    lm_file: str = ""  # where the LM weights came from (reported to web clients)
 
     def engine(self, settings: EngineSettings = EngineSettings()) -> ConversationEngine:
         return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings)
@@ -85,7 +86,10 @@ def load(
         lm = demo_lm()
         mimi = Mimi(files.mimi_path)
         tok = TextTokenizer(files.tokenizer_path)
-        return Assets(lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start)
+        return Assets(
+            lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start,
+            lm_file="none: random demo weights",
+        )
 
     resolved = resolve_model(source)
     files, config = resolved.files, resolved.config
@@ -98,7 +102,7 @@ def load(
             f"text tokenizer {files.tokenizer} has {tok.vocab_size} pieces but the model emits {config.text_out_vocab_size}"
         )
     label = files.repo or str(Path(files.moshi).parent)
-    return Assets(lm, mimi, tok, label, False, time.perf_counter() - start)
+    return Assets(lm, mimi, tok, label, False, time.perf_counter() - start, lm_file=str(files.moshi))
 
 
 # -- shared command-line flags ------------------------------------------------------------

@@ -352,9 +352,11 @@ class DuplexAudio:
         output_device: int | str | None = None,
         max_queued: int = 8,
         echo_canceller: EchoHook | None = None,
+        on_output: Callable[[np.ndarray], None] | None = None,
     ):
         self._sd = _sd()
         self.on_input = on_input
+        self.on_output = on_output  # sees every 24 kHz frame as it goes to the speaker (recording)
         self.echo_canceller = echo_canceller
         self.input_device = find_device(input_device, "input")
         self.output_device = find_device(output_device, "output")
@@ -413,6 +415,8 @@ class DuplexAudio:
             self.stats.played_frames += 1
         if self.echo_canceller is not None:
             self.echo_canceller.process_far(frame)
+        if self.on_output is not None:
+            self.on_output(frame)
         return frame
 
     def _fill_output(self, out: np.ndarray) -> None:

@@ -10,7 +10,7 @@ class MoshiError(Exception):
 USER_ERRORS = frozenset(
     {
         "HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError",
-        "AudioDeviceError", "AudioFileError", "WebUiMissing", "TlsError",
+        "AudioDeviceError", "AudioFileError", "WebUiMissing", "TlsError", "RecordingError",
         "BadUrl", "ServerUnreachable", "ServerRefused", "ProtocolFailure", "ConnectionLost",
     }
 )

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     g = add_audio_args(p)
     g.add_argument(
+        "--record", metavar="DIR", default=None,
+        help="save the conversation into DIR when it ends (also on Ctrl-C): stereo WAV (you left, Moshi right), "
+        "mixed mono WAV, transcript .txt and .json; never overwrites an earlier recording",
+    )
+    g.add_argument(
         "--demo-output", default="moshi-demo.wav", metavar="WAV",
         help="with --demo and no sound devices: where to write Moshi's babble (default moshi-demo.wav)",
     )
@@ -64,16 +69,23 @@ def converse(args: argparse.Namespace) -> int:
 
     # Devices first: a wrong --input-device should not cost a model load.
     runner = None
+    recorder = _make_recorder(args.record)
 
     def push(frame):
         if runner is not None:
+            if recorder is not None:  # only once the model listens: both sides start together
+                recorder.add_user(frame)
             runner.push(frame)
+
+    def played(frame):
+        if recorder is not None and runner is not None:
+            recorder.add_moshi(frame)
 
     echo_canceller = None if args.no_aec else _make_echo_canceller(args.aec_delay_ms)
     try:
         audio = DuplexAudio(
             push, args.input_device, args.output_device,
-            max_queued=args.max_lag_frames + 3, echo_canceller=echo_canceller,
+            max_queued=args.max_lag_frames + 3, echo_canceller=echo_canceller, on_output=played,
         )
     except AudioDeviceError as e:
         if args.demo and args.input_device is None and args.output_device is None:
@@ -98,6 +110,11 @@ def converse(args: argparse.Namespace) -> int:
         if res.text:
             texts.put(res.text)
 
+    def show(piece: str) -> None:
+        display.text(piece)
+        if recorder is not None:
+            recorder.add_text(piece)
+
     runner = EngineRunner(engine, on_result, max_pending=args.max_lag_frames, on_error=failure.append)
     display = _Display()
     started = time.perf_counter()
@@ -110,9 +127,9 @@ def converse(args: argparse.Namespace) -> int:
         _log("listening: speak to Moshi (Ctrl-C to quit)")
         while True:
             try:
-                display.text(texts.get(timeout=0.1))
+                show(texts.get(timeout=0.1))
                 while True:
-                    display.text(texts.get_nowait())
+                    show(texts.get_nowait())
             except queue.Empty:
                 pass
             if failure or runner.error is not None:
@@ -137,6 +154,8 @@ def converse(args: argparse.Namespace) -> int:
             runner.stop(timeout=1.0)
             engine.close()
             display.finish()
+            if recorder is not None:
+                _save_recording(recorder, args.record, assets.description)
     st, ast = runner.stats, audio.stats
     lat = list(latencies)
     lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
@@ -149,6 +168,36 @@ def converse(args: argparse.Namespace) -> int:
         + (" (stopped by Ctrl-C)" if interrupted else "")
     )
     return 0
+
+
+def _make_recorder(directory: str | None):
+    """A recorder for --record DIR, after checking DIR can be written (before any slow loading)."""
+    if directory is None:
+        return None
+    from pathlib import Path
+
+    from .recording import ConversationRecorder, RecordingError
+
+    folder = Path(directory).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecordingError(f"--record {directory}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise RecordingError(f"--record {directory}: the folder is not writable")
+    return ConversationRecorder()
+
+
+def _save_recording(recorder, directory: str, model: str) -> None:
+    if recorder.empty:
+        _log("recording: nothing was recorded")
+        return
+    try:
+        files = recorder.save(directory, {"model": model})
+    except Exception as e:  # never lose the session summary over a full disk
+        _log(f"error: the recording could not be saved: {first_line(e)}")
+        return
+    _log(f"recording saved ({files.seconds:.1f} s): " + ", ".join(str(p) for p in files))
 
 
 def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
@@ -171,6 +220,13 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         engine.close()
     write_wav(args.demo_output, out)
     print("".join(p["text"] for p in pieces).strip())
+    recorder = _make_recorder(args.record)
+    if recorder is not None:
+        recorder.add_user(signal_in)
+        recorder.add_moshi(out)
+        for p in pieces:
+            recorder.add_text(p["text"], p["start"])
+        _save_recording(recorder, args.record, assets.description)
     _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio in {args.demo_output}")
     return 0
 

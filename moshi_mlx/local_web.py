@@ -52,6 +52,7 @@ from .engine import (
 from .errors import error_line
 from .errors import first_line
 from .protocol import FrameChunker, Kind, ParamError, ProtocolError
+from .server_info import server_info
 
 log = logging.getLogger("moshi_mlx.web")
 
@@ -65,21 +66,25 @@ class WebUiMissing(RuntimeError):
 
 
 def find_web_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The folder holding the UI (index.html): ``explicit``, $MOSHI_MLX_WEB_DIR, <repo>/web or <package>/web."""
+    """The folder holding the UI (index.html): ``explicit``, $MOSHI_MLX_WEB_DIR, <package>/web or <repo>/web.
+
+    An installed wheel carries the UI as ``moshi_mlx/web/``; an editable install from a clone has
+    none there and uses the repository's ``web/`` beside the package.
+    """
     candidates: list[Path] = []
     if explicit:
         candidates.append(Path(explicit))
     elif os.environ.get("MOSHI_MLX_WEB_DIR"):
         candidates.append(Path(os.environ["MOSHI_MLX_WEB_DIR"]))
     else:
-        candidates += [PACKAGE_DIR.parent / "web", PACKAGE_DIR / "web"]
+        candidates += [PACKAGE_DIR / "web", PACKAGE_DIR.parent / "web"]
     for c in candidates:
         if (c / "index.html").is_file():
             return c.resolve()
     where = ", ".join(str(c) for c in candidates)
     raise WebUiMissing(
-        f"the web UI was not found (looked for index.html in {where}); run from a checkout of the "
-        "repository, or point --web-dir / MOSHI_MLX_WEB_DIR at its web/ folder"
+        f"the web UI was not found (looked for index.html in {where}); reinstall the package, or point "
+        "--web-dir / MOSHI_MLX_WEB_DIR at a folder holding the UI"
     )
 
 
@@ -190,6 +195,8 @@ class Conversation:
         self.not_encoded = 0  # Moshi's frames skipped because the client did not keep up (decode thread)
         self._last_error_sent: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
+        # Every metadata message starts with these (Kyutai's client checks each one against its schema).
+        self.server_fields = server_info(query.describe(), server.lm_model_file)
 
     # -- engine side (worker threads) ------------------------------------------------------
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
@@ -255,6 +262,7 @@ class Conversation:
         st = self.runner.stats if self.runner is not None else None
         steps = list(st.recent_step_ms) if st is not None else []
         return {
+            **self.server_fields,
             "type": "stats",
             "seconds": round(time.monotonic() - self.started, 1),
             "frames_in": st.frames_in if st else 0,
@@ -270,6 +278,7 @@ class Conversation:
 
     def info(self) -> dict[str, Any]:
         return {
+            **self.server_fields,
             "type": "info",
             "server": "moshi_mlx",
             "model": self.server.description,
@@ -399,8 +408,10 @@ class ChatServer:
         stats_interval: float = 1.0,
         check_origin: bool = True,
         default_settings: EngineSettings | None = None,
+        lm_model_file: str = "",
     ) -> None:
         self.engine = engine
+        self.lm_model_file = lm_model_file
         # Settings for parameters a client leaves out (the command line's, by default).
         self.default_settings: EngineSettings = default_settings or engine.settings
         self.description = description
@@ -736,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         warm_s = engine.warmup()
         log.info("ready in %.1f s (load %.1f s, warm-up %.1f s): %s", load_s + warm_s, load_s, warm_s, assets.description)
         server = ChatServer(
-            engine, description=assets.description, demo=assets.demo, max_pending=args.max_lag_frames
+            engine, description=assets.description, demo=assets.demo, max_pending=args.max_lag_frames,
+            lm_model_file=assets.lm_file,
         )
         app = create_app(server, web_dir)
         asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser, announce))

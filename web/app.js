@@ -5,15 +5,24 @@
 // WebSocket 0x01 (Ogg/Opus pages) -> ogg-opus-decoder (48 kHz PCM) -> AudioWorklet
 // "moshi-playback" (jitter buffer, resampling) -> speakers.
 // 0x02 text goes to the transcript, 0x04 metadata to the status line, 0x05 errors to the user.
+// Each conversation is recorded in the page (recorder.js): both voices as heard and the timed
+// transcript, offered as files during and after it. Nothing is uploaded.
 //
 // URL flags: ?ec=0 / ?ns=0 / ?agc=0 turn off echo cancellation / noise suppression / auto gain
 // (?rawmic=1 turns off all three), ?autoconnect=1 connects on load (for tests).
 // Counters for tests and curious people: window.moshi.stats.
 
+import { ConversationRecording } from "./recorder.js";
+
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5, PING: 6 };
-const PARAMS = ["text_temperature", "text_topk", "audio_temperature", "audio_topk", "seed"];
+// Query parameters, named as Kyutai's client sends them.
+const PARAMS = [
+  "text_temperature", "text_topk", "audio_temperature", "audio_topk",
+  "repetition_penalty", "repetition_penalty_context", "pad_mult", "text_seed", "audio_seed",
+];
 const STORAGE_KEY = "moshi_mlx.settings";
 const MAX_WS_BUFFER = 256 * 1024; // bytes queued in the socket before mic pages are skipped
+const INFO_POLL_MS = 3000; // how often an idle page asks whether the server is free
 
 const query = new URLSearchParams(location.search);
 function flag(name, fallback) {
@@ -38,9 +47,14 @@ const ui = {
   model: $("model"),
   meterIn: $("meter-in"),
   meterOut: $("meter-out"),
+  meterInBox: $("meter-in-box"),
+  meterOutBox: $("meter-out-box"),
   lag: $("lag"),
   transcript: $("transcript"),
   clear: $("clear"),
+  undo: $("undo"),
+  save: $("save"),
+  saveNote: $("save-note"),
   form: $("settings"),
   resetSettings: $("reset-settings"),
 };
@@ -69,9 +83,12 @@ const stats = {
   errors: [],
   serverInfo: null,
   serverStats: null,
+  serverBusy: false,
+  serverDown: false,
   micOptions: MIC_OPTIONS,
 };
-window.moshi = { stats };
+const FRESH = JSON.stringify(stats); // every connect starts from these counters
+window.moshi = { stats, recording: null };
 
 // ---------------------------------------------------------------------------------------------
 // Small UI helpers
@@ -83,8 +100,16 @@ function setState(state, text) {
   if (text !== undefined) ui.status.textContent = text;
   const busy = state === "starting" || state === "connecting" || state === "live";
   ui.connect.textContent = busy ? "Disconnect" : "Connect";
-  ui.connect.disabled = state === "stopping";
   for (const input of ui.form.elements) input.disabled = busy;
+  updateConnectButton();
+}
+
+// Connect is disabled, with the reason beside it, while another conversation holds the server.
+function updateConnectButton() {
+  const live = session !== null;
+  const blocked = !live && stats.serverBusy;
+  ui.connect.disabled = stats.state === "stopping" || blocked;
+  ui.connect.title = blocked ? "Moshi is busy with another conversation" : "";
 }
 
 function showMessage(text, kind = "error") {
@@ -107,9 +132,22 @@ function level(rms) {
 
 let meterIn = 0;
 let meterOut = 0;
-function drawMeters() {
-  ui.meterIn.style.width = `${Math.round(meterIn * 100)}%`;
-  ui.meterOut.style.width = `${Math.round(meterOut * 100)}%`;
+let lastAria = 0;
+function drawMeters(now) {
+  const inPct = Math.round(meterIn * 100);
+  const outPct = Math.round(meterOut * 100);
+  ui.meterIn.style.width = `${inPct}%`;
+  ui.meterOut.style.width = `${outPct}%`;
+  // Screen readers get the same values (role="meter"), a few times a second rather than every frame.
+  if (now - lastAria > 250 || (inPct === 0 && outPct === 0)) {
+    lastAria = now;
+    for (const [box, pct] of [[ui.meterInBox, inPct], [ui.meterOutBox, outPct]]) {
+      if (box.getAttribute("aria-valuenow") !== String(pct)) {
+        box.setAttribute("aria-valuenow", String(pct));
+        box.setAttribute("aria-valuetext", `${pct}%`);
+      }
+    }
+  }
   requestAnimationFrame(drawMeters);
 }
 requestAnimationFrame(drawMeters);
@@ -128,6 +166,7 @@ function startTurn() {
 }
 function addText(piece) {
   if (!currentTurn) startTurn();
+  if (session && session.recording) session.recording.addText(piece, session.elapsed());
   const atBottom = ui.transcript.scrollHeight - ui.transcript.scrollTop - ui.transcript.clientHeight < 30;
   let text = piece;
   if (currentTurn.data.length === 0) text = text.replace(/^\s+/, "");
@@ -164,14 +203,10 @@ function settingsQuery() {
     const input = ui.form.elements[name];
     const value = input.value.trim();
     if (value === "") continue;
-    if (!input.checkValidity()) throw new Error(`Setting "${input.parentElement.firstChild.textContent.trim()}" is not valid.`);
-    if (name === "seed") {
-      // Kyutai's clients send one seed per stream; this server uses a single seed for both.
-      params.set("text_seed", value);
-      params.set("audio_seed", value);
-    } else {
-      params.set(name, value);
+    if (!input.checkValidity()) {
+      throw new UserError(`Setting "${input.parentElement.firstChild.textContent.trim()}" is not valid: ${input.validationMessage}`);
     }
+    params.set(name, value);
   }
   return params;
 }
@@ -203,6 +238,13 @@ class Session {
     this.busy = false;
     this.serverError = null;
     this.decodeChain = Promise.resolve();
+    this.recording = null;
+  }
+
+  // Seconds since the conversation started, on the audio clock.
+  elapsed() {
+    if (!this.ctx || !this.recording) return 0;
+    return this.ctx.currentTime - this.recording.startFrame / this.recording.sampleRate;
   }
 
   async start() {
@@ -217,10 +259,21 @@ class Session {
       throw new UserError("This browser lacks the Web Audio features needed here (AudioWorklet). Try a current Chrome, Firefox or Safari.");
     }
     if (!window["ogg-opus-decoder"]) throw new UserError("The Opus decoder failed to load (vendor/ogg-opus-decoder.min.js).");
+    const wsUrl = this.wsUrl(); // bad settings are reported before anything starts
 
     // Create and resume the context while still inside the click (Safari insists).
     this.ctx = new AudioCtx({ latencyHint: "interactive" });
     const resumed = this.ctx.resume();
+
+    // Is the server there and free? (Otherwise the first failure would be an obscure worklet error.)
+    setState("starting", "Contacting the server…");
+    const info = await fetchInfo();
+    if (!info) throw new UserError(serverDownText());
+    if (info.busy) {
+      this.busy = true;
+      throw new UserError(BUSY_TEXT);
+    }
+    if (this.closed) return;
 
     setState("starting", "Asking for the microphone…");
     try {
@@ -237,7 +290,11 @@ class Session {
     }
     await resumed;
     setState("starting", "Preparing audio…");
-    await this.ctx.audioWorklet.addModule("audio-worklets.js");
+    try {
+      await this.ctx.audioWorklet.addModule("audio-worklets.js");
+    } catch (e) {
+      throw new UserError(`${serverDownText()} (the page's audio code could not be loaded)`);
+    }
     this.decoder = new window["ogg-opus-decoder"].OggOpusDecoder();
     await Promise.all([this.decoder.ready, this.startEncoder()]);
     if (this.closed) return;
@@ -258,11 +315,11 @@ class Session {
       outputChannelCount: [1],
       processorOptions: { startMs: 120, maxStartMs: 400, maxMs: 1000, sourceRate: 48000 },
     });
-    this.playback.port.onmessage = (e) => this.onPlaybackStats(e.data);
+    this.playback.port.onmessage = (e) => this.onPlayback(e.data);
     this.playback.connect(this.ctx.destination);
 
     setState("connecting", "Connecting to Moshi…");
-    this.openSocket();
+    this.openSocket(wsUrl);
   }
 
   startEncoder() {
@@ -313,8 +370,8 @@ class Session {
     return `${scheme}//${location.host}/api/chat${qs ? "?" + qs : ""}`;
   }
 
-  openSocket() {
-    const ws = new WebSocket(this.wsUrl());
+  openSocket(url) {
+    const ws = new WebSocket(url);
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     stats.connects++;
@@ -332,6 +389,11 @@ class Session {
       case KIND.HANDSHAKE:
         if (!stats.handshake) {
           stats.handshake = true;
+          // The recording starts now, on the audio clock shared by the mic and playback worklets.
+          const rate = this.ctx.sampleRate;
+          this.recording = new ConversationRecording(rate, Math.round(this.ctx.currentTime * rate));
+          window.moshi.recording = this.recording;
+          renderSave();
           startTurn();
           setState("live", "Connected: talk to Moshi");
           // Header pages first, then the microphone.
@@ -423,11 +485,12 @@ class Session {
   }
 
   onMicChunk(data) {
-    if (data.type !== "audio") return;
+    if (data.type !== "audio" || this.closed) return;
     stats.inputRms = data.rms;
     stats.maxInputRms = Math.max(stats.maxInputRms, data.rms);
     meterIn = level(data.rms);
     if (!this.streaming || !this.encoder) return;
+    if (this.recording) this.recording.addMic(data.samples, data.frame); // copied before the transfer
     stats.micChunks++;
     this.encoder.postMessage({ command: "encode", buffers: [data.samples] }, [data.samples.buffer]);
   }
@@ -447,7 +510,12 @@ class Session {
     stats.bytesSent += msg.length;
   }
 
-  onPlaybackStats(s) {
+  onPlayback(s) {
+    if (this.closed) return;
+    if (s.type === "played") {
+      if (this.recording) this.recording.addMoshi(s.samples, s.frame);
+      return;
+    }
     if (s.type !== "stats") return;
     stats.outputRms = s.rms;
     stats.maxOutputRms = Math.max(stats.maxOutputRms, s.rms);
@@ -455,7 +523,10 @@ class Session {
     stats.underruns = s.underruns;
     stats.bufferedMs = s.bufferedMs;
     meterOut = level(s.rms);
-    if (stats.state === "live") this.renderLag();
+    if (stats.state === "live") {
+      this.renderLag();
+      renderSave();
+    }
   }
 
   onClose(e) {
@@ -463,11 +534,12 @@ class Session {
     const wasLive = stats.handshake;
     let message = null;
     if (this.busy) {
-      message = "Moshi is busy with another conversation (another tab or person). Try again when it ends.";
+      message = BUSY_TEXT;
+      stats.serverBusy = true;
     } else if (this.serverError) {
       message = `The server ended the conversation: ${this.serverError}`;
     } else if (!wasLive) {
-      message = "Could not connect to the Moshi server. Is it still running?";
+      message = serverDownText();
     } else if (e.code === 1001) {
       message = "The Moshi server was stopped.";
     } else {
@@ -506,6 +578,9 @@ class Session {
     if (session === this) session = null;
     stats.handshake = false;
     meterIn = meterOut = 0;
+    if (this.recording && this.ctx) this.recording.stop(this.ctx.currentTime * this.ctx.sampleRate);
+    ui.lag.textContent = ""; // the last conversation's figures would be stale
+    ui.lag.classList.remove("behind");
     if (this.stream) for (const t of this.stream.getTracks()) t.stop();
     for (const node of [this.source, this.capture, this.playback]) {
       if (!node) continue;
@@ -524,10 +599,26 @@ class Session {
     }
     if (this.ctx && this.ctx.state !== "closed") this.ctx.close().catch(() => {});
     if (this.ws && this.ws.readyState <= WebSocket.OPEN && !this.userStopped) this.ws.close();
+    renderSave();
+    schedulePoll(500);
   }
 }
 
 class UserError extends Error {}
+
+const BUSY_TEXT = "Moshi is busy with another conversation (another tab or person). Connect becomes available when it ends.";
+function serverDownText() {
+  return `The Moshi server at ${location.host} does not answer. Is it still running? (python -m moshi_mlx.local_web)`;
+}
+
+async function fetchInfo() {
+  try {
+    const r = await fetch("api/info", { cache: "no-store" });
+    return r.ok ? await r.json() : null;
+  } catch (e) {
+    return null;
+  }
+}
 
 function micError(e) {
   const name = e && e.name;
@@ -553,15 +644,19 @@ let session = null;
 
 async function connect() {
   showMessage(null);
-  stats.handshake = false;
+  // Fresh state: counters, meters and the lag line from a previous conversation are gone.
+  const keep = { serverBusy: stats.serverBusy, serverDown: stats.serverDown, serverInfo: stats.serverInfo };
+  Object.assign(stats, JSON.parse(FRESH), keep, { connects: stats.connects });
+  meterIn = meterOut = 0;
+  ui.lag.textContent = "";
+  ui.lag.classList.remove("behind");
   const s = new Session();
   session = s;
-  ui.lag.textContent = "";
   try {
     await s.start();
   } catch (e) {
     if (s.userStopped) return; // the user pressed Disconnect while we were starting
-    console.error(e);
+    if (!(e instanceof UserError)) console.error(e);
     s.teardown();
     setState("error", "Not connected");
     showMessage(e instanceof UserError ? e.message : `Could not start: ${(e && e.message) || e}`);
@@ -572,11 +667,100 @@ ui.connect.addEventListener("click", () => {
   if (session) session.stop();
   else connect();
 });
+// Clear can be undone for a while (the recording keeps everything anyway).
+let cleared = null;
+let undoTimer = 0;
 ui.clear.addEventListener("click", () => {
-  ui.transcript.textContent = "";
+  const removed = document.createDocumentFragment();
+  while (ui.transcript.firstChild) removed.append(ui.transcript.firstChild);
+  cleared = { removed, turn: currentTurn };
   currentTurn = null;
   if (session && stats.handshake) startTurn();
+  ui.undo.hidden = false;
+  ui.undo.focus();
+  clearTimeout(undoTimer);
+  undoTimer = setTimeout(() => {
+    ui.undo.hidden = true;
+    cleared = null;
+  }, 15000);
 });
+ui.undo.addEventListener("click", () => {
+  if (!cleared) return;
+  const live = ui.transcript.firstChild;
+  const onlyNewHead = live && live === ui.transcript.lastChild && live.lastChild && live.lastChild.data === "";
+  if (onlyNewHead) live.remove(); // nothing said since the clear: carry on in the restored turn
+  ui.transcript.prepend(cleared.removed);
+  if (onlyNewHead || !live) currentTurn = cleared.turn;
+  cleared = null;
+  ui.undo.hidden = true;
+  clearTimeout(undoTimer);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Saving the conversation (all in the page: the files are made here and never uploaded)
+// ---------------------------------------------------------------------------------------------
+
+function renderSave() {
+  const rec = window.moshi.recording;
+  const has = Boolean(rec && !rec.empty);
+  ui.save.hidden = !has;
+  if (!has) return;
+  const secs = rec.seconds.toFixed(1);
+  ui.saveNote.textContent =
+    rec.endFrame === null
+      ? `Recording: ${secs} s so far.`
+      : `Recorded ${secs} s. Kept in this page until you connect again; nothing is uploaded.`;
+}
+
+function download(blob, name) {
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  a.hidden = true;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+}
+
+ui.save.addEventListener("click", (e) => {
+  const kind = e.target.closest("button[data-save]")?.dataset.save;
+  const rec = window.moshi.recording;
+  if (!kind || !rec) return;
+  const stem = rec.fileStem();
+  const info = stats.serverInfo || {};
+  if (kind === "stereo") download(rec.stereoWav(), `${stem}-stereo.wav`);
+  else if (kind === "mixed") download(rec.mixedWav(), `${stem}-mixed.wav`);
+  else if (kind === "txt") download(rec.textBlob(), `${stem}-transcript.txt`);
+  else if (kind === "json") download(rec.jsonBlob({ model: info.model, settings: info.settings }), `${stem}-transcript.json`);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Is the server there and free? (asked while no conversation runs here)
+// ---------------------------------------------------------------------------------------------
+
+const serverNote = $("server-note");
+let pollTimer = 0;
+function schedulePoll(ms = INFO_POLL_MS) {
+  clearTimeout(pollTimer);
+  pollTimer = setTimeout(pollInfo, ms);
+}
+async function pollInfo() {
+  if (session) return; // our own conversation: the server is ours
+  const info = await fetchInfo();
+  if (session) return;
+  stats.serverDown = !info;
+  stats.serverBusy = Boolean(info && info.busy);
+  if (info) {
+    ui.model.textContent = info.model || "";
+    ui.demoNote.hidden = !info.demo;
+  }
+  serverNote.hidden = !(stats.serverDown || stats.serverBusy);
+  serverNote.textContent = stats.serverDown ? serverDownText() : stats.serverBusy ? BUSY_TEXT : "";
+  updateConnectButton();
+  schedulePoll();
+  return info;
+}
 ui.form.addEventListener("input", saveSettings);
 ui.form.addEventListener("submit", (e) => e.preventDefault());
 ui.resetSettings.addEventListener("click", () => {
@@ -587,17 +771,9 @@ ui.resetSettings.addEventListener("click", () => {
 async function init() {
   loadSettings();
   setState("idle", "Not connected");
-  try {
-    const info = await (await fetch("api/info", { cache: "no-store" })).json();
-    ui.model.textContent = info.model || "";
-    ui.demoNote.hidden = !info.demo;
-    showDefaults(info.defaults);
-    if (info.busy) showMessage("Another conversation is in progress; you can connect when it ends.", "info");
-  } catch (e) {
-    showMessage("The Moshi server does not answer. Is it running?");
-  }
-  ui.connect.disabled = false;
-  if (flag("autoconnect", false)) connect();
+  const info = await pollInfo();
+  if (info) showDefaults(info.defaults);
+  if (flag("autoconnect", false) && !ui.connect.disabled) connect();
 }
 
 init();

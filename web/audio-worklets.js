@@ -2,12 +2,14 @@
 //
 // "moshi-capture": mixes the microphone down to mono and posts ~20 ms chunks (at the context's
 //   sample rate) with their RMS level to the page, which feeds them to the Opus encoder.
+//   Every chunk carries `frame`, the context's frame counter at its first sample (for recording).
 // "moshi-playback": a jitter buffer for Moshi's decoded audio. Chunks arrive (at the decoder's
 //   rate, 48 kHz) whenever the network and the model deliver them; playback starts once `startMs`
 //   is buffered, pauses (an "underrun") when the buffer runs dry and waits for `startMs` again,
 //   each underrun making the target a little longer (up to `maxStartMs`). When more than
 //   `maxMs` piles up, the oldest audio is skipped so the delay cannot grow. Output is resampled
-//   to the context's rate by linear interpolation.
+//   to the context's rate by linear interpolation. What it outputs (silence included) is posted back
+//   every ~100 ms with the frame counter of its first sample, so the page can record Moshi as played.
 
 class CaptureProcessor extends AudioWorkletProcessor {
   constructor(options) {
@@ -17,6 +19,7 @@ class CaptureProcessor extends AudioWorkletProcessor {
     this.buf = new Float32Array(this.size);
     this.n = 0;
     this.sumsq = 0;
+    this.frame = 0; // context frame of buf[0]
     this.active = true;
     this.port.onmessage = (e) => {
       if (e.data === "stop") this.active = false;
@@ -32,11 +35,12 @@ class CaptureProcessor extends AudioWorkletProcessor {
         let v = 0;
         for (let c = 0; c < channels; c++) v += input[c][i];
         v /= channels;
+        if (this.n === 0) this.frame = currentFrame + i;
         this.buf[this.n++] = v;
         this.sumsq += v * v;
         if (this.n === this.size) {
           const rms = Math.sqrt(this.sumsq / this.size);
-          this.port.postMessage({ type: "audio", samples: this.buf, rms }, [this.buf.buffer]);
+          this.port.postMessage({ type: "audio", samples: this.buf, rms, frame: this.frame }, [this.buf.buffer]);
           this.buf = new Float32Array(this.size);
           this.n = 0;
           this.sumsq = 0;
@@ -69,6 +73,9 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.sumsq = 0;
     this.count = 0;
     this.statsEvery = Math.round(sampleRate / 10);
+    this.tap = new Float32Array(this.statsEvery + 256); // output since the last post (recording)
+    this.tapLen = 0;
+    this.tapFrame = 0;
     this.active = true;
     this.port.onmessage = (e) => this.onMessage(e.data);
   }
@@ -137,6 +144,10 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     }
     for (let j = i; j < out.length; j++) out[j] = 0;
     for (let c = 1; c < output.length; c++) output[c].set(out);
+    if (this.tapLen === 0) this.tapFrame = currentFrame;
+    if (this.tapLen + out.length > this.tap.length) this.flushTap();
+    this.tap.set(out, this.tapLen);
+    this.tapLen += out.length;
     this.count += out.length;
     if (this.count >= this.statsEvery) {
       this.port.postMessage({
@@ -152,8 +163,17 @@ class PlaybackProcessor extends AudioWorkletProcessor {
       });
       this.sumsq = 0;
       this.count = 0;
+      this.flushTap();
     }
     return this.active;
+  }
+
+  flushTap() {
+    if (this.tapLen === 0) return;
+    const samples = this.tap.slice(0, this.tapLen);
+    this.port.postMessage({ type: "played", samples, frame: this.tapFrame }, [samples.buffer]);
+    this.tapLen = 0;
+    this.tapFrame = currentFrame;
   }
 }
 

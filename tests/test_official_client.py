@@ -1,0 +1,140 @@
+"""Kyutai's official web client (built, a test fixture outside this repository) against our server.
+
+The client validates every 0x04 metadata message with its ``ServersInfoSchema`` and shows the result in
+a "server info" panel. Served by our server (``--web-dir``), in headless Chromium with a fake
+microphone, it must connect, stream, fill that panel and log no error at all.
+
+The built client is looked for in ``shared/kyutai-official-client/dist`` beside the checkout (or any
+folder above it), or in $MOSHI_MLX_OFFICIAL_CLIENT; the tests skip with a reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+aiohttp = pytest.importorskip("aiohttp")
+pytest_asyncio = pytest.importorskip("pytest_asyncio")
+
+from aiohttp import web  # noqa: E402
+
+from moshi_mlx import protocol  # noqa: E402
+from moshi_mlx.engine import EngineSettings  # noqa: E402
+from moshi_mlx.local_web import ChatServer, create_app  # noqa: E402
+
+from .test_browser import ARTIFACTS, Browser, chromium, engine, mic_wav  # noqa: E402,F401  (fixtures)
+from .test_local_web import Running, expect_handshake, receive, stop_server  # noqa: E402
+
+pytestmark = pytest.mark.asyncio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Kyutai's ServersInfoSchema (client/src/pages/Conversation/hooks/useServerInfo.ts), as field -> type.
+SCHEMA_NUMBERS = ("text_temperature", "text_topk", "audio_temperature", "audio_topk", "pad_mult",
+                  "repetition_penalty_context", "repetition_penalty")
+SCHEMA_STRINGS = ("lm_model_file", "instance_name")
+BUILD_INFO = ("build_timestamp", "build_date", "git_branch", "git_timestamp", "git_date", "git_hash",
+              "git_describe", "rustc_host_triple", "rustc_version", "cargo_target_triple")
+
+
+def official_client_dir() -> Path | None:
+    env = os.environ.get("MOSHI_MLX_OFFICIAL_CLIENT")
+    if env:
+        return Path(env) if (Path(env) / "index.html").is_file() else None
+    for parent in ROOT.parents:
+        d = parent / "shared" / "kyutai-official-client" / "dist"
+        if (d / "index.html").is_file():
+            return d
+    return None
+
+
+def schema_problems(meta: dict) -> list[str]:
+    """What Kyutai's client would reject in one metadata message (empty: it parses)."""
+    bad = [f"{k}: not a number" for k in SCHEMA_NUMBERS if not isinstance(meta.get(k), (int, float)) or isinstance(meta.get(k), bool)]
+    bad += [f"{k}: not a string" for k in SCHEMA_STRINGS if not isinstance(meta.get(k), str)]
+    info = meta.get("build_info")
+    if not isinstance(info, dict):
+        return bad + ["build_info: not an object"]
+    return bad + [f"build_info.{k}: not a string" for k in BUILD_INFO if not isinstance(info.get(k), str)]
+
+
+async def start(engine, web_dir: Path | None = None, **kwargs) -> Running:
+    server = ChatServer(engine, description="test demo", demo=True, default_settings=EngineSettings(),
+                        lm_model_file="none: random demo weights", **kwargs)
+    runner = web.AppRunner(create_app(server, web_dir), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return Running(server, runner, site._server.sockets[0].getsockname()[1])
+
+
+async def test_every_metadata_message_matches_kyutais_schema(engine):
+    """Info and stats messages both carry the schema's fields, with the conversation's real settings."""
+    running = await start(engine, stats_interval=0.2)
+    try:
+        query = "text_temperature=0.6&text_topk=20&audio_topk=100&pad_mult=0&repetition_penalty=1.0"
+        async with aiohttp.ClientSession() as http, http.ws_connect(running.url(query=query)) as ws:
+            await expect_handshake(ws)
+            metas = []
+            while len(metas) < 3:
+                msg = protocol.decode((await receive(ws)).data)
+                if msg is not None and msg.kind == protocol.Kind.METADATA:
+                    metas.append(msg.json())
+        assert [m["type"] for m in metas] == ["info", "stats", "stats"]
+        for meta in metas:
+            assert schema_problems(meta) == [], meta
+            assert (meta["text_temperature"], meta["text_topk"], meta["audio_topk"]) == (0.6, 20, 100)
+            assert meta["lm_model_file"] == "none: random demo weights" and meta["moshi_mlx_version"]
+        info = metas[0]["build_info"]
+        assert "moshi_mlx" in info["rustc_version"] and "Python" in info["rustc_version"]
+        assert info["git_hash"] == "unknown" or len(info["git_hash"]) == 40
+    finally:
+        await stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def official_client() -> Path:
+    d = official_client_dir()
+    if d is None:
+        pytest.skip("Kyutai's built client not found (shared/kyutai-official-client/dist beside the checkout, "
+                    "or set MOSHI_MLX_OFFICIAL_CLIENT)")
+    return d
+
+
+async def test_official_client_served_by_us(chromium, engine, mic_wav, official_client):  # noqa: F811
+    running = await start(engine, official_client)
+    browser = await Browser(chromium, mic_wav).start()
+    try:
+        await browser.goto(f"http://127.0.0.1:{running.port}/?worker_addr=127.0.0.1:{running.port}")
+        assert await browser.wait_for(
+            "[...document.querySelectorAll('button')].some(b => b.textContent.trim() === 'Connect')", timeout=30
+        ), browser.errors
+        await browser.eval(
+            "[...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Connect').click()"
+        )
+        panel = await browser.wait_for(
+            "document.body.innerText.includes('Our server is running on the following configuration')", timeout=40
+        )
+        assert panel, f"no server panel; errors: {browser.errors[:5]}; console: {browser.console[-10:]}"
+        conv = running.server.active
+        # Keep talking for a few seconds: stats messages arrive every second and must parse too.
+        await asyncio.sleep(5)
+        text = await browser.eval("document.body.innerText")
+        await browser.screenshot(ARTIFACTS / "official_client.png")
+        assert conv is not None and conv.frames_pushed > 10 and conv.bad_audio == 0
+        assert conv.audio_frames_out > 5
+        for label in ("Text temperature: 0.7", "Text topk: 25", "Pad mult:", "Repeat penalty:",
+                      "LM model file: none: random demo weights", "Instance name: moshi_mlx"):
+            assert label in text, (label, text[:1500])
+        # The client itself styles its player with `url(${imageUrl})` while imageUrl is undefined (not in
+        # image mode), so the browser fetches /undefined whatever the server: that 404 is not ours.
+        own_quirk = f"http://127.0.0.1:{running.port}/undefined"
+        errors = [e for e in browser.errors if not (e.startswith("network:") and e.endswith(own_quirk))]
+        assert errors == [], json.dumps(errors[:5], indent=1)[:3000]
+    finally:
+        await browser.close()
+        await stop_server(running)
