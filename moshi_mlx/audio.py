@@ -7,8 +7,7 @@
   ``EngineRunner.push``), the speaker callback takes frames queued with :meth:`DuplexAudio.play` from
   a bounded buffer and plays silence (counted) when none is ready. A device that cannot run at 24 kHz
   is opened at a rate it supports, and both directions are resampled in the callbacks.
-* :class:`Resampler` (streaming) and :func:`resample` (whole signals) are a windowed-sinc polyphase
-  resampler for any pair of integer rates, written with numpy only.
+Resampling in the callbacks is soxr's (`frames.Resampler`); frames are cut by `frames.FrameChunker`.
 """
 
 from __future__ import annotations
@@ -24,15 +23,14 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .errors import first_line
+from .errors import MoshiError, first_line
+from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker, Resampler, resample  # noqa: F401  (re-exported)
 
-SAMPLE_RATE = 24_000
-FRAME_SIZE = 1920  # 80 ms at 24 kHz
 #: Rates tried, in order, when a device cannot run at 24 kHz (after its own default rate).
 FALLBACK_RATES = (48_000, 44_100, 32_000, 96_000, 16_000, 88_200, 22_050)
 
 
-class AudioDeviceError(RuntimeError):
+class AudioDeviceError(MoshiError, RuntimeError):
     """A sound device problem (missing PortAudio, unknown or unsuitable device, stream failure): one line."""
 
 
@@ -97,95 +95,6 @@ def release_portaudio() -> None:
 # ------------------------------------------------------------------------------------------------
 # Resampling
 # ------------------------------------------------------------------------------------------------
-
-
-def _design(up: int, down: int, zero_crossings: int, rolloff: float, beta: float) -> np.ndarray:
-    """Polyphase bank [up, taps]: row p holds the prototype's coefficients p, p+up, p+2*up, ..."""
-    cutoff = 0.5 * rolloff / max(up, down)  # cycles per sample at the upsampled rate up * src
-    half = int(math.ceil(zero_crossings / (2 * cutoff)))
-    n = np.arange(2 * half + 1) - half  # odd length, centred: group delay is exactly `half`
-    h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(2 * half + 1, beta)
-    h *= up / h.sum()  # unit DC gain after upsampling by zero insertion
-    taps = -(-h.size // up)
-    h = np.concatenate([h, np.zeros(taps * up - h.size)])
-    return h.reshape(taps, up).T.astype(np.float32).copy(), half
-
-
-class Resampler:
-    """Streaming rational resampler (windowed sinc, Kaiser window, about 80 dB stop band).
-
-    ``process`` accepts any block length and returns every output sample the input so far allows
-    (causal: the filter's delay of ``delay`` output samples is latency, not lost audio). For 48 kHz
-    <-> 24 kHz that delay is about 1 ms. Equal rates pass audio through untouched.
-    """
-
-    def __init__(self, src_rate: int, dst_rate: int, zero_crossings: int = 24, rolloff: float = 0.9, beta: float = 8.6):
-        if src_rate <= 0 or dst_rate <= 0:
-            raise ValueError(f"sample rates must be positive, got {src_rate} -> {dst_rate}")
-        g = math.gcd(int(src_rate), int(dst_rate))
-        self.src_rate, self.dst_rate = int(src_rate), int(dst_rate)
-        self.up, self.down = self.dst_rate // g, self.src_rate // g
-        self.passthrough = self.up == self.down
-        if not self.passthrough:
-            self._bank, half = _design(self.up, self.down, zero_crossings, rolloff, beta)
-            self.delay = half / self.down  # in output samples
-        else:
-            self.delay = 0.0
-        self.reset()
-
-    def reset(self) -> None:
-        self._taps = 0 if self.passthrough else self._bank.shape[1]
-        self._hist = np.zeros(max(self._taps - 1, 0), np.float32)  # x[n_in - taps + 1 .. n_in - 1]
-        self._n_in = 0  # input samples consumed
-        self._n_out = 0  # output samples produced
-
-    def _outputs(self, xbuf: np.ndarray, first_index: int, positions: np.ndarray) -> np.ndarray:
-        """y at upsampled-time positions p: sum_k bank[p % up, k] * x[p // up - k].
-
-        ``xbuf[i]`` is input sample ``first_index + i`` and must cover every sample the positions need.
-        """
-        out = np.empty(positions.size, np.float32)
-        k = np.arange(self._taps)
-        for s in range(0, positions.size, 16384):  # bounded memory for long signals
-            p = positions[s : s + 16384]
-            x = xbuf[(p // self.up - first_index)[:, None] - k[None, :]]
-            out[s : s + 16384] = np.einsum("nk,nk->n", self._bank[p % self.up], x)
-        return out
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32).reshape(-1)
-        if self.passthrough:
-            return x.copy()
-        buf = np.concatenate([self._hist, x])
-        first = self._n_in - self._hist.size
-        self._n_in += x.size
-        # output n needs input floor(n * down / up), which exists once n * down < n_in * up
-        end = -(-self._n_in * self.up // self.down)
-        positions = np.arange(self._n_out, end, dtype=np.int64) * self.down
-        self._n_out = end
-        if self._hist.size:
-            self._hist = buf[-self._hist.size :].copy()
-        return self._outputs(buf, first, positions)
-
-
-def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Resample a whole signal (1-D, or [channels, samples]) with no delay.
-
-    The result has ``round(len * dst_rate / src_rate)`` samples, time-aligned with the input.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 2:
-        return np.stack([resample(ch, src_rate, dst_rate) for ch in x]) if len(x) else x
-    x = x.reshape(-1)
-    r = Resampler(src_rate, dst_rate)
-    if r.passthrough:
-        return x.copy()
-    n_out = int(round(x.size * r.dst_rate / r.src_rate))
-    half = int(round(r.delay * r.down))  # the filter's group delay in upsampled samples
-    positions = np.arange(n_out, dtype=np.int64) * r.down + half
-    pad = r._taps + half // r.up + 2  # zeros before and after: the filter reaches past both ends
-    xbuf = np.concatenate([np.zeros(pad, np.float32), x, np.zeros(pad, np.float32)])
-    return r._outputs(xbuf, -pad, positions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,15 +226,10 @@ class _FrameAssembler:
 
     def __init__(self, rate: int):
         self.resampler = Resampler(rate, SAMPLE_RATE)
-        self._buf = np.zeros(0, np.float32)
+        self.chunker = FrameChunker()
 
     def push(self, block: np.ndarray) -> list[np.ndarray]:
-        x = self.resampler.process(block)
-        buf = np.concatenate([self._buf, x]) if self._buf.size else x
-        n = buf.size // FRAME_SIZE
-        frames = [buf[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] for i in range(n)]
-        self._buf = buf[n * FRAME_SIZE :].copy()
-        return frames
+        return self.chunker.push(self.resampler.process(block))
 
 
 class DuplexAudio:

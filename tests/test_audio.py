@@ -1,4 +1,4 @@
-"""moshi_mlx.audio: resampling, device selection, and the DuplexAudio data path.
+"""moshi_mlx.audio: resampling (soxr, through frames.Resampler), device selection, and the DuplexAudio data path.
 
 Three levels:
 * pure numpy checks of the resampler;
@@ -57,21 +57,22 @@ def test_resample_rejects_frequencies_above_the_new_nyquist(src):
 
 
 @pytest.mark.parametrize("src,dst", RATE_PAIRS)
-def test_streaming_resampler_matches_one_shot_and_ignores_block_sizes(src, dst):
+def test_streaming_resampler_ignores_block_sizes_and_matches_one_shot(src, dst):
     rng = np.random.default_rng(1)
     x = (rng.standard_normal(src // 2) * 0.1).astype(np.float32)
     r = Resampler(src, dst)
     blocks = np.split(x, np.cumsum(rng.integers(1, 3000, 40)))
-    streamed = np.concatenate([r.process(b) for b in blocks])
-    r2 = Resampler(src, dst)
-    whole = r2.process(x)
-    np.testing.assert_allclose(streamed, whole, atol=1e-6)
-    assert streamed.size == -(-x.size * dst // src)  # every output sample the input allows
-    if float(r.delay).is_integer():  # causal stream = one-shot delayed by the filter
-        d = int(r.delay)
-        one = resample(x, src, dst)
-        n = min(one.size, streamed.size - d) - 200
-        np.testing.assert_allclose(streamed[d : d + n], one[:n], atol=1e-5)
+    streamed = [r.process(b) for b in blocks]
+    # latency is soxr's filter delay and buffering only: once running, output trails input by < 45 ms
+    # (HQ measured: about 20 ms median, 37 ms at worst; the price of 0.02 ms instead of 2.85 ms per block)
+    got_in = np.cumsum([b.size for b in blocks]) * dst / src
+    got_out = np.cumsum([y.size for y in streamed])
+    flowing = (got_in > 0.08 * dst) & (np.array([b.size for b in blocks]) > 0)
+    late_ms = 1e3 * (got_in - got_out)[flowing] / dst
+    if min(src, dst) >= 16000:  # the filter is longer (in time) at lower rates, e.g. about 70 ms from 8 kHz
+        assert late_ms.max() < 45, late_ms.max()
+    streamed = np.concatenate(streamed + [r.process(np.zeros(0, np.float32), last=True)])
+    np.testing.assert_allclose(streamed, resample(x, src, dst), atol=1e-6)  # delay compensated, nothing lost
 
 
 def test_resampler_passthrough_and_shapes():
@@ -166,8 +167,11 @@ def test_duplex_audio_resamples_a_44k_mic_and_48k_speaker(fake_sd):
         spk.callback(out, 3840, None, 0)
         outs.append(out[:, 0].copy())
     expected = Resampler(24000, 48000).process(np.concatenate(frames + [np.zeros(2 * FRAME_SIZE, np.float32)]))
-    np.testing.assert_allclose(np.concatenate(outs), expected, atol=1e-6)
-    assert a.stats.played_frames == 3 and a.stats.underruns == 2
+    played = np.concatenate(outs)
+    assert played.size >= expected.size  # the callback keeps feeding silence, so soxr releases more
+    np.testing.assert_allclose(played[: expected.size], expected, atol=1e-6)
+    # 5 blocks of 80 ms: 3 frames, then silence; soxr's delay (about 20 ms) needs one more frame to fill the last block
+    assert a.stats.played_frames == 3 and a.stats.underruns == 3
     a.close()
     assert not mic.active and not spk.active
 
