@@ -6,7 +6,7 @@ from __future__ import annotations
 USER_ERRORS = frozenset(
     {
         "HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError",
-        "AudioDeviceError", "AudioFileError", "WebUiMissing",
+        "AudioDeviceError", "AudioFileError", "WebUiMissing", "OutputError",
     }
 )
 
