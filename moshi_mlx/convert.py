@@ -53,6 +53,7 @@ from .errors import MoshiError
 from .hub import MOSHI_NAMES
 from .loading import GROUP_SIZE_FOR_BITS as QUANT_GROUP_SIZE
 from .loading import WeightsError, read_tensor_infos
+from .outputs import OutputError, atomic_output, check_outputs
 
 __all__ = [
     "ConvertError",
@@ -515,15 +516,24 @@ def convert(
     config: str | os.PathLike | dict | None = None,
     progress: bool = True,
     log: Any = None,
+    force: bool = False,
 ) -> Path:
-    """Convert `src` into OUT_DIR/model[.qN].safetensors + OUT_DIR/config.json; returns the weights path."""
-    import mlx.core as mx
-    import numpy as np
+    """Convert `src` into OUT_DIR/model[.qN].safetensors + OUT_DIR/config.json; returns the weights path.
 
+    OUT_DIR is created if missing; an existing one must be empty unless ``force``. Neither output may
+    be an input file (checked even with ``force``); both appear only once complete.
+    """
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
     src = Path(src)
+    if src.is_dir():
+        raise ConvertError(f"{src}: is a directory; give the checkpoint's .safetensors file")
     if not src.is_file():
         raise ConvertError(f"{src}: no such file")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConvertError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and not force and any(out_dir.iterdir()):
+        raise ConvertError(f"{out_dir}: folder is not empty (--force writes into it, replacing same-named files)")
     if bits not in (None, 4, 8):
         raise ConvertError(f"-q must be 4 or 8, got {bits}")
     try:
@@ -559,15 +569,39 @@ def convert(
         groups.setdefault(p.source, []).append(p)
     order = [n for ps in groups.values() for p in ps for n, _, _ in _quantized_parts(p.name, p.shape, bits)]
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     out_name = MOSHI_NAMES[bits]
     out_path = out_dir / out_name
-    partial = out_dir / (out_name + ".partial")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        inputs = [src] + ([config] if isinstance(config, (str, os.PathLike)) else [])
+        out_real, cfg_real = check_outputs(inputs=inputs, outputs=[out_path, out_dir / "config.json"])
+    except OutputError as e:
+        raise ConvertError(str(e)) from None
+    except OSError as e:
+        raise ConvertError(f"{out_dir}: cannot be created ({e.strerror or e})") from None
     kind = "bf16" if bits is None else f"{bits}-bit (group size {QUANT_GROUP_SIZE[bits]})"
     say(f"converting {src} ({plan.layout} layout, {len(tensors)} tensors) -> {out_path} [{kind}]")
     if notes:
         say("not recorded in the weights, assumed (set with --config): " + "; ".join(notes))
+
+    with atomic_output(out_real) as partial:  # the file appears only once complete
+        _write_weights(partial, src, tensors, groups, specs, order, bits, progress, out_name)
+    cfg_json = {"moshi_name": out_name, **{k: v for k, v in cfg_json.items() if k != "moshi_name"}}
+    if bits is not None:  # written down, as mlx-lm does, so loading need not infer it from shapes
+        cfg_json["quantization"] = {"group_size": QUANT_GROUP_SIZE[bits], "bits": bits}
+    with atomic_output(cfg_real) as tmp:
+        tmp.write_text(json.dumps(cfg_json, indent=2) + "\n", encoding="utf-8")
+    say(f"wrote {out_path} ({_size(out_real.stat().st_size)}, {len(specs)} tensors) and {out_dir / 'config.json'}")
+    return out_path
+
+
+def _write_weights(
+    partial: Path, src: Path, tensors: dict, groups: "OrderedDict[str, list[Piece]]", specs: dict,
+    order: list[str], bits: int | None, progress: bool, out_name: str,
+) -> None:
+    """Stream the converted tensors into ``partial``, one source tensor at a time."""
+    import mlx.core as mx
+    import numpy as np
 
     writer = _Writer(partial, specs, order)
     bar = _progress(writer.total, progress, out_name)
@@ -597,20 +631,9 @@ def convert(
         writer.close()
         if partial.stat().st_size != writer.total:
             raise RuntimeError(f"wrote {partial.stat().st_size} bytes, expected {writer.total}")
-        os.replace(partial, out_path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
     finally:
+        writer.close()
         bar.close()
-
-    cfg_json = {"moshi_name": out_name, **{k: v for k, v in cfg_json.items() if k != "moshi_name"}}
-    if bits is not None:  # written down, as mlx-lm does, so loading need not infer it from shapes
-        cfg_json["quantization"] = {"group_size": QUANT_GROUP_SIZE[bits], "bits": bits}
-    (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2) + "\n", encoding="utf-8")
-    say(f"wrote {out_path} ({_size(writer.total)}, {len(specs)} tensors) and {out_dir / 'config.json'}")
-    return out_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,9 +650,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Kyutai LM config.json for what the weights do not record (num_heads, context, delays, ...)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR (never over an input)")
     args = ap.parse_args(argv)
     try:
-        convert(args.input, args.out_dir, bits=args.quantize, config=args.config, progress=not args.no_progress)
+        convert(
+            args.input, args.out_dir, bits=args.quantize, config=args.config, progress=not args.no_progress,
+            force=args.force,
+        )
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ class MoshiError(Exception):
 USER_ERRORS = frozenset(
     {
         "HubError", "WeightsError", "MimiError", "MimiInputError", "TokenizerError",
-        "AudioDeviceError", "AudioFileError", "WebUiMissing", "TlsError", "RecordingError",
+        "AudioDeviceError", "AudioFileError", "WebUiMissing", "TlsError", "RecordingError", "OutputError",
         "BadUrl", "ServerUnreachable", "ServerRefused", "ProtocolFailure", "ConnectionLost",
     }
 )

@@ -35,7 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -53,6 +52,15 @@ from .errors import error_line
 from .errors import first_line
 from .protocol import FrameChunker, Kind, ParamError, ProtocolError
 from .server_info import server_info
+from .web_security import (
+    HostPolicy,
+    QuietHttpErrors,
+    add_security_headers,
+    hide_server_version,
+    host_guard,
+    parse_origin,
+    ui_file,
+)
 
 log = logging.getLogger("moshi_mlx.web")
 
@@ -392,6 +400,38 @@ class Conversation:
 # ------------------------------------------------------------------------------------------------
 
 
+def _parsed(origin: str) -> tuple[str, str, int] | None:
+    try:
+        return parse_origin(origin)
+    except ValueError:
+        return None
+
+
+class ChatSocket(web.WebSocketResponse):
+    """A WebSocket that says why (0x05) before aiohttp closes it for a message over ``max_msg_size``.
+
+    Messages between the protocol's limit and ``max_msg_size`` are refused one by one by
+    :func:`protocol.decode`; larger ones are cut off by aiohttp's reader before being buffered.
+    """
+
+    def __init__(self, *, protocol_limit: int, max_msg_size: int, **kwargs: Any) -> None:
+        super().__init__(max_msg_size=max_msg_size, **kwargs)
+        self.protocol_limit = protocol_limit
+        self.transport_limit = max_msg_size
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        if code == 1009 and not self.closed:  # MESSAGE_TOO_BIG, from aiohttp's reader
+            text = (
+                f"message of more than {self.transport_limit} bytes is larger than the limit of "
+                f"{self.protocol_limit}; closing"
+            )
+            try:
+                await self.send_bytes(protocol.encode_error(text))
+            except Exception:
+                pass
+        return await super().close(code=code, message=message, drain=drain)
+
+
 class ChatServer:
     """Owns the engine and admits one conversation at a time."""
 
@@ -409,6 +449,7 @@ class ChatServer:
         check_origin: bool = True,
         default_settings: EngineSettings | None = None,
         lm_model_file: str = "",
+        policy: HostPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.lm_model_file = lm_model_file
@@ -422,6 +463,8 @@ class ChatServer:
         self.heartbeat = heartbeat
         self.stats_interval = stats_interval
         self.check_origin = check_origin
+        # Host allow-list and allowed Origins (see moshi_mlx.web_security).
+        self.policy = policy or HostPolicy()
         # Engine resets and runner shutdowns happen here, one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-web")
         self.active: Conversation | None = None
@@ -445,7 +488,7 @@ class ChatServer:
 
     # -- HTTP --------------------------------------------------------------------------------
     async def handle_info(self, request: web.Request) -> web.Response:
-        return web.json_response(
+        response = web.json_response(
             {
                 "server": "moshi_mlx",
                 "model": self.description,
@@ -457,16 +500,16 @@ class ChatServer:
                 "defaults": protocol.QueryResult(self.default_settings).describe(),
             }
         )
+        origin = request.headers.get("Origin")
+        if origin and _parsed(origin) in self.policy.origins:  # a client hosted on an --allow-origin
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
 
     def _origin_ok(self, request: web.Request) -> bool:
-        origin = request.headers.get("Origin")
-        if not self.check_origin or not origin:
+        if not self.check_origin:
             return True
-        try:
-            host = urlsplit(origin).netloc
-        except ValueError:
-            return False
-        return host.lower() == request.host.lower()
+        return self.policy.origin_ok(request.headers.get("Origin"), request.secure, request.host)
 
     async def _refuse(self, ws: web.WebSocketResponse, message: str, code: int) -> web.WebSocketResponse:
         try:
@@ -479,8 +522,9 @@ class ChatServer:
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         if not self._origin_ok(request):
             return web.Response(status=403, text="cross-origin WebSocket connections are refused\n")
-        ws = web.WebSocketResponse(
-            heartbeat=self.heartbeat, max_msg_size=max(4 * self.max_message_bytes, 1 << 20)
+        ws = ChatSocket(
+            heartbeat=self.heartbeat, protocol_limit=self.max_message_bytes,
+            max_msg_size=max(4 * self.max_message_bytes, 1 << 20),
         )
         await ws.prepare(request)
         peer = request.remote or "?"
@@ -559,10 +603,20 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
     """The aiohttp application: UI files, ``/api/chat`` (WebSocket) and ``/api/info`` (JSON)."""
     root = find_web_dir(web_dir)
     index = root / "index.html"
-    app = web.Application()
+    hide_server_version()
+    app = web.Application(
+        middlewares=[host_guard(server.policy)],
+        handler_args={"logger": QuietHttpErrors(logging.getLogger("aiohttp.server"), {})},
+    )
 
     async def handle_index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(index)
+
+    async def handle_file(request: web.Request) -> web.FileResponse:
+        path = ui_file(root, request.match_info["path"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
 
     async def no_cache(request: web.Request, response: web.StreamResponse) -> None:
         response.headers.setdefault("Cache-Control", "no-cache")
@@ -576,11 +630,12 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
                 pass
 
     app.on_response_prepare.append(no_cache)
+    app.on_response_prepare.append(add_security_headers)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/api/chat", server.handle_chat)
     app.router.add_get("/api/info", server.handle_info)
     app.router.add_get("/", handle_index)
-    app.router.add_static("/", root, show_index=False, follow_symlinks=False)
+    app.router.add_get("/{path:.+}", handle_file)  # only the UI's files (web_security.ui_file)
     app[CHAT_SERVER] = server
     app[WEB_DIR] = root
     return app
@@ -608,10 +663,23 @@ def build_parser() -> argparse.ArgumentParser:
         "a self-signed certificate for this machine on first use and keeps it in your config folder; "
         "DIR uses DIR/cert.pem and DIR/key.pem",
     )
+    g.add_argument(
+        "--allow-origin", metavar="ORIGIN", action="append", default=[], type=_origin_arg,
+        help="also let pages from ORIGIN (e.g. http://localhost:5173) open the WebSocket; repeatable "
+        "(default: same origin only)",
+    )
     g.add_argument("--no-browser", action="store_true", help="do not open the browser")
     g.add_argument("--web-dir", default=None, help="folder with the UI (default: the repository's web/)")
     add_lag_arg(g)
     return p
+
+
+def _origin_arg(value: str) -> str:
+    try:
+        parse_origin(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def ssl_context(directory: str | os.PathLike) -> ssl.SSLContext:
@@ -749,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ChatServer(
             engine, description=assets.description, demo=assets.demo, max_pending=args.max_lag_frames,
             lm_model_file=assets.lm_file,
+            policy=HostPolicy(args.host, args.allow_origin),
         )
         app = create_app(server, web_dir)
         asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser, announce))

@@ -1,13 +1,16 @@
 """Offline run: ``python -m moshi_mlx.run_inference in.wav out.wav [--transcript out.json]``.
 
-The input (any sample rate and channel count) is mixed to mono, resampled to 24 kHz, padded to whole
-80 ms frames and fed to the same :class:`~moshi_mlx.engine.ConversationEngine` as the live app, one
-frame after the other, with no real-time pacing and no frame dropping. Moshi's answer is written as a
-24 kHz 16-bit WAV of exactly the input's duration; the transcript (optional) is JSON with the time of
-every text piece (frame index * 0.08 s, on the output file's timeline).
+The input (any format libsndfile reads, any sample rate and channel count) is read in blocks, mixed
+to mono, resampled to 24 kHz as a stream, cut into 80 ms frames (the last one padded) and fed to the
+same :class:`~moshi_mlx.engine.ConversationEngine` as the live app, with no real-time pacing and no
+frame dropping. Moshi's answer is written block by block as a 24 kHz 16-bit WAV of exactly the
+input's duration, so memory does not grow with the file's length. The transcript is JSON with the
+time of every text piece (frame index * 0.08 s, on the output file's timeline), or, without
+``--transcript``, its text on stdout.
 
-WAV files (8/16/24/32-bit integer PCM, 32/64-bit float, WAVE_FORMAT_EXTENSIBLE) are read by a small
-RIFF reader here; other formats (FLAC, MP3, Ogg, ...) go through ``sphn.read``, a dependency already.
+Outputs are checked before the model loads (never the input, never each other, folders writable)
+and written to temporary files renamed into place at the end (:mod:`moshi_mlx.outputs`): an
+interrupted run leaves no partial file and never damages an existing one.
 Sessions of any length work: :class:`~moshi_mlx.mimi.Mimi` hands off before rustymimi's limit.
 """
 
@@ -16,129 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
+import signal
 import sys
 import time
-import wave
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from .audio import FRAME_SIZE, SAMPLE_RATE, resample
+from .audio import FRAME_SIZE, SAMPLE_RATE
+from .audio_files import AudioFileError, AudioReader, WavWriter, load_mono_24k, read_audio, write_wav
 from .errors import error_line
+from .outputs import atomic_output, check_outputs
+
+__all__ = [
+    "AudioFileError", "converse_stream", "converse_offline", "convert_file", "load_mono_24k", "read_audio",
+    "write_wav", "main",
+]
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
-
-
-class AudioFileError(ValueError):
-    """An input or output audio file that cannot be used; the message is one line naming the file."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading
-# ------------------------------------------------------------------------------------------------
-
-_PCM, _FLOAT, _EXTENSIBLE = 1, 3, 0xFFFE
-
-
-def _read_wav(path: Path, data: bytes) -> tuple[np.ndarray, int]:
-    """Parse a RIFF/WAVE file held in ``data``; returns float32 [channels, samples] and the rate."""
-    fmt = None
-    pos, body = 12, None
-    while pos + 8 <= len(data):
-        cid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
-        start = pos + 8
-        if cid == b"fmt ":
-            if size < 16:
-                raise AudioFileError(f"{path}: broken WAV header (fmt chunk of {size} bytes)")
-            tag, channels, rate, _, align, bits = struct.unpack("<HHIIHH", data[start : start + 16])
-            if tag == _EXTENSIBLE and size >= 40:
-                tag = struct.unpack("<H", data[start + 24 : start + 26])[0]  # first bytes of the subformat GUID
-            fmt = (tag, channels, rate, align, bits)
-        elif cid == b"data":
-            # An unfinished recording (header never updated) says 0 or 0xFFFFFFFF, or a size past the
-            # end of the file: take what is there.
-            body = data[start:] if size in (0, 0xFFFFFFFF) else data[start : start + size]
-            break
-        pos = start + size + (size & 1)
-    if fmt is None or body is None:
-        raise AudioFileError(f"{path}: broken WAV file (no {'fmt' if fmt is None else 'data'} chunk)")
-    tag, channels, rate, align, bits = fmt
-    if channels < 1 or rate < 1:
-        raise AudioFileError(f"{path}: broken WAV header ({channels} channels, {rate} Hz)")
-    width = bits // 8 if bits % 8 == 0 else align // channels
-    if width < 1:
-        raise AudioFileError(f"{path}: broken WAV header ({bits} bits per sample)")
-    n = len(body) // (width * channels)
-    body = body[: n * width * channels]
-    if tag == _FLOAT and width in (4, 8):
-        x = np.frombuffer(body, dtype="<f4" if width == 4 else "<f8").astype(np.float32)
-    elif tag == _PCM and width == 1:
-        x = (np.frombuffer(body, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif tag == _PCM and width in (2, 4):
-        x = np.frombuffer(body, dtype=f"<i{width}").astype(np.float32) / float(2 ** (8 * width - 1))
-    elif tag == _PCM and width == 3:
-        b = np.frombuffer(body, np.uint8).reshape(-1, 3).astype(np.int32)
-        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        x = (np.where(v >= 1 << 23, v - (1 << 24), v)).astype(np.float32) / float(1 << 23)
-    else:
-        kind = {_PCM: "integer PCM", _FLOAT: "float"}.get(tag, f"format tag {tag:#x}")
-        raise AudioFileError(f"{path}: unsupported WAV encoding ({kind}, {bits} bits)")
-    return x.reshape(n, channels).T.copy(), rate
-
-
-def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Any WAV (or another format sphn can decode) -> float32 [channels, samples] and the sample rate."""
-    path = Path(path)
-    if not path.exists():
-        raise AudioFileError(f"{path}: no such file")
-    if path.is_dir():
-        raise AudioFileError(f"{path}: is a directory, expected an audio file")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise AudioFileError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if not data:
-        raise AudioFileError(f"{path}: file is empty")
-    if data[:4] in (b"RIFF", b"RIFX", b"RF64") and data[8:12] == b"WAVE":
-        if data[:4] != b"RIFF":
-            raise AudioFileError(f"{path}: unsupported WAV variant ({data[:4].decode()})")
-        x, rate = _read_wav(path, data)
-    else:
-        try:
-            import sphn
-
-            x, rate = sphn.read(str(path))
-        except Exception:
-            raise AudioFileError(f"{path}: not an audio file this tool can read (WAV, FLAC, MP3, Ogg)") from None
-        x = np.asarray(x, dtype=np.float32)
-        x = x[None, :] if x.ndim == 1 else x
-    if x.shape[-1] == 0:
-        raise AudioFileError(f"{path}: contains no audio samples")
-    if not np.isfinite(x).all():
-        raise AudioFileError(f"{path}: contains NaN or infinite samples")
-    return x, int(rate)
-
-
-def load_mono_24k(path: str | os.PathLike) -> tuple[np.ndarray, float]:
-    """The file as 24 kHz mono float32, and its duration in seconds."""
-    x, rate = read_audio(path)
-    mono = x.mean(axis=0) if x.shape[0] > 1 else x[0]
-    return resample(mono, rate, SAMPLE_RATE), x.shape[-1] / rate
-
-
-def write_wav(path: str | os.PathLike, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
-    """Mono 16-bit PCM WAV (samples clipped to [-1, 1])."""
-    pcm16 = (np.clip(np.asarray(pcm, np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
-    try:
-        with wave.open(str(path), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(rate)
-            w.writeframes(pcm16.tobytes())
-    except OSError as e:
-        raise AudioFileError(f"{path}: cannot be written ({e.strerror or e})") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,41 +44,70 @@ def write_wav(path: str | os.PathLike, pcm: np.ndarray, rate: int = SAMPLE_RATE)
 # ------------------------------------------------------------------------------------------------
 
 
+def converse_stream(
+    engine,
+    blocks: Iterable[np.ndarray],
+    sink: Callable[[np.ndarray], None],
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Feed 24 kHz mono ``blocks`` (any sizes) to the engine in 80 ms frames, from a fresh conversation.
+
+    ``sink`` receives Moshi's audio as it comes, exactly as many samples in all as came in;
+    ``progress`` the number of frames done. Returns the transcript pieces ``{"frame", "start",
+    "text"}``, where ``start`` is the piece's time in Moshi's audio.
+    """
+    pieces: list[dict] = []
+    pending = np.zeros(0, np.float32)
+    done = 0
+    engine.reset()
+
+    def step(frame: np.ndarray, keep: int) -> None:
+        nonlocal done
+        res = engine.process(frame)
+        sink(np.asarray(res.pcm, np.float32).reshape(-1)[:keep])
+        if res.text:
+            pieces.append({"frame": done, "start": round(done * FRAME_S, 3), "text": res.text})
+        done += 1
+        if progress is not None:
+            progress(done)
+
+    for block in blocks:
+        pending = np.concatenate([pending, np.asarray(block, np.float32).reshape(-1)])
+        n = pending.size // FRAME_SIZE
+        for i in range(n):
+            step(pending[i * FRAME_SIZE : (i + 1) * FRAME_SIZE], FRAME_SIZE)
+        pending = pending[n * FRAME_SIZE :]
+    if pending.size:
+        step(np.concatenate([pending, np.zeros(FRAME_SIZE - pending.size, np.float32)]), pending.size)
+    return pieces
+
+
 def converse_offline(
     engine, pcm: np.ndarray, progress: Callable[[int, int], None] | None = None
 ) -> tuple[np.ndarray, list[dict]]:
-    """Feed 24 kHz mono ``pcm`` to the engine frame by frame from a fresh conversation.
-
-    Returns Moshi's audio (same length as ``pcm``) and the transcript pieces
-    ``{"frame", "start", "text"}``, where ``start`` is the piece's time in the returned audio.
-    """
+    """:func:`converse_stream` on a signal held in memory; returns Moshi's audio (same length) and the pieces."""
     pcm = np.asarray(pcm, np.float32).reshape(-1)
-    n_frames = -(-pcm.size // FRAME_SIZE)
-    padded = np.zeros(n_frames * FRAME_SIZE, np.float32)
-    padded[: pcm.size] = pcm
-    out = np.zeros_like(padded)
-    pieces: list[dict] = []
-    engine.reset()
-    for i in range(n_frames):
-        res = engine.process(padded[i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
-        out[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] = res.pcm
-        if res.text:
-            pieces.append({"frame": i, "start": round(i * FRAME_S, 3), "text": res.text})
-        if progress is not None:
-            progress(i + 1, n_frames)
-    return out[: pcm.size], pieces
+    total = -(-pcm.size // FRAME_SIZE)
+    out: list[np.ndarray] = []
+    pieces = converse_stream(engine, [pcm], out.append, None if progress is None else lambda d: progress(d, total))
+    return (np.concatenate(out) if out else np.zeros(0, np.float32)), pieces
 
 
 class _Progress:
-    """A progress bar on stderr (a line every 10% when stderr is not a terminal)."""
+    """A progress bar on stderr (when stderr is not a terminal: a line every 10% or every 30 s)."""
 
     def __init__(self, label: str = "moshi") -> None:
         self.tty = sys.stderr.isatty()
         self.label = label
         self.start = time.perf_counter()
         self._last_decile = -1
+        self._last_line = self.start
+        self._last: tuple[int, int] | None = None
 
     def __call__(self, done: int, total: int) -> None:
+        if (done, total) == self._last:
+            return
+        self._last = (done, total)
         elapsed = time.perf_counter() - self.start
         speed = done * FRAME_S / elapsed if elapsed > 0 else 0.0
         frac = done / total if total else 1.0
@@ -193,8 +120,9 @@ class _Progress:
             if done == total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
-        elif int(frac * 10) > self._last_decile:
+        elif int(frac * 10) > self._last_decile or time.perf_counter() - self._last_line > 30:
             self._last_decile = int(frac * 10)
+            self._last_line = time.perf_counter()
             msg = f"{self.label}: {done}/{total} frames ({frac:.0%}), {speed:.2f}x real time"
             print(msg, file=sys.stderr, flush=True)
 
@@ -205,32 +133,35 @@ def convert_file(
     out_path: str | os.PathLike,
     transcript_path: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
-    loaded: tuple[np.ndarray, float] | None = None,
 ) -> dict:
-    """Read ``in_path`` (unless ``loaded`` holds its ``load_mono_24k``), run the conversation, write
-    ``out_path`` and the transcript JSON. Returns the transcript."""
-    pcm, duration = loaded if loaded is not None else load_mono_24k(in_path)
-    start = time.perf_counter()
-    out, pieces = converse_offline(engine, pcm, progress)
-    seconds = time.perf_counter() - start
-    write_wav(out_path, out)
-    transcript = {
-        "input": str(in_path),
-        "output": str(out_path),
-        "sample_rate": SAMPLE_RATE,
-        "frame_seconds": FRAME_S,
-        "duration": round(out.size / SAMPLE_RATE, 6),
-        "input_duration": round(duration, 6),
-        "frames": -(-out.size // FRAME_SIZE),
-        "processing_seconds": round(seconds, 3),
-        "pieces": pieces,
-        "text": "".join(p["text"] for p in pieces).strip(),
-    }
-    if transcript_path is not None:
-        try:
-            Path(transcript_path).write_text(json.dumps(transcript, indent=1, ensure_ascii=False) + "\n")
-        except OSError as e:
-            raise AudioFileError(f"{transcript_path}: cannot be written ({e.strerror or e})") from None
+    """Stream ``in_path`` through a conversation into ``out_path`` (and the transcript JSON, if a path
+    is given); both appear only when complete. Returns the transcript."""
+    out_real, *rest = check_outputs(inputs=[in_path], outputs=[out_path, transcript_path])
+    transcript_real = rest[0] if rest else None
+    with AudioReader(in_path) as reader, atomic_output(out_real) as tmp_out:
+        start = time.perf_counter()
+        total = -(-reader.frames_24k // FRAME_SIZE)  # an estimate for some compressed formats
+        report = None if progress is None else (lambda done: progress(done, max(total, done)))
+        with WavWriter(tmp_out) as writer:
+            pieces = converse_stream(engine, reader.blocks_24k(), writer.write, report)
+        samples = writer.samples
+        if progress is not None and samples:
+            progress(-(-samples // FRAME_SIZE), -(-samples // FRAME_SIZE))  # 100 %, even if the estimate was off
+        transcript = {
+            "input": str(in_path),
+            "output": str(out_path),
+            "sample_rate": SAMPLE_RATE,
+            "frame_seconds": FRAME_S,
+            "duration": round(samples / SAMPLE_RATE, 6),
+            "input_duration": round(reader.duration, 6),
+            "frames": -(-samples // FRAME_SIZE),
+            "processing_seconds": round(time.perf_counter() - start, 3),
+            "pieces": pieces,
+            "text": "".join(p["text"] for p in pieces).strip(),
+        }
+        if transcript_real is not None:
+            with atomic_output(transcript_real) as tmp_t:
+                tmp_t.write_text(json.dumps(transcript, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return transcript
 
 
@@ -246,29 +177,35 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m moshi_mlx.run_inference",
         description="Let Moshi answer a recorded audio file: file in, Moshi's audio (and transcript) out.",
     )
-    p.add_argument("input", help="audio file (WAV at any rate/channels; FLAC, MP3, Ogg also work)")
+    p.add_argument("input", help="audio file (WAV, FLAC, MP3, Ogg, AIFF; any rate and channel count)")
     p.add_argument("output", help="where to write Moshi's audio (24 kHz mono 16-bit WAV)")
-    p.add_argument("--transcript", metavar="JSON", default=None, help="write Moshi's text pieces with timestamps")
+    p.add_argument(
+        "--transcript", metavar="JSON", default=None,
+        help="write Moshi's text pieces with timestamps as JSON (default: print the text to stdout)",
+    )
     add_engine_args(p)
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # `kill` cleans up like Ctrl-C: temporary files go, outputs stay as they were
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         from .assets import load_from_args, settings_from_args
 
-        # Check the input before paying for a model load.
-        loaded = load_mono_24k(args.input)
-        out_dir = Path(args.output).resolve().parent
-        if not out_dir.is_dir():
-            raise AudioFileError(f"{args.output}: directory {out_dir} does not exist")
+        # Open the input and check the outputs before paying for a model load.
+        AudioReader(args.input).close()
+        check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])
         log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
         assets = load_from_args(args, log=log)
         log(f"loaded in {assets.load_seconds:.1f} s: {assets.description}")
         engine = assets.engine(settings_from_args(args))
         try:
-            t = convert_file(engine, args.input, args.output, args.transcript, _Progress(), loaded)
+            t = convert_file(engine, args.input, args.output, args.transcript, _Progress())
         finally:
             engine.close()
         speed = t["duration"] / t["processing_seconds"] if t["processing_seconds"] else 0.0
@@ -276,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             f"wrote {args.output} ({t['duration']:.2f} s, {t['frames']} frames, {speed:.2f}x real time)"
             + (f" and {args.transcript} ({len(t['pieces'])} pieces)" if args.transcript else "")
         )
+        if args.transcript is None:
+            print(t["text"], flush=True)
         return 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: no output written", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("MOSHI_MLX_DEBUG"):

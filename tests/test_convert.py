@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -396,3 +397,63 @@ def test_cli(tmp_path, tiny_sources, capsys):
     with pytest.raises(SystemExit):
         main([str(tiny_sources["legacy"][0]), str(tmp_path / "p"), "-q", "3"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# never over an input, never half a file
+
+
+def test_output_never_overwrites_the_input(tmp_path, tiny_sources):
+    """`convert model.safetensors .` from the checkpoint's own folder would replace it by its output."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    src = folder / "model.safetensors"
+    shutil.copy(tiny_sources["current"][0], src)
+    before = src.read_bytes()
+    with pytest.raises(ConvertError, match="is the input file") as e:
+        convert(src, folder, progress=False, log=lambda m: None, force=True)
+    assert "\n" not in str(e.value) and src.read_bytes() == before
+    cfg = folder / "config.json"
+    cfg.write_text("{}")
+    with pytest.raises(ConvertError, match="is the input file"):
+        convert(src, folder, bits=4, config=cfg, progress=False, log=lambda m: None, force=True)
+    assert cfg.read_text() == "{}" and src.read_bytes() == before and not (folder / "model.q4.safetensors").exists()
+
+
+def test_cli_refuses_a_non_empty_folder_unless_forced(tmp_path, tiny_sources, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    src = str(tiny_sources["legacy"][0])
+    assert main([src, str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not empty" in err and "--force" in err and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert main([src, str(out), "--no-progress", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_input_is_a_directory_or_output_a_file(tmp_path, tiny_sources, capsys):
+    assert main([str(tmp_path), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a directory" in err and "no such file" not in err and "\n" not in err
+    (tmp_path / "f").write_text("x")
+    assert main([str(tiny_sources["legacy"][0]), str(tmp_path / "f")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_interrupted_conversion_leaves_no_file(tmp_path, tiny_sources, monkeypatch):
+    import moshi_mlx.convert as conv
+
+    def boom(self, name, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv._Writer, "write", boom)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier conversion")
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_sources["current"][0], out, progress=False, log=lambda m: None, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"an earlier conversion"

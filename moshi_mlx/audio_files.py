@@ -1,0 +1,247 @@
+"""Audio files in bounded memory: read in blocks, resample as a stream, write as a stream.
+
+* :class:`AudioReader` opens any file libsndfile decodes (WAV of every common encoding, FLAC,
+  MP3, Ogg Vorbis/Opus, AIFF, ...) and yields mono 24 kHz float32 blocks (:meth:`AudioReader.blocks_24k`)
+  through a ``soxr`` streaming resampler; memory does not depend on the file's length.
+* :func:`read_audio` reads a whole (short) file, for tools and tests.
+* :class:`WavWriter` writes 24 kHz mono 16-bit WAV block by block.
+
+Errors are one-line :class:`AudioFileError` messages that start with the file's name.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .audio import SAMPLE_RATE
+
+BLOCK = 1 << 15  # input samples per read: ~0.7 s at 48 kHz, a few hundred KiB at most
+
+
+class AudioFileError(ValueError):
+    """An input or output audio file that cannot be used; the message is one line naming the file."""
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# libsndfile subtypes for a RIFF header's (format tag, bits), used when its data size is unset.
+_RAW_SUBTYPES = {(1, 8): "PCM_U8", (1, 16): "PCM_16", (1, 24): "PCM_24", (1, 32): "PCM_32", (3, 32): "FLOAT", (3, 64): "DOUBLE"}
+
+
+def _unsized_wav(f: BinaryIO) -> tuple[int, int, str, int] | None:
+    """For a WAV whose data chunk says 0 bytes but has data after it (a recorder that never updated
+    its header): (rate, channels, subtype, data offset). ``None`` for every other file."""
+    head = f.read(12)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    fmt = None
+    while True:
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return None
+        cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+        if cid == b"fmt ":
+            body = f.read(size + (size & 1))
+            if len(body) < 16:
+                return None
+            tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the GUID
+                tag = struct.unpack("<H", body[24:26])[0]
+            fmt = (tag, channels, rate, bits)
+        elif cid == b"data":
+            offset = f.tell()
+            has_data = f.read(1) != b""
+            if size != 0 or not has_data or fmt is None or (fmt[0], fmt[3]) not in _RAW_SUBTYPES:
+                return None
+            return fmt[2], fmt[1], _RAW_SUBTYPES[(fmt[0], fmt[3])], offset
+        else:
+            f.seek(size + (size & 1), os.SEEK_CUR)
+
+
+class _Window:
+    """The tail of a file from ``offset`` on, seen as a whole file (libsndfile reads RAW data from 0)."""
+
+    def __init__(self, f: BinaryIO, offset: int) -> None:
+        self.f, self.offset = f, offset
+        f.seek(offset)
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            pos += self.offset
+        return self.f.seek(pos, whence) - self.offset
+
+    def tell(self) -> int:
+        return self.f.tell() - self.offset
+
+    def read(self, n: int = -1) -> bytes:
+        return self.f.read(n)
+
+
+class AudioReader:
+    """An open audio file read block by block. Use as a context manager.
+
+    ``rate``, ``channels`` and ``frames`` (samples per channel; an estimate for some compressed
+    formats) are known after opening, before anything is decoded.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        p = self.path
+        if not p.exists():
+            raise AudioFileError(f"{p}: no such file")
+        if p.is_dir():
+            raise AudioFileError(f"{p}: is a directory, expected an audio file")
+        try:
+            self._raw: BinaryIO = open(p, "rb")
+        except OSError as e:
+            raise AudioFileError(f"{p}: cannot be read ({e.strerror or e})") from None
+        try:
+            self._file = self._open()
+        except BaseException:
+            self._raw.close()
+            raise
+        self.rate: int = int(self._file.samplerate)
+        self.channels: int = int(self._file.channels)
+        self.frames: int = max(int(self._file.frames), 0)
+        if self.rate < 1 or self.channels < 1:
+            self.close()
+            raise AudioFileError(f"{p}: broken header ({self.channels} channels, {self.rate} Hz)")
+
+    def _open(self) -> sf.SoundFile:
+        p = self.path
+        if os.fstat(self._raw.fileno()).st_size == 0:
+            raise AudioFileError(f"{p}: file is empty")
+        unsized = _unsized_wav(self._raw)
+        self._raw.seek(0)
+        try:
+            if unsized is not None:
+                rate, channels, subtype, offset = unsized
+                return sf.SoundFile(_Window(self._raw, offset), samplerate=rate, channels=channels, subtype=subtype, format="RAW")
+            return sf.SoundFile(self._raw)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+            self._raw.seek(0)
+            head = self._raw.read(12)
+            if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
+                reason = _first(e).split(": ", 1)[-1]  # libsndfile's "Error opening <obj>: ..." prefix
+                raise AudioFileError(f"{p}: unsupported or broken WAV file ({reason})") from None
+            raise AudioFileError(f"{p}: not an audio file this tool can read (WAV, FLAC, MP3, Ogg, AIFF)") from None
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.rate
+
+    @property
+    def frames_24k(self) -> int:
+        """The length at 24 kHz that a file of ``frames`` samples gets."""
+        return round(self.frames * SAMPLE_RATE / self.rate)
+
+    def blocks(self, size: int = BLOCK) -> Iterator[np.ndarray]:
+        """float32 [samples, channels] blocks from the start; checks every sample is finite."""
+        if self._file.seekable():
+            self._file.seek(0)
+        self.frames_read = 0
+        while True:
+            try:
+                x = self._file.read(size, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise AudioFileError(f"{self.path}: cannot be decoded ({_first(e)})") from None
+            if x.shape[0] == 0:
+                break
+            if not np.isfinite(x).all():
+                raise AudioFileError(f"{self.path}: contains NaN or infinite samples")
+            self.frames_read += x.shape[0]
+            yield x
+        if self.frames_read == 0:
+            raise AudioFileError(f"{self.path}: contains no audio samples")
+        self.frames = self.frames_read  # the exact count, now that it is known
+
+    def blocks_24k(self, size: int = BLOCK) -> Iterator[np.ndarray]:
+        """Mono 24 kHz float32 blocks; all of them together are exactly ``frames_24k`` samples long."""
+        stream = None if self.rate == SAMPLE_RATE else soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        produced = 0
+        for x in self.blocks(size):
+            mono = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+            y = mono if stream is None else stream.resample_chunk(np.ascontiguousarray(mono, np.float32))
+            produced += y.size
+            if y.size:
+                yield y
+        tail = np.zeros(0, np.float32) if stream is None else stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        # soxr's total can differ from the exact ratio by a sample: trim or pad the end to it (soxr
+        # lags behind its input, so the blocks already given never overshoot).
+        keep = max(0, self.frames_24k - produced)
+        tail = np.concatenate([tail[:keep], np.zeros(max(0, keep - tail.size), np.float32)])
+        if tail.size:
+            yield tail
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self._raw.close()
+
+    def __enter__(self) -> "AudioReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """A whole file as float32 [channels, samples] and its sample rate (short files: tools, tests)."""
+    with AudioReader(path) as r:
+        x = np.concatenate(list(r.blocks()), axis=0)
+        return x.T.copy(), r.rate
+
+
+def load_mono_24k(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """A whole file as 24 kHz mono float32, and its duration in seconds (short files only)."""
+    with AudioReader(path) as r:
+        pcm = np.concatenate(list(r.blocks_24k()))
+        return pcm, r.duration
+
+
+def to_pcm16(pcm: np.ndarray) -> np.ndarray:
+    """float samples -> 16-bit integers (clipped to [-1, 1])."""
+    return (np.clip(np.asarray(pcm, np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
+
+
+class WavWriter:
+    """24 kHz (or ``rate``) mono 16-bit WAV written block by block (the header is finalised on close)."""
+
+    def __init__(self, path: str | os.PathLike, rate: int = SAMPLE_RATE) -> None:
+        self.path = Path(path)
+        try:
+            self._file = sf.SoundFile(self.path, "w", samplerate=rate, channels=1, subtype="PCM_16", format="WAV")
+        except (sf.LibsndfileError, RuntimeError, OSError) as e:
+            raise AudioFileError(f"{self.path}: cannot be written ({_first(e)})") from None
+        self.samples = 0
+
+    def write(self, pcm: np.ndarray) -> None:
+        data = to_pcm16(pcm).reshape(-1)
+        self._file.write(data)
+        self.samples += data.size
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "WavWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_wav(path: str | os.PathLike, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    """Mono 16-bit PCM WAV of a whole signal (samples clipped to [-1, 1])."""
+    with WavWriter(path, rate) as w:
+        w.write(pcm)

@@ -1,0 +1,117 @@
+"""Safe output files: never overwrite an input, never leave a half-written file.
+
+Two calls cover every tool that writes files (run_inference, convert, recordings):
+
+* :func:`check_outputs` runs before any work (and before any model load). It refuses, with a
+  one-line :class:`OutputError`, an output that is the same file as an input or as another output
+  (symlinks and hard links included), an output that is a directory, a folder that is missing or
+  not writable, and an existing output that is read-only. It returns the paths to write to.
+* :func:`atomic_output` yields a temporary path in the destination's own folder; the file is moved
+  into place (``os.replace``, atomic on one file system) only when the ``with`` block completes. An
+  error or Ctrl-C deletes the temporary file, so the destination is either the old file, untouched,
+  or the complete new one.
+
+Example::
+
+    out, = check_outputs(inputs=[src], outputs=[dst])
+    with atomic_output(out) as tmp:
+        write_everything_to(tmp)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+PathLike = str | os.PathLike
+
+__all__ = ["OutputError", "check_outputs", "atomic_output", "destination"]
+
+
+class OutputError(ValueError):
+    """An output that cannot be written safely; the message is one line naming the path."""
+
+
+def destination(path: PathLike) -> Path:
+    """Where writing ``path`` really lands: symlinks followed (a link to a file writes that file)."""
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def _same(a: Path, b: Path) -> bool:
+    # realpath catches symlinks; samefile also catches hard links and case-insensitive names (macOS).
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_outputs(inputs: Iterable[PathLike | None], outputs: Iterable[PathLike | None]) -> list[Path]:
+    """Check, before any work, that every output can be written without harming anything.
+
+    ``None`` entries are skipped (optional outputs). Returns, for each non-``None`` output in order,
+    the path to pass to :func:`atomic_output` (symlinks resolved). Raises :class:`OutputError`.
+    """
+    ins = [(p, destination(p)) for p in inputs if p is not None]
+    outs = [(p, destination(p)) for p in outputs if p is not None]
+    for i, (shown, real) in enumerate(outs):
+        for in_shown, in_real in ins:
+            if _same(real, in_real):
+                raise OutputError(f"{shown}: is the input file {in_shown}; writing there would destroy it")
+        for other_shown, other_real in outs[:i]:
+            if _same(real, other_real):
+                raise OutputError(f"{shown}: is also the output {other_shown}; give each output its own file")
+        if real.is_dir():
+            raise OutputError(f"{shown}: is a directory; give a file name")
+        folder = real.parent
+        if not folder.is_dir():
+            raise OutputError(f"{shown}: folder {folder} does not exist")
+        _probe(shown, folder)
+        if real.exists() and not os.access(real, os.W_OK):
+            raise OutputError(f"{shown}: exists and is read-only")
+    return [real for _, real in outs]
+
+
+def _probe(shown: PathLike, folder: Path) -> None:
+    # Create a file for real: os.access says yes to root, and knows nothing of read-only mounts.
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{shown}: folder {folder} is not writable ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary file is hidden (``.NAME.XXXX.part``) and removed on any exception, Ctrl-C included.
+    ``suffix`` is appended to the temporary name for writers that pick a format from the extension.
+    """
+    final = destination(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part" + suffix, dir=final.parent)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot be written ({e.strerror or e})") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it what a plain open() would
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
