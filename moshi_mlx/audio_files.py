@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .audio import SAMPLE_RATE
+from .frames import SAMPLE_RATE
 
 BLOCK = 1 << 15  # input samples per read: ~0.7 s at 48 kHz, a few hundred KiB at most
 
@@ -216,20 +216,27 @@ def to_pcm16(pcm: np.ndarray) -> np.ndarray:
 
 
 class WavWriter:
-    """24 kHz (or ``rate``) mono 16-bit WAV written block by block (the header is finalised on close)."""
+    """24 kHz (or ``rate``) 16-bit WAV written block by block (the header is finalised on close).
 
-    def __init__(self, path: str | os.PathLike, rate: int = SAMPLE_RATE) -> None:
+    Blocks are [samples] for mono or [samples, channels].
+    """
+
+    def __init__(self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1) -> None:
         self.path = Path(path)
+        self.channels = channels
         try:
-            self._file = sf.SoundFile(self.path, "w", samplerate=rate, channels=1, subtype="PCM_16", format="WAV")
+            self._file = sf.SoundFile(
+                self.path, "w", samplerate=rate, channels=channels, subtype="PCM_16", format="WAV"
+            )
         except (sf.LibsndfileError, RuntimeError, OSError) as e:
             raise AudioFileError(f"{self.path}: cannot be written ({_first(e)})") from None
         self.samples = 0
 
     def write(self, pcm: np.ndarray) -> None:
-        data = to_pcm16(pcm).reshape(-1)
+        data = to_pcm16(pcm)
+        data = data.reshape(-1) if self.channels == 1 else data.reshape(-1, self.channels)
         self._file.write(data)
-        self.samples += data.size
+        self.samples += data.shape[0]
 
     def close(self) -> None:
         self._file.close()
@@ -242,6 +249,7 @@ class WavWriter:
 
 
 def write_wav(path: str | os.PathLike, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
-    """Mono 16-bit PCM WAV of a whole signal (samples clipped to [-1, 1])."""
-    with WavWriter(path, rate) as w:
+    """16-bit PCM WAV of a whole signal, [samples] or [samples, channels] (clipped to [-1, 1])."""
+    pcm = np.asarray(pcm)
+    with WavWriter(path, rate, 1 if pcm.ndim == 1 else pcm.shape[1]) as w:
         w.write(pcm)

@@ -93,11 +93,13 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(path: PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_output(path: PathLike, suffix: str = "", overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
 
     The temporary file is hidden (``.NAME.XXXX.part``) and removed on any exception, Ctrl-C included.
     ``suffix`` is appended to the temporary name for writers that pick a format from the extension.
+    With ``overwrite=False`` an existing ``path`` is never replaced: FileExistsError instead (the file
+    is hard-linked into place, which is atomic and refuses to replace).
     """
     final = destination(path)
     try:
@@ -111,7 +113,22 @@ def atomic_output(path: PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it what a plain open() would
-        os.replace(tmp, final)
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            _link_new(tmp, final)
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _link_new(tmp: Path, final: Path) -> None:
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: the check and the rename are then two steps
+        if final.exists():
+            raise FileExistsError(final) from None
+        os.replace(tmp, final)

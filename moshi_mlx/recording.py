@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 import time
-import wave
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import soundfile as sf
 
-SAMPLE_RATE = 24000
+from .audio_files import to_pcm16
+from .errors import MoshiError, first_line
+from .frames import SAMPLE_RATE
+from .outputs import OutputError, atomic_output
+
 SUFFIXES = ("stereo.wav", "mixed.wav", "transcript.txt", "transcript.json")
 
 
-class RecordingError(OSError):
+class RecordingError(MoshiError, OSError):
     """The recording folder or one of its files cannot be written."""
 
 
@@ -48,10 +51,6 @@ class RecordingFiles:
 
     def __iter__(self):
         return iter((self.stereo, self.mixed, self.text, self.json))
-
-
-def _pcm16(x: np.ndarray) -> np.ndarray:
-    return (np.clip(np.asarray(x, np.float32).reshape(-1), -1.0, 1.0) * 32767.0).round().astype("<i2")
 
 
 class ConversationRecorder:
@@ -79,7 +78,7 @@ class ConversationRecorder:
 
     def add_user(self, pcm: np.ndarray) -> None:
         """The microphone as the model heard it (after echo cancellation)."""
-        chunk = _pcm16(pcm)
+        chunk = to_pcm16(pcm).reshape(-1)
         with self._lock:
             self._start()
             self._user.append(chunk)
@@ -87,7 +86,7 @@ class ConversationRecorder:
 
     def add_moshi(self, pcm: np.ndarray) -> None:
         """Moshi's voice as played (silence included, so it stays in step with the microphone)."""
-        chunk = _pcm16(pcm)
+        chunk = to_pcm16(pcm).reshape(-1)
         with self._lock:
             self._start()
             self._moshi.append(chunk)
@@ -154,48 +153,18 @@ class ConversationRecorder:
                 **(info or {}),
             }
             writers = [
-                lambda f: _write_wav(f, stereo, 2, self.sample_rate),
-                lambda f: _write_wav(f, mixed, 1, self.sample_rate),
-                lambda f: f.write((text + "\n").encode("utf-8")),
-                lambda f: f.write((json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8")),
+                lambda tmp: sf.write(tmp, stereo, self.sample_rate, subtype="PCM_16", format="WAV"),
+                lambda tmp: sf.write(tmp, mixed, self.sample_rate, subtype="PCM_16", format="WAV"),
+                lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"),
+                lambda tmp: tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"),
             ]
             try:
                 for path, write in zip(paths, writers):
-                    _write_new(path, write)
+                    with atomic_output(path, overwrite=False) as tmp:  # never replaces an earlier recording
+                        write(tmp)
             except FileExistsError:  # another recording took this name meanwhile: use the next one
                 continue
+            except (OutputError, OSError, sf.LibsndfileError) as e:
+                raise RecordingError(f"{folder}: cannot write the recording ({first_line(e)})") from None
             return RecordingFiles(*paths, seconds=seconds)
         raise RecordingError(f"{folder}: no free file name for {stem_base}")
-
-
-def _write_wav(f, samples: np.ndarray, channels: int, rate: int) -> None:
-    with wave.open(f, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(np.ascontiguousarray(samples).tobytes())
-
-
-def _write_new(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temporary file in the same folder, then put it in place without replacing anything."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic, and fails rather than overwrite an existing file
-        except FileExistsError:
-            raise
-        except OSError:  # a file system without hard links
-            if path.exists():
-                raise FileExistsError(path) from None
-            os.replace(tmp, path)
-    except OSError as e:
-        if isinstance(e, FileExistsError):
-            raise
-        raise RecordingError(f"{path}: cannot be written ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
