@@ -1,9 +1,11 @@
 """Streaming generation: one 80 ms frame of user codes in, Moshi's text token and audio codes out.
 
-Codebook delays are handled here. At step t the model reads, for every stream, the token of
-"position" t where codebook k at position p holds frame p - delay[k]. Moshi's sampled tokens
-become the next position's input, so a complete output frame (all codebooks of one time
-step) is known `max_delay` steps after its first codebook was sampled.
+Codebook delays are handled here. Streams are laid out in "positions": codebook k at position p
+holds frame p - delay[k], and step t samples position t. The model's input at step t is position
+t - 1 of every stream (Moshi's own tokens sampled at the previous step, the user's frame
+t - 1 - delay), with the learned start tokens (text `text_card`, audio `card`) where a stream has
+nothing yet. This is how Kyutai's MLX and Rust implementations and its training-time forward align
+the streams. A complete output frame is known `max_delay` steps after its first codebook was sampled.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .models.lm import NO_TOKEN, Lm
+from .models.lm import Lm
 from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams, make_sampler
 
 
@@ -30,10 +32,18 @@ class StepOutput:
 class PendingStep:
     """A step whose computation has been queued on the device (see LmGen.submit)."""
 
-    def __init__(self, gen: "LmGen", step: int, tokens: mx.array) -> None:
+    def __init__(self, gen: "LmGen", step: int, tokens: mx.array, text_logits: mx.array | None = None) -> None:
         self._gen = gen
         self.step = step
         self._tokens = tokens
+        self._text_logits = text_logits
+
+    @property
+    def text_logits(self) -> np.ndarray | None:
+        """This step's text logits [text_out_vocab] as float32, if the LmGen keeps them (else None)."""
+        if self._text_logits is None:
+            return None
+        return np.array(self._text_logits[0].astype(mx.float32))
 
     @property
     def raw_tokens(self) -> np.ndarray:
@@ -52,14 +62,19 @@ class LmGen:
         audio_sampling: SamplingParams = DEFAULT_AUDIO_SAMPLING,
         seed: int | None = None,
         batch: int = 1,
+        keep_text_logits: bool = False,
     ) -> None:
         if batch != 1:
             raise NotImplementedError("streaming generation runs one conversation (batch 1)")
         self.model = model
         self.config = model.config
+        # Opt-in: the step's text logits stay referenced for PendingStep.text_logits (tools, plots).
+        self.keep_text_logits = keep_text_logits
         self._delays = np.array(self.config.audio_delays, dtype=np.int64)
         self._gen_delays = self._delays[: self.config.generated_codebooks]
         self._user_delays = self._delays[self.config.generated_codebooks :]
+        # Learned start tokens of Moshi's own streams: text `text_card`, audio `card`.
+        self._start = mx.array([[self.config.text_out_vocab_size] + [self.config.audio_card] * self.config.generated_codebooks], dtype=mx.int32)
         self._cache = model.make_cache(batch)
         self.configure(text_sampling, audio_sampling, seed)
         self.reset()
@@ -91,26 +106,26 @@ class LmGen:
             mx.eval(self._key)
         self.step_index = 0
         self._last_generated: mx.array | None = None  # device tokens of the previous step
-        hist = self.config.max_delay + 1
-        self._user_history: deque[np.ndarray] = deque(maxlen=hist)
-        self._generated_history: deque[np.ndarray] = deque(maxlen=hist)
+        self._user_history: deque[np.ndarray] = deque(maxlen=self.config.max_delay + 2)
+        self._generated_history: deque[np.ndarray] = deque(maxlen=self.config.max_delay + 1)
         self._pending: PendingStep | None = None
 
     def _input_tokens(self, user_codes: np.ndarray) -> mx.array:
+        """Position step - 1 of every stream, start tokens where a stream has no frame yet."""
         step = self.step_index
         cfg = self.config
         self._user_history.append(user_codes)
-        user = np.full(cfg.user_codebooks, NO_TOKEN, dtype=np.int32)
+        user = np.full(cfg.user_codebooks, cfg.audio_card, dtype=np.int32)
         for k, delay in enumerate(self._user_delays):
-            if step >= delay:
-                user[k] = self._user_history[-1 - delay][k]
+            if step - 1 - delay >= 0:  # the user's frame step - 1 - delay (the history ends with frame `step`)
+                user[k] = self._user_history[-2 - delay][k]
         user_in = mx.array(user)[None, :]
         if self._last_generated is None:
-            generated = mx.full((1, 1 + cfg.generated_codebooks), NO_TOKEN, dtype=mx.int32)
+            generated = self._start
         else:
-            # A delayed codebook has nothing real before step == its delay.
-            ready = np.concatenate([[step > 0], step > self._gen_delays])
-            generated = mx.where(mx.array(ready)[None, :], self._last_generated, NO_TOKEN)
+            # Codebook k's previous position holds a real frame only once step - 1 >= its delay.
+            ready = np.concatenate([[True], step - 1 >= self._gen_delays])
+            generated = mx.where(mx.array(ready)[None, :], self._last_generated, self._start)
         return mx.concatenate([generated, user_in], axis=1)
 
     def submit(self, user_codes: np.ndarray) -> PendingStep:
@@ -137,8 +152,9 @@ class LmGen:
         generated = mx.concatenate([text_token[:, None], audio], axis=1)
         self._cache.position += 1
         self._last_generated = generated
-        mx.async_eval(generated, self._key)
-        self._pending = PendingStep(self, self.step_index, generated)
+        kept = text_logits if self.keep_text_logits else None
+        mx.async_eval(generated, self._key, *([kept] if kept is not None else []))
+        self._pending = PendingStep(self, self.step_index, generated, kept)
         self.step_index += 1
         return self._pending
 
