@@ -66,3 +66,19 @@ def test_greedy_generation_matches_the_reference_every_step(reference):
             pending.text_logits, record["text_logits"][step], rtol=0, atol=TOLERANCE, err_msg=f"step {step}"
         )
         pending.result()
+
+
+def test_teacher_forced_forward_gives_the_reference_logits(reference):
+    """The reference's own token sequence, scored in one call: text and audio logits of every step."""
+    model, record, meta = reference
+    cfg = model.config
+    steps = meta["steps"]
+    user = np.zeros((cfg.user_codebooks, steps), np.int32)
+    for k, delay in enumerate(cfg.audio_delays[cfg.generated_codebooks :]):
+        user[k, delay:] = record["user_codes"][: steps - delay, k]
+    tokens = np.concatenate([record["tokens"].T, user], axis=0)[None]
+    text_logits, audio_logits = model.forward(mx.array(tokens))
+    np.testing.assert_allclose(np.array(text_logits[0]), record["text_logits"], rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        np.array(audio_logits[0]).transpose(1, 0, 2), record["audio_logits"], rtol=0, atol=TOLERANCE
+    )

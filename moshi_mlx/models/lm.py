@@ -65,6 +65,34 @@ class Depformer(nn.Module):
             codes.append(previous)
         return mx.stack(codes, axis=1)
 
+    def score(self, hidden: mx.array, tokens: mx.array) -> mx.array:
+        """Teacher-forced logits for every position at once.
+
+        hidden: [B, T, D] temporal outputs; tokens: [B, generated_codebooks, T] the tokens each
+        slice reads (text for slice 0, codebook k-1 for slice k). Returns [B, K, T, audio_card].
+        """
+        batch, steps, dim = hidden.shape
+        flat = hidden.reshape(batch * steps, 1, dim)  # positions are independent: fold them into the batch
+        caches = [FrameCache() for _ in self.slices[0].transformer.layers]
+        logits = []
+        for k, piece in enumerate(self.slices):
+            x = piece.linear_in(flat) + embed(piece.emb, tokens[:, k, :].reshape(batch * steps, 1))
+            x = piece.transformer(x, caches)
+            logits.append(piece.linear_out(x).reshape(batch, steps, -1))
+        return mx.stack(logits, axis=1)
+
+
+class _WholeSequence:
+    """Attention over a whole sequence in one call: causal, within the last `context` positions."""
+
+    def __init__(self, steps: int, context: int) -> None:
+        pos = mx.arange(steps)
+        back = pos[:, None] - pos[None, :]
+        self.mask = (back >= 0) & (back < context)
+
+    def update(self, keys: mx.array, values: mx.array, ctx: StepContext | None) -> tuple[mx.array, mx.array, mx.array]:
+        return keys, values, self.mask
+
 
 class Lm(nn.Module):
     def __init__(self, cfg: LmConfig) -> None:
@@ -100,3 +128,37 @@ class Lm(nn.Module):
             x = x + embed(table, tokens[:, k + 1 : k + 2])
         hidden = self.out_norm(self.transformer(x, caches, ctx))
         return hidden, self.text_linear(hidden)[:, 0, :]
+
+    def start_tokens(self) -> mx.array:
+        """The learned start token of every stream: text `text_card`, audio `card` ([1 + audio_codebooks])."""
+        cfg = self.config
+        return mx.array([cfg.text_out_vocab_size] + [cfg.audio_card] * cfg.audio_codebooks, dtype=mx.int32)
+
+    def forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Score a whole delayed token sequence in one call (teacher forcing).
+
+        tokens: [B, 1 + audio_codebooks, T] int32 in the delayed layout LmGen steps through: column t
+        holds what step t sampled (text, Moshi's codebooks) and the user's codebooks at position t
+        (frame t - delay). Position t is predicted from columns < t; the learned start tokens stand in
+        wherever a stream has no frame yet (t - 1 < its delay), exactly as in streaming.
+        Returns text logits [B, T, text_out_vocab] and audio logits [B, generated_codebooks, T, audio_card]
+        (the depformer reads the given text and codebook tokens), equal to stepping LmGen on the same tokens.
+        """
+        cfg = self.config
+        batch, streams, steps = tokens.shape
+        if streams != 1 + cfg.audio_codebooks:
+            raise ValueError(f"expected {1 + cfg.audio_codebooks} streams (text + audio codebooks), got {streams}")
+        delays = mx.array([0, *cfg.audio_delays])[None, :, None]
+        previous = mx.concatenate([mx.zeros((batch, streams, 1), dtype=tokens.dtype), tokens[:, :, :-1]], axis=2)
+        started = mx.arange(steps)[None, None, :] - 1 >= delays
+        inputs = mx.where(started, previous, self.start_tokens()[None, :, None])
+        x = self.text_emb(inputs[:, 0])
+        for k, table in enumerate(self.audio_embs):
+            x = x + table(inputs[:, k + 1])
+        t = cfg.transformer
+        window = _WholeSequence(steps, t.context)
+        ctx = StepContext(position=mx.array(0, dtype=mx.int32), slot=mx.array([0], dtype=mx.int32), mask=window.mask)
+        hidden = self.out_norm(self.transformer(x, [window] * t.num_layers, ctx))
+        text_logits = self.text_linear(hidden)
+        audio_logits = self.depformer.score(hidden, tokens[:, : cfg.generated_codebooks])
+        return text_logits, audio_logits
