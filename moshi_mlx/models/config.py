@@ -49,6 +49,8 @@ class LmConfig:
     audio_codebooks: int = 16  # Moshi's generated streams followed by the user's
     generated_codebooks: int = 8
     audio_delays: tuple[int, ...] = (0, 1, 1, 1, 1, 1, 1, 1) * 2
+    text_padding_id: int = 3  # Moshi's text "no word here" token
+    end_of_text_padding_id: int = 0  # marks the end of a padding run, just before a word
 
     def __post_init__(self) -> None:
         if len(self.audio_delays) != self.audio_codebooks:
@@ -130,6 +132,8 @@ class LmConfig:
             audio_codebooks=n_q,
             generated_codebooks=int(data.get("dep_q", n_q // 2)),
             audio_delays=tuple(delays[1:]),  # the first delay belongs to the text stream
+            text_padding_id=int(data.get("existing_text_padding_id", 3)),
+            end_of_text_padding_id=int(data.get("existing_text_end_padding_id", 0)),
         )
 
     def to_kyutai_dict(self) -> dict[str, Any]:
