@@ -7,7 +7,7 @@ from moshi_mlx.generate import LmGen
 from moshi_mlx.loading import build_model
 from moshi_mlx.models.cache import StepContext
 from moshi_mlx.models.config import config_tiny
-from moshi_mlx.sampling import GREEDY, SamplingParams
+from moshi_mlx.sampling import GREEDY, SamplingParams, TextControls
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +170,41 @@ def test_sampling_settings_change_between_conversations(tiny_model):
     greedy = run(gen, user_frames(4))
     again = run(LmGen(tiny_model, GREEDY, GREEDY), user_frames(4))
     assert [o.text_token for o in greedy if o] == [o.text_token for o in again if o]
+
+
+def _raw(gen, frames):
+    out = []
+    for frame in frames:
+        pending = gen.submit(frame)
+        out.append(pending.raw_tokens)
+        pending.result()
+    return np.stack(out)
+
+
+def test_text_and_audio_seeds_are_separate(tiny_model):
+    frames = user_frames(6)
+    a = _raw(LmGen(tiny_model, text_seed=1, audio_seed=2), frames)
+    assert np.array_equal(a, _raw(LmGen(tiny_model, text_seed=1, audio_seed=2), frames))  # a pair replays
+    b = _raw(LmGen(tiny_model, text_seed=1, audio_seed=3), frames)
+    assert a[0, 0] == b[0, 0]  # step 0's text is drawn before any audio: same text seed, same token
+    assert not np.array_equal(a[:, 1:], b[:, 1:])
+    # `seed` is the convenience for both; a stream's own seed wins.
+    c = _raw(LmGen(tiny_model, seed=9, text_seed=1, audio_seed=2), frames)
+    assert np.array_equal(a, c)
+    gen = LmGen(tiny_model, seed=4)
+    assert (gen.text_seed, gen.audio_seed) == (4, 4)
+
+
+def _repeats_within(tokens, context):
+    """Word tokens (not padding 0 / 3) that reappear within `context` tokens."""
+    return [t for t in range(1, len(tokens)) if tokens[t] not in (0, 3) and tokens[t] in tokens[max(0, t - context) : t]]
+
+
+def test_repetition_penalty_keeps_greedy_text_from_repeating(tiny_model):
+    frames = user_frames(24)
+    plain = _raw(LmGen(tiny_model, GREEDY, GREEDY), frames)[:, 0].tolist()
+    assert _repeats_within(plain, 8)  # the tiny random model repeats itself
+    controls = TextControls(repetition_penalty=1e4, repetition_penalty_context=8)
+    penalised = _raw(LmGen(tiny_model, GREEDY, GREEDY, text_controls=controls), frames)[:, 0].tolist()
+    assert _repeats_within(penalised, 8) == [], penalised
+    assert penalised[0] == plain[0]  # nothing to penalise at the first step
