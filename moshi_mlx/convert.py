@@ -67,6 +67,7 @@ __all__ = [
 # Group sizes of the published files: nn.quantize(model, bits=8, group_size=64) / (bits=4, group_size=32).
 QUANT_GROUP_SIZE = {8: 64, 4: 32}
 _SOURCE_DTYPES = ("BF16", "F16", "F32")
+FLOAT_DTYPES = {"bf16": "BF16", "f32": "F32"}  # --dtype -> safetensors dtype of unquantized tensors
 
 
 class ConvertError(ValueError):
@@ -269,10 +270,12 @@ def plan_conversion(shapes: dict[str, tuple[int, ...]] | dict[str, list[int]]) -
     return Plan(layout, d, pieces)
 
 
-def _quantized_parts(name: str, shape: tuple[int, ...], bits: int | None) -> list[tuple[str, tuple[int, ...], str]]:
+def _quantized_parts(
+    name: str, shape: tuple[int, ...], bits: int | None, float_dtype: str = "BF16"
+) -> list[tuple[str, tuple[int, ...], str]]:
     """The stored tensors for one MLX parameter: [(name, shape, safetensors dtype)]."""
     if bits is None or len(shape) != 2:
-        return [(name, shape, "BF16")]
+        return [(name, shape, float_dtype)]
     gs = QUANT_GROUP_SIZE[bits]
     rows, cols = shape
     if cols % gs:
@@ -285,13 +288,15 @@ def _quantized_parts(name: str, shape: tuple[int, ...], bits: int | None) -> lis
     ]
 
 
-def output_specs(pieces: list[Piece], bits: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+def output_specs(
+    pieces: list[Piece], bits: int | None, float_dtype: str = "BF16"
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, dtype)} of the file the conversion writes (dtype as safetensors spells it)."""
     if bits not in (None, 4, 8):
         raise ConvertError(f"-q must be 4 or 8, got {bits}")
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for p in pieces:
-        for name, shape, dtype in _quantized_parts(p.name, p.shape, bits):
+        for name, shape, dtype in _quantized_parts(p.name, p.shape, bits, float_dtype):
             out[name] = (shape, dtype)
     return out
 
@@ -404,7 +409,7 @@ def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str
     return cfg, out, notes
 
 
-def expected_specs(cfg: Any, bits: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_specs(cfg: Any, bits: int | None, float_dtype: str = "BF16") -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, dtype)} of the model's parameters, from a lazily built Lm (nothing is allocated)."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -413,16 +418,18 @@ def expected_specs(cfg: Any, bits: int | None) -> dict[str, tuple[tuple[int, ...
     from .models.lm import Lm
 
     model = Lm(cfg)
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(mx.float32 if float_dtype == "F32" else mx.bfloat16)
     if bits is not None:
         nn.quantize(model, bits=bits, group_size=QUANT_GROUP_SIZE[bits])
     names = {mx.bfloat16: "BF16", mx.uint32: "U32", mx.float32: "F32", mx.float16: "F16"}
     return {k: (tuple(v.shape), names.get(v.dtype, str(v.dtype))) for k, v in tree_flatten(model.parameters())}
 
 
-def _check_against_model(cfg: Any, specs: dict[str, tuple[tuple[int, ...], str]], bits: int | None) -> None:
+def _check_against_model(
+    cfg: Any, specs: dict[str, tuple[tuple[int, ...], str]], bits: int | None, float_dtype: str = "BF16"
+) -> None:
     try:
-        want = expected_specs(cfg, bits)
+        want = expected_specs(cfg, bits, float_dtype)
     except ImportError:  # pragma: no cover - model code unavailable: the shape checks above still hold
         return
     if set(want) != set(specs):
@@ -514,8 +521,12 @@ def convert(
     config: str | os.PathLike | dict | None = None,
     progress: bool = True,
     log: Any = None,
+    dtype: str = "bf16",
 ) -> Path:
-    """Convert `src` into OUT_DIR/model[.qN].safetensors + OUT_DIR/config.json; returns the weights path."""
+    """Convert `src` into OUT_DIR/model[.qN].safetensors + OUT_DIR/config.json; returns the weights path.
+
+    `dtype` ("bf16" as published, or "f32") is the precision of the unquantized output.
+    """
     import mlx.core as mx
     import numpy as np
 
@@ -525,6 +536,11 @@ def convert(
         raise ConvertError(f"{src}: no such file")
     if bits not in (None, 4, 8):
         raise ConvertError(f"-q must be 4 or 8, got {bits}")
+    if dtype not in FLOAT_DTYPES:
+        raise ConvertError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    if bits is not None and dtype != "bf16":
+        raise ConvertError("--dtype f32 is for unquantized output; quantized files keep bfloat16 scales as published")
+    float_dtype = FLOAT_DTYPES[dtype]
     try:
         header = read_safetensors_header(src)
     except ValueError as e:
@@ -549,21 +565,21 @@ def convert(
         if not isinstance(user_config, dict):
             raise ConvertError(f"--config {config}: expected a JSON object")
     cfg, cfg_json, notes = build_config(plan.dims, user_config)
-    specs = output_specs(plan.pieces, bits)
-    _check_against_model(cfg, specs, bits)
+    specs = output_specs(plan.pieces, bits, float_dtype)
+    _check_against_model(cfg, specs, bits, float_dtype)
 
     # Data order: source by source, so each source tensor is read exactly once.
     groups: OrderedDict[str, list[Piece]] = OrderedDict()
     for p in plan.pieces:
         groups.setdefault(p.source, []).append(p)
-    order = [n for ps in groups.values() for p in ps for n, _, _ in _quantized_parts(p.name, p.shape, bits)]
+    order = [n for ps in groups.values() for p in ps for n, _, _ in _quantized_parts(p.name, p.shape, bits, float_dtype)]
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_name = MOSHI_NAMES[bits]
     out_path = out_dir / out_name
     partial = out_dir / (out_name + ".partial")
-    kind = "bf16" if bits is None else f"{bits}-bit (group size {QUANT_GROUP_SIZE[bits]})"
+    kind = dtype if bits is None else f"{bits}-bit (group size {QUANT_GROUP_SIZE[bits]})"
     say(f"converting {src} ({plan.layout} layout, {len(header.tensors)} tensors) -> {out_path} [{kind}]")
     if notes:
         say("not recorded in the weights, assumed (set with --config): " + "; ".join(notes))
@@ -583,7 +599,8 @@ def convert(
                     raise ConvertError(f"{src}: file ended while reading {source}")
                 x = mx.array(buf.reshape(shape))
                 del buf
-                x = x.view(mx.bfloat16) if info["dtype"] == "BF16" else x.astype(mx.bfloat16)
+                x = x.view(mx.bfloat16) if info["dtype"] == "BF16" else x
+                x = x.astype(mx.float32 if float_dtype == "F32" else mx.bfloat16)
                 for p in pieces:
                     y = x
                     if p.chunk is not None:
@@ -595,7 +612,7 @@ def convert(
                         mx.quantize(y, group_size=QUANT_GROUP_SIZE[bits], bits=bits)
                     )
                     mx.eval(parts)
-                    for (name, _, _), t in zip(_quantized_parts(p.name, p.shape, bits), parts):
+                    for (name, _, _), t in zip(_quantized_parts(p.name, p.shape, bits, float_dtype), parts):
                         arr = np.ascontiguousarray(np.asarray(t.view(mx.uint16) if t.dtype == mx.bfloat16 else t))
                         bar.update(writer.write(name, memoryview(arr).cast("B")))
                     del parts, y
@@ -630,10 +647,17 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default=None, metavar="JSON",
         help="Kyutai LM config.json for what the weights do not record (num_heads, context, delays, ...)",
     )
+    ap.add_argument(
+        "--dtype", choices=sorted(FLOAT_DTYPES), default="bf16",
+        help="precision of the unquantized output (default bf16, as published)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        convert(args.input, args.out_dir, bits=args.quantize, config=args.config, progress=not args.no_progress)
+        convert(
+            args.input, args.out_dir, bits=args.quantize, config=args.config, progress=not args.no_progress,
+            dtype=args.dtype,
+        )
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
