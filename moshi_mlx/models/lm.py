@@ -11,7 +11,7 @@ import mlx.nn as nn
 from ..sampling import Sampler
 from .cache import FrameCache, RotatingKVCache, StepContext, TemporalCache
 from .config import LmConfig
-from .transformer import Transformer
+from .transformer import Transformer, make_norm
 
 # Token id meaning "this stream has no token here yet": it embeds to exact zeros.
 NO_TOKEN = -1
@@ -28,13 +28,26 @@ def embed(table: nn.Module, tokens: mx.array) -> mx.array:
     return vectors * present[..., None].astype(vectors.dtype)
 
 
+class LowRankEmbedding(nn.Module):
+    """An embedding of rank r < width, then a linear map up (Kyutai's depformer_low_rank_embeddings)."""
+
+    def __init__(self, vocab_size: int, rank: int, dims: int) -> None:
+        super().__init__()
+        self.weight = mx.random.normal((vocab_size, rank))
+        self.low_rank = nn.Linear(rank, dims, bias=False)
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.low_rank(self.weight[tokens])
+
+
 class DepformerSlice(nn.Module):
     """Weights for one generated codebook of the depth transformer."""
 
     def __init__(self, cfg: LmConfig, in_vocab_size: int) -> None:
         super().__init__()
         dep = cfg.depformer
-        self.emb = nn.Embedding(in_vocab_size, dep.d_model)
+        rank = cfg.depformer_low_rank_embeddings
+        self.emb = nn.Embedding(in_vocab_size, dep.d_model) if rank is None else LowRankEmbedding(in_vocab_size, rank, dep.d_model)
         self.linear_in = nn.Linear(cfg.transformer.d_model, dep.d_model, bias=False)
         self.transformer = Transformer(dep)
         self.linear_out = nn.Linear(dep.d_model, cfg.audio_card, bias=False)
@@ -48,6 +61,14 @@ class Depformer(nn.Module):
             DepformerSlice(cfg, cfg.text_in_vocab_size if k == 0 else cfg.audio_vocab_size)
             for k in range(cfg.generated_codebooks)
         ]
+        self._positional = cfg.depformer.positional_embedding != "none"
+
+    def _context(self, k: int) -> StepContext | None:
+        """Step k of the frame, for a depformer with positions (rope / sin); None when it has none."""
+        if not self._positional:
+            return None
+        index = mx.array(k, dtype=mx.int32)
+        return StepContext(position=index, slot=index[None], mask=mx.ones((1, 1, 1, k + 1), dtype=mx.bool_))
 
     def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler, keys: mx.array) -> mx.array:
         """Sample the generated codebooks one after another; returns [B, K] int32.
@@ -59,7 +80,7 @@ class Depformer(nn.Module):
         codes = []
         for k, piece in enumerate(self.slices):
             x = piece.linear_in(hidden) + embed(piece.emb, previous[:, None])
-            x = piece.transformer(x, caches)
+            x = piece.transformer(x, caches, self._context(k))
             logits = piece.linear_out(x)[:, 0, :]
             previous = sampler(logits, keys[k])
             codes.append(previous)
@@ -77,7 +98,7 @@ class Depformer(nn.Module):
         logits = []
         for k, piece in enumerate(self.slices):
             x = piece.linear_in(flat) + embed(piece.emb, tokens[:, k, :].reshape(batch * steps, 1))
-            x = piece.transformer(x, caches)
+            x = piece.transformer(x, caches, self._context(k))
             logits.append(piece.linear_out(x).reshape(batch, steps, -1))
         return mx.stack(logits, axis=1)
 
@@ -102,7 +123,7 @@ class Lm(nn.Module):
         self.text_emb = nn.Embedding(cfg.text_in_vocab_size, dim)
         self.audio_embs = [nn.Embedding(cfg.audio_vocab_size, dim) for _ in range(cfg.audio_codebooks)]
         self.transformer = Transformer(cfg.transformer)
-        self.out_norm = nn.RMSNorm(dim, eps=cfg.transformer.norm_eps)
+        self.out_norm = make_norm(cfg.transformer)
         self.text_linear = nn.Linear(dim, cfg.text_out_vocab_size, bias=False)
         self.depformer = Depformer(cfg)
 
