@@ -149,7 +149,7 @@ class LmConfig:
             d_model=dim,
             num_heads=int(data["num_heads"]),
             num_layers=int(data["num_layers"]),
-            dim_feedforward=4 * dim if gating == "silu" and scale == 4.125 else int(scale * dim),
+            dim_feedforward=4 * dim if gating == "silu" and scale == 4.125 else round(scale * dim),
             context=int(data.get("context", 3000)),
             max_period=float(data.get("max_period", 10_000)),
             positional_embedding=str(data.get("positional_embedding", "rope")),
