@@ -154,10 +154,9 @@ class ConversationEngine:
         self.tokenizer = tokenizer
         self.settings = settings
         self.mlx = MlxThread()
-        text_seed, audio_seed = settings.seeds
         self.gen = self.mlx.run(
-            lambda: LmGen(lm, settings.text, settings.audio, text_controls=settings.text_controls,
-                          text_seed=text_seed, audio_seed=audio_seed)
+            lambda: LmGen(lm, settings.text, settings.audio, settings.seed, text_controls=settings.text_controls,
+                          text_seed=settings.text_seed, audio_seed=settings.audio_seed)
         )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0
@@ -172,9 +171,11 @@ class ConversationEngine:
         if settings is not None and settings != self.settings:
             self.settings = settings
             self.mlx.run(
-                self.gen.configure, settings.text, settings.audio, None, settings.text_controls, *settings.seeds
+                self.gen.configure, settings.text, settings.audio, settings.seed, settings.text_controls,
+                settings.text_seed, settings.audio_seed,
             )
-        self.mlx.run(self.gen.reset, None, *self.settings.seeds)
+        s = self.settings
+        self.mlx.run(self.gen.reset, s.seed, s.text_seed, s.audio_seed)
         self.mimi.reset()
         self.frames_in = 0
 
