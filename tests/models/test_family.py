@@ -8,7 +8,6 @@ within 1e-5.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
