@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from .hub import ModelSource
 from .loading import WeightsError, build_model, load_lm, resolve_model
 from .models.config import LmConfig, config_tiny, config_v0_1
 from .models.lm import Lm
-from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
+from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_CONTROLS, DEFAULT_TEXT_SAMPLING, SamplingParams, TextControls
 from .tokenizer import TextTokenizer
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
@@ -114,11 +115,60 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true", help="tiny random model + random Mimi: no download (babble)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype for unquantized weights")
     group = parser.add_argument_group("sampling")
-    group.add_argument("--text-temperature", type=float, default=DEFAULT_TEXT_SAMPLING.temperature)
-    group.add_argument("--text-topk", type=int, default=DEFAULT_TEXT_SAMPLING.top_k)
-    group.add_argument("--audio-temperature", type=float, default=DEFAULT_AUDIO_SAMPLING.temperature)
-    group.add_argument("--audio-topk", type=int, default=DEFAULT_AUDIO_SAMPLING.top_k)
-    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    # Validated by the argparse types: a bad value is one error line before anything loads.
+    group.add_argument("--text-temperature", type=_number(0.0), default=DEFAULT_TEXT_SAMPLING.temperature)
+    group.add_argument("--text-topk", type=_count, default=DEFAULT_TEXT_SAMPLING.top_k)
+    group.add_argument("--audio-temperature", type=_number(0.0), default=DEFAULT_AUDIO_SAMPLING.temperature)
+    group.add_argument("--audio-topk", type=_count, default=DEFAULT_AUDIO_SAMPLING.top_k)
+    group.add_argument(
+        "--repetition-penalty", type=_number(0.0, open_low=True), default=DEFAULT_TEXT_CONTROLS.repetition_penalty,
+        help="penalise text tokens Moshi used recently (> 1 penalises; default 1.0: off)",
+    )
+    group.add_argument(
+        "--repetition-penalty-context", type=_count, default=DEFAULT_TEXT_CONTROLS.repetition_penalty_context,
+        metavar="N", help="how many recent text tokens (not padding) the penalty looks at (default 64)",
+    )
+    group.add_argument(
+        "--pad-mult", type=_number(None), default=DEFAULT_TEXT_CONTROLS.pad_mult,
+        help="multiply the text padding probability by exp(PAD_MULT); negative: Moshi talks more (default 0)",
+    )
+    group.add_argument("--seed", type=_seed, default=None, help="seed for reproducible sampling (both streams)")
+    group.add_argument("--text-seed", type=_seed, default=None, help="seed of the text stream (overrides --seed)")
+    group.add_argument("--audio-seed", type=_seed, default=None, help="seed of the audio stream (overrides --seed)")
+
+
+def _number(low: float | None, open_low: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float, at least (or, open_low, above) `low`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value < low or (open_low and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_low else '>='} {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _count(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be < 2**63, got {text!r}")
+    return value
 
 
 def add_lag_arg(group: argparse._ActionsContainer) -> None:
@@ -134,6 +184,9 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         text=SamplingParams(args.text_temperature, args.text_topk),
         audio=SamplingParams(args.audio_temperature, args.audio_topk),
         seed=args.seed,
+        text_controls=TextControls(args.repetition_penalty, args.repetition_penalty_context, args.pad_mult),
+        text_seed=args.text_seed,
+        audio_seed=args.audio_seed,
     )
 
 

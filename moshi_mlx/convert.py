@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 _SOURCE_DTYPES = ("BF16", "F16", "F32")
+FLOAT_DTYPES = {"bf16": "BF16", "f32": "F32"}  # --dtype -> safetensors dtype of unquantized tensors
 
 
 class ConvertError(MoshiError, ValueError):
@@ -90,6 +91,11 @@ class Dims:
     dep_dim: int
     dep_layers: int
     dep_hidden: int
+    norm: str = "rms_norm"  # "rms_norm" (alpha) or "layer_norm" (weight + bias), read off the names
+    gating: bool = True  # gating.linear_in/out, else linear1/linear2
+    low_rank: int | None = None  # depformer embedding rank, when low-rank
+    dep_in: int = 0  # depformer_in projections stored (dep_q, or fewer when steps share them)
+    dep_sets: int = 0  # depformer weight sets stored per layer (dep_q, 1, or a shared schedule's count)
 
 
 @dataclass(frozen=True)
@@ -150,39 +156,87 @@ def _dims(shapes: dict[str, tuple[int, ...]], layout: str) -> Dims:
         audio_emb, layer0 = "emb.{}.weight", "transformer.layers.0."
         dep_in0 = "depformer_in.0.weight"
         n_q = _count(shapes, r"emb\.(\d+)\.weight$")
-        dep_q = _count(shapes, r"depformer_in\.(\d+)\.weight$")
+        dep_q = _count(shapes, r"linears\.(\d+)\.weight$")
+        dep_in = _count(shapes, r"depformer_in\.(\d+)\.weight$")
         dep_layers = _count(shapes, r"depformer\.layers\.(\d+)\.")
+        dep_sets = max(
+            _count(shapes, r"depformer\.layers\.0\.self_attn\.in_projs\.(\d+)\.weight$"),
+            _count(shapes, r"depformer\.layers\.0\.gating\.(\d+)\.linear_in\.weight$"),
+        )
+        if not dep_sets and "depformer.layers.0.self_attn.in_proj_weight" in shapes:
+            rows = shapes["depformer.layers.0.self_attn.in_proj_weight"][0]
+            dep_sets = rows // (3 * shapes[dep_in0][0]) if dep_in0 in shapes else 0
         dep_out = [
             "depformer.layers.0.gating.0.linear_out.weight",
             "depformer.layers.0.gating.linear_out.weight",
+            "depformer.layers.0.linear2.weight",
         ]
+        text_emb_dep = "depformer_text_emb.weight"
     else:
         audio_emb, layer0 = "audio_embs.{}.weight", "transformer.layers.0."
         dep_in0 = "depformer.slices.0.linear_in.weight"
         n_q = _count(shapes, r"audio_embs\.(\d+)\.weight$")
-        dep_q = _count(shapes, r"depformer\.slices\.(\d+)\.")
+        dep_q = dep_in = dep_sets = _count(shapes, r"depformer\.slices\.(\d+)\.")
         dep_layers = _count(shapes, r"depformer\.slices\.0\.transformer\.layers\.(\d+)\.")
-        dep_out = ["depformer.slices.0.transformer.layers.0.gating.linear_out.weight"]
+        dep_out = [
+            "depformer.slices.0.transformer.layers.0.gating.linear_out.weight",
+            "depformer.slices.0.transformer.layers.0.gating.linear2.weight",
+        ]
+        text_emb_dep = "depformer.slices.0.emb.weight"
     text_in, dim = _need(shapes, "text_emb.weight", 2)
     text_out = _need(shapes, "text_linear.weight", 2)[0]
     audio_vocab = _need(shapes, audio_emb.format(0), 2)[0]
     num_layers = _count(shapes, r"transformer\.layers\.(\d+)\.")
     if num_layers == 0:
         raise ConvertError("missing tensors transformer.layers.0.*: not a complete Moshi checkpoint")
-    hidden = _need(shapes, layer0 + "gating.linear_out.weight", 2)[1]
+    gating = not any(n.startswith(layer0 + "linear1.") or n.startswith(layer0 + "gating.linear1.") for n in shapes)
+    if gating:
+        hidden = _need(shapes, layer0 + "gating.linear_out.weight", 2)[1]
+    else:
+        hidden = _need(shapes, layer0 + ("linear2.weight" if layout == "pytorch" else "gating.linear2.weight"), 2)[1]
+    norm = "layer_norm" if layer0 + "norm1.bias" in shapes else "rms_norm"
     if dep_q == 0 or dep_layers == 0:
         raise ConvertError("no depformer tensors: only Moshi checkpoints with a depformer can be converted")
     dep_dim = _need(shapes, dep_in0, 2)[0]
     name = next((n for n in dep_out if n in shapes), dep_out[0])
     dep_hidden = _need(shapes, name, 2)[1]
-    return Dims(dim, num_layers, hidden, text_in, text_out, audio_vocab, n_q, dep_q, dep_dim, dep_layers, dep_hidden)
+    rank = _need(shapes, text_emb_dep, 2)[1]
+    low_rank = rank if rank != dep_dim else None
+    return Dims(
+        dim, num_layers, hidden, text_in, text_out, audio_vocab, n_q, dep_q, dep_dim, dep_layers, dep_hidden,
+        norm, gating, low_rank, dep_in, max(dep_sets, 1),
+    )
 
 
-def plan_conversion(shapes: dict[str, tuple[int, ...]] | dict[str, list[int]]) -> Plan:
-    """Map a checkpoint's {name: shape} to the MLX tensors it becomes; raises ConvertError on any mismatch."""
+def _step_sources(count: int, dep_q: int, schedule: list[int] | None, what: str) -> list[int]:
+    """Which stored weight set each depformer step uses: its own, the single shared one, or the schedule's."""
+    if schedule is not None and count == max(schedule) + 1:
+        return list(schedule)
+    if count == dep_q:
+        return list(range(dep_q))
+    if count == 1:
+        return [0] * dep_q
+    raise ConvertError(
+        f"the checkpoint stores {count} depformer {what} for {dep_q} steps: "
+        "pass --config with depformer_weights_per_step_schedule"
+    )
+
+
+def plan_conversion(
+    shapes: dict[str, tuple[int, ...]] | dict[str, list[int]], schedule: list[int] | None = None
+) -> Plan:
+    """Map a checkpoint's {name: shape} to the MLX tensors it becomes; raises ConvertError on any mismatch.
+
+    `schedule` (config.json's depformer_weights_per_step_schedule) says which stored depformer weight set each
+    step uses when steps share them; the MLX layout gets a copy per step.
+    """
     shapes = {k: tuple(v) for k, v in shapes.items()}
     layout = detect_layout(shapes)
     d = _dims(shapes, layout)
+    if schedule is not None and len(schedule) != d.dep_q:
+        raise ConvertError(f"depformer_weights_per_step_schedule has {len(schedule)} entries; the model has {d.dep_q} steps")
+    in_src = _step_sources(d.dep_in, d.dep_q, schedule, "input projections")
+    set_src = _step_sources(d.dep_sets, d.dep_q, schedule, "weight sets")
     pieces: list[Piece] = []
     missing: list[str] = []
     used: set[str] = set()
@@ -203,7 +257,31 @@ def plan_conversion(shapes: dict[str, tuple[int, ...]] | dict[str, list[int]]) -
         missing.append(candidates[0][0])
 
     D, K = d.dep_dim, d.dep_q
-    norm = lambda n: (1, 1, n)  # noqa: E731  PyTorch RMSNorm alpha
+
+    def add_norm(name: str, source: str, n: int) -> None:
+        """RMSNorm alpha [1, 1, n] -> weight [n]; LayerNorm weight and bias keep their names."""
+        if d.norm == "layer_norm":
+            add(f"{name}.weight", (n,), (f"{source}.weight", (n,)))
+            add(f"{name}.bias", (n,), (f"{source}.bias", (n,)))
+        else:
+            add(f"{name}.weight", (n,), (f"{source}.alpha", (1, 1, n)))
+
+    def add_ffn(name: str, source: str, n: int, h: int) -> None:
+        """Gated: gating.linear_in/out; plain: PyTorch linear1/linear2 -> gating.linear1/linear2."""
+        if d.gating:
+            add(f"{name}.gating.linear_in.weight", (2 * h, n), (f"{source}.linear_in.weight", (2 * h, n)))
+            add(f"{name}.gating.linear_out.weight", (n, h), (f"{source}.linear_out.weight", (n, h)))
+        else:
+            add(f"{name}.gating.linear1.weight", (h, n), (f"{source.removesuffix('.gating')}.linear1.weight", (h, n)))
+            add(f"{name}.gating.linear2.weight", (n, h), (f"{source.removesuffix('.gating')}.linear2.weight", (n, h)))
+
+    def add_emb(name: str, source: str, vocab: int) -> None:
+        if d.low_rank is None:
+            add(f"{name}.weight", (vocab, D), (f"{source}.weight", (vocab, D)))
+        else:
+            add(f"{name}.weight", (vocab, d.low_rank), (f"{source}.weight", (vocab, d.low_rank)))
+            add(f"{name}.low_rank.weight", (D, d.low_rank), (f"{source}.low_rank.weight", (D, d.low_rank)))
+
     add("text_emb.weight", (d.text_in, d.dim), ("text_emb.weight", (d.text_in, d.dim)))
     for i in range(d.n_q):
         add(f"audio_embs.{i}.weight", (d.audio_vocab, d.dim), (f"emb.{i}.weight", (d.audio_vocab, d.dim)))
@@ -220,44 +298,36 @@ def plan_conversion(shapes: dict[str, tuple[int, ...]] | dict[str, list[int]]) -
             (f"{p}.self_attn.out_proj.weight", (d.dim, d.dim)),
         )
         for n in ("norm1", "norm2"):
-            add(f"{p}.{n}.weight", (d.dim,), (f"{p}.{n}.alpha", norm(d.dim)))
-        for n, shape in (("linear_in", (2 * d.hidden, d.dim)), ("linear_out", (d.dim, d.hidden))):
-            add(f"{p}.gating.{n}.weight", shape, (f"{p}.gating.{n}.weight", shape))
-    add("out_norm.weight", (d.dim,), ("out_norm.alpha", norm(d.dim)))
+            add_norm(f"{p}.{n}", f"{p}.{n}", d.dim)
+        add_ffn(p, f"{p}.gating", d.dim, d.hidden)
+    add_norm("out_norm", "out_norm", d.dim)
     add("text_linear.weight", (d.text_out, d.dim), ("text_linear.weight", (d.text_out, d.dim)))
+    S = d.dep_sets
     for k in range(K):
         s = f"depformer.slices.{k}"
+        j = set_src[k]  # this step's weight set
         if k == 0:
-            add(f"{s}.emb.weight", (d.text_in, D), ("depformer_text_emb.weight", (d.text_in, D)))
+            add_emb(f"{s}.emb", "depformer_text_emb", d.text_in)
         else:
-            add(f"{s}.emb.weight", (d.audio_vocab, D), (f"depformer_emb.{k - 1}.weight", (d.audio_vocab, D)))
-        add(f"{s}.linear_in.weight", (D, d.dim), (f"depformer_in.{k}.weight", (D, d.dim)))
+            add_emb(f"{s}.emb", f"depformer_emb.{k - 1}", d.audio_vocab)
+        add(f"{s}.linear_in.weight", (D, d.dim), (f"depformer_in.{in_src[k]}.weight", (D, d.dim)))
         add(f"{s}.linear_out.weight", (d.audio_vocab - 1, D), (f"linears.{k}.weight", (d.audio_vocab - 1, D)))
         for l in range(d.dep_layers):
             q, t = f"depformer.layers.{l}", f"{s}.transformer.layers.{l}"
             add(
                 f"{t}.self_attn.in_proj.weight", (3 * D, D),
-                (f"{q}.self_attn.in_projs.{k}.weight", (3 * D, D)),
-                (f"{q}.self_attn.in_proj_weight", (K * 3 * D, D), (k, K)),
+                (f"{q}.self_attn.in_projs.{j}.weight", (3 * D, D)),
+                (f"{q}.self_attn.in_proj_weight", (S * 3 * D, D), (j, S)),
             )
             add(
                 f"{t}.self_attn.out_proj.weight", (D, D),
-                (f"{q}.self_attn.out_projs.{k}.weight", (D, D)),
-                (f"{q}.self_attn.out_proj.weight", (K * D, D), (k, K)),
+                (f"{q}.self_attn.out_projs.{j}.weight", (D, D)),
+                (f"{q}.self_attn.out_proj.weight", (S * D, D), (j, S)),
             )
             for n in ("norm1", "norm2"):
-                add(f"{t}.{n}.weight", (D,), (f"{q}.{n}.alpha", norm(D)))
-            h = d.dep_hidden
-            add(
-                f"{t}.gating.linear_in.weight", (2 * h, D),
-                (f"{q}.gating.{k}.linear_in.weight", (2 * h, D)),
-                (f"{q}.gating.linear_in.weight", (2 * h, D)),
-            )
-            add(
-                f"{t}.gating.linear_out.weight", (D, h),
-                (f"{q}.gating.{k}.linear_out.weight", (D, h)),
-                (f"{q}.gating.linear_out.weight", (D, h)),
-            )
+                add_norm(f"{t}.{n}", f"{q}.{n}", D)
+            gated_per_step = f"{q}.gating.{j}.linear_in.weight" in shapes
+            add_ffn(t, f"{q}.gating.{j}" if gated_per_step else f"{q}.gating", D, d.dep_hidden)
 
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -271,10 +341,12 @@ def plan_conversion(shapes: dict[str, tuple[int, ...]] | dict[str, list[int]]) -
     return Plan(layout, d, pieces)
 
 
-def _quantized_parts(name: str, shape: tuple[int, ...], bits: int | None) -> list[tuple[str, tuple[int, ...], str]]:
+def _quantized_parts(
+    name: str, shape: tuple[int, ...], bits: int | None, float_dtype: str = "BF16"
+) -> list[tuple[str, tuple[int, ...], str]]:
     """The stored tensors for one MLX parameter: [(name, shape, safetensors dtype)]."""
     if bits is None or len(shape) != 2:
-        return [(name, shape, "BF16")]
+        return [(name, shape, float_dtype)]
     gs = QUANT_GROUP_SIZE[bits]
     rows, cols = shape
     if cols % gs:
@@ -287,13 +359,15 @@ def _quantized_parts(name: str, shape: tuple[int, ...], bits: int | None) -> lis
     ]
 
 
-def output_specs(pieces: list[Piece], bits: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+def output_specs(
+    pieces: list[Piece], bits: int | None, float_dtype: str = "BF16"
+) -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, dtype)} of the file the conversion writes (dtype as safetensors spells it)."""
     if bits not in (None, 4, 8):
         raise ConvertError(f"-q must be 4 or 8, got {bits}")
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for p in pieces:
-        for name, shape, dtype in _quantized_parts(p.name, p.shape, bits):
+        for name, shape, dtype in _quantized_parts(p.name, p.shape, bits, float_dtype):
             out[name] = (shape, dtype)
     return out
 
@@ -323,13 +397,19 @@ def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str
     notes: list[str] = []
     if d.text_in != d.text_out + 1:
         raise ConvertError(f"text_emb has {d.text_in} rows but text_linear {d.text_out}: expected text_card + 1")
-    if d.hidden != 11 * d.dim // 4 or (11 * d.dim) % 4:
-        raise ConvertError(
-            f"temporal FFN hidden size {d.hidden} is not 11/4 x dim ({d.dim}); config.json cannot describe it"
-        )
-    dep_ff = _ff_for_hidden(d.dep_dim, d.dep_hidden)
+    if d.gating:
+        ff = _ff_for_hidden(d.dim, d.hidden)
+        if ff is None:
+            raise ConvertError(f"temporal FFN hidden size {d.hidden} cannot be described in config.json")
+        hidden_scale = 4.125 if ff == 4 * d.dim else ff / d.dim
+        dep_ff = _ff_for_hidden(d.dep_dim, d.dep_hidden)
+    else:
+        hidden_scale, dep_ff = d.hidden / d.dim, d.dep_hidden  # a plain MLP's hidden size is the feed-forward size
     if dep_ff is None:
         raise ConvertError(f"depformer FFN hidden size {d.dep_hidden} cannot be described in config.json")
+    user_norm = (user or {}).get("norm")
+    if user_norm is not None and not str(user_norm).startswith(d.norm):
+        raise ConvertError(f"--config has norm={user_norm!r} but the checkpoint's norms are {d.norm}")
     derived = {
         "dim": d.dim,
         "num_layers": d.num_layers,
@@ -340,6 +420,10 @@ def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str
         "depformer_dim": d.dep_dim,
         "depformer_num_layers": d.dep_layers,
         "depformer_dim_feedforward": dep_ff,
+        "hidden_scale": hidden_scale,
+        "gating": "silu" if d.gating else "none",
+        "norm": user_norm or ("rms_norm_f32" if d.norm == "rms_norm" else "layer_norm"),
+        "depformer_low_rank_embeddings": d.low_rank,
     }
     user = dict(user or {})
     if isinstance(user.get("transformer"), dict):  # our own nested LmConfig.to_dict() form
@@ -357,7 +441,7 @@ def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str
             raise ConvertError(f"--config has {key}={user[key]} but the checkpoint's tensors give {derived[key]}")
     if "depformer_dim_feedforward" in user:
         ff = user["depformer_dim_feedforward"]
-        got = 11 * d.dep_dim // 4 if ff == 4 * d.dep_dim else 2 * ff // 3
+        got = ff if not d.gating else 11 * d.dep_dim // 4 if ff == 4 * d.dep_dim else 2 * ff // 3
         if got != d.dep_hidden:
             raise ConvertError(
                 f"--config has depformer_dim_feedforward={ff} (hidden {got}) but the checkpoint's is {d.dep_hidden}"
@@ -406,7 +490,7 @@ def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str
     return cfg, out, notes
 
 
-def expected_specs(cfg: Any, bits: int | None) -> dict[str, tuple[tuple[int, ...], str]]:
+def expected_specs(cfg: Any, bits: int | None, float_dtype: str = "BF16") -> dict[str, tuple[tuple[int, ...], str]]:
     """{name: (shape, dtype)} of the model's parameters, from a lazily built Lm (nothing is allocated)."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -415,16 +499,18 @@ def expected_specs(cfg: Any, bits: int | None) -> dict[str, tuple[tuple[int, ...
     from .models.lm import Lm
 
     model = Lm(cfg)
-    model.set_dtype(mx.bfloat16)
+    model.set_dtype(mx.float32 if float_dtype == "F32" else mx.bfloat16)
     if bits is not None:
         nn.quantize(model, bits=bits, group_size=QUANT_GROUP_SIZE[bits])
     names = {mx.bfloat16: "BF16", mx.uint32: "U32", mx.float32: "F32", mx.float16: "F16"}
     return {k: (tuple(v.shape), names.get(v.dtype, str(v.dtype))) for k, v in tree_flatten(model.parameters())}
 
 
-def _check_against_model(cfg: Any, specs: dict[str, tuple[tuple[int, ...], str]], bits: int | None) -> None:
+def _check_against_model(
+    cfg: Any, specs: dict[str, tuple[tuple[int, ...], str]], bits: int | None, float_dtype: str = "BF16"
+) -> None:
     try:
-        want = expected_specs(cfg, bits)
+        want = expected_specs(cfg, bits, float_dtype)
     except ImportError:  # pragma: no cover - model code unavailable: the shape checks above still hold
         return
     if set(want) != set(specs):
@@ -517,9 +603,11 @@ def convert(
     progress: bool = True,
     log: Any = None,
     force: bool = False,
+    dtype: str = "bf16",
 ) -> Path:
     """Convert `src` into OUT_DIR/model[.qN].safetensors + OUT_DIR/config.json; returns the weights path.
 
+    `dtype` ("bf16" as published, or "f32") is the precision of the unquantized output.
     OUT_DIR is created if missing; an existing one must be empty unless ``force``. Neither output may
     be an input file (checked even with ``force``); both appear only once complete.
     """
@@ -536,19 +624,15 @@ def convert(
         raise ConvertError(f"{out_dir}: folder is not empty (--force writes into it, replacing same-named files)")
     if bits not in (None, 4, 8):
         raise ConvertError(f"-q must be 4 or 8, got {bits}")
+    if dtype not in FLOAT_DTYPES:
+        raise ConvertError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    if bits is not None and dtype != "bf16":
+        raise ConvertError("--dtype f32 is for unquantized output; quantized files keep bfloat16 scales as published")
+    float_dtype = FLOAT_DTYPES[dtype]
     try:
         tensors, _ = read_tensor_infos(src)
     except WeightsError as e:
         raise ConvertError(str(e)) from None
-    try:
-        plan = plan_conversion({name: info.shape for name, info in tensors.items()})
-    except ConvertError as e:
-        raise ConvertError(f"{src}: {e}") from None
-    for name in {p.source for p in plan.pieces}:
-        dtype = tensors[name].dtype
-        if dtype not in _SOURCE_DTYPES:
-            raise ConvertError(f"{src}: tensor {name} has dtype {dtype}; expected one of {', '.join(_SOURCE_DTYPES)}")
-
     user_config: dict | None = None
     if isinstance(config, dict):
         user_config = config
@@ -559,15 +643,28 @@ def convert(
             raise ConvertError(f"--config {config}: cannot read JSON ({e.__class__.__name__})") from None
         if not isinstance(user_config, dict):
             raise ConvertError(f"--config {config}: expected a JSON object")
+    schedule = (user_config or {}).get("depformer_weights_per_step_schedule")
+    if schedule is not None and not (isinstance(schedule, list) and all(isinstance(i, int) and i >= 0 for i in schedule)):
+        raise ConvertError(f"--config has depformer_weights_per_step_schedule={schedule!r}; expected a list of indices")
+    try:
+        plan = plan_conversion({name: info.shape for name, info in tensors.items()}, schedule)
+    except ConvertError as e:
+        raise ConvertError(f"{src}: {e}") from None
+    for name in {p.source for p in plan.pieces}:
+        source_dtype = tensors[name].dtype
+        if source_dtype not in _SOURCE_DTYPES:
+            raise ConvertError(
+                f"{src}: tensor {name} has dtype {source_dtype}; expected one of {', '.join(_SOURCE_DTYPES)}"
+            )
     cfg, cfg_json, notes = build_config(plan.dims, user_config)
-    specs = output_specs(plan.pieces, bits)
-    _check_against_model(cfg, specs, bits)
+    specs = output_specs(plan.pieces, bits, float_dtype)
+    _check_against_model(cfg, specs, bits, float_dtype)
 
     # Data order: source by source, so each source tensor is read exactly once.
     groups: OrderedDict[str, list[Piece]] = OrderedDict()
     for p in plan.pieces:
         groups.setdefault(p.source, []).append(p)
-    order = [n for ps in groups.values() for p in ps for n, _, _ in _quantized_parts(p.name, p.shape, bits)]
+    order = [n for ps in groups.values() for p in ps for n, _, _ in _quantized_parts(p.name, p.shape, bits, float_dtype)]
 
     out_name = MOSHI_NAMES[bits]
     out_path = out_dir / out_name
@@ -579,13 +676,13 @@ def convert(
         raise ConvertError(str(e)) from None
     except OSError as e:
         raise ConvertError(f"{out_dir}: cannot be created ({e.strerror or e})") from None
-    kind = "bf16" if bits is None else f"{bits}-bit (group size {QUANT_GROUP_SIZE[bits]})"
+    kind = dtype if bits is None else f"{bits}-bit (group size {QUANT_GROUP_SIZE[bits]})"
     say(f"converting {src} ({plan.layout} layout, {len(tensors)} tensors) -> {out_path} [{kind}]")
     if notes:
         say("not recorded in the weights, assumed (set with --config): " + "; ".join(notes))
 
     with atomic_output(out_real) as partial:  # the file appears only once complete
-        _write_weights(partial, src, tensors, groups, specs, order, bits, progress, out_name)
+        _write_weights(partial, src, tensors, groups, specs, order, bits, float_dtype, progress, out_name)
     cfg_json = {"moshi_name": out_name, **{k: v for k, v in cfg_json.items() if k != "moshi_name"}}
     if bits is not None:  # written down, as mlx-lm does, so loading need not infer it from shapes
         cfg_json["quantization"] = {"group_size": QUANT_GROUP_SIZE[bits], "bits": bits}
@@ -597,7 +694,7 @@ def convert(
 
 def _write_weights(
     partial: Path, src: Path, tensors: dict, groups: "OrderedDict[str, list[Piece]]", specs: dict,
-    order: list[str], bits: int | None, progress: bool, out_name: str,
+    order: list[str], bits: int | None, float_dtype: str, progress: bool, out_name: str,
 ) -> None:
     """Stream the converted tensors into ``partial``, one source tensor at a time."""
     import mlx.core as mx
@@ -611,7 +708,7 @@ def _write_weights(
         for source, pieces in groups.items():
             shape = tensors[source].shape
             x = source_arrays.pop(source)  # popped so each tensor's data is freed once converted
-            x = x if x.dtype == mx.bfloat16 else x.astype(mx.bfloat16)
+            x = x.astype(mx.float32 if float_dtype == "F32" else mx.bfloat16)
             for p in pieces:
                 y = x
                 if p.chunk is not None:
@@ -623,7 +720,7 @@ def _write_weights(
                     mx.quantize(y, group_size=QUANT_GROUP_SIZE[bits], bits=bits)
                 )
                 mx.eval(parts)
-                for (name, _, _), t in zip(_quantized_parts(p.name, p.shape, bits), parts):
+                for (name, _, _), t in zip(_quantized_parts(p.name, p.shape, bits, float_dtype), parts):
                     arr = np.ascontiguousarray(np.asarray(t.view(mx.uint16) if t.dtype == mx.bfloat16 else t))
                     bar.update(writer.write(name, memoryview(arr).cast("B")))
                 del parts, y
@@ -649,13 +746,17 @@ def main(argv: list[str] | None = None) -> int:
         "--config", default=None, metavar="JSON",
         help="Kyutai LM config.json for what the weights do not record (num_heads, context, delays, ...)",
     )
+    ap.add_argument(
+        "--dtype", choices=sorted(FLOAT_DTYPES), default="bf16",
+        help="precision of the unquantized output (default bf16, as published)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR (never over an input)")
     args = ap.parse_args(argv)
     try:
         convert(
             args.input, args.out_dir, bits=args.quantize, config=args.config, progress=not args.no_progress,
-            force=args.force,
+            force=args.force, dtype=args.dtype,
         )
     except ConvertError as e:
         print(f"error: {e}", file=sys.stderr)

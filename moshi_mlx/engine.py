@@ -27,7 +27,7 @@ import numpy as np
 
 from .generate import LmGen, StepOutput
 from .models.lm import Lm
-from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
+from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_CONTROLS, DEFAULT_TEXT_SAMPLING, SamplingParams, TextControls
 from .tokenizer import TextTokenizer
 
 SAMPLE_RATE = 24_000
@@ -111,9 +111,23 @@ atexit.register(MlxThread._close_all)
 
 @dataclass(frozen=True)
 class EngineSettings:
+    """Sampling settings. `seed` is a convenience that seeds both streams; `text_seed` and
+    `audio_seed`, when given, take precedence for their stream."""
+
     text: SamplingParams = DEFAULT_TEXT_SAMPLING
     audio: SamplingParams = DEFAULT_AUDIO_SAMPLING
     seed: int | None = None
+    text_controls: TextControls = DEFAULT_TEXT_CONTROLS
+    text_seed: int | None = None
+    audio_seed: int | None = None
+
+    @property
+    def seeds(self) -> tuple[int | None, int | None]:
+        """The (text, audio) seeds in effect."""
+        return (
+            self.text_seed if self.text_seed is not None else self.seed,
+            self.audio_seed if self.audio_seed is not None else self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,10 @@ class ConversationEngine:
         self.tokenizer = tokenizer
         self.settings = settings
         self.mlx = MlxThread()
-        self.gen = self.mlx.run(LmGen, lm, settings.text, settings.audio, settings.seed)
+        self.gen = self.mlx.run(
+            lambda: LmGen(lm, settings.text, settings.audio, settings.seed, text_controls=settings.text_controls,
+                          text_seed=settings.text_seed, audio_seed=settings.audio_seed)
+        )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0
 
@@ -153,8 +170,12 @@ class ConversationEngine:
         """Start a fresh conversation (optionally with new sampling settings)."""
         if settings is not None and settings != self.settings:
             self.settings = settings
-            self.mlx.run(self.gen.configure, settings.text, settings.audio, settings.seed)
-        self.mlx.run(self.gen.reset, self.settings.seed)
+            self.mlx.run(
+                self.gen.configure, settings.text, settings.audio, settings.seed, settings.text_controls,
+                settings.text_seed, settings.audio_seed,
+            )
+        s = self.settings
+        self.mlx.run(self.gen.reset, s.seed, s.text_seed, s.audio_seed)
         self.mimi.reset()
         self.frames_in = 0
 

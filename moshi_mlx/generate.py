@@ -1,9 +1,11 @@
 """Streaming generation: one 80 ms frame of user codes in, Moshi's text token and audio codes out.
 
-Codebook delays are handled here. At step t the model reads, for every stream, the token of
-"position" t where codebook k at position p holds frame p - delay[k]. Moshi's sampled tokens
-become the next position's input, so a complete output frame (all codebooks of one time
-step) is known `max_delay` steps after its first codebook was sampled.
+Codebook delays are handled here. Streams are laid out in "positions": codebook k at position p
+holds frame p - delay[k], and step t samples position t. The model's input at step t is position
+t - 1 of every stream (Moshi's own tokens sampled at the previous step, the user's frame
+t - 1 - delay), with the learned start tokens (text `text_card`, audio `card`) where a stream has
+nothing yet. This is how Kyutai's MLX and Rust implementations and its training-time forward align
+the streams. A complete output frame is known `max_delay` steps after its first codebook was sampled.
 """
 
 from __future__ import annotations
@@ -15,8 +17,16 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .models.lm import NO_TOKEN, Lm
-from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams, make_sampler
+from .models.lm import Lm
+from .sampling import (
+    DEFAULT_AUDIO_SAMPLING,
+    DEFAULT_TEXT_CONTROLS,
+    DEFAULT_TEXT_SAMPLING,
+    SamplingParams,
+    TextControls,
+    make_sampler,
+    make_text_sampler,
+)
 
 
 @dataclass(frozen=True)
@@ -53,10 +63,18 @@ class StepTimings:
 class PendingStep:
     """A step whose computation has been queued on the device (see LmGen.submit)."""
 
-    def __init__(self, gen: "LmGen", step: int, tokens: mx.array) -> None:
+    def __init__(self, gen: "LmGen", step: int, tokens: mx.array, text_logits: mx.array | None = None) -> None:
         self._gen = gen
         self.step = step
         self._tokens = tokens
+        self._text_logits = text_logits
+
+    @property
+    def text_logits(self) -> np.ndarray | None:
+        """This step's text logits [text_out_vocab] as float32, if the LmGen keeps them (else None)."""
+        if self._text_logits is None:
+            return None
+        return np.array(self._text_logits[0].astype(mx.float32))
 
     @property
     def raw_tokens(self) -> np.ndarray:
@@ -75,66 +93,105 @@ class LmGen:
         audio_sampling: SamplingParams = DEFAULT_AUDIO_SAMPLING,
         seed: int | None = None,
         batch: int = 1,
+        keep_text_logits: bool = False,
+        text_controls: TextControls = DEFAULT_TEXT_CONTROLS,
+        text_seed: int | None = None,
+        audio_seed: int | None = None,
     ) -> None:
         if batch != 1:
             raise NotImplementedError("streaming generation runs one conversation (batch 1)")
         self.model = model
         self.config = model.config
+        # Opt-in: the step's text logits stay referenced for PendingStep.text_logits (tools, plots).
+        self.keep_text_logits = keep_text_logits
         self._delays = np.array(self.config.audio_delays, dtype=np.int64)
         self._gen_delays = self._delays[: self.config.generated_codebooks]
         self._user_delays = self._delays[self.config.generated_codebooks :]
+        # Learned start tokens of Moshi's own streams: text `text_card`, audio `card`.
+        self._start = mx.array([[self.config.text_out_vocab_size] + [self.config.audio_card] * self.config.generated_codebooks], dtype=mx.int32)
+        # Text tokens the repetition penalty never counts: padding, end of padding, start.
+        self._not_words = mx.array(
+            [self.config.text_padding_id, self.config.end_of_text_padding_id, self.config.text_out_vocab_size]
+        )
         self._cache = model.make_cache(batch)
         self.timings: StepTimings | None = None  # attach one to have each step time its two halves
-        self.configure(text_sampling, audio_sampling, seed)
+        self.configure(text_sampling, audio_sampling, seed, text_controls, text_seed, audio_seed)
         self.reset()
 
     def configure(
-        self, text_sampling: SamplingParams, audio_sampling: SamplingParams, seed: int | None = None
+        self,
+        text_sampling: SamplingParams,
+        audio_sampling: SamplingParams,
+        seed: int | None = None,
+        text_controls: TextControls = DEFAULT_TEXT_CONTROLS,
+        text_seed: int | None = None,
+        audio_seed: int | None = None,
     ) -> None:
+        """New sampling settings. `seed` seeds both streams; `text_seed` / `audio_seed` take precedence."""
         self.text_sampling = text_sampling
         self.audio_sampling = audio_sampling
-        self._text_sampler = make_sampler(text_sampling, self.config.text_out_vocab_size)
+        self.text_controls = text_controls
+        self._text_sampler = make_text_sampler(
+            text_sampling, text_controls, self.config.text_out_vocab_size, self.config.text_padding_id
+        )
         audio_sampler = make_sampler(audio_sampling, self.config.audio_card)
         # The depformer's shapes never change, so it is traced once; fusing its small ops
         # saves launches (a few % on CPU, more where kernel launches cost more, as on GPUs).
         self._depformer = mx.compile(lambda hidden, text, keys: self.model.depformer.sample(hidden, text, audio_sampler, keys))
         self.seed = seed
-        self._key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
-        mx.eval(self._key)
+        self.text_seed = text_seed if text_seed is not None else seed
+        self.audio_seed = audio_seed if audio_seed is not None else seed
+        self._text_key = self._stream_key(self.text_seed, 0)
+        self._audio_key = self._stream_key(self.audio_seed, 1)
 
-    def reset(self, seed: int | None = None) -> None:
+    @staticmethod
+    def _stream_key(seed: int | None, stream: int) -> mx.array:
+        # Text and audio take different halves of their seed's key: equal seeds give unrelated draws.
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2**63)
+        key = mx.random.split(mx.random.key(seed), 2)[stream]
+        mx.eval(key)
+        return key
+
+    def reset(self, seed: int | None = None, text_seed: int | None = None, audio_seed: int | None = None) -> None:
         """Start a new conversation; caches are reused, not reallocated.
 
-        With a seed (given here or earlier), the conversation replays identically.
+        With seeds (given here or earlier; `seed` sets both), the conversation replays identically.
         """
         self._cache.reset()
         if seed is not None:
-            self.seed = seed
-        if self.seed is not None:
-            self._key = mx.random.key(self.seed)
-            mx.eval(self._key)
+            self.seed = self.text_seed = self.audio_seed = seed
+        self.text_seed = text_seed if text_seed is not None else self.text_seed
+        self.audio_seed = audio_seed if audio_seed is not None else self.audio_seed
+        if self.text_seed is not None:
+            self._text_key = self._stream_key(self.text_seed, 0)
+        if self.audio_seed is not None:
+            self._audio_key = self._stream_key(self.audio_seed, 1)
+        # The last N text tokens for the repetition penalty (-1: empty), kept on the device.
+        size = self.text_controls.repetition_penalty_context if self.text_controls.penalises else 1
+        self._recent = mx.full((1, size), -1, dtype=mx.int32)
         self.step_index = 0
         self._last_generated: mx.array | None = None  # device tokens of the previous step
-        hist = self.config.max_delay + 1
-        self._user_history: deque[np.ndarray] = deque(maxlen=hist)
-        self._generated_history: deque[np.ndarray] = deque(maxlen=hist)
+        self._user_history: deque[np.ndarray] = deque(maxlen=self.config.max_delay + 2)
+        self._generated_history: deque[np.ndarray] = deque(maxlen=self.config.max_delay + 1)
         self._pending: PendingStep | None = None
 
     def _input_tokens(self, user_codes: np.ndarray) -> mx.array:
+        """Position step - 1 of every stream, start tokens where a stream has no frame yet."""
         step = self.step_index
         cfg = self.config
         self._user_history.append(user_codes)
-        user = np.full(cfg.user_codebooks, NO_TOKEN, dtype=np.int32)
+        user = np.full(cfg.user_codebooks, cfg.audio_card, dtype=np.int32)
         for k, delay in enumerate(self._user_delays):
-            if step >= delay:
-                user[k] = self._user_history[-1 - delay][k]
+            if step - 1 - delay >= 0:  # the user's frame step - 1 - delay (the history ends with frame `step`)
+                user[k] = self._user_history[-2 - delay][k]
         user_in = mx.array(user)[None, :]
         if self._last_generated is None:
-            generated = mx.full((1, 1 + cfg.generated_codebooks), NO_TOKEN, dtype=mx.int32)
+            generated = self._start
         else:
-            # A delayed codebook has nothing real before step == its delay.
-            ready = np.concatenate([[step > 0], step > self._gen_delays])
-            generated = mx.where(mx.array(ready)[None, :], self._last_generated, NO_TOKEN)
+            # Codebook k's previous position holds a real frame only once step - 1 >= its delay.
+            ready = np.concatenate([[True], step - 1 >= self._gen_delays])
+            generated = mx.where(mx.array(ready)[None, :], self._last_generated, self._start)
         return mx.concatenate([generated, user_in], axis=1)
 
     def submit(self, user_codes: np.ndarray) -> PendingStep:
@@ -151,25 +208,30 @@ class LmGen:
         if user_codes.min() < 0 or user_codes.max() >= self.config.audio_card:
             raise ValueError(f"user codes must be in [0, {self.config.audio_card})")
         tokens = self._input_tokens(user_codes)
-        keys = mx.random.split(self._key, 2 + self.config.generated_codebooks)
-        self._key = keys[0]
+        text_keys = mx.random.split(self._text_key, 2)
+        audio_keys = mx.random.split(self._audio_key, 1 + self.config.generated_codebooks)
+        self._text_key, self._audio_key = text_keys[0], audio_keys[0]
         # The temporal transformer stays eager: tracing it with mx.compile took seconds per
         # attended-length bucket (a stall mid-conversation) and gained nothing measurable.
         timings = self.timings
         if timings is not None:
             timings.start()
         hidden, text_logits = self.model.temporal(tokens, self._cache.layers, self._cache.context())
-        text_token = self._text_sampler(text_logits, keys[1])
+        text_token = self._text_sampler(text_logits, self._recent, text_keys[1])
+        if self.text_controls.penalises:
+            word = mx.where((text_token[:, None] == self._not_words).any(axis=-1), -1, text_token)
+            self._recent = mx.concatenate([self._recent[:, 1:], word[:, None]], axis=1)
         if timings is not None:
-            timings.lap(timings.temporal_ms, hidden, text_token, keys)
-        audio = self._depformer(hidden, text_token, keys[2:])
+            timings.lap(timings.temporal_ms, hidden, text_token, audio_keys)
+        audio = self._depformer(hidden, text_token, audio_keys[1:])
         if timings is not None:
             timings.lap(timings.depformer_ms, audio)
         generated = mx.concatenate([text_token[:, None], audio], axis=1)
         self._cache.position += 1
         self._last_generated = generated
-        mx.async_eval(generated, self._key)
-        self._pending = PendingStep(self, self.step_index, generated)
+        kept = text_logits if self.keep_text_logits else None
+        mx.async_eval(generated, self._text_key, self._audio_key, self._recent, *([kept] if kept is not None else []))
+        self._pending = PendingStep(self, self.step_index, generated, kept)
         self.step_index += 1
         return self._pending
 

@@ -203,15 +203,27 @@ def check_layout(tensors: dict[str, TensorInfo], model: nn.Module, path: str | o
             raise WeightsError(f"{path}: {name} is {info.dtype}, the model expects {dtype}")
 
 
-def default_dtype(quantization: Quantization | None) -> mx.Dtype:
-    """Compute dtype: bfloat16 as published, except quantized models on the CPU device.
+_FLOAT_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
+
+
+def checkpoint_dtype(tensors: dict[str, TensorInfo]) -> mx.Dtype:
+    """The precision an unquantized checkpoint is stored in (read off its output norm)."""
+    info = tensors.get("out_norm.weight") or tensors.get("text_linear.weight")
+    return _FLOAT_DTYPES.get(info.dtype, mx.bfloat16) if info is not None else mx.bfloat16
+
+
+def default_dtype(quantization: Quantization | None, tensors: dict[str, TensorInfo] | None = None) -> mx.Dtype:
+    """Compute dtype: an unquantized checkpoint's own precision (never changed silently; bfloat16 as
+    published), and for quantized models bfloat16, except on the CPU device.
 
     MLX's CPU quantized matmul is ~8x slower when activations *and* scales are bfloat16 than
     when either is float32 (measured: 351 vs 45 ms for a 12288x4096 q4 matrix). So on CPU a
     quantized model computes in float32 while its packed weights and bfloat16 scales stay as
     published. Metal keeps bfloat16 throughout.
     """
-    if quantization is not None and mx.default_device() == mx.cpu:
+    if quantization is None:
+        return checkpoint_dtype(tensors) if tensors is not None else mx.bfloat16
+    if mx.default_device() == mx.cpu:
         return mx.float32
     return mx.bfloat16
 
@@ -225,13 +237,14 @@ def load_lm(
     """Load a Moshi LM checkpoint strictly.
 
     `path` may be a `CheckpointInfo` already inspected (the header is then not read again).
-    `dtype` is the compute dtype for unquantized tensors and quantization scales (default:
-    `default_dtype()`). `progress(done, total)` is called while tensors are materialised.
+    `dtype` is the compute dtype for unquantized tensors (default: the checkpoint's own, so an f32
+    file loads as f32) and for quantized models' activations (default: `default_dtype()`).
+    `progress(done, total)` is called while tensors are materialised.
     """
     config = config or config_v0_1()
     info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
     path = info.path
-    model = build_model(config, info.quantization, dtype or default_dtype(info.quantization))
+    model = build_model(config, info.quantization, dtype or default_dtype(info.quantization, info.tensors))
     check_layout(info.tensors, model, path)
     expected = expected_layout(model)
     try:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .engine import FRAME_SIZE, EngineSettings
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TextControls
 
 __all__ = [
     "Kind",
@@ -215,10 +215,17 @@ MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 1_000_000
 MAX_SEED = 2**63 - 1
 
-#: Parameters that change sampling here.
-SUPPORTED_PARAMS = ("text_temperature", "text_topk", "audio_temperature", "audio_topk", "text_seed", "audio_seed", "seed")
+MAX_REPETITION_PENALTY = 100.0
+MAX_PAD_MULT = 100.0
+MAX_PENALTY_CONTEXT = 100_000
+
+#: Parameters that change sampling here (all that Kyutai's official client sends).
+SUPPORTED_PARAMS = (
+    "text_temperature", "text_topk", "audio_temperature", "audio_topk", "text_seed", "audio_seed", "seed",
+    "pad_mult", "repetition_penalty", "repetition_penalty_context",
+)
 #: Parameters Kyutai's clients send that this engine accepts (after validation) but does not use.
-IGNORED_PARAMS = ("pad_mult", "repetition_penalty", "repetition_penalty_context")
+IGNORED_PARAMS: tuple[str, ...] = ()
 KNOWN_PARAMS = SUPPORTED_PARAMS + IGNORED_PARAMS
 
 
@@ -238,6 +245,11 @@ class QueryResult:
             "audio_temperature": s.audio.temperature,
             "audio_topk": s.audio.top_k,
             "seed": s.seed,
+            "text_seed": s.seeds[0],
+            "audio_seed": s.seeds[1],
+            "repetition_penalty": s.text_controls.repetition_penalty,
+            "repetition_penalty_context": s.text_controls.repetition_penalty_context,
+            "pad_mult": s.text_controls.pad_mult,
         }
 
 
@@ -290,7 +302,7 @@ def parse_query(
     returned in ``unknown``; Kyutai's parameters this engine has no use for are validated and
     reported in ``ignored``.
 
-    The engine has a single seed: ``seed`` wins, then ``text_seed``, then ``audio_seed``.
+    ``seed`` seeds both streams; ``text_seed`` and ``audio_seed`` take precedence for their stream.
     """
     values: dict[str, str] = {}
     unknown: list[str] = []
@@ -316,32 +328,34 @@ def parse_query(
         audio_k = applied["audio_topk"] = _int("audio_topk", values["audio_topk"], 0, MAX_TOP_K)
 
     ignored: dict[str, str] = {}
+    # `seed` seeds both streams; `text_seed` / `audio_seed` take precedence for their own stream.
     seeds = {name: _int(name, values[name], 0, MAX_SEED) for name in ("seed", "text_seed", "audio_seed") if name in values}
-    seed = defaults.seed
-    chosen = next((name for name in ("seed", "text_seed", "audio_seed") if name in seeds), None)
-    if chosen is not None:
-        seed = seeds[chosen]
-        for name, value in seeds.items():
-            if value == seed:
-                applied[name] = value
-            else:
-                ignored[name] = f"one seed drives both streams here; {chosen}={seed} is used"
+    applied.update(seeds)
+    seed = seeds.get("seed", defaults.seed)
+    text_seed = seeds.get("text_seed", defaults.text_seed if "seed" not in seeds else None)
+    audio_seed = seeds.get("audio_seed", defaults.audio_seed if "seed" not in seeds else None)
 
-    if "pad_mult" in values:
-        _float("pad_mult", values["pad_mult"], -MAX_TEMPERATURE, MAX_TEMPERATURE)
-        ignored["pad_mult"] = "not supported by this engine"
+    controls = defaults.text_controls
+    penalty, context, pad_mult = controls.repetition_penalty, controls.repetition_penalty_context, controls.pad_mult
     if "repetition_penalty" in values:
-        _float("repetition_penalty", values["repetition_penalty"], 0.0, MAX_TEMPERATURE, lo_open=True)
-        ignored["repetition_penalty"] = "not supported by this engine"
+        penalty = applied["repetition_penalty"] = _float(
+            "repetition_penalty", values["repetition_penalty"], 0.0, MAX_REPETITION_PENALTY, lo_open=True
+        )
     if "repetition_penalty_context" in values:
-        _int("repetition_penalty_context", values["repetition_penalty_context"], 0, MAX_TOP_K)
-        ignored["repetition_penalty_context"] = "not supported by this engine"
+        context = applied["repetition_penalty_context"] = _int(
+            "repetition_penalty_context", values["repetition_penalty_context"], 0, MAX_PENALTY_CONTEXT
+        )
+    if "pad_mult" in values:
+        pad_mult = applied["pad_mult"] = _float("pad_mult", values["pad_mult"], -MAX_PAD_MULT, MAX_PAD_MULT)
 
     try:
         settings = EngineSettings(
             text=SamplingParams(text_t, text_k),
             audio=SamplingParams(audio_t, audio_k),
             seed=seed,
+            text_controls=TextControls(penalty, context, pad_mult),
+            text_seed=text_seed,
+            audio_seed=audio_seed,
         )
     except ValueError as e:  # defensive: the checks above should make this unreachable
         raise ParamError(str(e)) from None

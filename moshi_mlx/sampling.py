@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -55,5 +56,74 @@ def make_sampler(params: SamplingParams, vocab_size: int | None = None) -> Sampl
         if top_k:
             logits = _top_k_mask(logits, top_k)
         return mx.random.categorical(logits * inv_temp, axis=-1, key=key).astype(mx.int32)
+
+    return mx.compile(sample)
+
+
+@dataclass(frozen=True)
+class TextControls:
+    """Kyutai's production-server controls over the text stream (defaults leave sampling unchanged).
+
+    repetition_penalty: over the last `repetition_penalty_context` text tokens that are not padding,
+    end-of-padding or start tokens, each distinct token's logit is divided by the penalty if positive
+    and multiplied by it if negative (1.0: off).
+    pad_mult: the padding token's sampling probability is multiplied by exp(pad_mult), i.e. pad_mult is
+    added to its tempered logit (negative values make Moshi talk more; 0: off).
+    """
+
+    repetition_penalty: float = 1.0
+    repetition_penalty_context: int = 64
+    pad_mult: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.repetition_penalty_context < 0:
+            raise ValueError(f"repetition_penalty_context must be >= 0, got {self.repetition_penalty_context}")
+        if not math.isfinite(self.pad_mult):
+            raise ValueError(f"pad_mult must be a finite number, got {self.pad_mult}")
+
+    @property
+    def penalises(self) -> bool:
+        return self.repetition_penalty != 1.0 and self.repetition_penalty_context > 0
+
+
+DEFAULT_TEXT_CONTROLS = TextControls()
+TextSampler = Callable[[mx.array, mx.array, mx.array], mx.array]  # (logits [B, V], recent [B, N], key) -> [B]
+
+
+def penalise_repetitions(logits: mx.array, recent: mx.array, penalty: float) -> mx.array:
+    """Divide (positive) or multiply (negative) the logits of the distinct tokens in `recent` by `penalty`.
+
+    recent: [B, N] int32 token ids; negative entries are empty slots.
+    """
+    batch, vocab = logits.shape
+    # Empty slots point at a spare column past the vocabulary, so one scatter marks every seen token.
+    index = mx.where(recent >= 0, recent, vocab)
+    seen = mx.put_along_axis(mx.zeros((batch, vocab + 1), dtype=mx.bool_), index, mx.array(True), axis=-1)[:, :vocab]
+    penalised = mx.where(logits > 0, logits / penalty, logits * penalty)
+    return mx.where(seen, penalised, logits)
+
+
+@lru_cache(maxsize=64)
+def make_text_sampler(
+    params: SamplingParams, controls: TextControls, vocab_size: int, pad_id: int
+) -> TextSampler:
+    """Compiled text sampler: repetition penalty, then temperature / top-k, with pad_mult on the padding token."""
+    base = make_sampler(params, vocab_size)
+    penalty = controls.repetition_penalty if controls.penalises else None
+    # The padding boost is in units of the tempered logits; greedy has temperature 1 for this purpose.
+    pad_shift = controls.pad_mult * (params.temperature if params.temperature > 0 else 1.0)
+    boost = mx.zeros((vocab_size,), dtype=mx.float32)
+    if pad_shift:
+        boost = mx.where(mx.arange(vocab_size) == pad_id, pad_shift, 0.0)
+
+    def sample(logits: mx.array, recent: mx.array, key: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32)
+        if penalty is not None:
+            logits = penalise_repetitions(logits, recent, penalty)
+        if pad_shift:
+            logits = logits + boost
+        return base(logits, key)
 
     return mx.compile(sample)

@@ -457,3 +457,24 @@ def test_interrupted_conversion_leaves_no_file(tmp_path, tiny_sources, monkeypat
         convert(tiny_sources["current"][0], out, progress=False, log=lambda m: None, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"an earlier conversion"
+
+
+def test_f32_conversion_keeps_full_precision_and_loads_as_f32(tmp_path):
+    """--dtype f32: an f32 PyTorch checkpoint converts bit-exactly and loads as f32 (nothing rounded silently)."""
+    shapes = pytorch_shapes(TINY)
+    keys = mx.random.split(mx.random.key(3), len(shapes))
+    src = {n: 0.05 * mx.random.normal(s, key=keys[i]) for i, (n, s) in enumerate(sorted(shapes.items()))}
+    mx.save_safetensors(str(tmp_path / "f32.safetensors"), src)
+    assert main([str(tmp_path / "f32.safetensors"), str(tmp_path / "o"), "--dtype", "f32", "--no-progress"]) == 0
+    written = mx.load(str(tmp_path / "o" / "model.safetensors"))
+    ref = reference_mlx(src, TINY)
+    assert all(written[k].dtype == mx.float32 and mx.array_equal(written[k], v).item() for k, v in ref.items())
+    cfg = LmConfig.from_dict(json.loads((tmp_path / "o" / "config.json").read_text()))
+    model = load_lm(tmp_path / "o" / "model.safetensors", cfg)
+    assert model.dtype == mx.float32
+    params = dict(tree_flatten(model.parameters()))
+    assert mx.array_equal(params["text_linear.weight"], ref["text_linear.weight"]).item()
+    # The default stays bf16, as published; asking for a dtype at load time still works.
+    assert load_lm(tmp_path / "o" / "model.safetensors", cfg, mx.bfloat16).dtype == mx.bfloat16
+    with pytest.raises(ConvertError, match="unquantized"):
+        convert(tmp_path / "f32.safetensors", tmp_path / "q", bits=4, dtype="f32", progress=False, log=lambda m: None)

@@ -7,8 +7,7 @@ from moshi_mlx.generate import LmGen
 from moshi_mlx.loading import build_model
 from moshi_mlx.models.cache import StepContext
 from moshi_mlx.models.config import config_tiny
-from moshi_mlx.models.lm import NO_TOKEN
-from moshi_mlx.sampling import GREEDY, SamplingParams
+from moshi_mlx.sampling import GREEDY, SamplingParams, TextControls
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +52,33 @@ def test_output_frames_undo_the_codebook_delays(tiny_model):
         assert np.array_equal(out.audio_codes[1:], raw[step][2:])
 
 
-def test_delayed_inputs_are_empty_at_the_start(tiny_model):
-    gen = LmGen(tiny_model, seed=0)
-    frames = user_frames(3)
-    first = np.array(gen._input_tokens(frames[0].astype(np.int32)))[0]
-    assert np.all(first[:9] == NO_TOKEN)  # nothing generated yet
-    assert first[9] == frames[0][0]  # user codebook 0 has no delay
-    assert np.all(first[10:] == NO_TOKEN)  # user codebooks 1..7 are one frame late
+def test_inputs_use_start_tokens_and_the_previous_user_frame(tiny_model, monkeypatch):
+    """Step t reads position t - 1 of every stream (user frame t - 1 - delay); learned start tokens
+    (text 32000, audio 2048) where a stream has nothing yet, as Kyutai's MLX and Rust LmGen do."""
+    inputs, raw = [], []
+    temporal = tiny_model.temporal
+
+    def spy(tokens, caches, ctx):
+        inputs.append(np.array(tokens)[0])
+        return temporal(tokens, caches, ctx)
+
+    monkeypatch.setattr(tiny_model, "temporal", spy)
+    gen = LmGen(tiny_model, GREEDY, GREEDY)
+    frames = user_frames(4).astype(np.int32)
+    for frame in frames:
+        pending = gen.submit(frame)
+        raw.append(pending.raw_tokens)
+        pending.result()
+    text_start, audio_start = 32000, 2048
+    assert inputs[0].tolist() == [text_start] + [audio_start] * 16  # nothing exists at step 0
+    # Step 1: Moshi's text and codebook 0 (delay 0) from step 0; delayed codebooks still start tokens;
+    # the user's frame 0 for codebook 0, nothing yet for the delayed user codebooks.
+    assert inputs[1].tolist() == [raw[0][0], raw[0][1]] + [audio_start] * 7 + [frames[0][0]] + [audio_start] * 7
+    # Step 2 onwards: everything from the previous step; user codebooks 1..7 lag one more frame.
+    for t in (2, 3):
+        assert inputs[t][:9].tolist() == raw[t - 1].tolist()
+        assert inputs[t][9] == frames[t - 1][0]
+        assert inputs[t][10:].tolist() == frames[t - 2][1:].tolist()
 
 
 def test_same_seed_same_conversation_and_different_seed_differs(tiny_model):
@@ -151,3 +170,41 @@ def test_sampling_settings_change_between_conversations(tiny_model):
     greedy = run(gen, user_frames(4))
     again = run(LmGen(tiny_model, GREEDY, GREEDY), user_frames(4))
     assert [o.text_token for o in greedy if o] == [o.text_token for o in again if o]
+
+
+def _raw(gen, frames):
+    out = []
+    for frame in frames:
+        pending = gen.submit(frame)
+        out.append(pending.raw_tokens)
+        pending.result()
+    return np.stack(out)
+
+
+def test_text_and_audio_seeds_are_separate(tiny_model):
+    frames = user_frames(6)
+    a = _raw(LmGen(tiny_model, text_seed=1, audio_seed=2), frames)
+    assert np.array_equal(a, _raw(LmGen(tiny_model, text_seed=1, audio_seed=2), frames))  # a pair replays
+    b = _raw(LmGen(tiny_model, text_seed=1, audio_seed=3), frames)
+    assert a[0, 0] == b[0, 0]  # step 0's text is drawn before any audio: same text seed, same token
+    assert not np.array_equal(a[:, 1:], b[:, 1:])
+    # `seed` is the convenience for both; a stream's own seed wins.
+    c = _raw(LmGen(tiny_model, seed=9, text_seed=1, audio_seed=2), frames)
+    assert np.array_equal(a, c)
+    gen = LmGen(tiny_model, seed=4)
+    assert (gen.text_seed, gen.audio_seed) == (4, 4)
+
+
+def _repeats_within(tokens, context):
+    """Word tokens (not padding 0 / 3) that reappear within `context` tokens."""
+    return [t for t in range(1, len(tokens)) if tokens[t] not in (0, 3) and tokens[t] in tokens[max(0, t - context) : t]]
+
+
+def test_repetition_penalty_keeps_greedy_text_from_repeating(tiny_model):
+    frames = user_frames(24)
+    plain = _raw(LmGen(tiny_model, GREEDY, GREEDY), frames)[:, 0].tolist()
+    assert _repeats_within(plain, 8)  # the tiny random model repeats itself
+    controls = TextControls(repetition_penalty=1e4, repetition_penalty_context=8)
+    penalised = _raw(LmGen(tiny_model, GREEDY, GREEDY, text_controls=controls), frames)[:, 0].tolist()
+    assert _repeats_within(penalised, 8) == [], penalised
+    assert penalised[0] == plain[0]  # nothing to penalise at the first step

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from .audio_env import (
-    ROOT, JackServer, active_fraction, alsa_file_env, read_wav,
+    ROOT, JackServer, active_fraction, alsa_file_env, base_env, read_wav,
     rms, speech_wav,
 )
 
@@ -388,3 +388,25 @@ def test_engine_failure_mid_session_is_one_line(monkeypatch, capsys):
     assert err.strip().splitlines()[-1] == "error: rustymimi failed: index-select invalid index", err
     assert "Traceback" not in err and not sd.streams[0].active
     assert not [th.name for th in threading.enumerate() if th not in before and th.is_alive()]
+
+
+def test_offline_demo_applies_the_sampling_flags(tmp_path):
+    """No default sound device (a HOME without an ALSA setup, on a machine without a sound card):
+    `local --demo` runs offline, with the flags."""
+    env = base_env(HOME=str(tmp_path))
+    out = tmp_path / "babble.wav"
+    r = _run(
+        ["--demo", "--demo-output", str(out), "--text-seed", "1", "--audio-seed", "2", "--pad-mult", "40",
+         "--repetition-penalty", "1.2", "--repetition-penalty-context", "32"],
+        env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "no usable sound device" in r.stderr and out.is_file()
+    # The babbling demo says a "word" nearly every frame; with padding e^40 times likelier it says none.
+    assert "demo done: 0 transcript pieces" in r.stderr, r.stderr
+
+
+def test_bad_sampling_flag_is_rejected_before_loading(tmp_path):
+    r = _run(["--demo", "--pad-mult", "inf"], base_env(HOME=str(tmp_path)), timeout=60)
+    assert r.returncode == 2 and "argument --pad-mult: expected a finite number" in r.stderr.splitlines()[-1]
+    assert "DEMO MODE" not in r.stderr

@@ -29,6 +29,7 @@ from moshi_mlx import protocol  # noqa: E402
 from moshi_mlx.engine import EngineSettings  # noqa: E402
 from moshi_mlx.local_web import ChatServer, OutQueue, WebUiMissing, create_app, find_web_dir  # noqa: E402
 from moshi_mlx.protocol import Kind  # noqa: E402
+from moshi_mlx.sampling import TextControls  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
 
@@ -297,7 +298,10 @@ async def test_cross_origin_websocket_refused(srv, session):
 
 
 async def test_handshake_first_then_info(srv, session):
-    query = "text_temperature=0.5&text_topk=10&audio_topk=100&text_seed=42&audio_seed=42&pad_mult=0&repetition_penalty=1.1&foo=bar"
+    query = (
+        "text_temperature=0.5&text_topk=10&audio_topk=100&text_seed=42&audio_seed=7&pad_mult=-1.5"
+        "&repetition_penalty=1.1&repetition_penalty_context=16&foo=bar"
+    )
     async with session.ws_connect(srv.url(query=query)) as ws:
         await expect_handshake(ws)
         msg = protocol.decode((await receive(ws)).data)
@@ -305,12 +309,19 @@ async def test_handshake_first_then_info(srv, session):
         info = msg.json()
         assert info["type"] == "info" and info["sample_rate"] == 24000
         assert info["settings"] == {
-            "text_temperature": 0.5, "text_topk": 10, "audio_temperature": 0.8, "audio_topk": 100, "seed": 42,
+            "text_temperature": 0.5, "text_topk": 10, "audio_temperature": 0.8, "audio_topk": 100, "seed": None,
+            "text_seed": 42, "audio_seed": 7, "repetition_penalty": 1.1, "repetition_penalty_context": 16,
+            "pad_mult": -1.5,
         }
-        assert set(info["ignored_params"]) == {"pad_mult", "repetition_penalty"}
+        assert info["ignored_params"] == {}
         assert info["unknown_params"] == ["foo"]
         s = srv.server.engine.settings
-        assert (s.text.temperature, s.text.top_k, s.audio.top_k, s.seed) == (0.5, 10, 100, 42)
+        assert (s.text.temperature, s.text.top_k, s.audio.top_k, s.seeds) == (0.5, 10, 100, (42, 7))
+        # ... and the generator really runs with them.
+        gen = srv.server.engine.gen
+        assert (gen.text_seed, gen.audio_seed) == (42, 7)
+        assert gen.text_controls == TextControls(repetition_penalty=1.1, repetition_penalty_context=16, pad_mult=-1.5)
+        assert gen._recent.shape == (1, 16)
 
 
 async def test_speech_in_audio_and_text_out(srv, session, speech):
@@ -380,6 +391,9 @@ async def test_malformed_messages_are_survived(srv, session, speech):
         ("text_seed=1.5", "text_seed"),
         ("audio_temperature=nan", "audio_temperature"),
         ("repetition_penalty=abc", "repetition_penalty"),
+        ("repetition_penalty=0", "repetition_penalty"),
+        ("repetition_penalty_context=-1", "repetition_penalty_context"),
+        ("pad_mult=inf", "pad_mult"),
     ],
 )
 async def test_bad_query_params_get_error_then_close(srv, session, query, fragment):

@@ -20,7 +20,7 @@ from moshi_mlx.protocol import (
     decode_handshake,
     parse_query,
 )
-from moshi_mlx.sampling import SamplingParams
+from moshi_mlx.sampling import SamplingParams, TextControls
 
 
 def test_kind_values_match_kyutai():
@@ -109,21 +109,29 @@ def test_kyutai_client_params():
         "repetition_penalty_context": "64",
         "worker_auth_id": "x",
     }
+    q.update(pad_mult="-1.5", audio_seed="99", repetition_penalty="1.3", repetition_penalty_context="32")
     r = parse_query(q)
     s = r.settings
-    assert (s.text.temperature, s.text.top_k, s.audio.temperature, s.audio.top_k, s.seed) == (0.7, 25, 0.8, 250, 1234)
-    assert set(r.ignored) == {"pad_mult", "repetition_penalty", "repetition_penalty_context"}
+    assert (s.text.temperature, s.text.top_k, s.audio.temperature, s.audio.top_k) == (0.7, 25, 0.8, 250)
+    assert s.seeds == (1234, 99)
+    assert s.text_controls == TextControls(repetition_penalty=1.3, repetition_penalty_context=32, pad_mult=-1.5)
+    assert r.ignored == {}  # every parameter Kyutai's client sends is used
     assert r.unknown == ("worker_auth_id",)
-    assert r.applied["text_seed"] == r.applied["audio_seed"] == 1234
-    assert r.describe()["seed"] == 1234
+    assert r.applied["text_seed"] == 1234 and r.applied["audio_seed"] == 99 and r.applied["pad_mult"] == -1.5
+    d = r.describe()
+    assert (d["text_seed"], d["audio_seed"], d["repetition_penalty"], d["pad_mult"]) == (1234, 99, 1.3, -1.5)
 
 
-def test_seed_precedence_and_conflicts():
-    assert parse_query({"audio_seed": "5"}).settings.seed == 5
-    r = parse_query({"text_seed": "1", "audio_seed": "2"})
-    assert r.settings.seed == 1 and "audio_seed" in r.ignored and "text_seed" not in r.ignored
-    r = parse_query({"seed": "9", "text_seed": "1"})
-    assert r.settings.seed == 9 and "text_seed" in r.ignored
+def test_seed_precedence():
+    assert parse_query({"audio_seed": "5"}).settings.seeds == (None, 5)
+    assert parse_query({"text_seed": "1", "audio_seed": "2"}).settings.seeds == (1, 2)
+    # `seed` seeds both streams; a stream's own seed takes precedence.
+    assert parse_query({"seed": "9"}).settings.seeds == (9, 9)
+    assert parse_query({"seed": "9", "text_seed": "1"}).settings.seeds == (1, 9)
+    # A query's `seed` replaces the server's per-stream defaults too.
+    defaults = EngineSettings(text_seed=4, audio_seed=5)
+    assert parse_query({"seed": "9"}, defaults).settings.seeds == (9, 9)
+    assert parse_query({}, defaults).settings.seeds == (4, 5)
 
 
 def test_integer_formats():
@@ -148,6 +156,9 @@ def test_integer_formats():
         ("seed", "x", "integer"),
         ("pad_mult", "nope", "number"),
         ("repetition_penalty", "0", "> 0"),
+        ("repetition_penalty", "1e6", "<= 100"),
+        ("pad_mult", "inf", "finite"),
+        ("repetition_penalty_context", "1.5", "integer"),
         ("repetition_penalty_context", "-1", "between"),
     ],
 )

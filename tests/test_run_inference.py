@@ -214,3 +214,52 @@ def test_cli_output_directory_missing(speech_tools, tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "does not exist" in r.stderr
     assert "DEMO MODE" not in r.stderr  # nothing loaded
+
+
+def _tone_wav(path: Path, seconds: float = 1.0) -> Path:
+    import wave
+
+    t = np.arange(int(seconds * 24000)) / 24000
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm.tobytes())
+    return path
+
+
+def test_cli_sampling_controls_and_seeds(tmp_path):
+    """--text-seed/--audio-seed replay a run (and beat --seed); --pad-mult really reaches the sampler."""
+    src = _tone_wav(tmp_path / "in.wav")
+
+    def run(name: str, *flags: str) -> tuple[bytes, dict]:
+        out, transcript = tmp_path / f"{name}.wav", tmp_path / f"{name}.json"
+        r = _run([str(src), str(out), "--transcript", str(transcript), "--demo", *flags])
+        assert r.returncode == 0, r.stderr
+        return out.read_bytes(), json.loads(transcript.read_text())
+
+    common = ["--repetition-penalty", "1.3", "--repetition-penalty-context", "16", "--text-temperature", "1.5"]
+    a_wav, a_text = run("a", "--text-seed", "5", "--audio-seed", "6", *common)
+    b_wav, b_text = run("b", "--seed", "99", "--text-seed", "5", "--audio-seed", "6", *common)
+    assert a_wav == b_wav
+    assert a_text["pieces"] == b_text["pieces"]
+    assert len(a_text["pieces"]) >= 3  # the babbling demo model says "words"...
+    _, quiet = run("c", "--text-seed", "5", "--audio-seed", "6", "--pad-mult", "40", *common)
+    assert quiet["pieces"] == []  # ...unless padding is made e^40 times likelier
+
+
+@pytest.mark.parametrize(
+    "flag,value,fragment",
+    [
+        ("--repetition-penalty", "0", "must be > 0"),
+        ("--repetition-penalty-context", "-3", "must be >= 0"),
+        ("--pad-mult", "nan", "finite"),
+        ("--text-seed", "x", "whole number"),
+        ("--audio-seed", "-1", "must be >= 0"),
+        ("--text-temperature", "-0.5", "must be >= 0"),
+    ],
+)
+def test_cli_bad_sampling_values_fail_before_loading(tmp_path, flag, value, fragment):
+    r = _run([str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), "--demo", f"{flag}={value}"], timeout=60)
+    assert r.returncode == 2
+    error = r.stderr.strip().splitlines()[-1]
+    assert flag in error and fragment in error, r.stderr
+    assert "DEMO MODE" not in r.stderr and "Traceback" not in r.stderr

@@ -1,3 +1,5 @@
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -32,3 +34,52 @@ def test_seeded_sampling_is_reproducible():
 def test_invalid_params(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def _numpy_penalty(logits, recent, penalty):
+    out = logits.copy()
+    for b in range(logits.shape[0]):
+        for tok in set(int(t) for t in recent[b] if t >= 0):
+            out[b, tok] = out[b, tok] / penalty if out[b, tok] > 0 else out[b, tok] * penalty
+    return out
+
+
+def test_repetition_penalty_matches_the_definition():
+    from moshi_mlx.sampling import penalise_repetitions
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 50)).astype(np.float32)
+    recent = np.array([[3, 7, 7, -1, 12, 49], [-1, -1, -1, 0, 0, 5]], np.int32)  # repeats count once
+    got = np.array(penalise_repetitions(mx.array(logits), mx.array(recent), 1.7))
+    np.testing.assert_allclose(got, _numpy_penalty(logits, recent, 1.7), rtol=1e-6)
+    assert not np.allclose(got, logits)
+
+
+def test_pad_mult_scales_the_padding_probability():
+    from moshi_mlx.sampling import TextControls, make_text_sampler
+
+    logits = mx.zeros((4000, 8))  # uniform: padding (id 3) has p = 1/8; 4000 independent rows
+    params = SamplingParams(temperature=2.0, top_k=0)  # the boost is in tempered units: any temperature
+    sampler = make_text_sampler(params, TextControls(pad_mult=math.log(7.0)), 8, 3)
+    draws = np.array(sampler(logits, mx.full((4000, 1), -1), mx.random.key(0)))
+    # p(pad) = 7 / (7 + 7) = 0.5 once its probability is multiplied by exp(pad_mult) = 7.
+    assert abs((draws == 3).mean() - 0.5) < 0.04
+    greedy = make_text_sampler(GREEDY, TextControls(pad_mult=-1.0), 8, 3)
+    row = mx.array([[0.0, 0, 0, 0.5, 0, 0, 0, 0]])
+    assert int(greedy(row, mx.full((1, 1), -1), mx.random.key(0))[0]) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
+        (dict(repetition_penalty_context=-1), "repetition_penalty_context"),
+        (dict(pad_mult=float("inf")), "pad_mult"),
+    ],
+)
+def test_text_controls_reject_bad_values(kwargs, fragment):
+    from moshi_mlx.sampling import TextControls
+
+    with pytest.raises(ValueError, match=fragment):
+        TextControls(**kwargs)

@@ -11,7 +11,7 @@ import mlx.nn as nn
 from ..sampling import Sampler
 from .cache import FrameCache, RotatingKVCache, StepContext, TemporalCache
 from .config import LmConfig
-from .transformer import Transformer
+from .transformer import Transformer, make_norm
 
 # Token id meaning "this stream has no token here yet": it embeds to exact zeros.
 NO_TOKEN = -1
@@ -28,13 +28,26 @@ def embed(table: nn.Module, tokens: mx.array) -> mx.array:
     return vectors * present[..., None].astype(vectors.dtype)
 
 
+class LowRankEmbedding(nn.Module):
+    """An embedding of rank r < width, then a linear map up (Kyutai's depformer_low_rank_embeddings)."""
+
+    def __init__(self, vocab_size: int, rank: int, dims: int) -> None:
+        super().__init__()
+        self.weight = mx.random.normal((vocab_size, rank))
+        self.low_rank = nn.Linear(rank, dims, bias=False)
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.low_rank(self.weight[tokens])
+
+
 class DepformerSlice(nn.Module):
     """Weights for one generated codebook of the depth transformer."""
 
     def __init__(self, cfg: LmConfig, in_vocab_size: int) -> None:
         super().__init__()
         dep = cfg.depformer
-        self.emb = nn.Embedding(in_vocab_size, dep.d_model)
+        rank = cfg.depformer_low_rank_embeddings
+        self.emb = nn.Embedding(in_vocab_size, dep.d_model) if rank is None else LowRankEmbedding(in_vocab_size, rank, dep.d_model)
         self.linear_in = nn.Linear(cfg.transformer.d_model, dep.d_model, bias=False)
         self.transformer = Transformer(dep)
         self.linear_out = nn.Linear(dep.d_model, cfg.audio_card, bias=False)
@@ -48,6 +61,14 @@ class Depformer(nn.Module):
             DepformerSlice(cfg, cfg.text_in_vocab_size if k == 0 else cfg.audio_vocab_size)
             for k in range(cfg.generated_codebooks)
         ]
+        self._positional = cfg.depformer.positional_embedding != "none"
+
+    def _context(self, k: int) -> StepContext | None:
+        """Step k of the frame, for a depformer with positions (rope / sin); None when it has none."""
+        if not self._positional:
+            return None
+        index = mx.array(k, dtype=mx.int32)
+        return StepContext(position=index, slot=index[None], mask=mx.ones((1, 1, 1, k + 1), dtype=mx.bool_))
 
     def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler, keys: mx.array) -> mx.array:
         """Sample the generated codebooks one after another; returns [B, K] int32.
@@ -59,11 +80,39 @@ class Depformer(nn.Module):
         codes = []
         for k, piece in enumerate(self.slices):
             x = piece.linear_in(hidden) + embed(piece.emb, previous[:, None])
-            x = piece.transformer(x, caches)
+            x = piece.transformer(x, caches, self._context(k))
             logits = piece.linear_out(x)[:, 0, :]
             previous = sampler(logits, keys[k])
             codes.append(previous)
         return mx.stack(codes, axis=1)
+
+    def score(self, hidden: mx.array, tokens: mx.array) -> mx.array:
+        """Teacher-forced logits for every position at once.
+
+        hidden: [B, T, D] temporal outputs; tokens: [B, generated_codebooks, T] the tokens each
+        slice reads (text for slice 0, codebook k-1 for slice k). Returns [B, K, T, audio_card].
+        """
+        batch, steps, dim = hidden.shape
+        flat = hidden.reshape(batch * steps, 1, dim)  # positions are independent: fold them into the batch
+        caches = [FrameCache() for _ in self.slices[0].transformer.layers]
+        logits = []
+        for k, piece in enumerate(self.slices):
+            x = piece.linear_in(flat) + embed(piece.emb, tokens[:, k, :].reshape(batch * steps, 1))
+            x = piece.transformer(x, caches, self._context(k))
+            logits.append(piece.linear_out(x).reshape(batch, steps, -1))
+        return mx.stack(logits, axis=1)
+
+
+class _WholeSequence:
+    """Attention over a whole sequence in one call: causal, within the last `context` positions."""
+
+    def __init__(self, steps: int, context: int) -> None:
+        pos = mx.arange(steps)
+        back = pos[:, None] - pos[None, :]
+        self.mask = (back >= 0) & (back < context)
+
+    def update(self, keys: mx.array, values: mx.array, ctx: StepContext | None) -> tuple[mx.array, mx.array, mx.array]:
+        return keys, values, self.mask
 
 
 class Lm(nn.Module):
@@ -74,7 +123,7 @@ class Lm(nn.Module):
         self.text_emb = nn.Embedding(cfg.text_in_vocab_size, dim)
         self.audio_embs = [nn.Embedding(cfg.audio_vocab_size, dim) for _ in range(cfg.audio_codebooks)]
         self.transformer = Transformer(cfg.transformer)
-        self.out_norm = nn.RMSNorm(dim, eps=cfg.transformer.norm_eps)
+        self.out_norm = make_norm(cfg.transformer)
         self.text_linear = nn.Linear(dim, cfg.text_out_vocab_size, bias=False)
         self.depformer = Depformer(cfg)
 
@@ -100,3 +149,37 @@ class Lm(nn.Module):
             x = x + embed(table, tokens[:, k + 1 : k + 2])
         hidden = self.out_norm(self.transformer(x, caches, ctx))
         return hidden, self.text_linear(hidden)[:, 0, :]
+
+    def start_tokens(self) -> mx.array:
+        """The learned start token of every stream: text `text_card`, audio `card` ([1 + audio_codebooks])."""
+        cfg = self.config
+        return mx.array([cfg.text_out_vocab_size] + [cfg.audio_card] * cfg.audio_codebooks, dtype=mx.int32)
+
+    def forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Score a whole delayed token sequence in one call (teacher forcing).
+
+        tokens: [B, 1 + audio_codebooks, T] int32 in the delayed layout LmGen steps through: column t
+        holds what step t sampled (text, Moshi's codebooks) and the user's codebooks at position t
+        (frame t - delay). Position t is predicted from columns < t; the learned start tokens stand in
+        wherever a stream has no frame yet (t - 1 < its delay), exactly as in streaming.
+        Returns text logits [B, T, text_out_vocab] and audio logits [B, generated_codebooks, T, audio_card]
+        (the depformer reads the given text and codebook tokens), equal to stepping LmGen on the same tokens.
+        """
+        cfg = self.config
+        batch, streams, steps = tokens.shape
+        if streams != 1 + cfg.audio_codebooks:
+            raise ValueError(f"expected {1 + cfg.audio_codebooks} streams (text + audio codebooks), got {streams}")
+        delays = mx.array([0, *cfg.audio_delays])[None, :, None]
+        previous = mx.concatenate([mx.zeros((batch, streams, 1), dtype=tokens.dtype), tokens[:, :, :-1]], axis=2)
+        started = mx.arange(steps)[None, None, :] - 1 >= delays
+        inputs = mx.where(started, previous, self.start_tokens()[None, :, None])
+        x = self.text_emb(inputs[:, 0])
+        for k, table in enumerate(self.audio_embs):
+            x = x + table(inputs[:, k + 1])
+        t = cfg.transformer
+        window = _WholeSequence(steps, t.context)
+        ctx = StepContext(position=mx.array(0, dtype=mx.int32), slot=mx.array([0], dtype=mx.int32), mask=window.mask)
+        hidden = self.out_norm(self.transformer(x, [window] * t.num_layers, ctx))
+        text_logits = self.text_linear(hidden)
+        audio_logits = self.depformer.score(hidden, tokens[:, : cfg.generated_codebooks])
+        return text_logits, audio_logits

@@ -54,13 +54,39 @@ class GatedMlp(nn.Module):
         return self.linear_out(nn.silu(gate) * up)
 
 
+class Mlp(nn.Module):
+    """Plain feed-forward (Kyutai's gating="none"): linear1, exact GELU, linear2."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.linear2 = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear2(nn.gelu(self.linear1(x)))  # nn.gelu is the exact (erf) form, as PyTorch's F.gelu
+
+
+def make_norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "layer_norm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, affine=True, bias=True)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def sin_embedding(positions: mx.array, dim: int, max_period: float) -> mx.array:
+    """Kyutai's sinusoidal positions: [cos(p / max_period^(i / (h - 1))), sin(...)], i < h = dim / 2."""
+    half = dim // 2
+    freqs = mx.power(mx.array(max_period, dtype=mx.float32), mx.arange(half, dtype=mx.float32) / (half - 1))
+    phase = positions.astype(mx.float32)[..., None] / freqs
+    return mx.concatenate([mx.cos(phase), mx.sin(phase)], axis=-1)
+
+
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm1 = make_norm(cfg)
         self.self_attn = Attention(cfg)
-        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.gating = GatedMlp(cfg)
+        self.norm2 = make_norm(cfg)
+        self.gating = GatedMlp(cfg) if cfg.gating else Mlp(cfg)
 
     def __call__(self, x: mx.array, cache: KVCache, ctx: StepContext | None) -> mx.array:
         x = x + self.self_attn(self.norm1(x), cache, ctx)
@@ -71,8 +97,13 @@ class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.layers = [TransformerLayer(cfg) for _ in range(cfg.num_layers)]
+        self._sin_period = cfg.max_period if cfg.positional_embedding == "sin" else None
 
     def __call__(self, x: mx.array, caches: list, ctx: StepContext | None = None) -> mx.array:
+        if self._sin_period is not None:
+            assert ctx is not None, "sinusoidal positions need the step position"
+            positions = ctx.position + mx.arange(x.shape[1])
+            x = x + sin_embedding(positions, x.shape[-1], self._sin_period).astype(x.dtype)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cache, ctx)
         return x
