@@ -3,24 +3,44 @@
 Public API: `load(ModelSource(...))` gets the model, Mimi and tokenizer (from Hugging Face, local files, or the
 offline demo); `Assets.engine()` makes a `ConversationEngine` that turns 80 ms frames of 24 kHz audio
 into Moshi's audio and transcript.
+
+The names below are imported on first use, so `moshi_mlx.protocol` or the remote client can be used on a
+machine without MLX (the terminal client talks to a server elsewhere).
 """
 
-from .assets import Assets, load
-from .hub import ModelSource
-from .engine import ConversationEngine, EngineRunner, EngineSettings, FrameResult
-from .generate import LmGen, StepOutput
-from .sampling import SamplingParams
+from __future__ import annotations
 
-__all__ = [
-    "Assets",
-    "ConversationEngine",
-    "EngineRunner",
-    "EngineSettings",
-    "FrameResult",
-    "LmGen",
-    "ModelSource",
-    "SamplingParams",
-    "StepOutput",
-    "load",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "Assets": "assets",
+    "load": "assets",
+    "ModelSource": "hub",
+    "ConversationEngine": "engine",
+    "EngineRunner": "engine",
+    "FrameResult": "engine",
+    "EngineSettings": "settings",
+    "SamplingParams": "settings",
+    "LmGen": "generate",
+    "StepOutput": "generate",
+}
+__all__ = sorted(_PUBLIC)
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .assets import Assets, load
+    from .engine import ConversationEngine, EngineRunner, FrameResult
+    from .generate import LmGen, StepOutput
+    from .hub import ModelSource
+    from .settings import EngineSettings, SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moshi_mlx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -52,6 +52,7 @@ from typing import Any
 from .errors import MoshiError
 from .hub import MOSHI_NAMES
 from .loading import GROUP_SIZE_FOR_BITS as QUANT_GROUP_SIZE
+from .models.config import ffn_hidden_dim, ffn_nominal_size
 from .loading import WeightsError, read_tensor_infos
 from .outputs import OutputError, atomic_output, check_outputs
 
@@ -379,14 +380,6 @@ def output_specs(
 _SHAPE_KEYS = ("dim", "num_layers", "text_card", "card", "n_q", "dep_q", "depformer_dim", "depformer_num_layers")
 
 
-def _ff_for_hidden(d_model: int, hidden: int) -> int | None:
-    """A nominal feed-forward size giving this gated hidden size under Moshi's rule (see TransformerConfig)."""
-    if hidden == 11 * d_model // 4 and (11 * d_model) % 4 == 0:
-        return 4 * d_model
-    ff = 3 * hidden // 2
-    return ff if 2 * ff // 3 == hidden and ff != 4 * d_model else None
-
-
 def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str]]:
     """LmConfig + Kyutai config.json dict for the checkpoint; user values fill what the shapes don't show.
 
@@ -398,11 +391,11 @@ def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str
     if d.text_in != d.text_out + 1:
         raise ConvertError(f"text_emb has {d.text_in} rows but text_linear {d.text_out}: expected text_card + 1")
     if d.gating:
-        ff = _ff_for_hidden(d.dim, d.hidden)
+        ff = ffn_nominal_size(d.dim, d.hidden)
         if ff is None:
             raise ConvertError(f"temporal FFN hidden size {d.hidden} cannot be described in config.json")
         hidden_scale = 4.125 if ff == 4 * d.dim else ff / d.dim
-        dep_ff = _ff_for_hidden(d.dep_dim, d.dep_hidden)
+        dep_ff = ffn_nominal_size(d.dep_dim, d.dep_hidden)
     else:
         hidden_scale, dep_ff = d.hidden / d.dim, d.dep_hidden  # a plain MLP's hidden size is the feed-forward size
     if dep_ff is None:
@@ -441,7 +434,7 @@ def build_config(d: Dims, user: dict | None = None) -> tuple[Any, dict, list[str
             raise ConvertError(f"--config has {key}={user[key]} but the checkpoint's tensors give {derived[key]}")
     if "depformer_dim_feedforward" in user:
         ff = user["depformer_dim_feedforward"]
-        got = ff if not d.gating else 11 * d.dep_dim // 4 if ff == 4 * d.dep_dim else 2 * ff // 3
+        got = ffn_hidden_dim(d.dep_dim, ff, d.gating)
         if got != d.dep_hidden:
             raise ConvertError(
                 f"--config has depformer_dim_feedforward={ff} (hidden {got}) but the checkpoint's is {d.dep_hidden}"

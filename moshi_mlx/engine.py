@@ -27,11 +27,10 @@ import numpy as np
 
 from .generate import LmGen, StepOutput
 from .models.lm import Lm
-from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_CONTROLS, DEFAULT_TEXT_SAMPLING, SamplingParams, TextControls
+from .frames import FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (re-exported for front ends)
+from .settings import EngineSettings
 from .tokenizer import TextTokenizer
 
-SAMPLE_RATE = 24_000
-FRAME_SIZE = 1920  # 80 ms at 24 kHz
 
 
 class AudioCodec(Protocol):
@@ -107,27 +106,6 @@ class MlxThread:
 
 
 atexit.register(MlxThread._close_all)
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Sampling settings. `seed` is a convenience that seeds both streams; `text_seed` and
-    `audio_seed`, when given, take precedence for their stream."""
-
-    text: SamplingParams = DEFAULT_TEXT_SAMPLING
-    audio: SamplingParams = DEFAULT_AUDIO_SAMPLING
-    seed: int | None = None
-    text_controls: TextControls = DEFAULT_TEXT_CONTROLS
-    text_seed: int | None = None
-    audio_seed: int | None = None
-
-    @property
-    def seeds(self) -> tuple[int | None, int | None]:
-        """The (text, audio) seeds in effect."""
-        return (
-            self.text_seed if self.text_seed is not None else self.seed,
-            self.audio_seed if self.audio_seed is not None else self.seed,
-        )
 
 
 @dataclass(frozen=True)

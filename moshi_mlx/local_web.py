@@ -50,7 +50,8 @@ from .engine import (
 )
 from .errors import error_line
 from .errors import first_line
-from .protocol import FrameChunker, Kind, ParamError, ProtocolError
+from .frames import FrameChunker
+from .protocol import Kind, ParamError, ProtocolError
 from .server_info import server_info
 from .web_security import (
     HostPolicy,

@@ -19,7 +19,7 @@ Unknown kinds are ignored by both sides. Sampling settings travel as query param
 WebSocket URL (``/api/chat?text_temperature=0.7&audio_topk=250``); :func:`parse_query` turns
 them into :class:`~moshi_mlx.engine.EngineSettings` with clear errors.
 
-Everything here is pure: no sockets, no threads, no codec.
+Everything here is pure: no sockets, no threads, no codec, no MLX (tests check the import graph).
 """
 
 from __future__ import annotations
@@ -31,10 +31,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
-from .engine import FRAME_SIZE, EngineSettings
-from .sampling import SamplingParams, TextControls
+from .settings import EngineSettings, SamplingParams, TextControls
 
 __all__ = [
     "Kind",
@@ -61,7 +58,6 @@ __all__ = [
     "KNOWN_PARAMS",
     "SUPPORTED_PARAMS",
     "IGNORED_PARAMS",
-    "FrameChunker",
 ]
 
 #: Largest message accepted from a peer (an 80 ms Opus page is a few hundred bytes).
@@ -360,32 +356,3 @@ def parse_query(
     except ValueError as e:  # defensive: the checks above should make this unreachable
         raise ParamError(str(e)) from None
     return QueryResult(settings, applied, ignored, tuple(unknown))
-
-
-# -- audio framing ------------------------------------------------------------------------------
-class FrameChunker:
-    """Re-chunk PCM arriving in arbitrary sizes into fixed frames (1920 samples = 80 ms by default)."""
-
-    def __init__(self, frame_size: int = FRAME_SIZE) -> None:
-        if frame_size <= 0:
-            raise ValueError("frame_size must be positive")
-        self.frame_size = frame_size
-        self._buf = np.zeros(0, dtype=np.float32)
-
-    @property
-    def pending(self) -> int:
-        """Samples held back, waiting for the rest of their frame."""
-        return int(self._buf.shape[0])
-
-    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
-        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        if pcm.size == 0:
-            return []
-        buf = np.concatenate([self._buf, pcm]) if self._buf.size else pcm
-        n = buf.shape[0] // self.frame_size
-        frames = [buf[i * self.frame_size : (i + 1) * self.frame_size].copy() for i in range(n)]
-        self._buf = buf[n * self.frame_size :].copy()
-        return frames
-
-    def reset(self) -> None:
-        self._buf = np.zeros(0, dtype=np.float32)

@@ -29,9 +29,10 @@ import numpy as np
 from yarl import URL
 
 from . import protocol
-from .audio import FRAME_SIZE, SAMPLE_RATE
+from .frames import FRAME_SIZE, SAMPLE_RATE
 from .errors import first_line
-from .protocol import FrameChunker, Kind, ProtocolError
+from .frames import FrameChunker
+from .protocol import Kind, ProtocolError
 
 DEFAULT_URL = "ws://localhost:8998"
 CHAT_PATH = "/api/chat"

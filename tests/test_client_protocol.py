@@ -17,6 +17,7 @@ pytest.importorskip("pytest_asyncio")
 from aiohttp import WSMsgType, web  # noqa: E402
 
 from moshi_mlx import protocol  # noqa: E402
+from moshi_mlx.frames import FrameChunker  # noqa: E402
 from moshi_mlx.protocol import Kind  # noqa: E402
 from moshi_mlx.remote import (  # noqa: E402
     BadUrl,
@@ -43,7 +44,7 @@ class Echo:
     def __init__(self) -> None:
         self.reader = sphn.OpusStreamReader(SR)
         self.writer = sphn.OpusStreamWriter(SR)
-        self.chunker = protocol.FrameChunker()
+        self.chunker = FrameChunker()
         self.rms: list[float] = []
         self.query: dict[str, str] = {}
 

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from moshi_mlx import protocol
-from moshi_mlx.engine import EngineSettings
+from moshi_mlx.settings import EngineSettings
 from moshi_mlx.protocol import (
     Control,
-    FrameChunker,
     Handshake,
     Kind,
     Message,
@@ -20,7 +19,7 @@ from moshi_mlx.protocol import (
     decode_handshake,
     parse_query,
 )
-from moshi_mlx.sampling import SamplingParams, TextControls
+from moshi_mlx.settings import SamplingParams, TextControls
 
 
 def test_kind_values_match_kyutai():
@@ -172,33 +171,3 @@ def test_repeated_param():
     assert parse_query([("text_topk", "5"), ("text_topk", "5")]).settings.text.top_k == 5
     with pytest.raises(ParamError, match="twice"):
         parse_query([("text_topk", "5"), ("text_topk", "6")])
-
-
-# -- re-chunking ----------------------------------------------------------------------------------
-
-
-def test_frame_chunker_rechunks_arbitrary_sizes():
-    rng = np.random.default_rng(0)
-    signal = rng.standard_normal(1920 * 5 + 123).astype(np.float32)
-    chunker = FrameChunker()
-    frames, pos = [], 0
-    for size in [1, 959, 960, 2000, 7, 3840, 1500, 0, 2356]:
-        frames += chunker.push(signal[pos : pos + size])
-        pos += size
-    frames += chunker.push(signal[pos:])
-    assert all(f.shape == (1920,) and f.dtype == np.float32 for f in frames)
-    assert len(frames) == 5 and chunker.pending == 123
-    np.testing.assert_array_equal(np.concatenate(frames), signal[: 1920 * 5])
-    chunker.reset()
-    assert chunker.pending == 0
-    assert chunker.push(np.zeros(0, np.float32)) == []
-
-
-def test_frame_chunker_copies_input():
-    chunker = FrameChunker(4)
-    data = np.arange(8, dtype=np.float32)
-    out = chunker.push(data)
-    data[:] = -1
-    np.testing.assert_array_equal(np.concatenate(out), np.arange(8, dtype=np.float32))
-    with pytest.raises(ValueError):
-        FrameChunker(0)

@@ -23,6 +23,27 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
+def ffn_hidden_dim(d_model: int, dim_feedforward: int, gated: bool = True) -> int:
+    """Moshi's rule for the feed-forward hidden size (the one place it is written down).
+
+    A plain MLP's hidden size is the nominal feed-forward size. The gated (SiLU) one is 11/4 * d when
+    the nominal size is 4 * d (Kyutai's hidden_scale 4.125), else 2/3 of the nominal size.
+    """
+    if not gated:
+        return dim_feedforward
+    if dim_feedforward == 4 * d_model:
+        return 11 * d_model // 4
+    return 2 * dim_feedforward // 3
+
+
+def ffn_nominal_size(d_model: int, hidden: int) -> int | None:
+    """The nominal feed-forward size giving a gated hidden size under `ffn_hidden_dim`, if any."""
+    for candidate in (4 * d_model, 3 * hidden // 2, 3 * hidden // 2 + 1):
+        if ffn_hidden_dim(d_model, candidate) == hidden:
+            return candidate
+    return None
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     d_model: int
@@ -50,12 +71,7 @@ class TransformerConfig:
 
     @property
     def hidden_dim(self) -> int:
-        if not self.gating:
-            return self.dim_feedforward
-        # Moshi's gated FFN: 11/4 * d when the nominal feed-forward is 4 * d, else 2/3 of it.
-        if self.dim_feedforward == 4 * self.d_model:
-            return 11 * self.d_model // 4
-        return 2 * self.dim_feedforward // 3
+        return ffn_hidden_dim(self.d_model, self.dim_feedforward, self.gating)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TransformerConfig":
