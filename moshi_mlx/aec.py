@@ -54,6 +54,8 @@ from typing import Deque
 
 import numpy as np
 
+from .errors import MoshiError
+
 __all__ = ["AecUnavailable", "EchoCanceller", "aec_available"]
 
 _INSTALL_HINT = "pip install livekit, or pass --no-aec"
@@ -67,7 +69,7 @@ _PREDELAY_RESIDUAL_MS = 200
 _FAR_ACTIVE_LEVEL = 8  # int16 peak above which the speaker counts as playing (about -72 dBFS)
 
 
-class AecUnavailable(RuntimeError):
+class AecUnavailable(MoshiError, RuntimeError):
     """Raised when the WebRTC audio processing module (livekit) cannot be used."""
 
 

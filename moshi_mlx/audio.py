@@ -13,7 +13,6 @@ Resampling in the callbacks is soxr's (`frames.Resampler`); frames are cut by `f
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import threading

@@ -20,12 +20,13 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .errors import MoshiError
 from .frames import SAMPLE_RATE
 
 BLOCK = 1 << 15  # input samples per read: ~0.7 s at 48 kHz, a few hundred KiB at most
 
 
-class AudioFileError(ValueError):
+class AudioFileError(MoshiError, ValueError):
     """An input or output audio file that cannot be used; the message is one line naming the file."""
 
 

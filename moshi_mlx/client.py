@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import statistics
 import sys
@@ -24,11 +23,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .audio import FRAME_SIZE, SAMPLE_RATE, AudioDeviceError, DuplexAudio, list_devices
+from . import cli
+from .audio import FRAME_SIZE, SAMPLE_RATE, DuplexAudio, list_devices
 from .errors import error_line
 from .remote import (
     DEFAULT_URL,
-    BadUrl,
     ClientError,
     ConnectionLost,
     RemoteConversation,
@@ -56,15 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept any TLS certificate (e.g. a server's self-signed --ssl auto one; check its fingerprint)")
     c.add_argument("--cafile", metavar="PEM", default=None,
                    help="trust this certificate (e.g. the server's cert.pem) instead of the system's authorities")
-    c.add_argument("--connect-timeout", type=float, default=10.0, metavar="S", help="seconds to wait for the server")
+    c.add_argument("--connect-timeout", type=cli.number(0.0, open_low=True), default=10.0, metavar="S", help="seconds to wait for the server")
     c.add_argument("--reconnect", action="store_true",
                    help="reconnect by itself when the connection is lost (otherwise: ask on a terminal, else stop)")
-    s = p.add_argument_group("sampling (sent to the server; left out: the server's defaults)")
-    s.add_argument("--text-temperature", type=float, default=None)
-    s.add_argument("--text-topk", type=int, default=None)
-    s.add_argument("--audio-temperature", type=float, default=None)
-    s.add_argument("--audio-topk", type=int, default=None)
-    s.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    cli.add_sampling_args(p, server_defaults=True)
+    cli.add_verbose_arg(p)
     add_audio_args(p)
     return p
 
@@ -261,8 +256,7 @@ class _Session:
 def converse(args: argparse.Namespace) -> int:
     from .tls import client_context
 
-    url = chat_url(args.url, sampling_params(
-        args.text_temperature, args.text_topk, args.audio_temperature, args.audio_topk, args.seed))
+    url = chat_url(args.url, sampling_params(**{name: getattr(args, name) for name in cli.SAMPLING_PARAMS}))
     ssl_ctx = client_context(args.insecure, args.cafile) if url.scheme == "wss" else None
 
     # Devices are checked before connecting: a wrong --input-device should not occupy the server.
@@ -288,39 +282,19 @@ def converse(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.max_lag_frames < 1:
-        parser.error("--max-lag-frames must be at least 1")
-    if args.connect_timeout <= 0:
-        parser.error("--connect-timeout must be positive")
-    debug = bool(os.environ.get("MOSHI_MLX_DEBUG"))
-    try:
-        if args.list_devices:
-            print(list_devices())
-            return 0
-        return converse(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BadUrl as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
-    except (ClientError, AudioDeviceError) as e:
-        if debug:
-            raise
-        print(error_line(e), file=sys.stderr)
-        return 1
-    except Exception as e:
-        if debug:
-            raise
-        print(error_line(e), file=sys.stderr)
-        return 1
+    return cli.run(build_parser(), _main, argv)
 
 
-def cli() -> None:
+def _main(args: argparse.Namespace) -> int:
+    if args.list_devices:
+        print(list_devices())
+        return 0
+    return converse(args)
+
+
+def console_main() -> None:
     exit_now(main())
 
 
 if __name__ == "__main__":
-    cli()
+    console_main()

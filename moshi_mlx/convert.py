@@ -43,12 +43,12 @@ import math
 import os
 import re
 import sys
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import cli
 from .errors import MoshiError
 from .hub import MOSHI_NAMES
 from .loading import GROUP_SIZE_FOR_BITS as QUANT_GROUP_SIZE
@@ -560,28 +560,7 @@ class _Writer:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    if tqdm is not None:
-        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled)
-
-    class _Plain:  # pragma: no cover
-        def __init__(self) -> None:
-            self.n = 0
-            self.last = 0.0
-
-        def update(self, n: int) -> None:
-            self.n += n
-            if enabled and (time.monotonic() - self.last > 2 or self.n == total):
-                self.last = time.monotonic()
-                print(f"{desc}: {100 * self.n / max(total, 1):.0f}%", file=sys.stderr)
-
-        def close(self) -> None:
-            pass
-
-    return _Plain()
+    return cli.Progress(enabled).bar(total, desc, unit="B", unit_scale=True, unit_divisor=1024)
 
 
 def _size(n: int) -> str:
@@ -726,7 +705,7 @@ def _write_weights(
         bar.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m moshi_mlx.convert",
         description="Convert a PyTorch Moshi checkpoint (e.g. model.safetensors of kyutai/moshiko-pytorch-bf16) "
@@ -745,15 +724,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR (never over an input)")
-    args = ap.parse_args(argv)
-    try:
-        convert(
-            args.input, args.out_dir, bits=args.quantize, config=args.config, progress=not args.no_progress,
-            force=args.force, dtype=args.dtype,
-        )
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cli.add_verbose_arg(ap)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    convert(
+        args.input, args.out_dir, bits=args.quantize, config=args.config, progress=not args.no_progress,
+        force=args.force, dtype=args.dtype, log=cli.say,
+    )
     return 0
 
 

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from .errors import MoshiError, first_line
 

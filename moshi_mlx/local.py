@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import queue
-import signal
 import statistics
-import sys
-import threading
 import time
 from collections import deque
 
+from . import cli
 from .audio import (
     FRAME_SIZE,
     SAMPLE_RATE,
@@ -25,13 +23,11 @@ from .audio import (
     DuplexAudio,
     list_devices,
 )
-from .errors import error_line
 from .errors import first_line
 from .terminal import Display as _Display
 from .terminal import add_audio_args, exit_now, lag_status
 from .terminal import log as _log
 from .terminal import make_echo_canceller as _make_echo_canceller
-from .terminal import raise_interrupt as _raise_interrupt
 from .terminal import sigint_ignored as _sigint_ignored
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
@@ -232,36 +228,24 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.max_lag_frames < 1:
-        parser.error("--max-lag-frames must be at least 1")
-    debug = bool(os.environ.get("MOSHI_MLX_DEBUG"))
-    old_term = None
-    if threading.current_thread() is threading.main_thread():
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    return cli.run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    restore = cli.sigterm_as_interrupt()
     try:
         if args.list_devices:
             print(list_devices())
             return 0
         return converse(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if debug:
-            raise
-        print(error_line(e), file=sys.stderr)
-        return 1
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        restore()
 
 
-def cli() -> None:
+def console_main() -> None:
     """Command-line entry: ``main()``, then a quick exit (see :func:`moshi_mlx.terminal.exit_now`)."""
     exit_now(main())
 
 
 if __name__ == "__main__":
-    cli()
+    console_main()

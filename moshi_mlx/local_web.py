@@ -48,8 +48,8 @@ from .engine import (
     EngineSettings,
     FrameResult,
 )
-from .errors import error_line
-from .errors import first_line
+from . import cli
+from .errors import MoshiError, first_line
 from .frames import FrameChunker
 from .protocol import Kind, ParamError, ProtocolError
 from .server_info import server_info
@@ -70,7 +70,7 @@ DEFAULT_PORT = 8998
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-class WebUiMissing(RuntimeError):
+class WebUiMissing(MoshiError, RuntimeError):
     pass
 
 
@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(p)
     g = p.add_argument_group("web server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    g.add_argument("--port", type=cli.integer(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     g.add_argument(
         "--ssl", metavar="auto|DIR", default=None,
         help="serve https/wss (browsers only allow the microphone on localhost or over https): 'auto' makes "
@@ -793,19 +793,14 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.max_lag_frames < 1:
-        parser.error("--max-lag-frames must be at least 1")
-    if not 0 <= args.port <= 65535:
-        parser.error("--port must be between 0 and 65535")
-    logging.basicConfig(level=logging.DEBUG if os.environ.get("MOSHI_MLX_DEBUG") else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
-    debug = bool(os.environ.get("MOSHI_MLX_DEBUG"))
+    return cli.run(build_parser(), _main, argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from .assets import load_from_args, settings_from_args
+
     server: ChatServer | None = None
     try:
-        from .assets import load_from_args, settings_from_args
-
         web_dir = find_web_dir(args.web_dir)  # fail before the (slow) model load
         ssl_ctx, announce = _ssl_setup(args.ssl, args.host)
         check_port_free(args.host, args.port)
@@ -823,18 +818,14 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(server, web_dir)
         asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser, announce))
         return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if debug:
-            raise
-        print(error_line(e, frozenset({"FileNotFoundError", "OSError", "ValueError"})), file=sys.stderr)
-        return 1
     finally:
         if server is not None:
             server.close()
 
 
-if __name__ == "__main__":
+def console_main() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import first_line
+from .errors import MoshiError, first_line
 
 __all__ = [
     "SAMPLE_RATE",
@@ -73,7 +73,7 @@ _SAFETY_FRAMES = 4  # never run an instance right up to its position table's end
 _DTYPES = ("f32", "f16", "bf16")
 
 
-class MimiError(RuntimeError):
+class MimiError(MoshiError, RuntimeError):
     """A failure of the Mimi codec (missing or bad weights, an error inside rustymimi)."""
 
 

@@ -26,12 +26,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import MoshiError
+
 PathLike = str | os.PathLike
 
 __all__ = ["OutputError", "check_outputs", "atomic_output", "destination"]
 
 
-class OutputError(ValueError):
+class OutputError(MoshiError, ValueError):
     """An output that cannot be written safely; the message is one line naming the path."""
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Iterable, Mapping
 
+from .errors import MoshiError
 from .settings import EngineSettings, SamplingParams, TextControls
 
 __all__ = [
@@ -93,7 +94,7 @@ class MessageTooLarge(ProtocolError):
     pass
 
 
-class ParamError(ValueError):
+class ParamError(MoshiError, ValueError):
     """A bad query parameter; the message is meant for the person who sent it."""
 
 

@@ -29,9 +29,8 @@ import numpy as np
 from yarl import URL
 
 from . import protocol
-from .frames import FRAME_SIZE, SAMPLE_RATE
-from .errors import first_line
-from .frames import FrameChunker
+from .errors import MoshiError, UsageError, first_line
+from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker
 from .protocol import Kind, ProtocolError
 
 DEFAULT_URL = "ws://localhost:8998"
@@ -43,11 +42,11 @@ SEND_BACKLOG_BYTES = 2400
 SOCKET_SNDBUF = 16 * 1024
 
 
-class ClientError(RuntimeError):
+class ClientError(MoshiError, RuntimeError):
     """A failure meant for the user, in one line."""
 
 
-class BadUrl(ClientError):
+class BadUrl(ClientError, UsageError):
     pass
 
 
@@ -103,23 +102,17 @@ def chat_url(url: str, params: Mapping[str, Any] | None = None) -> URL:
     return u.update_query(extra) if extra else u
 
 
-def sampling_params(
-    text_temperature: float | None = None,
-    text_topk: int | None = None,
-    audio_temperature: float | None = None,
-    audio_topk: int | None = None,
-    seed: int | None = None,
-) -> dict[str, Any]:
-    """Query parameters for the settings given (None: the server's default)."""
-    params: dict[str, Any] = {
-        "text_temperature": text_temperature,
-        "text_topk": text_topk,
-        "audio_temperature": audio_temperature,
-        "audio_topk": audio_topk,
-    }
-    if seed is not None:  # Kyutai's servers take one seed per stream; ours also takes `seed`
-        params.update(seed=seed, text_seed=seed, audio_seed=seed)
-    return {k: v for k, v in params.items() if v is not None}
+def sampling_params(**settings: Any) -> dict[str, Any]:
+    """Query parameters for the sampling settings given (None: the server's default).
+
+    Names are the protocol's (text_temperature, text_topk, ..., seed, text_seed, audio_seed). Kyutai's
+    servers take one seed per stream, ours also `seed`: a lone `seed` is sent as all three.
+    """
+    params = {k: v for k, v in settings.items() if v is not None}
+    if "seed" in params:
+        params.setdefault("text_seed", params["seed"])
+        params.setdefault("audio_seed", params["seed"])
+    return params
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 
 from .audio import FRAME_SIZE, SAMPLE_RATE
 from .audio_files import AudioFileError, AudioReader, WavWriter, load_mono_24k, read_audio, write_wav
-from .errors import error_line
+from . import cli
 from .outputs import atomic_output, check_outputs
 
 __all__ = [
@@ -91,40 +91,6 @@ def converse_offline(
     out: list[np.ndarray] = []
     pieces = converse_stream(engine, [pcm], out.append, None if progress is None else lambda d: progress(d, total))
     return (np.concatenate(out) if out else np.zeros(0, np.float32)), pieces
-
-
-class _Progress:
-    """A progress bar on stderr (when stderr is not a terminal: a line every 10% or every 30 s)."""
-
-    def __init__(self, label: str = "moshi") -> None:
-        self.tty = sys.stderr.isatty()
-        self.label = label
-        self.start = time.perf_counter()
-        self._last_decile = -1
-        self._last_line = self.start
-        self._last: tuple[int, int] | None = None
-
-    def __call__(self, done: int, total: int) -> None:
-        if (done, total) == self._last:
-            return
-        self._last = (done, total)
-        elapsed = time.perf_counter() - self.start
-        speed = done * FRAME_S / elapsed if elapsed > 0 else 0.0
-        frac = done / total if total else 1.0
-        if self.tty:
-            bar = "#" * int(frac * 30)
-            eta = (total - done) * elapsed / done if done else 0.0
-            sys.stderr.write(
-                f"\r{self.label} [{bar:<30}] {done}/{total} frames {frac:4.0%} {speed:.2f}x real time, eta {eta:.0f} s\033[K"
-            )
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif int(frac * 10) > self._last_decile or time.perf_counter() - self._last_line > 30:
-            self._last_decile = int(frac * 10)
-            self._last_line = time.perf_counter()
-            msg = f"{self.label}: {done}/{total} frames ({frac:.0%}), {speed:.2f}x real time"
-            print(msg, file=sys.stderr, flush=True)
 
 
 def convert_file(
@@ -192,38 +158,31 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        from .assets import load_from_args, settings_from_args
+    return cli.run(build_parser(), _main, argv, interrupted="interrupted: no output written")
 
-        # Open the input and check the outputs before paying for a model load.
-        AudioReader(args.input).close()
-        check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])
-        log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-        assets = load_from_args(args, log=log)
-        log(f"loaded in {assets.load_seconds:.1f} s: {assets.description}")
-        engine = assets.engine(settings_from_args(args))
-        try:
-            t = convert_file(engine, args.input, args.output, args.transcript, _Progress())
-        finally:
-            engine.close()
-        speed = t["duration"] / t["processing_seconds"] if t["processing_seconds"] else 0.0
-        log(
-            f"wrote {args.output} ({t['duration']:.2f} s, {t['frames']} frames, {speed:.2f}x real time)"
-            + (f" and {args.transcript} ({len(t['pieces'])} pieces)" if args.transcript else "")
-        )
-        if args.transcript is None:
-            print(t["text"], flush=True)
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if os.environ.get("MOSHI_MLX_DEBUG"):
-            raise
-        print(error_line(e), file=sys.stderr)
-        return 1
+
+def _main(args: argparse.Namespace) -> int:
+    from .assets import load_from_args, settings_from_args
+
+    signal.signal(signal.SIGTERM, _terminate)
+    # Open the input and check the outputs before paying for a model load.
+    AudioReader(args.input).close()
+    check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])
+    assets = load_from_args(args)
+    cli.say(f"loaded in {assets.load_seconds:.1f} s: {assets.description}")
+    engine = assets.engine(settings_from_args(args))
+    try:
+        t = convert_file(engine, args.input, args.output, args.transcript, cli.Progress(interval_s=30).callback("moshi", unit="frame"))
+    finally:
+        engine.close()
+    cli.say(
+        f"wrote {args.output} ({t['duration']:.2f} s, {t['frames']} frames, "
+        f"{cli.pace(t['duration'], t['processing_seconds'])})"
+        + (f" and {args.transcript} ({len(t['pieces'])} pieces)" if args.transcript else "")
+    )
+    if args.transcript is None:
+        print(t["text"], flush=True)
+    return 0
 
 
 if __name__ == "__main__":

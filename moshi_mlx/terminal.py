@@ -14,12 +14,13 @@ import signal
 import sys
 import threading
 
+from . import cli
 from .audio import release_portaudio
 from .errors import first_line
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    cli.say(msg)
 
 
 def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -36,7 +37,7 @@ def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="turn off echo cancellation (on by default so Moshi does not hear itself through the speakers)",
     )
     g.add_argument(
-        "--aec-delay-ms", type=int, default=120, metavar="MS",
+        "--aec-delay-ms", type=cli.integer(0, 2000), default=120, metavar="MS",
         help="expected speaker-to-mic delay, a starting hint for the echo canceller (default 120)",
     )
     return g

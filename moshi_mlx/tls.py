@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import MoshiError
+
 __all__ = [
     "CertInfo",
     "TlsError",
@@ -42,7 +44,7 @@ VALID_DAYS = 397  # Apple's platforms refuse server certificates valid for longe
 RENEW_DAYS = 30  # make a new one when the old one has less than this left
 
 
-class TlsError(RuntimeError):
+class TlsError(MoshiError, RuntimeError):
     """A certificate problem, in one line for the user."""
 
 

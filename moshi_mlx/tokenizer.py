@@ -7,11 +7,13 @@ from pathlib import Path
 
 import sentencepiece
 
+from .errors import MoshiError
+
 # Moshi's text stream uses these ids for "no word here" (padding / end of padding).
 SILENT_TEXT_IDS = frozenset({0, 3})
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MoshiError, ValueError):
     pass
 
 

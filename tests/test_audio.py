@@ -319,7 +319,7 @@ def test_alsa_file_devices_bit_exact(portaudio, tmp_path, mic, spk):
 
 _NO_PORTAUDIO = (
     "import ctypes.util, sys; ctypes.util.find_library = lambda name: None; "
-    "sys.argv = ['moshi_mlx.local'] + sys.argv[1:]; from moshi_mlx.local import cli; cli()"
+    "sys.argv = ['moshi_mlx.local'] + sys.argv[1:]; from moshi_mlx.local import console_main; console_main()"
 )
 
 

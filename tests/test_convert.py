@@ -391,7 +391,7 @@ def test_cli(tmp_path, tiny_sources, capsys):
     assert (tmp_path / "o" / "model.q4.safetensors").is_file() and (tmp_path / "o" / "config.json").is_file()
     err = capsys.readouterr().err
     assert "pytorch layout" in err and "num_heads=2" in err
-    assert main([str(tmp_path / "missing.safetensors"), str(tmp_path / "p")]) == 2
+    assert main([str(tmp_path / "missing.safetensors"), str(tmp_path / "p")]) == 1  # one exit-code policy (moshi_mlx.cli): a user error is 1, bad flags 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no such file" in err and "\n" not in err
     with pytest.raises(SystemExit):
@@ -425,7 +425,7 @@ def test_cli_refuses_a_non_empty_folder_unless_forced(tmp_path, tiny_sources, ca
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     src = str(tiny_sources["legacy"][0])
-    assert main([src, str(out), "--no-progress"]) == 2
+    assert main([src, str(out), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not empty" in err and "--force" in err and "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
@@ -435,11 +435,11 @@ def test_cli_refuses_a_non_empty_folder_unless_forced(tmp_path, tiny_sources, ca
 
 
 def test_cli_input_is_a_directory_or_output_a_file(tmp_path, tiny_sources, capsys):
-    assert main([str(tmp_path), str(tmp_path / "o")]) == 2
+    assert main([str(tmp_path), str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert "is a directory" in err and "no such file" not in err and "\n" not in err
     (tmp_path / "f").write_text("x")
-    assert main([str(tiny_sources["legacy"][0]), str(tmp_path / "f")]) == 2
+    assert main([str(tiny_sources["legacy"][0]), str(tmp_path / "f")]) == 1
     assert "is not a directory" in capsys.readouterr().err
 
 

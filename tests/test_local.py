@@ -39,7 +39,7 @@ class App:
 
     def __init__(self, args: list[str], env: dict, prelude: str | None = None, module: str = "moshi_mlx.local"):
         code = (prelude or "") + (
-            f"\nimport sys; sys.argv = ['{module}'] + sys.argv[1:]\nfrom {module} import cli; cli()"
+            f"\nimport sys; sys.argv = ['{module}'] + sys.argv[1:]\nfrom {module} import console_main; console_main()"
         )
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE

@@ -8,11 +8,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import Callable
 
 import mlx.core as mx
 import psutil
 from tqdm import tqdm
+
+from ..cli import Progress  # noqa: F401  (the app's one progress bar)
 
 _PROCESS = psutil.Process(os.getpid())
 
@@ -42,53 +44,6 @@ class Stats:
             mean_ms=round(statistics.fmean(ordered), 3),
             min_ms=round(ordered[0], 3),
         )
-
-
-class _LineStream:
-    """Turns tqdm's carriage-return redraws into whole lines, for logs and pipes (not a terminal)."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "").strip()
-        if text:
-            self._stream.write(text + "\n")
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-
-class Progress:
-    """Progress bars on stderr: a live bar on a terminal, a line every `interval_s` otherwise."""
-
-    def __init__(self, enabled: bool = True, interval_s: float = 10.0) -> None:
-        self.enabled = enabled
-        self.interval_s = interval_s
-
-    def bar(self, total: int, desc: str) -> tqdm:
-        stream = sys.stderr
-        if stream.isatty():
-            return tqdm(total=total, desc=desc, file=stream, leave=False, unit="step", dynamic_ncols=True,
-                        disable=not self.enabled)
-        # tqdm redraws with "\r"; in a log that would be one endless line, so each redraw becomes a line,
-        # at most one per interval plus the last.
-        return tqdm(total=total, desc=desc, file=_LineStream(stream), leave=True, unit="step", ncols=80,
-                    mininterval=self.interval_s, maxinterval=self.interval_s, ascii=True, disable=not self.enabled)
-
-
-    def layers(self, desc: str) -> Callable[[int, int], None]:
-        """A `progress(done, total)` callback (as the loader takes) drawing a bar per layer."""
-        state: dict[str, tqdm] = {}
-
-        def show(done: int, total: int) -> None:
-            if "bar" not in state:
-                state["bar"] = self.bar(total, desc)
-            state["bar"].update(done - state["bar"].n)
-            if done == total:
-                state.pop("bar").close()
-
-        return show
 
 
 def timed(

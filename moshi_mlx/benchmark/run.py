@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from ..assets import settings_from_args
 from ..engine import ConversationEngine
-from ..errors import error_line
+from .. import cli
 from .args import build_parser, check_args, start_position
 from .long import LongRun, long_session
 from .machine import Machine, machine_info
@@ -23,10 +23,6 @@ from .pipeline import time_mimi, time_runner, time_sequential
 from .report import format_table, verdict
 from .results import BenchResult, Memory, Pipeline, Settings
 from .steps import LmTimes, engine_settings, kv_cache_bytes, new_generator, time_lm, user_codes
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def kv_bits(args: argparse.Namespace) -> int | None:
@@ -137,7 +133,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
     machine = machine_info()
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with scratch_dir() as scratch:
-        loaded = load_model(args, Path(scratch), _log, progress.layers("random weights"))
+        loaded = load_model(args, Path(scratch), cli.say, progress.callback("random weights"))
         context = loaded.assets.lm.config.transformer.context
         position = 0 if args.long else start_position(args.position, context)
         try:
@@ -175,21 +171,17 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = check_args(parser, parser.parse_args(argv))
-    try:
-        result = run(args, argv)
-    except KeyboardInterrupt:
-        _log("interrupted")
-        return 130
-    except Exception as e:  # one line for the user, as the app's other front ends
-        _log(error_line(e))
-        return 1
+    return cli.run(parser, lambda args: _main(parser, args, argv), argv)
+
+
+def _main(parser, args, argv: list[str] | None) -> int:
+    result = run(check_args(parser, args), argv)
     print(format_table(result), flush=True)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(result.to_json())
-        _log(f"wrote {path}")
+        cli.say(f"wrote {path}")
     return 0
 
 
