@@ -4,7 +4,7 @@ End to end: ``local_web --demo`` (plain, and ``--ssl auto`` with a certificate m
 config folder) in one process, the client in another on a private JACK dummy server: espeak-ng
 speech is played into the client's microphone port, its speaker port is recorded. The CPU here is
 slow and shared, so the demo model drops frames; assertions are about the conversation happening
-(transcript, audio out, bounded lag, clean Ctrl-C), not about speed.
+(transcript, audio out, bounded lag, clean Ctrl-C, the --record files), not about speed.
 
 Errors: the client against closed ports, bad URLs, an untrusted certificate and stand-in servers,
 on ALSA file devices (no clock needed: these runs end before or right after the handshake).
@@ -13,7 +13,9 @@ on ALSA file devices (no clock needed: these runs end before or right after the 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import wave
 import signal
 import socket
 import subprocess
@@ -122,10 +124,45 @@ def _check_conversation(app: App, server_log: str, tmp_path: Path) -> dict:
     return s
 
 
+def _recording(folder: Path) -> tuple[np.ndarray, np.ndarray, str, dict]:
+    """The four files of the one recording in ``folder``: stereo (n, 2), mixed (n,), transcript, metadata."""
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 4, files
+    stem = files[0][: files[0].index("-mixed.wav")]
+    assert files == [f"{stem}-{s}" for s in ("mixed.wav", "stereo.wav", "transcript.json", "transcript.txt")]
+
+    def pcm(name: str, channels: int) -> np.ndarray:
+        with wave.open(str(folder / f"{stem}-{name}")) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (channels, 2, 24000)
+            data = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767.0
+        return data.reshape(-1, channels)
+
+    text = (folder / f"{stem}-transcript.txt").read_text()
+    meta = json.loads((folder / f"{stem}-transcript.json").read_text())
+    return pcm("stereo.wav", 2), pcm("mixed.wav", 1)[:, 0], text, meta
+
+
 def test_conversation_over_ws(jack_tools, tmp_path):
-    app, server_log = _converse(tmp_path, [], ["--text-temperature", "0.6", "--seed", "3"], {})
-    _check_conversation(app, server_log, tmp_path)
+    rec_dir = tmp_path / "rec"
+    app, server_log = _converse(tmp_path, [], ["--text-temperature", "0.6", "--seed", "3", "--record", str(rec_dir)], {})
+    s = _check_conversation(app, server_log, tmp_path)
     assert "'text_temperature': 0.6" in server_log and "'seed': 3" in server_log  # the flags reached the model
+
+    # --record: saved on Ctrl-C, both sides as heard here, the transcript as the terminal showed it
+    assert "recording saved (" in app.stderr, app.stderr
+    stereo, mixed, text, meta = _recording(rec_dir)
+    you, moshi = stereo[:, 0], stereo[:, 1]
+    # every mic frame taken while connected is recorded, sent or dropped (oldest first) when the link lagged
+    assert s["sent"] <= stereo.shape[0] / 1920 <= s["sent"] + s["dropped"] + 10, (stereo.shape, s)
+    assert rms(you) > 0.01 and active_fraction(you, 24000) > 0.2           # the espeak-ng speech, left
+    moshi_blocks = active_fraction(moshi, 24000) * moshi.size / 1920        # the demo's babble, right
+    assert rms(moshi) > 2e-4 and moshi_blocks >= min(5, s["received"] / 2), (rms(moshi), moshi_blocks, s)
+    assert mixed.shape == you.shape and np.allclose(mixed, np.clip(you + moshi, -1, 1), atol=2 / 32767)
+    assert text.strip() and " ".join(text.split()) == " ".join(app.stdout.split())
+    assert meta["text"] == text.strip() and meta["model"] != "?" and meta["server"].endswith("/api/chat")
+    times = [p["t"] for p in meta["pieces"]]
+    # a piece's time is when it was shown; on this loaded CPU the last can trail the audio a little
+    assert times == sorted(times) and times[-1] <= stereo.shape[0] / 24000 + 2.0
 
 
 def test_conversation_over_wss_with_auto_certificate(jack_tools, tmp_path):
@@ -209,6 +246,31 @@ async def _tls_standin(tmp_path: Path, handler):
 
 
 @pytest.mark.asyncio
+async def test_bad_record_folder_fails_before_connecting(alsa_env, tmp_path):
+    calls = []
+
+    async def handler(request):
+        calls.append(request)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/api/chat", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    (tmp_path / "file").write_text("x")
+    try:
+        rc, _, err = await _client([f"ws://127.0.0.1:{port}", "--record", str(tmp_path / "file" / "sub"), *DEVICES],
+                                   alsa_env)
+    finally:
+        await runner.cleanup()
+    assert rc == 1 and not calls, err
+    assert re.fullmatch(r"error: --record \S+/file/sub: cannot create the folder \([^\n]+\)\n", err), err
+
+
+@pytest.mark.asyncio
 async def test_tls_untrusted_then_cafile_then_connection_lost(alsa_env, tmp_path):
     """Self-signed server: refused without --insecure/--cafile (one line saying what to do); with --cafile
     it connects, and when the server then drops the connection the client says so and exits 1."""
@@ -231,10 +293,16 @@ async def test_tls_untrusted_then_cafile_then_connection_lost(alsa_env, tmp_path
             f"error: TLS: the certificate of 127.0.0.1:{port} is not trusted (self-signed certificate); for your "
             "own server started with --ssl auto, check its fingerprint and pass --insecure, or --cafile with its cert.pem"
         )
-        rc, _, err = await _client([f"wss://127.0.0.1:{port}", "--cafile", str(info.cert), *DEVICES], alsa_env)
+        rec_dir = tmp_path / "rec"
+        rc, _, err = await _client(
+            [f"wss://127.0.0.1:{port}", "--cafile", str(info.cert), "--record", str(rec_dir), *DEVICES], alsa_env)
     finally:
         await runner.cleanup()
     assert rc == 1 and len(conversations) == 1, err
+    # what came before the loss is saved (the mic file is silence and the stand-in says nothing: length only)
+    assert "recording saved (" in err
+    stereo = _recording(rec_dir)[0]
+    assert stereo.shape[0] >= 1920, stereo.shape
     assert f"connected to wss://127.0.0.1:{port}/api/chat" in err
     assert re.search(
         rf"^error: connection to 127\.0\.0\.1:{port} lost after [\d.]+ s \(closed without a goodbye\); run the same "
