@@ -154,10 +154,12 @@ def test_conversation_over_ws(jack_tools, tmp_path):
     you, moshi = stereo[:, 0], stereo[:, 1]
     # every mic frame taken while connected is recorded, sent or dropped (oldest first) when the link lagged
     assert s["sent"] <= stereo.shape[0] / 1920 <= s["sent"] + s["dropped"] + 10, (stereo.shape, s)
-    assert rms(you) > 0.01 and active_fraction(you, 24000) > 0.2           # the espeak-ng speech, left
+    # the espeak-ng speech, left: seconds of it, not a share (a slow start-up here adds silence around it)
+    you_s = active_fraction(you, 24000) * you.size / 24000
+    assert rms(you) > 0.005 and you_s > 2.0, (rms(you), you_s, s)
     moshi_blocks = active_fraction(moshi, 24000) * moshi.size / 1920        # the demo's babble, right
     assert rms(moshi) > 2e-4 and moshi_blocks >= min(5, s["received"] / 2), (rms(moshi), moshi_blocks, s)
-    assert mixed.shape == you.shape and np.allclose(mixed, np.clip(you + moshi, -1, 1), atol=2 / 32767)
+    assert mixed.shape == you.shape and np.abs(mixed - np.clip(you + moshi, -1, 1)).max() <= 2 / 32767
     assert text.strip() and " ".join(text.split()) == " ".join(app.stdout.split())
     assert meta["text"] == text.strip() and meta["model"] != "?" and meta["server"].endswith("/api/chat")
     times = [p["t"] for p in meta["pieces"]]
@@ -268,6 +270,47 @@ async def test_bad_record_folder_fails_before_connecting(alsa_env, tmp_path):
         await runner.cleanup()
     assert rc == 1 and not calls, err
     assert re.fullmatch(r"error: --record \S+/file/sub: cannot create the folder \([^\n]+\)\n", err), err
+
+
+@pytest.mark.asyncio
+async def test_sigterm_saves_the_recording(alsa_env, tmp_path):
+    """SIGTERM ends the conversation like Ctrl-C: exit 0, the files written, the transcript as shown."""
+    said = asyncio.Event()
+
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(protocol.encode_handshake())
+        for piece in (" Hello", " there."):
+            await ws.send_bytes(protocol.encode_text(piece))
+        said.set()
+        async for _ in ws:  # the client's audio, until it hangs up
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/chat", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    rec_dir = tmp_path / "rec"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "moshi_mlx.client", f"ws://127.0.0.1:{port}", "--record", str(rec_dir), *DEVICES,
+            cwd=ROOT, env=alsa_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        await asyncio.wait_for(said.wait(), 60)
+        await asyncio.sleep(1.0)  # the words reach the terminal
+        proc.send_signal(signal.SIGTERM)
+        out, err = (b.decode() for b in await asyncio.wait_for(proc.communicate(), 30))
+    finally:
+        await runner.cleanup()
+    assert proc.returncode == 0 and "(stopped by Ctrl-C)" in err and "recording saved (" in err, err
+    stereo, _, text, meta = _recording(rec_dir)
+    assert text == "Hello there.\n" and out.strip() == "Hello there." and meta["text"] == "Hello there."
+    assert stereo.shape[0] >= 1920 and meta["model"] == "?"  # the stand-in sent no info message
 
 
 @pytest.mark.asyncio
