@@ -177,6 +177,69 @@ def test_conversation_over_wss_with_auto_certificate(jack_tools, tmp_path):
     assert re.search(r"connected to wss://127\.0\.0\.1:\d+/api/chat", app.stderr), app.stderr
 
 
+@pytest.mark.asyncio
+async def test_record_saved_on_sigterm_and_on_connection_loss(jack_tools, tmp_path):
+    """A stand-in server says two words; the client (on JACK's clock: real-time audio) is then ended by
+    SIGTERM (exit 0) or by the server dropping the connection (exit 1). Both times the files are written."""
+    said = asyncio.Event()
+
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(protocol.encode_handshake())
+        for piece in (" Hello", " there."):
+            await ws.send_bytes(protocol.encode_text(piece))
+        said.set()
+        if request.query.get("drop"):
+            await asyncio.sleep(1.0)
+            request.transport.abort()
+            return ws
+        async for _ in ws:  # the client's audio, until it hangs up
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/chat", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    results = []
+    try:
+        with JackServer(24000, 1920, log_dir=tmp_path) as jack:
+            for query, stop in (("", True), ("?drop=1", False)):
+                said.clear()
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "moshi_mlx.client", f"ws://127.0.0.1:{port}/api/chat{query}",
+                    "--record", str(tmp_path / f"rec{len(results)}"), "--input-device", "system",
+                    "--output-device", "system", "--no-aec",
+                    cwd=ROOT, env=jack.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )
+                try:
+                    await asyncio.wait_for(said.wait(), 90)
+                    if stop:
+                        await asyncio.sleep(1.0)  # the words reach the terminal
+                        proc.send_signal(signal.SIGTERM)
+                    out, err = await asyncio.wait_for(proc.communicate(), 30)
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                results.append((proc.returncode, out.decode(), err.decode()))
+    finally:
+        await runner.cleanup()
+    for i, (rc, out, err) in enumerate(results):
+        _no_traceback(err)
+        assert rc == (0 if i == 0 else 1) and "recording saved (" in err, err
+        assert ("(stopped by Ctrl-C)" in err) == (i == 0) and (re.search(r"^error: connection .* lost", err, re.M)
+                                                               is not None) == (i == 1), err
+        stereo, _, text, meta = _recording(tmp_path / f"rec{i}")
+        assert text == "Hello there.\n" and out.strip() == "Hello there." and meta["text"] == "Hello there.", out
+        # real time: about a second of audio (silence: the stand-in sends none), not minutes
+        assert 0.3 <= stereo.shape[0] / 24000 <= 10 and meta["model"] == "?", (stereo.shape, err)
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors (ALSA file devices: the client checks its devices before it connects)
 # ------------------------------------------------------------------------------------------------
@@ -273,47 +336,6 @@ async def test_bad_record_folder_fails_before_connecting(alsa_env, tmp_path):
 
 
 @pytest.mark.asyncio
-async def test_sigterm_saves_the_recording(alsa_env, tmp_path):
-    """SIGTERM ends the conversation like Ctrl-C: exit 0, the files written, the transcript as shown."""
-    said = asyncio.Event()
-
-    async def handler(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        await ws.send_bytes(protocol.encode_handshake())
-        for piece in (" Hello", " there."):
-            await ws.send_bytes(protocol.encode_text(piece))
-        said.set()
-        async for _ in ws:  # the client's audio, until it hangs up
-            pass
-        return ws
-
-    app = web.Application()
-    app.router.add_get("/api/chat", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    rec_dir = tmp_path / "rec"
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "moshi_mlx.client", f"ws://127.0.0.1:{port}", "--record", str(rec_dir), *DEVICES,
-            cwd=ROOT, env=alsa_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
-        await asyncio.wait_for(said.wait(), 60)
-        await asyncio.sleep(1.0)  # the words reach the terminal
-        proc.send_signal(signal.SIGTERM)
-        out, err = (b.decode() for b in await asyncio.wait_for(proc.communicate(), 30))
-    finally:
-        await runner.cleanup()
-    assert proc.returncode == 0 and "(stopped by Ctrl-C)" in err and "recording saved (" in err, err
-    stereo, _, text, meta = _recording(rec_dir)
-    assert text == "Hello there.\n" and out.strip() == "Hello there." and meta["text"] == "Hello there."
-    assert stereo.shape[0] >= 1920 and meta["model"] == "?"  # the stand-in sent no info message
-
-
-@pytest.mark.asyncio
 async def test_tls_untrusted_then_cafile_then_connection_lost(alsa_env, tmp_path):
     """Self-signed server: refused without --insecure/--cafile (one line saying what to do); with --cafile
     it connects, and when the server then drops the connection the client says so and exits 1."""
@@ -336,16 +358,10 @@ async def test_tls_untrusted_then_cafile_then_connection_lost(alsa_env, tmp_path
             f"error: TLS: the certificate of 127.0.0.1:{port} is not trusted (self-signed certificate); for your "
             "own server started with --ssl auto, check its fingerprint and pass --insecure, or --cafile with its cert.pem"
         )
-        rec_dir = tmp_path / "rec"
-        rc, _, err = await _client(
-            [f"wss://127.0.0.1:{port}", "--cafile", str(info.cert), "--record", str(rec_dir), *DEVICES], alsa_env)
+        rc, _, err = await _client([f"wss://127.0.0.1:{port}", "--cafile", str(info.cert), *DEVICES], alsa_env)
     finally:
         await runner.cleanup()
     assert rc == 1 and len(conversations) == 1, err
-    # what came before the loss is saved (the mic file is silence and the stand-in says nothing: length only)
-    assert "recording saved (" in err
-    stereo = _recording(rec_dir)[0]
-    assert stereo.shape[0] >= 1920, stereo.shape
     assert f"connected to wss://127.0.0.1:{port}/api/chat" in err
     assert re.search(
         rf"^error: connection to 127\.0\.0\.1:{port} lost after [\d.]+ s \(closed without a goodbye\); run the same "
