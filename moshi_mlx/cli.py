@@ -17,9 +17,7 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
-import threading
 import traceback
 from typing import TYPE_CHECKING, Callable, TextIO
 
@@ -151,18 +149,6 @@ def pace(audio_seconds: float, wall_seconds: float) -> str:
 
 def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks of unexpected errors")
-
-
-def sigterm_as_interrupt() -> Callable[[], None]:
-    """Make SIGTERM end the program like Ctrl-C (main thread only); returns a function that undoes it."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 # -- argparse types: a bad value is one usage line before anything loads -----------------------------

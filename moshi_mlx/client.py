@@ -9,7 +9,8 @@ left out keep the server's defaults.
 Latency stays bounded both ways: microphone frames the connection cannot take are dropped, oldest
 first, and Moshi's frames that arrive too late for the speaker's small buffer are dropped too; both
 are counted in the lag line. A connection lost mid-conversation ends with one line, and an offer to
-reconnect (a prompt on a terminal, automatic with ``--reconnect``).
+reconnect (a prompt on a terminal, automatic with ``--reconnect``). ``--record DIR`` saves the conversation
+(while connected) as the terminal app does, when it ends for any reason.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import cli
 from .audio import FRAME_SIZE, SAMPLE_RATE, DuplexAudio, list_devices
@@ -35,7 +37,22 @@ from .remote import (
     chat_url,
     sampling_params,
 )
-from .terminal import Display, add_audio_args, exit_now, lag_status, log, make_echo_canceller
+from .terminal import (
+    Display,
+    add_audio_args,
+    add_record_arg,
+    exit_now,
+    lag_status,
+    log,
+    make_echo_canceller,
+    make_recorder,
+    save_recording,
+    sigint_ignored,
+    sigterm_interrupts,
+)
+
+if TYPE_CHECKING:
+    from .recording import ConversationRecorder
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
 RECONNECT_TRIES = 5  # --reconnect: consecutive failed attempts before giving up
@@ -60,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconnect by itself when the connection is lost (otherwise: ask on a terminal, else stop)")
     cli.add_sampling_args(p, server_defaults=True)
     cli.add_verbose_arg(p)
-    add_audio_args(p)
+    add_record_arg(add_audio_args(p))
     return p
 
 
@@ -85,8 +102,12 @@ class _Totals:
 class _Session:
     """Audio devices open once; connections come and go (reconnects)."""
 
-    def __init__(self, args: argparse.Namespace, audio: DuplexAudio, url, ssl_context) -> None:
+    def __init__(
+        self, args: argparse.Namespace, audio: DuplexAudio, url, ssl_context, recorder: ConversationRecorder | None
+    ) -> None:
         self.args, self.audio, self.url, self.ssl_context = args, audio, url, ssl_context
+        self.recorder = recorder
+        self.model = "?"  # from the server's info message, for the recording
         self.display = Display()
         self.conv: RemoteConversation | None = None
         self.totals = _Totals()
@@ -99,17 +120,28 @@ class _Session:
     def push(self, frame) -> None:  # PortAudio's thread
         conv = self.conv
         if conv is not None:
+            if self.recorder is not None:  # only while connected: both sides are recorded together
+                self.recorder.add_user(frame)
             conv.push_mic(frame)
+
+    def played(self, frame) -> None:  # PortAudio's thread: Moshi's side as it goes to the speaker
+        if self.recorder is not None and self.conv is not None:
+            self.recorder.add_moshi(frame)
+
+    def _on_text(self, piece: str) -> None:
+        self.display.text(piece)
+        if self.recorder is not None:
+            self.recorder.add_text(piece)
 
     def _on_info(self, info: dict) -> None:
         if info.get("type") == "info":
-            model = info.get("model") or "?"
+            model = self.model = str(info.get("model") or "?")
             demo = " (demo model: it babbles)" if info.get("demo") else ""
             self.display.message(f"server: {info.get('server', '?')}, model {model}{demo}")
 
     def _new_conversation(self) -> RemoteConversation:
         return RemoteConversation(
-            self.url, on_audio=self.audio.play, on_text=self.display.text, on_notice=self.display.message,
+            self.url, on_audio=self.audio.play, on_text=self._on_text, on_notice=self.display.message,
             on_info=self._on_info, ssl_context=self.ssl_context, max_unsent=self.args.max_lag_frames,
             connect_timeout=self.args.connect_timeout,
         )
@@ -137,16 +169,18 @@ class _Session:
         handled = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.getsignal(sig)
                 try:
                     loop.add_signal_handler(sig, self._stop.set)
-                    handled.append(sig)
+                    handled.append((sig, old))
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
         try:
             await self._converse()
         finally:
-            for sig in handled:
+            for sig, old in handled:
                 loop.remove_signal_handler(sig)
+                signal.signal(sig, old)  # asyncio would leave the default, not main()'s SIGTERM handler
             if self.conv is not None:
                 await self.conv.close()
 
@@ -198,6 +232,7 @@ class _Session:
                 self._show_status(conv)
                 if stopper in done:
                     self.interrupted = True
+                    self.conv = None  # the microphone (and the recording) stop here, not when the close is done
                     await conv.close()
                     await asyncio.wait({task}, timeout=3.0)
                     return None
@@ -259,25 +294,30 @@ def converse(args: argparse.Namespace) -> int:
     url = chat_url(args.url, sampling_params(**{name: getattr(args, name) for name in cli.SAMPLING_PARAMS}))
     ssl_ctx = client_context(args.insecure, args.cafile) if url.scheme == "wss" else None
 
-    # Devices are checked before connecting: a wrong --input-device should not occupy the server.
+    # The record folder and the devices are checked before connecting: a mistake should not occupy the server.
+    recorder = make_recorder(args.record)
     session: _Session | None = None
     echo_canceller = None if args.no_aec else make_echo_canceller(args.aec_delay_ms)
     audio = DuplexAudio(
         lambda frame: session.push(frame) if session is not None else None,
         args.input_device, args.output_device, max_queued=args.max_lag_frames + 3, echo_canceller=echo_canceller,
+        on_output=lambda frame: session.played(frame) if session is not None else None,
     )
     log(audio.describe() + (", echo cancellation on" if echo_canceller else ", echo cancellation off"))
-    session = _Session(args, audio, url, ssl_ctx)
+    session = _Session(args, audio, url, ssl_ctx, recorder)
     try:
         asyncio.run(session.run())
-    finally:
-        audio.close()
-        session.display.finish()
-        if session.totals.connections:
-            reduction = echo_canceller.reduction_db if echo_canceller is not None else None
-            if reduction is not None:
-                log(f"echo cancellation: {reduction:.1f} dB removed from the mic while Moshi was speaking")
-            log(session.summary())
+    finally:  # also on a lost connection: what was said until then is saved
+        with sigint_ignored():  # a second Ctrl-C must not break the cleanup
+            audio.close()
+            session.display.finish()
+            if session.totals.connections:
+                reduction = echo_canceller.reduction_db if echo_canceller is not None else None
+                if reduction is not None:
+                    log(f"echo cancellation: {reduction:.1f} dB removed from the mic while Moshi was speaking")
+                if recorder is not None:
+                    save_recording(recorder, args.record, {"model": session.model, "server": str(url.with_query(None))})
+                log(session.summary())
     return 0
 
 
@@ -286,10 +326,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    if args.list_devices:
-        print(list_devices())
-        return 0
-    return converse(args)
+    with sigterm_interrupts():
+        if args.list_devices:
+            print(list_devices())
+            return 0
+        return converse(args)
 
 
 def console_main() -> None:

@@ -9,7 +9,6 @@ start-up time, Moshi's words as they come (stdout), and how far behind real time
 from __future__ import annotations
 
 import argparse
-import os
 import queue
 import statistics
 import time
@@ -25,7 +24,15 @@ from .audio import (
 )
 from .errors import first_line
 from .terminal import Display as _Display
-from .terminal import add_audio_args, exit_now, lag_status
+from .terminal import (
+    add_audio_args,
+    add_record_arg,
+    exit_now,
+    lag_status,
+    make_recorder,
+    save_recording,
+    sigterm_interrupts,
+)
 from .terminal import log as _log
 from .terminal import make_echo_canceller as _make_echo_canceller
 from .terminal import sigint_ignored as _sigint_ignored
@@ -42,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(p)
     g = add_audio_args(p)
-    g.add_argument(
-        "--record", metavar="DIR", default=None,
-        help="save the conversation into DIR when it ends (also on Ctrl-C): stereo WAV (you left, Moshi right), "
-        "mixed mono WAV, transcript .txt and .json; never overwrites an earlier recording",
-    )
+    add_record_arg(g)
     g.add_argument(
         "--demo-output", default="moshi-demo.wav", metavar="WAV",
         help="with --demo and no sound devices: where to write Moshi's babble (default moshi-demo.wav)",
@@ -65,7 +68,7 @@ def converse(args: argparse.Namespace) -> int:
 
     # Devices first: a wrong --input-device should not cost a model load.
     runner = None
-    recorder = _make_recorder(args.record)
+    recorder = make_recorder(args.record)
 
     def push(frame):
         if runner is not None:
@@ -151,7 +154,7 @@ def converse(args: argparse.Namespace) -> int:
             engine.close()
             display.finish()
             if recorder is not None:
-                _save_recording(recorder, args.record, assets.description)
+                save_recording(recorder, args.record, {"model": assets.description})
     st, ast = runner.stats, audio.stats
     lat = list(latencies)
     lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
@@ -164,36 +167,6 @@ def converse(args: argparse.Namespace) -> int:
         + (" (stopped by Ctrl-C)" if interrupted else "")
     )
     return 0
-
-
-def _make_recorder(directory: str | None):
-    """A recorder for --record DIR, after checking DIR can be written (before any slow loading)."""
-    if directory is None:
-        return None
-    from pathlib import Path
-
-    from .recording import ConversationRecorder, RecordingError
-
-    folder = Path(directory).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RecordingError(f"--record {directory}: cannot create the folder ({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK):
-        raise RecordingError(f"--record {directory}: the folder is not writable")
-    return ConversationRecorder()
-
-
-def _save_recording(recorder, directory: str, model: str) -> None:
-    if recorder.empty:
-        _log("recording: nothing was recorded")
-        return
-    try:
-        files = recorder.save(directory, {"model": model})
-    except Exception as e:  # never lose the session summary over a full disk
-        _log(f"error: the recording could not be saved: {first_line(e)}")
-        return
-    _log(f"recording saved ({files.seconds:.1f} s): " + ", ".join(str(p) for p in files))
 
 
 def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
@@ -216,13 +189,13 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         engine.close()
     write_wav(args.demo_output, out)
     print("".join(p["text"] for p in pieces).strip())
-    recorder = _make_recorder(args.record)
+    recorder = make_recorder(args.record)
     if recorder is not None:
         recorder.add_user(signal_in)
         recorder.add_moshi(out)
         for p in pieces:
             recorder.add_text(p["text"], p["start"])
-        _save_recording(recorder, args.record, assets.description)
+        save_recording(recorder, args.record, {"model": assets.description})
     _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio in {args.demo_output}")
     return 0
 
@@ -232,14 +205,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    restore = cli.sigterm_as_interrupt()
-    try:
+    with sigterm_interrupts():
         if args.list_devices:
             print(list_devices())
             return 0
         return converse(args)
-    finally:
-        restore()
 
 
 def console_main() -> None:

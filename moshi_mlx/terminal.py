@@ -1,7 +1,7 @@
 """What the terminal front ends share (``moshi_mlx.local`` and ``moshi_mlx.client``).
 
-The live transcript and lag line (:class:`Display`), the audio flags, the echo canceller set-up,
-Ctrl-C / SIGTERM handling and the quick exit once everything is closed.
+The live transcript and lag line (:class:`Display`), the audio and ``--record`` flags, the echo
+canceller and recorder set-up, Ctrl-C / SIGTERM handling and the quick exit once everything is closed.
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ import signal
 import sys
 import threading
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from . import cli
 from .audio import release_portaudio
 from .errors import first_line
+
+if TYPE_CHECKING:
+    from .recording import ConversationRecorder
 
 
 def log(msg: str) -> None:
@@ -41,6 +47,43 @@ def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="expected speaker-to-mic delay, a starting hint for the echo canceller (default 120)",
     )
     return g
+
+
+def add_record_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--record", metavar="DIR", default=None,
+        help="save the conversation into DIR when it ends (also on Ctrl-C): stereo WAV (you left, Moshi right), "
+        "mixed mono WAV, transcript .txt and .json; never overwrites an earlier recording",
+    )
+
+
+def make_recorder(directory: str | None) -> ConversationRecorder | None:
+    """A recorder for --record DIR, after checking DIR can be written (before any slow loading or connecting)."""
+    if directory is None:
+        return None
+    from .recording import ConversationRecorder, RecordingError
+
+    folder = Path(directory).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RecordingError(f"--record {directory}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):
+        raise RecordingError(f"--record {directory}: the folder is not writable")
+    return ConversationRecorder()
+
+
+def save_recording(recorder: ConversationRecorder, directory: str, info: dict[str, Any]) -> None:
+    """Write the files and say where; a failure is one line, never an exception (the summary still comes)."""
+    if recorder.empty:
+        log("recording: nothing was recorded")
+        return
+    try:
+        files = recorder.save(directory, info)
+    except Exception as e:  # never lose the session summary over a full disk
+        log(f"error: the recording could not be saved: {first_line(e)}")
+        return
+    log(f"recording saved ({files.seconds:.1f} s): " + ", ".join(str(p) for p in files))
 
 
 def make_echo_canceller(delay_ms: int):
@@ -133,6 +176,19 @@ class Display:
 
 def raise_interrupt(signum, frame):  # SIGTERM ends a session like Ctrl-C
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt meanwhile, so a killed session still cleans up (and saves)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @contextlib.contextmanager

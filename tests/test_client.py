@@ -4,7 +4,7 @@ End to end: ``local_web --demo`` (plain, and ``--ssl auto`` with a certificate m
 config folder) in one process, the client in another on a private JACK dummy server: espeak-ng
 speech is played into the client's microphone port, its speaker port is recorded. The CPU here is
 slow and shared, so the demo model drops frames; assertions are about the conversation happening
-(transcript, audio out, bounded lag, clean Ctrl-C), not about speed.
+(transcript, audio out, bounded lag, clean Ctrl-C, the --record files), not about speed.
 
 Errors: the client against closed ports, bad URLs, an untrusted certificate and stand-in servers,
 on ALSA file devices (no clock needed: these runs end before or right after the handshake).
@@ -13,7 +13,9 @@ on ALSA file devices (no clock needed: these runs end before or right after the 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import wave
 import signal
 import socket
 import subprocess
@@ -122,10 +124,47 @@ def _check_conversation(app: App, server_log: str, tmp_path: Path) -> dict:
     return s
 
 
+def _recording(folder: Path) -> tuple[np.ndarray, np.ndarray, str, dict]:
+    """The four files of the one recording in ``folder``: stereo (n, 2), mixed (n,), transcript, metadata."""
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 4, files
+    stem = files[0][: files[0].index("-mixed.wav")]
+    assert files == [f"{stem}-{s}" for s in ("mixed.wav", "stereo.wav", "transcript.json", "transcript.txt")]
+
+    def pcm(name: str, channels: int) -> np.ndarray:
+        with wave.open(str(folder / f"{stem}-{name}")) as w:
+            assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (channels, 2, 24000)
+            data = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767.0
+        return data.reshape(-1, channels)
+
+    text = (folder / f"{stem}-transcript.txt").read_text()
+    meta = json.loads((folder / f"{stem}-transcript.json").read_text())
+    return pcm("stereo.wav", 2), pcm("mixed.wav", 1)[:, 0], text, meta
+
+
 def test_conversation_over_ws(jack_tools, tmp_path):
-    app, server_log = _converse(tmp_path, [], ["--text-temperature", "0.6", "--seed", "3"], {})
-    _check_conversation(app, server_log, tmp_path)
+    rec_dir = tmp_path / "rec"
+    app, server_log = _converse(tmp_path, [], ["--text-temperature", "0.6", "--seed", "3", "--record", str(rec_dir)], {})
+    s = _check_conversation(app, server_log, tmp_path)
     assert "'text_temperature': 0.6" in server_log and "'seed': 3" in server_log  # the flags reached the model
+
+    # --record: saved on Ctrl-C, both sides as heard here, the transcript as the terminal showed it
+    assert "recording saved (" in app.stderr, app.stderr
+    stereo, mixed, text, meta = _recording(rec_dir)
+    you, moshi = stereo[:, 0], stereo[:, 1]
+    # every mic frame taken while connected is recorded, sent or dropped (oldest first) when the link lagged
+    assert s["sent"] <= stereo.shape[0] / 1920 <= s["sent"] + s["dropped"] + 10, (stereo.shape, s)
+    # the espeak-ng speech, left: seconds of it, not a share (a slow start-up here adds silence around it)
+    you_s = active_fraction(you, 24000) * you.size / 24000
+    assert rms(you) > 0.005 and you_s > 2.0, (rms(you), you_s, s)
+    moshi_blocks = active_fraction(moshi, 24000) * moshi.size / 1920        # the demo's babble, right
+    assert rms(moshi) > 2e-4 and moshi_blocks >= min(5, s["received"] / 2), (rms(moshi), moshi_blocks, s)
+    assert mixed.shape == you.shape and np.abs(mixed - np.clip(you + moshi, -1, 1)).max() <= 2 / 32767
+    assert text.strip() and " ".join(text.split()) == " ".join(app.stdout.split())
+    assert meta["text"] == text.strip() and meta["model"] != "?" and meta["server"].endswith("/api/chat")
+    times = [p["t"] for p in meta["pieces"]]
+    # a piece's time is when it was shown; on this loaded CPU the last can trail the audio a little
+    assert times == sorted(times) and times[-1] <= stereo.shape[0] / 24000 + 2.0
 
 
 def test_conversation_over_wss_with_auto_certificate(jack_tools, tmp_path):
@@ -136,6 +175,69 @@ def test_conversation_over_wss_with_auto_certificate(jack_tools, tmp_path):
     fp = re.search(r"certificate SHA-256 fingerprint: ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})", server_log)
     assert fp, server_log
     assert re.search(r"connected to wss://127\.0\.0\.1:\d+/api/chat", app.stderr), app.stderr
+
+
+@pytest.mark.asyncio
+async def test_record_saved_on_sigterm_and_on_connection_loss(jack_tools, tmp_path):
+    """A stand-in server says two words; the client (on JACK's clock: real-time audio) is then ended by
+    SIGTERM (exit 0) or by the server dropping the connection (exit 1). Both times the files are written."""
+    said = asyncio.Event()
+
+    async def handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_bytes(protocol.encode_handshake())
+        for piece in (" Hello", " there."):
+            await ws.send_bytes(protocol.encode_text(piece))
+        said.set()
+        if request.query.get("drop"):
+            await asyncio.sleep(1.0)
+            request.transport.abort()
+            return ws
+        async for _ in ws:  # the client's audio, until it hangs up
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/chat", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    results = []
+    try:
+        with JackServer(24000, 1920, log_dir=tmp_path) as jack:
+            for query, stop in (("", True), ("?drop=1", False)):
+                said.clear()
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "moshi_mlx.client", f"ws://127.0.0.1:{port}/api/chat{query}",
+                    "--record", str(tmp_path / f"rec{len(results)}"), "--input-device", "system",
+                    "--output-device", "system", "--no-aec",
+                    cwd=ROOT, env=jack.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                )
+                try:
+                    await asyncio.wait_for(said.wait(), 90)
+                    if stop:
+                        await asyncio.sleep(1.0)  # the words reach the terminal
+                        proc.send_signal(signal.SIGTERM)
+                    out, err = await asyncio.wait_for(proc.communicate(), 30)
+                finally:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+                results.append((proc.returncode, out.decode(), err.decode()))
+    finally:
+        await runner.cleanup()
+    for i, (rc, out, err) in enumerate(results):
+        _no_traceback(err)
+        assert rc == (0 if i == 0 else 1) and "recording saved (" in err, err
+        assert ("(stopped by Ctrl-C)" in err) == (i == 0) and (re.search(r"^error: connection .* lost", err, re.M)
+                                                               is not None) == (i == 1), err
+        stereo, _, text, meta = _recording(tmp_path / f"rec{i}")
+        assert text == "Hello there.\n" and out.strip() == "Hello there." and meta["text"] == "Hello there.", out
+        # real time: about a second of audio (silence: the stand-in sends none), not minutes
+        assert 0.3 <= stereo.shape[0] / 24000 <= 10 and meta["model"] == "?", (stereo.shape, err)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,6 +308,31 @@ async def _tls_standin(tmp_path: Path, handler):
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.server_context(info.cert, info.key))
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1], info
+
+
+@pytest.mark.asyncio
+async def test_bad_record_folder_fails_before_connecting(alsa_env, tmp_path):
+    calls = []
+
+    async def handler(request):
+        calls.append(request)
+        return web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/api/chat", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    (tmp_path / "file").write_text("x")
+    try:
+        rc, _, err = await _client([f"ws://127.0.0.1:{port}", "--record", str(tmp_path / "file" / "sub"), *DEVICES],
+                                   alsa_env)
+    finally:
+        await runner.cleanup()
+    assert rc == 1 and not calls, err
+    assert re.fullmatch(r"error: --record \S+/file/sub: cannot create the folder \([^\n]+\)\n", err), err
 
 
 @pytest.mark.asyncio
