@@ -78,7 +78,7 @@ def run(
         log.error(interrupted)
         return EXIT_INTERRUPTED
     except UsageError as e:
-        log.error(f"{parser.prog}: error: {first_line(e)}")
+        log.error(f"error: {first_line(e)}")
         return EXIT_USAGE
     except Exception as e:  # the policy: every failure is one line; tracebacks only on request
         if verbose and not isinstance(e, MoshiError):
