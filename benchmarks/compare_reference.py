@@ -6,7 +6,7 @@ Each row runs each side in its own subprocess (so peak memory is per
 row and per side), one after the other -- never two at once:
 
 * reference: ``benchmarks/reference_step.py`` run by ``--ref-python`` (default
-  ``/work/refvenv/bin/python``), with cwd outside our repo and without our repo
+  $MOSHI_MLX_REF_PYTHON, else ``refvenv/bin/python`` beside the checkout), with cwd outside our repo and without our repo
   on ``PYTHONPATH`` (the reference package is also called ``moshi_mlx``);
 * ours: ``moshi_mlx.benchmark.time_lm_steps(config_name, dtype, steps, warmup, seed)``
   run by this python with our repo on ``PYTHONPATH``.
@@ -33,7 +33,10 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 REF_SCRIPT = os.path.join(HERE, "reference_step.py")
-DEFAULT_REF_PYTHON = "/work/refvenv/bin/python"
+# The reference venv: --ref-python, else $MOSHI_MLX_REF_PYTHON, else ../refvenv beside the checkout.
+DEFAULT_REF_PYTHON = os.environ.get(
+    "MOSHI_MLX_REF_PYTHON", os.path.join(os.path.dirname(REPO), "refvenv", "bin", "python")
+)
 DEFAULT_ROWS = ["tiny:f32", "small:bf16", "small:q4"]
 ROWS_7B = ["7b:bf16", "7b:q4"]
 # (steps, warmup) per config; same defaults as reference_step.py
@@ -44,11 +47,11 @@ DTYPES = ("f32", "bf16", "q8", "q4")
 SETUP_HELP = """\
 The reference venv is missing ({path}). Set it up (outside our .venv) with:
 
-    python3 -m venv /work/refvenv
-    /work/refvenv/bin/pip install moshi-mlx==0.3.0
+    python3 -m venv ../refvenv
+    ../refvenv/bin/pip install moshi-mlx==0.3.0
     # Linux: the mlx wheel has no CPU backend without its 'cpu' extra; install the pinned version's extra
-    /work/refvenv/bin/pip install "mlx[cpu]==$(/work/refvenv/bin/pip show mlx | sed -n 's/^Version: //p')"
-    cd /tmp && /work/refvenv/bin/python -c "import mlx.core as mx, moshi_mlx; print(mx.__version__, moshi_mlx.__file__)"
+    ../refvenv/bin/pip install "mlx[cpu]==$(../refvenv/bin/pip show mlx | sed -n 's/^Version: //p')"
+    cd /tmp && ../refvenv/bin/python -c "import mlx.core as mx, moshi_mlx; print(mx.__version__, moshi_mlx.__file__)"
 
 or pass --ref-python PATH, or --side ours to skip the reference."""
 

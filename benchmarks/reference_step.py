@@ -5,10 +5,10 @@
 This script must be run by the python of a separate reference venv, never by
 ours, because the reference package is also called ``moshi_mlx``::
 
-    python3 -m venv /work/refvenv
-    /work/refvenv/bin/pip install moshi-mlx==0.3.0
-    /work/refvenv/bin/pip install "mlx[cpu]==$(/work/refvenv/bin/pip show mlx | sed -n 's/^Version: //p')"  # Linux only
-    cd /tmp && /work/refvenv/bin/python /path/to/benchmarks/reference_step.py --config tiny --dtype f32
+    python3 -m venv ../refvenv
+    ../refvenv/bin/pip install moshi-mlx==0.3.0
+    ../refvenv/bin/pip install "mlx[cpu]==$(../refvenv/bin/pip show mlx | sed -n 's/^Version: //p')"  # Linux only
+    cd /tmp && ../refvenv/bin/python /path/to/benchmarks/reference_step.py --config tiny --dtype f32
 
 It builds the reference ``Lm`` for a named config (``tiny``, ``small``, ``7b``),
 casts/quantizes it exactly as the reference's ``local.py`` does
@@ -95,7 +95,7 @@ def import_reference():
         _fail(
             f"cannot import the reference moshi_mlx in {sys.executable} ({e}).\n"
             "Run this script with the reference venv's python (not ours); set that venv up with:\n"
-            "  python3 -m venv /work/refvenv && /work/refvenv/bin/pip install moshi-mlx==0.3.0"
+            "  python3 -m venv ../refvenv && ../refvenv/bin/pip install moshi-mlx==0.3.0"
         )
     where = os.path.abspath(moshi_mlx.__file__ or "")
     if _inside(where, _OUR_REPO) or not hasattr(models, "config_v0_1"):
@@ -103,7 +103,7 @@ def import_reference():
             f"imported moshi_mlx from {where}, which is OUR package, not the reference.\n"
             "Run this script with the reference venv's python, from a directory outside our\n"
             "repository, without our repo on PYTHONPATH, e.g.\n"
-            f"  cd /tmp && /work/refvenv/bin/python {os.path.abspath(__file__)} --config tiny"
+            f"  cd /tmp && ../refvenv/bin/python {os.path.abspath(__file__)} --config tiny"
         )
     try:
         from importlib.metadata import version

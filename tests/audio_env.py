@@ -9,7 +9,7 @@
 * :func:`speech_wav`: spoken English from espeak-ng, converted with sox to any rate/channels/format.
 * :func:`read_wav`: read back what jack-record or the app wrote.
 
-See /work/shared/docs/testing-audio-and-browser.md for the measurements behind these recipes.
+See shared/docs/testing-audio-and-browser.md (the team's shared folder beside the checkout) for the measurements behind these recipes.
 """
 
 from __future__ import annotations

@@ -4,15 +4,14 @@ from pathlib import Path
 import pytest
 
 from .audio_env import JACK_TOOLS, SPEECH_TOOLS, missing, portaudio_problem
+from .shared import shared_dir
+
 
 def _find_manifests() -> Path:
-    """Published-layout manifests: $MOSHI_MLX_MANIFESTS, else the team's shared folder beside the repo."""
+    """Published-layout manifests: $MOSHI_MLX_MANIFESTS, else the team's shared folder (tests/shared.py)."""
     if os.environ.get("MOSHI_MLX_MANIFESTS"):
         return Path(os.environ["MOSHI_MLX_MANIFESTS"])
-    for shared in (Path(__file__).resolve().parents[2] / "shared", Path("/work/shared")):
-        if (shared / "manifests").is_dir():
-            return shared / "manifests"
-    return Path("shared/manifests")
+    return shared_dir("manifests") or Path("shared/manifests")
 
 
 MANIFESTS = _find_manifests()
@@ -62,3 +61,22 @@ def jack_tools(portaudio):
     lacking = missing(*JACK_TOOLS, *SPEECH_TOOLS)
     if lacking:
         pytest.skip(f"needs {', '.join(lacking)} (apt install jackd2 jack-tools espeak-ng sox)")
+
+
+# -- markers: `pytest -m "not slow"` is the quick inner loop; CI runs everything ---------------------------
+# Whole modules that start real processes, browsers or wheel builds.
+SLOW_MODULES = {
+    "test_browser", "test_official_client", "test_packaging", "test_client", "test_local", "test_local_aec",
+    "test_recording", "test_aec", "test_benchmark", "test_run_inference", "test_outputs", "test_hub",
+}
+# Fixtures that mean a test drives real devices or a browser.
+SLOW_FIXTURES = {"chromium", "jack_tools", "speech_tools", "alsa_env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "jack_tools" in fixtures:
+            item.add_marker(pytest.mark.realtime)
+        if "jack_tools" in fixtures or fixtures & SLOW_FIXTURES or item.module.__name__.split(".")[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

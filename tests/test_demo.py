@@ -9,7 +9,9 @@ import pytest
 
 from moshi_mlx import demo
 
-MANIFEST = Path("/work/shared/manifests/mimi.json")
+from .conftest import _find_manifests
+
+MANIFEST = _find_manifests() / "mimi.json"
 
 
 @pytest.fixture(scope="session")

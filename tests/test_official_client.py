@@ -27,6 +27,7 @@ from moshi_mlx.engine import EngineSettings  # noqa: E402
 from moshi_mlx.local_web import ChatServer, create_app  # noqa: E402
 
 from .test_browser import ARTIFACTS, Browser, chromium, engine, mic_wav  # noqa: E402,F401  (fixtures)
+from .shared import shared_dir  # noqa: E402
 from .test_local_web import Running, expect_handshake, receive, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
@@ -45,11 +46,8 @@ def official_client_dir() -> Path | None:
     env = os.environ.get("MOSHI_MLX_OFFICIAL_CLIENT")
     if env:
         return Path(env) if (Path(env) / "index.html").is_file() else None
-    for parent in ROOT.parents:
-        d = parent / "shared" / "kyutai-official-client" / "dist"
-        if (d / "index.html").is_file():
-            return d
-    return None
+    d = shared_dir("kyutai-official-client", "dist")
+    return d if d is not None and (d / "index.html").is_file() else None
 
 
 def schema_problems(meta: dict) -> list[str]:

@@ -1,0 +1,20 @@
+"""The team's shared test material (published-layout manifests, Kyutai's built client), found without
+machine paths: $MOSHI_MLX_SHARED, else a `shared/` folder beside the checkout or beside any folder above it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir(*parts: str) -> Path | None:
+    """`shared/<parts>` if it exists anywhere it is looked for, else None."""
+    env = os.environ.get("MOSHI_MLX_SHARED")
+    roots = [Path(env)] if env else [parent / "shared" for parent in REPO.parents]
+    for root in roots:
+        candidate = root.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    return None
