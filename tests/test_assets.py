@@ -24,3 +24,19 @@ def test_model_source_takes_the_cli_flags_by_name():
     args = add_model_args(argparse.ArgumentParser()).parse_args(["-q", "8", "--tokenizer", "t.model"])
     assert ModelSource.from_args(args) == ModelSource(quantize=8, tokenizer="t.model")
     assert ModelSource.from_args(args).given_files == ["--tokenizer"]
+
+
+def test_one_door_lists_and_dispatches_every_command():
+    import subprocess
+    import sys
+
+    from moshi_mlx.__main__ import COMMANDS
+
+    top = subprocess.run([sys.executable, "-m", "moshi_mlx", "--help"], capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS)
+    bad = subprocess.run([sys.executable, "-m", "moshi_mlx", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'nope'" in bad.stderr
+    # A real command behind the door: its own flag validation, before anything loads.
+    run = subprocess.run([sys.executable, "-m", "moshi_mlx", "run", "in.wav", "out.wav", "--text-topk", "-3"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--text-topk" in run.stderr and "must be >= 0" in run.stderr
