@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from .engine import ConversationEngine, EngineSettings
 from .loading import WeightsError, build_model, load_lm
+from .models.cache import KV_BITS
 from .models.config import LmConfig, config_tiny, config_v0_1
 from .models.lm import Lm
 from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
@@ -122,6 +123,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--audio-temperature", type=float, default=DEFAULT_AUDIO_SAMPLING.temperature)
     group.add_argument("--audio-topk", type=int, default=DEFAULT_AUDIO_SAMPLING.top_k)
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_memory_args(parser)
+
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """--kv-bits: the LM's key/value cache precision."""
+    group = parser.add_argument_group("memory")
+    group.add_argument(
+        "--kv-bits", type=int, choices=KV_BITS, default=None,
+        help="LM key/value cache precision: 16 = model dtype, 8 or 4 = quantized (default 16)",
+    )
 
 
 def add_lag_arg(group: argparse._ActionsContainer) -> None:
@@ -137,6 +148,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         text=SamplingParams(args.text_temperature, args.text_topk),
         audio=SamplingParams(args.audio_temperature, args.audio_topk),
         seed=args.seed,
+        kv_bits=getattr(args, "kv_bits", None) or 16,
     )
 
 

@@ -114,6 +114,8 @@ class EngineSettings:
     text: SamplingParams = DEFAULT_TEXT_SAMPLING
     audio: SamplingParams = DEFAULT_AUDIO_SAMPLING
     seed: int | None = None
+    kv_bits: int = 16  # LM key/value precision: 16 (model dtype), 8 or 4 (quantized)
+    context: int | None = None  # LM attention window; None = the checkpoint's
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,9 @@ class ConversationEngine:
         self.tokenizer = tokenizer
         self.settings = settings
         self.mlx = MlxThread()
-        self.gen = self.mlx.run(LmGen, lm, settings.text, settings.audio, settings.seed)
+        self.gen = self.mlx.run(
+            LmGen, lm, settings.text, settings.audio, settings.seed, 1, settings.kv_bits, settings.context
+        )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0
 

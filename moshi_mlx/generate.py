@@ -52,6 +52,8 @@ class LmGen:
         audio_sampling: SamplingParams = DEFAULT_AUDIO_SAMPLING,
         seed: int | None = None,
         batch: int = 1,
+        kv_bits: int = 16,
+        context: int | None = None,
     ) -> None:
         if batch != 1:
             raise NotImplementedError("streaming generation runs one conversation (batch 1)")
@@ -60,7 +62,7 @@ class LmGen:
         self._delays = np.array(self.config.audio_delays, dtype=np.int64)
         self._gen_delays = self._delays[: self.config.generated_codebooks]
         self._user_delays = self._delays[self.config.generated_codebooks :]
-        self._cache = model.make_cache(batch)
+        self._cache = model.make_cache(batch, kv_bits=kv_bits, context=context)
         self.configure(text_sampling, audio_sampling, seed)
         self.reset()
 
