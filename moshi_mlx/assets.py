@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from .engine import ConversationEngine, EngineSettings
 from .loading import WeightsError, build_model, load_lm
-from .models.cache import KV_BITS
+from .models.cache import DEFAULT_KV_BITS, KV_BITS
 from .models.config import LmConfig, config_tiny, config_v0_1
 from .models.lm import Lm
 from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
@@ -131,7 +131,7 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory")
     group.add_argument(
         "--kv-bits", type=int, choices=KV_BITS, default=None,
-        help="LM key/value cache precision: 16 = model dtype, 8 or 4 = quantized (default 16)",
+        help=f"LM key/value cache precision: 16 = model dtype, 8 or 4 = quantized (default {DEFAULT_KV_BITS})",
     )
 
 
@@ -148,7 +148,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         text=SamplingParams(args.text_temperature, args.text_topk),
         audio=SamplingParams(args.audio_temperature, args.audio_topk),
         seed=args.seed,
-        kv_bits=getattr(args, "kv_bits", None) or 16,
+        kv_bits=getattr(args, "kv_bits", None) or DEFAULT_KV_BITS,
     )
 
 

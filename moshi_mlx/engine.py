@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from .generate import LmGen, StepOutput
+from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
 from .sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
 from .tokenizer import TextTokenizer
@@ -114,7 +115,7 @@ class EngineSettings:
     text: SamplingParams = DEFAULT_TEXT_SAMPLING
     audio: SamplingParams = DEFAULT_AUDIO_SAMPLING
     seed: int | None = None
-    kv_bits: int = 16  # LM key/value precision: 16 (model dtype), 8 or 4 (quantized)
+    kv_bits: int = DEFAULT_KV_BITS  # LM key/value precision: 16 (model dtype), 8 or 4 (quantized)
     context: int | None = None  # LM attention window; None = the checkpoint's
 
 

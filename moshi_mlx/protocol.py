@@ -342,6 +342,8 @@ def parse_query(
             text=SamplingParams(text_t, text_k),
             audio=SamplingParams(audio_t, audio_k),
             seed=seed,
+            kv_bits=defaults.kv_bits,  # memory settings are the server's, not the client's
+            context=defaults.context,
         )
     except ValueError as e:  # defensive: the checks above should make this unreachable
         raise ParamError(str(e)) from None

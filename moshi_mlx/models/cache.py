@@ -18,6 +18,10 @@ import numpy as np
 
 #: Supported key/value precisions: 16 = the model's dtype, 8 and 4 = affine-quantized with per-group scales.
 KV_BITS = (16, 8, 4)
+#: The app's default. Measured (random weights, small preset, f32 on a 2-core CPU, past the full window):
+#: temporal step 414 ms at 16, 359 ms at 8, 314 ms at 4 bits; 8-bit logits within 0.3 % (99 % greedy
+#: agreement), 4-bit within ~5 % (90 %). 8 bits: a quarter of the f32 cache, no measurable quality loss.
+DEFAULT_KV_BITS = 8
 #: Elements sharing one scale and bias in a quantized key/value row (head_dim must be a multiple).
 KV_GROUP_SIZE = 64
 
