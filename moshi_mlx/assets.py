@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 
+from .budget import GB, MemoryPlan, apply_limits, machine_budget_bytes, plan_memory, weights_bytes
 from .engine import ConversationEngine, EngineSettings
 from .loading import WeightsError, build_model, load_lm
 from .models.cache import DEFAULT_KV_BITS, KV_BITS
@@ -31,9 +32,28 @@ class Assets:
     description: str
     demo: bool
     load_seconds: float
+    memory: MemoryPlan | None = None  # what the memory budget chose (see moshi_mlx/budget.py)
 
     def engine(self, settings: EngineSettings = EngineSettings()) -> ConversationEngine:
+        plan = self.memory
+        if plan is not None and settings.context is None and settings.kv_bits in (None, plan.kv_bits):
+            settings = replace(settings, kv_bits=plan.kv_bits, context=plan.context)
         return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings)
+
+    def plan_memory(
+        self, max_memory_gb: float | None = None, kv_bits: int | None = None, log: Callable[[str], None] | None = None
+    ) -> MemoryPlan:
+        """Fit the LM into ``max_memory_gb`` (default: the machine's), set MLX's limits, say what was chosen."""
+        t = self.lm.config.transformer
+        budget = int(max_memory_gb * GB) if max_memory_gb is not None else machine_budget_bytes()
+        plan = plan_memory(
+            weights_bytes(self.lm), t.num_layers, t.num_heads, t.head_dim, t.context, budget, kv_bits,
+            dtype_bytes=self.lm.dtype.size,
+        )
+        apply_limits(plan)
+        (log or _stderr)(plan.describe())
+        self.memory = plan
+        return plan
 
 
 def _stderr(msg: str) -> None:
@@ -127,12 +147,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
-    """--kv-bits: the LM's key/value cache precision."""
+    """--kv-bits and --max-memory: the LM's key/value precision and the memory budget that picks it."""
     group = parser.add_argument_group("memory")
+    group.add_argument(
+        "--max-memory", type=_positive_gb, default=None, metavar="GB",
+        help="memory for the LM (weights + KV + activations); picks the KV precision and, only if still "
+        "needed, a shorter window (default: Metal's recommended working set, else 2/3 of RAM)",
+    )
     group.add_argument(
         "--kv-bits", type=int, choices=KV_BITS, default=None,
         help=f"LM key/value cache precision: 16 = model dtype, 8 or 4 = quantized (default {DEFAULT_KV_BITS})",
     )
+
+
+def _positive_gb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 GB, got {text}")
+    return value
 
 
 def add_lag_arg(group: argparse._ActionsContainer) -> None:
@@ -148,12 +183,13 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         text=SamplingParams(args.text_temperature, args.text_topk),
         audio=SamplingParams(args.audio_temperature, args.audio_topk),
         seed=args.seed,
-        kv_bits=getattr(args, "kv_bits", None) or DEFAULT_KV_BITS,
+        kv_bits=getattr(args, "kv_bits", None),
     )
 
 
 def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = _stderr) -> Assets:
-    return load(
+    """load() from the shared flags, then fit the memory budget (one line says what it chose)."""
+    assets = load(
         quantize=getattr(args, "quantize", None),
         hf_repo=getattr(args, "hf_repo", None),
         revision=getattr(args, "revision", None),
@@ -165,3 +201,5 @@ def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = _stder
         dtype=args.dtype,
         log=log,
     )
+    assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
+    return assets

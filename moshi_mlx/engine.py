@@ -115,7 +115,7 @@ class EngineSettings:
     text: SamplingParams = DEFAULT_TEXT_SAMPLING
     audio: SamplingParams = DEFAULT_AUDIO_SAMPLING
     seed: int | None = None
-    kv_bits: int = DEFAULT_KV_BITS  # LM key/value precision: 16 (model dtype), 8 or 4 (quantized)
+    kv_bits: int | None = None  # LM key/value precision 16/8/4; None: the memory plan's, else DEFAULT_KV_BITS
     context: int | None = None  # LM attention window; None = the checkpoint's
 
 
@@ -144,7 +144,7 @@ class ConversationEngine:
         self.settings = settings
         self.mlx = MlxThread()
         self.gen = self.mlx.run(
-            LmGen, lm, settings.text, settings.audio, settings.seed, 1, settings.kv_bits, settings.context
+            LmGen, lm, settings.text, settings.audio, settings.seed, 1, settings.kv_bits or DEFAULT_KV_BITS, settings.context
         )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0

@@ -68,7 +68,7 @@ def test_kv_bits_flag_reaches_the_engine_settings():
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     assert settings_from_args(parser.parse_args(["--kv-bits", "8"])).kv_bits == 8
-    assert settings_from_args(parser.parse_args([])).kv_bits == 8  # the measured default
+    assert settings_from_args(parser.parse_args([])).kv_bits is None  # left to the memory plan
     assert settings_from_args(parser.parse_args(["--kv-bits", "16"])).kv_bits == 16
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-bits", "6"])
