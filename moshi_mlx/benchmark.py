@@ -1144,3 +1144,45 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# memory per --kv-bits (LM alone and full pipeline), kept apart from the timing code above
+def memory_at_position(
+    lm: Lm, kv_bits: int, position: int, steps: int = 2, mimi=None, seed: int = 0, context: int | None = None
+) -> dict[str, Any]:
+    """Step the LM `steps` times past `position` with a `kv_bits` cache; with `mimi`, each step also encodes
+    and decodes one frame (the full pipeline). Reports MLX's peak and the process RSS (now and peak).
+
+    Process peak RSS is monotonic: measure settings from the smallest footprint to the largest.
+    """
+    from .generate import LmGen
+
+    gen = LmGen(lm, seed=seed, kv_bits=kv_bits, context=context)
+    _seek(gen, position)
+    codes = random_user_codes(lm.config, steps + 1, seed)
+    pcm = speechlike_pcm(steps + 1, seed)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        user = codes[i]
+        if mimi is not None:
+            user = mimi.encode_frame(pcm[i])[: lm.config.user_codebooks]
+        out = gen.step(user)
+        if mimi is not None:
+            mimi.decode_frame(out.audio_codes if out is not None else np.zeros(mimi.num_codebooks, np.int32))
+        if i:  # the first step is a warm-up
+            times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "kv_bits": kv_bits,
+        "position": position,
+        "pipeline": mimi is not None,
+        "kv_cache_gb": _gb(gen._cache.nbytes),
+        "weights_gb": _gb(weights_bytes(lm)),
+        "mlx_peak_gb": _gb(mx.get_peak_memory()),
+        "rss_now_gb": _gb(rss_now_bytes()),
+        "rss_peak_gb": _gb(rss_peak_bytes()),
+        "step_ms_median": round(float(np.median(times)), 1),
+    }

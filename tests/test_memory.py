@@ -1,0 +1,35 @@
+"""Memory measurements: the benchmark functions per --kv-bits, and the long Mimi run through the real CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_memory_at_position_per_kv_bits():
+    from moshi_mlx.assets import demo_lm
+    from moshi_mlx.benchmark import memory_at_position
+
+    lm = demo_lm()
+    past_window = lm.config.transformer.context + 10
+    runs = {bits: memory_at_position(lm, bits, past_window, steps=1) for bits in (4, 8, 16)}
+    assert runs[4]["kv_cache_gb"] < runs[8]["kv_cache_gb"] < runs[16]["kv_cache_gb"]
+    for r in runs.values():
+        assert r["mlx_peak_gb"] >= r["weights_gb"] + r["kv_cache_gb"] * 0.99
+        assert r["rss_peak_gb"] >= r["rss_now_gb"] > 0 and r["step_ms_median"] > 0
+
+
+def test_long_mimi_run_cli(demo_files):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MOSHI_MLX_DEMO_DIR": str(demo_files.mimi_path.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--long", "--minutes", "0.02", "0.04"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    long = json.loads(proc.stdout)["mimi_long"]
+    assert set(long) == {"rss_mb_at_min_0.02", "rss_max_mb_min_0.02", "rss_mb_at_min_0.04", "rss_max_mb_min_0.04"}
+    assert long["rss_max_mb_min_0.04"] >= long["rss_mb_at_min_0.04"] > 300  # four Mimi instances are resident
+    assert "minute 0.04" in proc.stderr
