@@ -32,21 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
     args = p.parse_args(argv)
     out: dict = {"rss_start_gb": round((rss_now_bytes() or 0) / 1e9, 3)}
-    mimi = Mimi(demo_assets().mimi_path) if (args.pipeline or args.long) else None
-    if mimi is not None:
-        out["rss_after_mimi_gb"] = round((rss_now_bytes() or 0) / 1e9, 3)
     if args.long:
+        mimi = Mimi(demo_assets().mimi_path)
         out["mimi_long"] = mimi_long_run(mimi, args.minutes, log=lambda s: print(s, file=sys.stderr, flush=True))
     else:
         lm, build_s = random_lm(args.config, args.dtype)
         out["build_s"] = round(build_s, 1)
         position = lm.config.transformer.context + 100  # past the full window: every slot attended
         out["runs"] = []
+        mimi = None
         for bits in args.kv_bits:
             r = memory_at_position(lm, bits, position, args.steps)
             out["runs"].append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
-            if mimi is not None:
+            if args.pipeline:
+                if mimi is None:  # loaded only now, so the LM-alone figures above do not include it
+                    mimi = Mimi(demo_assets().mimi_path)
+                    out["rss_after_mimi_gb"] = round((rss_now_bytes() or 0) / 1e9, 3)
                 r = memory_at_position(lm, bits, position, args.steps, mimi=mimi)
                 out["runs"].append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)

@@ -350,6 +350,7 @@ def time_fused_steps(
     """LmGen.step as the app runs it (submit, then wait for the sampled tokens); returns ms per timed step."""
     from .generate import LmGen
 
+    gc.collect()  # a previous run's cache must be gone before this one's peak is measured
     gen = LmGen(model, seed=seed)
     _seek(gen, position)
     codes = random_user_codes(model.config, warmup + steps, seed)

@@ -75,7 +75,10 @@ class LmGen:
         audio_sampler = make_sampler(audio_sampling, self.config.audio_card)
         # The depformer's shapes never change, so it is traced once; fusing its small ops
         # saves launches (a few % on CPU, more where kernel launches cost more, as on GPUs).
-        self._depformer = mx.compile(lambda hidden, text, keys: self.model.depformer.sample(hidden, text, audio_sampler, keys))
+        # The closure must not hold `self`: that cycle kept a finished LmGen (and its KV cache, up to GBs)
+        # alive until the next garbage collection.
+        depformer = self.model.depformer
+        self._depformer = mx.compile(lambda hidden, text, keys: depformer.sample(hidden, text, audio_sampler, keys))
         self.seed = seed
         self._key = mx.random.key(seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63))
         mx.eval(self._key)

@@ -33,3 +33,23 @@ def test_long_mimi_run_cli(demo_files):
     assert set(long) == {"rss_mb_at_min_0.02", "rss_max_mb_min_0.02", "rss_mb_at_min_0.04", "rss_max_mb_min_0.04"}
     assert long["rss_max_mb_min_0.04"] >= long["rss_mb_at_min_0.04"] > 300  # four Mimi instances are resident
     assert "minute 0.04" in proc.stderr
+
+
+def test_a_finished_generator_frees_its_cache_at_once():
+    """No reference cycle through the compiled depformer: the KV cache goes when the LmGen does."""
+    import gc
+    import weakref
+
+    from moshi_mlx.assets import demo_lm
+    from moshi_mlx.generate import LmGen
+
+    lm = demo_lm()
+    gen = LmGen(lm, seed=0, kv_bits=8)
+    gen.step([0] * lm.config.user_codebooks)
+    cache = weakref.ref(gen._cache)
+    gc.disable()
+    try:
+        del gen
+        assert cache() is None
+    finally:
+        gc.enable()
