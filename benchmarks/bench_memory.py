@@ -1,13 +1,12 @@
-"""Peak memory of ``run_inference --demo`` against the input's length.
+"""Memory of the app per --kv-bits, past the full attention window, and Mimi's RSS over a long run.
 
-    python benchmarks/bench_memory.py --minutes 1 60 [--max-seconds 240] [--rate 16000]
+    python benchmarks/bench_memory.py --config small -q 4 --kv-bits 4 8 16 --pipeline
+    python benchmarks/bench_memory.py --config 7b -q 4 --kv-bits 4 --steps 2 --pipeline
+    python benchmarks/bench_memory.py --long --minutes 1 10 60        # Mimi alone, faster than real time
 
-For each length, writes a speech-like test signal (block by block, so the generator stays small),
-runs ``python -m moshi_mlx.run_inference IN OUT --demo`` and samples the child's RSS every second
-(/proc, Linux); the peak is the kernel's high-water mark (VmHWM), read until the child exits. With ``--max-seconds`` a run
-still going is interrupted (Ctrl-C) at that point: on CPU the demo model is slower than real time,
-so a 60-minute file is measured over its first minutes, which shows whether RSS stays flat.
-Prints one JSON line per run.
+Each --kv-bits setting is one run of the benchmark (`python -m moshi_mlx.benchmark`, random weights in the
+published layout, nothing downloaded) in its own process, so each peak RSS is that setting's alone. Prints a
+table on stderr and JSON on stdout.
 """
 
 from __future__ import annotations
@@ -15,91 +14,74 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_input(path: Path, minutes: float, rate: int) -> None:
-    """A voiced, syllable-rate modulated signal (not silence: the resampler and codec do real work)."""
-    total = int(minutes * 60 * rate)
-    block = rate * 10
-    with sf.SoundFile(path, "w", rate, 1, "PCM_16") as f:
-        for start in range(0, total, block):
-            t = np.arange(start, min(start + block, total)) / rate
-            f0 = 130 + 25 * np.sin(2 * np.pi * 0.3 * t)
-            x = np.sin(2 * np.pi * np.cumsum(f0) / rate) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)
-            f.write((0.3 * x).astype(np.float32))
+from moshi_mlx.models.config import PRESETS  # noqa: E402
 
 
-def rss_mb(pid: int) -> tuple[float, float] | None:
-    """(current RSS, peak RSS so far) in MiB."""
-    try:
-        fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def measure(minutes: float, rate: int, max_seconds: float | None, workdir: Path) -> dict:
-    src, out = workdir / f"in_{minutes:g}min.wav", workdir / f"out_{minutes:g}min.wav"
-    write_input(src, minutes, rate)
-    cmd = [sys.executable, "-m", "moshi_mlx.run_inference", str(src), str(out), "--demo"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    start = time.monotonic()
-    log = workdir / f"log_{minutes:g}min.txt"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    samples: list[tuple[float, float]] = []
-    peak = 0.0
-    progress = ""
-    interrupted = False
-    while proc.poll() is None:
-        r = rss_mb(proc.pid)
-        if r is not None:
-            samples.append((round(time.monotonic() - start, 1), round(r[0], 1)))
-            peak = max(peak, r[1])
-        lines = [ln for ln in log.read_text().splitlines() if ln.startswith("moshi: ")]
-        progress = lines[-1] if lines else progress
-        if max_seconds is not None and time.monotonic() - start > max_seconds and not interrupted:
-            proc.send_signal(signal.SIGINT)
-            interrupted = True
-        time.sleep(1.0)
-    tail = log.read_text().strip().splitlines()
-    after_load = [r for t, r in samples if t >= 20]  # model loaded, frames flowing
+def one_setting(args: argparse.Namespace, bits: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        argv = ["--config", args.config, "--kv-bits", str(bits), "--steps", str(args.steps), "--warmup", "1",
+                "--realtime-frames", "0", "--no-split", "--no-progress", "--json", str(out)]
+        argv += ["-q", str(args.quantize)] if args.quantize else ["--dtype", args.dtype]
+        if not args.pipeline:
+            argv.append("--lm-only")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-m", "moshi_mlx.benchmark", *argv], env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"kv-bits {bits}: the benchmark failed: {proc.stderr.strip().splitlines()[-1:]}")
+        result = json.loads(out.read_text())
+    memory = result["memory"]
     return {
-        "minutes": minutes,
-        "input_mb": round(src.stat().st_size / 2**20, 1),
-        "seconds": round(time.monotonic() - start, 1),
-        "interrupted_at_s": max_seconds if interrupted else None,
-        "last_progress": progress,
-        "last_line": tail[-1] if tail else "",
-        "returncode": proc.returncode,
-        "peak_rss_mb": round(peak, 1),
-        "rss_at_20s_mb": after_load[0] if after_load else None,
-        "rss_last_mb": samples[-1][1] if samples else None,
-        "rss_every_30s": [r for t, r in samples if int(t) % 30 == 0][:40],
-        "command": " ".join(["python", "-m", "moshi_mlx.run_inference", src.name, out.name, "--demo"]),
+        "kv_bits": bits,
+        "weights_gb": memory["weights_gb"],
+        "kv_cache_gb": memory["kv_cache_gb"],
+        "lm_alone": memory["lm"],
+        "pipeline": memory["pipeline"],
+        "process_rss_peak_gb": memory["rss_peak_gb"],
+        "step_ms_median": result["lm"]["step"]["median_ms"],
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, nargs="+", default=[1.0, 60.0])
-    ap.add_argument("--rate", type=int, default=16000, help="input sample rate (resampled to 24 kHz)")
-    ap.add_argument("--max-seconds", type=float, default=None, help="interrupt runs still going after this")
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="moshi-mem-") as d:
-        for minutes in args.minutes:
-            print(json.dumps(measure(minutes, args.rate, args.max_seconds, Path(d))), flush=True)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", choices=sorted(PRESETS), default="small")
+    p.add_argument("-q", "--quantize", type=int, choices=(4, 8), default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-bits", type=int, nargs="+", choices=(16, 8, 4), default=[4, 8, 16])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--pipeline", action="store_true", help="also the full pipeline (LM + Mimi both ways)")
+    p.add_argument("--long", action="store_true", help="Mimi alone: RSS at the --minutes of audio")
+    p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
+    args = p.parse_args(argv)
+    if args.long:
+        from moshi_mlx.demo import demo_assets
+        from moshi_mlx.memory import mimi_long_run
+        from moshi_mlx.mimi import Mimi
+
+        mimi = Mimi(demo_assets().mimi_path)
+        out: dict = {"mimi_long": mimi_long_run(mimi, args.minutes, log=lambda s: print(s, file=sys.stderr, flush=True))}
+    else:
+        runs = [one_setting(args, bits) for bits in args.kv_bits]
+        print(f"{'kv-bits':>7} {'KV GB':>7} {'weights GB':>10} {'LM MLX peak':>11} {'LM RSS peak':>11} "
+              f"{'pipeline RSS peak':>17} {'step ms':>8}", file=sys.stderr)
+        for r in runs:
+            pipe = r["pipeline"]["rss_peak_gb"] if r["pipeline"] else None
+            print(f"{r['kv_bits']:>7} {r['kv_cache_gb'] or 0:>7.3f} {r['weights_gb']:>10.3f} "
+                  f"{r['lm_alone']['mlx_peak_gb']:>11.3f} {r['lm_alone']['rss_peak_gb']:>11.3f} "
+                  f"{pipe if pipe is not None else '-':>17} {r['step_ms_median']:>8.1f}", file=sys.stderr)
+        out = {"config": args.config, "quantize": args.quantize, "dtype": args.dtype, "runs": runs}
+    print(json.dumps(out, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 
 from . import cli
+from .budget import GB, MemoryPlan, apply_limits, machine_budget_bytes, plan_memory, weights_bytes
 from .engine import ConversationEngine, EngineSettings
 from .errors import MoshiError
 from .hub import ModelSource
 from .loading import WeightsError, build_model, load_lm, resolve_model
+from .models.cache import DEFAULT_KV_BITS, KV_BITS
 from .models.config import LmConfig, config_tiny
 from .models.lm import Lm
 from .settings import SamplingParams, TextControls
@@ -33,9 +35,28 @@ class Assets:
     demo: bool
     load_seconds: float
     lm_file: str = ""  # where the LM weights came from (reported to web clients)
+    memory: MemoryPlan | None = None  # what the memory budget chose (see moshi_mlx/budget.py)
 
     def engine(self, settings: EngineSettings = EngineSettings()) -> ConversationEngine:
+        plan = self.memory
+        if plan is not None and settings.context is None and settings.kv_bits in (None, plan.kv_bits):
+            settings = replace(settings, kv_bits=plan.kv_bits, context=plan.context)
         return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings)
+
+    def plan_memory(
+        self, max_memory_gb: float | None = None, kv_bits: int | None = None, log: Callable[[str], None] | None = None
+    ) -> MemoryPlan:
+        """Fit the LM into ``max_memory_gb`` (default: the machine's), set MLX's limits, say what was chosen."""
+        t = self.lm.config.transformer
+        budget = int(max_memory_gb * GB) if max_memory_gb is not None else machine_budget_bytes()
+        plan = plan_memory(
+            weights_bytes(self.lm), t.num_layers, t.num_heads, t.head_dim, t.context, budget, kv_bits,
+            dtype_bytes=self.lm.dtype.size,
+        )
+        apply_limits(plan)
+        (log or cli.say)(plan.describe())
+        self.memory = plan
+        return plan
 
 
 def demo_lm(seed: int = 0, config: LmConfig | None = None) -> Lm:
@@ -100,6 +121,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype for unquantized weights")
     cli.add_sampling_args(parser)
     cli.add_verbose_arg(parser)
+    add_memory_args(parser)
+
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """--kv-bits and --max-memory: the LM's key/value precision and the memory budget that picks it."""
+    group = parser.add_argument_group("memory")
+    group.add_argument(
+        "--max-memory", type=cli.number(0.0, open_low=True), default=None, metavar="GB",
+        help="memory for the LM (weights + KV + activations); picks the KV precision and, only if still "
+        "needed, a shorter window (default: Metal's recommended working set, else 2/3 of RAM)",
+    )
+    group.add_argument(
+        "--kv-bits", type=int, choices=KV_BITS, default=None,
+        help=f"LM key/value cache precision: 16 = model dtype, 8 or 4 = quantized (default {DEFAULT_KV_BITS})",
+    )
 
 
 def add_lag_arg(group: argparse._ActionsContainer) -> None:
@@ -118,8 +154,12 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         text_controls=TextControls(args.repetition_penalty, args.repetition_penalty_context, args.pad_mult),
         text_seed=args.text_seed,
         audio_seed=args.audio_seed,
+        kv_bits=getattr(args, "kv_bits", None),
     )
 
 
 def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = cli.say) -> Assets:
-    return load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log)
+    """load() from the shared flags, then fit the memory budget (one line says what it chose)."""
+    assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log)
+    assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
+    return assets

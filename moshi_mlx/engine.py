@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from .generate import LmGen, StepOutput
+from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
 from .frames import FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (re-exported for front ends)
 from .settings import EngineSettings
@@ -134,7 +135,8 @@ class ConversationEngine:
         self.mlx = MlxThread()
         self.gen = self.mlx.run(
             lambda: LmGen(lm, settings.text, settings.audio, settings.seed, text_controls=settings.text_controls,
-                          text_seed=settings.text_seed, audio_seed=settings.audio_seed)
+                          text_seed=settings.text_seed, audio_seed=settings.audio_seed,
+                          kv_bits=settings.kv_bits or DEFAULT_KV_BITS, context=settings.context)
         )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0

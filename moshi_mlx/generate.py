@@ -97,6 +97,8 @@ class LmGen:
         text_controls: TextControls = DEFAULT_TEXT_CONTROLS,
         text_seed: int | None = None,
         audio_seed: int | None = None,
+        kv_bits: int = 16,
+        context: int | None = None,
     ) -> None:
         if batch != 1:
             raise NotImplementedError("streaming generation runs one conversation (batch 1)")
@@ -113,7 +115,7 @@ class LmGen:
         self._not_words = mx.array(
             [self.config.text_padding_id, self.config.end_of_text_padding_id, self.config.text_out_vocab_size]
         )
-        self._cache = model.make_cache(batch)
+        self._cache = model.make_cache(batch, kv_bits=kv_bits, context=context)
         self.timings: StepTimings | None = None  # attach one to have each step time its two halves
         self.configure(text_sampling, audio_sampling, seed, text_controls, text_seed, audio_seed)
         self.reset()
@@ -137,7 +139,10 @@ class LmGen:
         audio_sampler = make_sampler(audio_sampling, self.config.audio_card)
         # The depformer's shapes never change, so it is traced once; fusing its small ops
         # saves launches (a few % on CPU, more where kernel launches cost more, as on GPUs).
-        self._depformer = mx.compile(lambda hidden, text, keys: self.model.depformer.sample(hidden, text, audio_sampler, keys))
+        # The closure must not hold `self`: that cycle kept a finished LmGen (and its KV cache, up to GBs)
+        # alive until the next garbage collection.
+        depformer = self.model.depformer
+        self._depformer = mx.compile(lambda hidden, text, keys: depformer.sample(hidden, text, audio_sampler, keys))
         self.seed = seed
         self.text_seed = text_seed if text_seed is not None else seed
         self.audio_seed = audio_seed if audio_seed is not None else seed

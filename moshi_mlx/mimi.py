@@ -2,30 +2,38 @@
 
 One frame is 80 ms of 24 kHz mono audio (1920 float32 samples) <-> ``num_codebooks`` codes in [0, 2048).
 
-Long sessions
--------------
-rustymimi sizes its rotary position table by ``max_seq_len`` positions (default 8192); Mimi's transformers
-run at 25 Hz, two positions per frame, so one rustymimi instance fails at frame 4096 (about 5.5 minutes),
-and ``reset()`` does not rewind its position counter. :class:`Mimi` therefore retires instances before
-they reach the limit (the *handoff*):
+Long sessions, bounded memory
+-----------------------------
+What rustymimi 0.4.1 does (measured, and read from its source):
 
-* The encoder and the decoder are separate *lanes*, each with its own rustymimi instance, so they can be
-  driven from different threads and hand off independently.
-* When the active instance of a lane has processed ``max_frames - overlap_frames`` frames, a fresh
-  instance (the *spare*) is loaded and fed the very same input (PCM for the encoder, codes for the
-  decoder) alongside it. Mimi's transformers attend to a window of 250 positions (10 s, 125 frames),
-  so the spare's state converges to the active one's while they run side by side (exactly after at
-  most one window per layer, 8 windows; in practice much sooner, see ``DEFAULT_OVERLAP_FRAMES``).
-* After ``overlap_frames`` frames the spare becomes the active instance. The encoder switches between
-  two frames; the decoder crossfades from the old to the new output over the last
-  ``crossfade_frames`` frames of the overlap, so there is no click.
-* The decoder's first handoff is staggered by half a period so the two lanes never overlap at the same
-  time (each overlap doubles that lane's cost for its duration).
+* Each transformer layer appends every position's keys/values to a buffer preallocated for
+  ``max_seq_len`` positions and only *reads* the last 250 (Mimi's attention window). Pages of that buffer
+  are touched as positions are written: about 64 KiB per 80 ms frame and direction in f32, without end.
+* ``reset()`` drops those buffers (resident memory returns to the OS when they are large enough for the
+  allocator to map them directly, which :class:`Mimi` ensures) but does **not** rewind the rotary position
+  counter: an instance can process ``max_seq_len / 2`` frames in its whole life, resets included.
+* Creating an instance takes 0.5-2 s on a small CPU and holds the GIL throughout (every Python thread,
+  the audio callback included, stalls); stepping releases it.
 
-Memory: each rustymimi instance holds its own f32 weights (~350 MB): two normally, three during an
-overlap. Loading a spare takes roughly 0.2-0.9 s on a small CPU and holds the GIL (rustymimi does not release it
-while loading). The spare's step runs on a helper thread in parallel with the active one's (rustymimi
-releases the GIL while it computes).
+So each direction (*lane*) owns **two instances, created once**, and alternates them:
+
+* The active instance runs for ``max_frames`` frames (its *turn*). For the last ``overlap_frames`` of the
+  turn the other instance, freshly reset, is fed the very same input beside it; Mimi's transformers attend
+  to 250 positions (10 s, 125 frames), so its state converges to the active one's (exactly after at most
+  one window per layer, 8 windows; in practice within about one, see ``DEFAULT_OVERLAP_FRAMES``).
+* Then the spare takes over and the old instance is reset, which frees its keys/values. A lane therefore
+  holds at most ``max_frames`` frames of keys/values whatever the session length.
+* The encoder switches between two frames; the decoder crossfades over the last ``crossfade_frames``
+  frames of the overlap, so there is no click. The decoder's turns are staggered by half a period so
+  the two lanes never overlap at the same time (an overlap doubles that lane's cost for its duration).
+* Each instance's position table is sized for ``lifetime_frames`` of its own frames (about 1.1 KiB per
+  frame, fixed at load). An instance that has used half of it is replaced at the next ``reset()``
+  (between conversations); only a single conversation longer than about ``lifetime_frames / 0.6``
+  frames loads one mid-conversation (once per lane, with the GIL stall above).
+
+Memory: each instance holds its own f32 weights (~390 MB, measured) plus its position table. rustymimi's
+"bf16" fails on CPU (candle has no bf16 matmul there); "f16" gives the same codes but decoded audio
+8.9 % RMS away from f32 on the random test weights, so f32 stays the default.
 """
 
 from __future__ import annotations
@@ -62,14 +70,20 @@ MAX_CODEBOOKS = 32  #: codebooks in the published checkpoint
 CONTEXT_FRAMES = 125  #: attention window of Mimi's transformers: 250 positions at 25 Hz
 POSITIONS_PER_FRAME = 2  #: transformer positions per 80 ms frame
 RUSTYMIMI_DEFAULT_MAX_SEQ_LEN = 8192
-#: Frames a spare runs beside the active instance before it takes over (30 s, three attention windows).
-#: The state converges exactly after num_layers (8) windows at most; measured on random weights, three
-#: windows bring decoded audio to within float noise (or -46 dB in the most chaotic case tried).
-DEFAULT_OVERLAP_FRAMES = 3 * CONTEXT_FRAMES
-# Loading a spare instance holds the GIL for up to ~1 s (every thread stalls), so hand off
-# rarely: one hour per instance costs ~44 MB of position table, measured.
-DEFAULT_MAX_FRAMES = 45_000
+#: Frames the spare runs beside the active instance before it takes over (10 s, one attention window).
+#: Exact convergence needs up to num_layers (8) windows; measured on random weights, one window already
+#: brings codes and decoded audio in line with an instance that never hands off (see tests/test_mimi.py).
+DEFAULT_OVERLAP_FRAMES = CONTEXT_FRAMES
+#: Frames an instance is active between resets (60 s): bounds each lane's keys/values to ~48 MB in f32.
+DEFAULT_MAX_FRAMES = 750
+#: Frames an instance may process over its whole life (its position table): at the default turn an
+#: instance runs 0.6 frames per lane frame, so this lasts a single conversation of about 1.2 hours.
+DEFAULT_LIFETIME_FRAMES = 27_000
 _SAFETY_FRAMES = 4  # never run an instance right up to its position table's end
+# rustymimi preallocates each key/value buffer for max_seq_len positions (8 heads x 64 dims). Buffers of
+# 32 MiB or more are always mmapped by glibc, so reset() hands their pages straight back to the OS;
+# smaller ones can stay in the heap and fragment it (measured: RSS kept growing across resets).
+_MIN_SEQ_LEN = 2 * 16_384 + 64
 _DTYPES = ("f32", "f16", "bf16")
 
 
@@ -129,7 +143,7 @@ def _check_codes(codes, num_codebooks: int, frames: int | None = None) -> np.nda
 
 
 class _Lane:
-    """A chain of rustymimi instances running one direction, handed off before each reaches its limit."""
+    """One direction (encoder or decoder): two rustymimi instances created once, alternated with reset."""
 
     def __init__(
         self,
@@ -138,14 +152,21 @@ class _Lane:
         max_frames: int,
         overlap: int,
         crossfade: int,
+        lifetime: int,
         phase: int = 0,
         parallel: bool = True,
     ):
         self._load, self._step = load, step
         self.max_frames, self.overlap, self.crossfade = max_frames, overlap, crossfade
+        self.lifetime = lifetime
         self.parallel = parallel
         self.lock = threading.Lock()
-        self.active = load()
+        # Both instances are created here, never in the audio path (loading holds the GIL).
+        self.active, self.idle = load(), load()
+        self.loads = 2
+        # Frames each instance has processed since it was loaded (reset() does not rewind rustymimi's
+        # position counter, so this only grows until the instance is replaced).
+        self._used = {id(self.active): 0, id(self.idle): 0}
         # ``phase`` pretends the first instance has already run that many frames (staggers lanes).
         self.active_frames = phase
         self.spare = None
@@ -162,6 +183,7 @@ class _Lane:
             raise MimiError(f"rustymimi failed: {first_line(e)}") from None
         if out is None:
             raise MimiError("rustymimi returned no output for a full frame")
+        self._used[id(inst)] += 1
         return out
 
     def _run_both(self, x):
@@ -186,11 +208,28 @@ class _Lane:
         w = (0.5 - 0.5 * np.cos(np.pi * t)).astype(np.float32)  # raised cosine, 0 -> 1
         return old * (1.0 - w) + new * w
 
+    def _reset(self, inst) -> None:
+        try:
+            inst.reset()  # frees the instance's keys/values
+        except Exception as e:
+            raise MimiError(f"rustymimi reset failed: {first_line(e)}") from None
+
+    def _renew(self, inst, frames_needed: int):
+        """``inst`` if it can still process ``frames_needed`` frames, else a freshly loaded instance."""
+        if self._used[id(inst)] + frames_needed <= self.lifetime:
+            return inst
+        fresh = self._load_fresh()
+        del self._used[id(inst)]
+        self._used[id(fresh)] = 0
+        self.loads += 1
+        return fresh
+
     # -- API ---------------------------------------------------------------------------------------
     def step(self, x: np.ndarray, mix: bool) -> np.ndarray:
         with self.lock:
             if self.spare is None and self.active_frames >= self.max_frames - self.overlap:
-                self.spare = self._load_spare()
+                # Only a conversation longer than the instances' lifetime loads here (rare, see module doc).
+                self.spare, self.idle = self._renew(self.idle, self.max_frames), None
                 self.spare_frames = 0
             if self.spare is None:
                 out = self._run(self.active, x)
@@ -201,31 +240,38 @@ class _Lane:
                 self.spare_frames += 1
                 out = self._crossfade(old, new) if mix else old
                 if self.spare_frames >= self.overlap:
+                    retired = self.active
                     self.active, self.spare = self.spare, None
                     self.active_frames, self.spare_frames = self.spare_frames, 0
+                    self._reset(retired)
+                    self.idle = retired
                     self.handoffs += 1
             self.frames += 1
             return out
 
-    def _load_spare(self):
+    def _load_fresh(self):
         try:
             return self._load()
         except MimiError:
             raise
         except Exception as e:
-            raise MimiError(f"could not load a fresh Mimi instance for the handoff: {first_line(e)}") from None
+            raise MimiError(f"could not load a fresh Mimi instance: {first_line(e)}") from None
 
     def reset(self) -> None:
+        """New stream: both instances reset; one past half its life is replaced now, between conversations."""
         with self.lock:
-            self.spare, self.spare_frames = None, 0
-            if self.active_frames >= self.max_frames - self.overlap:
-                # A reset state needs no warm-up: a fresh instance is its exact equivalent.
-                self.active, self.active_frames = self._load_spare(), 0
-            else:
-                try:
-                    self.active.reset()
-                except Exception as e:
-                    raise MimiError(f"rustymimi reset failed: {first_line(e)}") from None
+            if self.spare is not None:
+                self.idle, self.spare, self.spare_frames = self.spare, None, 0
+            for inst in (self.active, self.idle):
+                self._reset(inst)
+            self.active = self._renew(self.active, self.lifetime // 2)
+            self.idle = self._renew(self.idle, self.lifetime // 2)
+            self.active_frames = 0
+
+    @property
+    def instances_used(self) -> list[int]:
+        """Frames each live instance has processed since it was loaded."""
+        return sorted(self._used.values())
 
     def close(self) -> None:
         if self._pool is not None:
@@ -244,12 +290,13 @@ class Mimi:
     Args:
         path: the Mimi safetensors file (e.g. ``tokenizer-e351c8d8-checkpoint125.safetensors``).
         num_codebooks: codebooks per frame (1..32; Moshi uses 8).
-        max_frames: frames one rustymimi instance may process before it is retired. ``None`` keeps
-            rustymimi's default position table (4096 frames, about 5.5 minutes) and retires instances
-            a few frames before its end. Larger values move the handoffs further apart at a memory
-            cost of about 1 KiB per frame and instance (rotary tables; 131072 frames = 2.9 h: +125 MB).
-        overlap_frames: frames a fresh instance runs beside the active one before taking over
-            (default 375 = 30 s, capped at ``max_frames // 2``).
+        max_frames: frames an instance is active between resets (its turn, overlap included; default
+            750 = 60 s). Bounds each direction's keys/values to about 64 KiB x ``max_frames`` (f32);
+            shorter turns mean more frequent overlaps (each doubles that direction's cost while it lasts).
+        overlap_frames: frames the other instance runs beside the active one before taking over
+            (default 125 = 10 s, one attention window, capped at ``max_frames // 2``).
+        lifetime_frames: frames one instance may process over its life (default 27000); sizes its
+            position table, about 1.1 KiB per frame and instance.
         crossfade_frames: decoder crossfade length at a handoff, within the overlap (default 1 = 80 ms).
         dtype: rustymimi compute dtype, "f32" (default), "f16" or "bf16".
         stagger: offset the decoder's handoffs by half a period from the encoder's.
@@ -264,8 +311,9 @@ class Mimi:
         path: str | os.PathLike,
         num_codebooks: int = 8,
         *,
-        max_frames: int | None = DEFAULT_MAX_FRAMES,
+        max_frames: int = DEFAULT_MAX_FRAMES,
         overlap_frames: int | None = None,
+        lifetime_frames: int = DEFAULT_LIFETIME_FRAMES,
         crossfade_frames: int = 1,
         dtype: str = "f32",
         stagger: bool = True,
@@ -281,15 +329,15 @@ class Mimi:
         self.num_codebooks = int(num_codebooks)
         self.dtype = dtype
 
-        if max_frames is None:
-            self._max_seq_len = None
-            self.max_frames = RUSTYMIMI_DEFAULT_MAX_SEQ_LEN // POSITIONS_PER_FRAME - _SAFETY_FRAMES
-        else:
-            max_frames = int(max_frames)
-            if max_frames < 2:
-                raise ValueError(f"max_frames must be at least 2, got {max_frames}")
-            self.max_frames = max_frames
-            self._max_seq_len = POSITIONS_PER_FRAME * (max_frames + _SAFETY_FRAMES)
+        max_frames = int(max_frames)
+        if max_frames < 2:
+            raise ValueError(f"max_frames must be at least 2, got {max_frames}")
+        self.max_frames = max_frames
+        lifetime_frames = int(lifetime_frames)
+        if lifetime_frames < max_frames:
+            raise ValueError(f"lifetime_frames must be at least max_frames = {max_frames}, got {lifetime_frames}")
+        self.lifetime_frames = lifetime_frames
+        self._max_seq_len = max(_MIN_SEQ_LEN, POSITIONS_PER_FRAME * (lifetime_frames + _SAFETY_FRAMES))
         if overlap_frames is None:
             overlap_frames = min(DEFAULT_OVERLAP_FRAMES, self.max_frames // 2)
         overlap_frames = int(overlap_frames)
@@ -312,15 +360,17 @@ class Mimi:
 
         period = self.max_frames - self.overlap_frames
         common = dict(
-            max_frames=self.max_frames, overlap=overlap_frames, crossfade=crossfade_frames, parallel=parallel
+            max_frames=self.max_frames,
+            overlap=overlap_frames,
+            crossfade=crossfade_frames,
+            lifetime=lifetime_frames,
+            parallel=parallel,
         )
         self._enc = _Lane(self._load, lambda t, x: t.encode_step(x), **common)
         self._dec = _Lane(self._load, lambda t, c: t.decode_step(c), phase=period // 2 if stagger else 0, **common)
 
     def _load(self):
-        kwargs = {"num_codebooks": self.num_codebooks, "dtype": self.dtype}
-        if self._max_seq_len is not None:
-            kwargs["max_seq_len"] = self._max_seq_len
+        kwargs = {"num_codebooks": self.num_codebooks, "dtype": self.dtype, "max_seq_len": self._max_seq_len}
         if not self.path.is_file():
             raise MimiError(f"Mimi weights not found: {self.path}")
         try:
@@ -411,6 +461,11 @@ class Mimi:
     @property
     def decoder_handoffs(self) -> int:
         return self._dec.handoffs
+
+    @property
+    def loads(self) -> int:
+        """rustymimi instances created so far, both directions together (4 at construction)."""
+        return self._enc.loads + self._dec.loads
 
     @property
     def frames_encoded(self) -> int:

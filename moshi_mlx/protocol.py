@@ -353,6 +353,8 @@ def parse_query(
             text_controls=TextControls(penalty, context, pad_mult),
             text_seed=text_seed,
             audio_seed=audio_seed,
+            kv_bits=defaults.kv_bits,  # memory settings are the server's, not the client's
+            context=defaults.context,
         )
     except ValueError as e:  # defensive: the checks above should make this unreachable
         raise ParamError(str(e)) from None

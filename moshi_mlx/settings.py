@@ -69,6 +69,8 @@ class EngineSettings:
     text_controls: TextControls = DEFAULT_TEXT_CONTROLS
     text_seed: int | None = None
     audio_seed: int | None = None
+    kv_bits: int | None = None  # LM key/value precision 16/8/4; None: the memory plan's, else the default (8)
+    context: int | None = None  # LM attention window; None = the checkpoint's
 
     @property
     def seeds(self) -> tuple[int | None, int | None]:

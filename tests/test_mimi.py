@@ -293,3 +293,73 @@ def test_forced_handoffs_stay_continuous(mimi_path):
     step_ref = np.abs(np.diff(ref_audio)).max()
     assert step_dev < 0.02 * step_ref, (step_dev, step_ref)
     assert np.abs(np.diff(audio)).max() <= 1.02 * step_ref
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded memory: two instances per direction, created once, alternated with reset
+# --------------------------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_handoffs_reuse_the_two_instances(mimi_path):
+    """Many handoffs in both directions, no rustymimi instance created after construction."""
+    m = Mimi(mimi_path, max_frames=8, overlap_frames=3)
+    assert m.loads == 4
+    x = speechy(40, seed=8)
+    for i in range(40):
+        m.decode_frame(m.encode_frame(x[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]))
+    assert m.encoder_handoffs >= 6 and m.decoder_handoffs >= 6
+    assert m.loads == 4
+
+
+def test_instances_past_their_lifetime_are_replaced(mimi_path):
+    """rustymimi never rewinds its position counter; instances at the end of their life are replaced
+    (mid-conversation only when a conversation outlives them, otherwise at reset)."""
+    m = Mimi(mimi_path, max_frames=6, overlap_frames=2, lifetime_frames=12, stagger=False)
+    x = speechy(40, seed=9)
+    codes = [m.encode_frame(x[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]) for i in range(40)]
+    assert len(codes) == 40 and m.loads > 4  # past 2 x 12 frames a fresh instance was needed
+    assert max(m._enc.instances_used) <= 12
+    i = 0
+    while max(m._enc.instances_used) <= 6:  # run until an instance is past half its life
+        m.encode_frame(x[i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
+        i += 1
+    worn = sum(u > 6 for u in m._enc.instances_used)
+    before = m.loads
+    m.reset()  # instances past half their life are replaced here, between conversations
+    assert m.loads == before + worn
+    assert max(m._enc.instances_used) <= 6  # each has at least half a lifetime left
+    assert m.encode_frame(x[:FRAME_SIZE]).shape == (8,)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux) for RSS")
+def test_memory_stays_flat_over_many_turns(mimi_path):
+    """A bare rustymimi instance grows ~64 KiB per frame (keys/values of every position); a Mimi direction
+    holds at most one turn's worth."""
+    n, warm = 280, 40
+    x = speechy(1, seed=10)
+    bare = rustymimi.Tokenizer(str(mimi_path), max_seq_len=2 * (n + warm) + 70_000)
+    frame = x.reshape(1, 1, FRAME_SIZE)
+    for _ in range(warm):
+        bare.encode_step(frame)
+    r0 = _rss_mb()
+    for _ in range(n):
+        bare.encode_step(frame)
+    bare_growth = _rss_mb() - r0
+    del bare
+    m = Mimi(mimi_path, max_frames=30, overlap_frames=5)
+    for _ in range(warm):
+        m.encode_frame(x)
+    r0 = _rss_mb()
+    for _ in range(n):
+        m.encode_frame(x)
+    growth = _rss_mb() - r0
+    assert m.encoder_handoffs >= 8
+    assert bare_growth > 12, bare_growth  # the leak this guards against is real here
+    assert growth < bare_growth / 3, (growth, bare_growth)

@@ -14,6 +14,7 @@ import mlx.core as mx
 from ..assets import settings_from_args
 from ..engine import ConversationEngine
 from .. import cli
+from ..models.cache import DEFAULT_KV_BITS
 from .args import build_parser, check_args, start_position
 from .long import LongRun, long_session
 from .machine import Machine, machine_info
@@ -25,9 +26,9 @@ from .results import BenchResult, Memory, Pipeline, Settings
 from .steps import LmTimes, engine_settings, kv_cache_bytes, new_generator, time_lm, user_codes
 
 
-def kv_bits(args: argparse.Namespace) -> int | None:
-    """--kv-bits, once the shared flags have it (the quantized KV cache); None keeps the model's dtype."""
-    return getattr(args, "kv_bits", None)
+def kv_bits(args: argparse.Namespace) -> int:
+    """--kv-bits, else the app's default: the benchmark times the cache the app would use."""
+    return args.kv_bits or DEFAULT_KV_BITS
 
 
 def _set_device(name: str | None) -> None:

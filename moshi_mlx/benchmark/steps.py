@@ -27,7 +27,6 @@ class LmTimes:
 
 
 def kv_kwargs(kv_bits: int | None) -> dict[str, int]:
-    # The quantized KV cache takes `kv_bits`; pass it only when asked, so this works before it lands.
     return {} if kv_bits is None else {"kv_bits": kv_bits}
 
 

@@ -131,10 +131,15 @@ class Lm(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.out_norm.weight.dtype
 
-    def make_cache(self, batch: int = 1) -> TemporalCache:
-        """The temporal transformer's KV windows, allocated once per session."""
+    def make_cache(self, batch: int = 1, kv_bits: int = 16, context: int | None = None) -> TemporalCache:
+        """The temporal transformer's KV windows, allocated once per session.
+
+        kv_bits: 16 keeps keys/values in the model's dtype; 8 or 4 stores them quantized.
+        context: a shorter window than the checkpoint's (to fit a memory budget).
+        """
         t = self.config.transformer
-        return TemporalCache(t.num_layers, batch, t.num_heads, t.head_dim, t.context, self.dtype)
+        window = t.context if context is None else min(int(context), t.context)
+        return TemporalCache(t.num_layers, batch, t.num_heads, t.head_dim, window, self.dtype, kv_bits)
 
     def temporal(
         self, tokens: mx.array, caches: list[RotatingKVCache], ctx: StepContext

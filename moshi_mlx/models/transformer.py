@@ -39,8 +39,28 @@ class Attention(nn.Module):
             q = mx.fast.rope(q, self.head_dim, traditional=True, base=self.rope_base, scale=1.0, offset=ctx.position)
             k = mx.fast.rope(k, self.head_dim, traditional=True, base=self.rope_base, scale=1.0, offset=ctx.position)
         keys, values, mask = cache.update(k, v, ctx)
-        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
+        if isinstance(keys, tuple):  # a quantized window: (codes, scales, biases)
+            out = quantized_attention(q, keys, values, self.scale, mask, cache.bits, cache.group_size)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(batch, steps, -1))
+
+
+def quantized_attention(
+    q: mx.array,
+    keys: tuple[mx.array, ...],
+    values: tuple[mx.array, ...],
+    scale: float,
+    mask: mx.array | None,
+    bits: int,
+    group_size: int,
+) -> mx.array:
+    """Attention straight from quantized keys/values: two quantized matmuls, nothing dequantized."""
+    scores = mx.quantized_matmul(q * scale, *keys, transpose=True, group_size=group_size, bits=bits)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    weights = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)  # f32 softmax, like SDPA
+    return mx.quantized_matmul(weights, *values, transpose=False, group_size=group_size, bits=bits)
 
 
 class GatedMlp(nn.Module):
