@@ -55,6 +55,7 @@ from typing import Deque
 import numpy as np
 
 from .errors import MoshiError
+from .frames import FRAME_SIZE, SAMPLE_RATE
 
 __all__ = ["AecUnavailable", "EchoCanceller", "aec_available"]
 
@@ -116,8 +117,8 @@ class EchoCanceller:
 
     def __init__(
         self,
-        sample_rate: int = 24000,
-        frame_size: int = 1920,
+        sample_rate: int = SAMPLE_RATE,
+        frame_size: int = FRAME_SIZE,
         delay_ms: int = 120,
         *,
         noise_suppression: bool = True,

@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import MoshiError, first_line
+from .frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (re-exported: the codec's format)
 
 __all__ = [
     "SAMPLE_RATE",
@@ -62,9 +63,6 @@ __all__ = [
     "Mimi",
 ]
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
-FRAME_RATE = 12.5
 CODEBOOK_SIZE = 2048  #: codes are in [0, CODEBOOK_SIZE)
 MAX_CODEBOOKS = 32  #: codebooks in the published checkpoint
 CONTEXT_FRAMES = 125  #: attention window of Mimi's transformers: 250 positions at 25 Hz

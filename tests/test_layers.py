@@ -18,13 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moshi_mlx"
 LAYERS: list[set[str]] = [
     {"errors", "frames", "settings", "web_security", "models", "models.config", "models.cache"},
     {"sampling", "hub", "outputs", "tokenizer", "mimi", "aec", "audio", "audio_files", "tls", "protocol",
-     "server_info", "cli", "models.transformer"},
-    {"models.lm", "recording", "remote"},
+     "server_info", "cli", "models.transformer", "budget"},
+    {"models.lm", "recording", "remote", "memory"},
     {"generate", "loading"},
     {"engine", "demo"},
     {"assets"},
     {"terminal", "run_inference", "convert", "benchmark"},
     {"local", "local_web", "client"},
+    {"__main__"},
 ]
 
 

@@ -9,11 +9,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine import FRAME_SIZE, SAMPLE_RATE, ConversationEngine, EngineRunner, FrameResult
+from ..engine import ConversationEngine, EngineRunner, FrameResult
+from ..frames import FRAME_MS, FRAME_SIZE, SAMPLE_RATE
 from .measure import Progress, Stats, timed
 from .steps import seek
 
-FRAME_MS = 1e3 * FRAME_SIZE / SAMPLE_RATE  # 80 ms
 
 
 def speechlike_pcm(n_frames: int, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .measure import Stats
-from .pipeline import FRAME_MS
+from ..frames import FRAME_MS
 from .results import BenchResult, Verdict
 
 
