@@ -50,6 +50,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
+from dataclasses import dataclass
 from typing import Deque
 
 import numpy as np
@@ -57,7 +58,7 @@ import numpy as np
 from .errors import MoshiError
 from .frames import FRAME_SIZE, SAMPLE_RATE
 
-__all__ = ["AecUnavailable", "EchoCanceller", "aec_available"]
+__all__ = ["AecUnavailable", "EchoCanceller", "EchoReduction", "aec_available", "measure_reduction"]
 
 _INSTALL_HINT = "pip install livekit, or pass --no-aec"
 
@@ -68,6 +69,15 @@ _APM_MAX_DELAY_MS = 500
 _PREDELAY_ABOVE_MS = 300
 _PREDELAY_RESIDUAL_MS = 200
 _FAR_ACTIVE_LEVEL = 8  # int16 peak above which the speaker counts as playing (about -72 dBFS)
+
+# When the reduction means something. A mic that heard (nearly) nothing while Moshi spoke (an ALSA
+# file device, a muted mic, headphones) has no echo to remove: dividing its energy by the near-zero
+# energy after the noise suppressor once gave "116.1 dB removed". Below the mic floor nothing is
+# reported; below the residual floor (a few int16 steps) only a lower bound is.
+MIN_SPEAKER_S = 1.0  # Moshi must have played this long for a figure
+MIC_FLOOR_DBFS = -60.0  # mic level (RMS) while Moshi played, below which there is no echo to measure
+RESIDUAL_FLOOR_DBFS = -80.0  # cleaned-mic level (RMS) below which the figure is "more than ..."
+MIN_REPORTED_DB = 1.0  # less than this is "nothing measurable removed", not a figure
 
 
 class AecUnavailable(MoshiError, RuntimeError):
@@ -94,6 +104,40 @@ def aec_available() -> bool:
     except AecUnavailable:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class EchoReduction:
+    """What echo cancellation removed from the mic while the speaker played, as far as it is measurable."""
+
+    db: float | None  # None: nothing to measure (see `reason`)
+    at_least: bool = False  # the cleaned mic fell below RESIDUAL_FLOOR_DBFS: `db` is a lower bound
+    reason: str = ""
+
+    def describe(self) -> str:
+        if self.db is None:
+            return f"no echo to measure ({self.reason})"
+        if self.db < MIN_REPORTED_DB:
+            return "nothing measurable removed from the mic while Moshi was speaking (no echo heard)"
+        more = "more than " if self.at_least else ""
+        return f"{more}{self.db:.1f} dB removed from the mic while Moshi was speaking"
+
+
+def _dbfs(mean_square: float) -> float:
+    return 10.0 * math.log10(max(mean_square, 1e-20))
+
+
+def measure_reduction(energy_in: float, energy_out: float, samples: int, sample_rate: int) -> EchoReduction:
+    """The reduction from mic energies (sums of squares, full scale = 1.0) over `samples` of speaker activity."""
+    if samples < MIN_SPEAKER_S * sample_rate:
+        return EchoReduction(None, reason=f"Moshi played for less than {MIN_SPEAKER_S:g} s")
+    level_in = _dbfs(energy_in / samples)
+    if level_in < MIC_FLOOR_DBFS:
+        return EchoReduction(None, reason=f"the mic heard nearly nothing while Moshi played ({level_in:.0f} dBFS)")
+    level_out = _dbfs(energy_out / samples)
+    if level_out < RESIDUAL_FLOOR_DBFS:
+        return EchoReduction(level_in - RESIDUAL_FLOOR_DBFS, at_least=True)
+    return EchoReduction(level_in - level_out)
 
 
 class EchoCanceller:
@@ -180,7 +224,8 @@ class EchoCanceller:
             raise _unavailable(e) from None
         self._far_frame = rtc.AudioFrame(self._far_buf, self.sample_rate, 1, self.chunk)
         self._near_frame = rtc.AudioFrame(self._near_buf, self.sample_rate, 1, self.chunk)
-        self._energy_in = self._energy_out = 0.0
+        self._energy_in = self._energy_out = 0.0  # int16 units, only while the speaker plays
+        self._far_active_samples = 0
         with self._lock:
             self._apm = apm
             self._far.clear()
@@ -228,15 +273,21 @@ class EchoCanceller:
                 self.far_dropped_chunks += 1
 
     @property
-    def reduction_db(self) -> float | None:
-        """Mic energy removed while the speaker was playing, in dB (None before any such audio).
+    def reduction(self) -> EchoReduction:
+        """Mic energy removed while the speaker was playing (see :func:`measure_reduction`).
 
         While only Moshi talks this is the echo return loss enhancement; the user's own speech
         over Moshi lowers it, so treat it as a session-level indication.
         """
-        if self._energy_in <= 0.0:
-            return None
-        return 10.0 * math.log10(self._energy_in / max(self._energy_out, 1e-9))
+        full_scale = 32768.0**2
+        return measure_reduction(
+            self._energy_in / full_scale, self._energy_out / full_scale, self._far_active_samples, self.sample_rate
+        )
+
+    @property
+    def reduction_db(self) -> float | None:
+        """`reduction` in dB, or None where there is nothing to measure (a lower bound if below the floor)."""
+        return self.reduction.db
 
     def process_near(self, mic_pcm: np.ndarray) -> np.ndarray:
         """Return the cleaned microphone signal (float32, same length as the input).
@@ -270,6 +321,7 @@ class EchoCanceller:
             far_active = far is not None and np.abs(far).max() > _FAR_ACTIVE_LEVEL
             if far_active:
                 self._energy_in += float(np.square(self._near_view, dtype=np.float64).sum())
+                self._far_active_samples += c
             apm.process_stream(self._near_frame)
             if far_active:
                 self._energy_out += float(np.square(self._near_view, dtype=np.float64).sum())

@@ -33,6 +33,14 @@ class AudioDeviceError(MoshiError, RuntimeError):
     """A sound device problem (missing PortAudio, unknown or unsuitable device, stream failure): one line."""
 
 
+class NoDefaultDevice(AudioDeviceError):
+    """No device was named and there is no default one (typically: no sound card); front ends add what to do."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silence C-level stderr (libjack's "Cannot connect to server", ALSA probing chatter) meanwhile.
@@ -110,12 +118,15 @@ def _query(sd) -> list[dict]:
         raise AudioDeviceError(f"cannot list sound devices: {first_line(e)}") from None
 
 
-def list_devices() -> str:
-    """A readable table of the sound devices; ``>`` marks the default input, ``<`` the default output."""
+def list_devices(if_none: str = "") -> str:
+    """A readable table of the sound devices; ``>`` marks the default input, ``<`` the default output.
+
+    With no device at all, one line, followed by ``if_none`` (the front end's advice on what to do instead).
+    """
     sd = _sd()
     devices = _query(sd)
     if not devices:
-        return "no sound devices found (PortAudio sees none)"
+        return "no sound devices found (PortAudio sees none)" + (f"; {if_none}" if if_none else "")
     try:
         hostapis = [h["name"] for h in sd.query_hostapis()]
     except Exception:
@@ -158,7 +169,8 @@ def find_device(spec: int | str | None, kind: str) -> int:
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         idx = _default_index(sd, kind)
         if idx < 0 or idx >= len(devices) or devices[idx][chans] < 1:
-            raise AudioDeviceError(f"no default {kind} device; pick one with {flag} (see --list-devices)")
+            what = "microphone" if kind == "input" else "speaker"
+            raise NoDefaultDevice(kind, f"no {what} found (no default {kind} device): pick one with {flag} (see --list-devices)")
         return idx
     if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().lstrip("-").isdigit()):
         idx = int(spec)

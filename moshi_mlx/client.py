@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import cli
-from .audio import FRAME_SIZE, SAMPLE_RATE, DuplexAudio, list_devices
+from .audio import FRAME_SIZE, SAMPLE_RATE, DuplexAudio, NoDefaultDevice, list_devices
 from .errors import error_line
 from .remote import (
     DEFAULT_URL,
@@ -40,6 +40,7 @@ from .remote import (
 from .terminal import (
     Display,
     add_audio_args,
+    echo_summary,
     add_record_arg,
     exit_now,
     lag_status,
@@ -49,12 +50,18 @@ from .terminal import (
     save_recording,
     sigint_ignored,
     sigterm_interrupts,
+    signal_name,
 )
 
 if TYPE_CHECKING:
     from .recording import ConversationRecorder
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
+#: Said when there is no sound card: the server's own page works from any browser with a microphone.
+NO_SOUND_HINT = (
+    "without a sound card here, open the server's address (http:// or https://) in a browser on a device "
+    "with a microphone"
+)
 RECONNECT_TRIES = 5  # --reconnect: consecutive failed attempts before giving up
 RECONNECT_PAUSE_S = 1.0
 
@@ -112,6 +119,7 @@ class _Session:
         self.conv: RemoteConversation | None = None
         self.totals = _Totals()
         self.interrupted = False
+        self.stopped_by = "Ctrl-C"  # or the signal that set _stop
         self.started = time.monotonic()
         self._warned_drops = 0
         self._last_warn = 0.0
@@ -171,7 +179,7 @@ class _Session:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 old = signal.getsignal(sig)
                 try:
-                    loop.add_signal_handler(sig, self._stop.set)
+                    loop.add_signal_handler(sig, self._on_signal, sig)
                     handled.append((sig, old))
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
@@ -183,6 +191,11 @@ class _Session:
                 signal.signal(sig, old)  # asyncio would leave the default, not main()'s SIGTERM handler
             if self.conv is not None:
                 await self.conv.close()
+
+    def _on_signal(self, signum: int) -> None:
+        if not self._stop.is_set():  # the first signal is what stopped the session
+            self.stopped_by = signal_name(signum)
+        self._stop.set()
 
     async def _converse(self) -> None:
         failures = 0
@@ -284,7 +297,7 @@ class _Session:
         return (
             f"session: {time.monotonic() - self.started:.1f} s, {t.connections} connection(s), {t.sent} frames sent, "
             f"{t.received} received, {dropped} dropped here ({dropped * FRAME_S:.1f} s), "
-            f"{self.audio.stats.underruns} underruns{lat_txt}" + (" (stopped by Ctrl-C)" if self.interrupted else "")
+            f"{self.audio.stats.underruns} underruns{lat_txt}" + (f" (stopped by {self.stopped_by})" if self.interrupted else "")
         )
 
 
@@ -298,11 +311,14 @@ def converse(args: argparse.Namespace) -> int:
     recorder = make_recorder(args.record)
     session: _Session | None = None
     echo_canceller = None if args.no_aec else make_echo_canceller(args.aec_delay_ms)
-    audio = DuplexAudio(
-        lambda frame: session.push(frame) if session is not None else None,
-        args.input_device, args.output_device, max_queued=args.max_lag_frames + 3, echo_canceller=echo_canceller,
-        on_output=lambda frame: session.played(frame) if session is not None else None,
-    )
+    try:
+        audio = DuplexAudio(
+            lambda frame: session.push(frame) if session is not None else None,
+            args.input_device, args.output_device, max_queued=args.max_lag_frames + 3, echo_canceller=echo_canceller,
+            on_output=lambda frame: session.played(frame) if session is not None else None,
+        )
+    except NoDefaultDevice as e:
+        raise NoDefaultDevice(e.kind, f"{e}; or, {NO_SOUND_HINT}") from None
     log(audio.describe() + (", echo cancellation on" if echo_canceller else ", echo cancellation off"))
     session = _Session(args, audio, url, ssl_ctx, recorder)
     try:
@@ -312,9 +328,9 @@ def converse(args: argparse.Namespace) -> int:
             audio.close()
             session.display.finish()
             if session.totals.connections:
-                reduction = echo_canceller.reduction_db if echo_canceller is not None else None
-                if reduction is not None:
-                    log(f"echo cancellation: {reduction:.1f} dB removed from the mic while Moshi was speaking")
+                echo_line = echo_summary(echo_canceller)
+                if echo_line is not None:
+                    log(echo_line)
                 if recorder is not None:
                     save_recording(recorder, args.record, {"model": session.model, "server": str(url.with_query(None))})
                 log(session.summary())
@@ -328,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     with sigterm_interrupts():
         if args.list_devices:
-            print(list_devices())
+            print(list_devices(if_none=NO_SOUND_HINT))
             return 0
         return converse(args)
 

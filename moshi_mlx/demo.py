@@ -27,6 +27,7 @@ __all__ = [
     "mimi_tensor_layout",
     "write_random_mimi",
     "is_valid_mimi_file",
+    "is_current_stand_in",
     "is_valid_tokenizer_file",
     "write_stand_in_tokenizer",
     "DemoAssets",
@@ -176,15 +177,32 @@ def _random_tensor(name: str, shape: tuple[int, ...], rng: np.random.Generator, 
     return w
 
 
+#: Gain on the random decoder's last convolution (linear, no bias after it: the audio scales by this).
+#: Unscaled, the babble peaks near -47 dBFS (RMS -61), which sounds like a broken speaker; x80 (+38 dB)
+#: puts its peaks near -9 dBFS. Only the stand-in is scaled: real Mimi weights are never touched.
+DECODER_OUTPUT_GAIN = 80.0
+#: Written into the stand-in's metadata; a cached file of another version is regenerated.
+#: 2: DECODER_OUTPUT_GAIN (version 1, unmarked, was the quiet one).
+STAND_IN_VERSION = "2"
+
+
+def _decoder_output_weight(layout: dict[str, tuple[int, ...]]) -> str:
+    """The decoder's last convolution, the one that makes the waveform."""
+    return [name for name in layout if name.startswith("decoder.model.") and name.endswith(".weight")][-1]
+
+
 def write_random_mimi(path: str | os.PathLike, seed: int = 0, scale: float = 0.5) -> Path:
     """Write a random-weight Mimi checkpoint (~385 MB, float32) in the published layout to ``path``."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     rng = np.random.default_rng(seed)
-    tensors = {name: _random_tensor(name, shape, rng, scale) for name, shape in mimi_tensor_layout().items()}
+    layout = mimi_tensor_layout()
+    tensors = {name: _random_tensor(name, shape, rng, scale) for name, shape in layout.items()}
+    tensors[_decoder_output_weight(layout)] *= np.float32(DECODER_OUTPUT_GAIN)
+    metadata = {"moshi_mlx": "random stand-in", "seed": str(seed), "version": STAND_IN_VERSION}
     with _atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"moshi_mlx": "random stand-in", "seed": str(seed)})
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -194,6 +212,19 @@ def is_valid_mimi_file(path: str | os.PathLike) -> bool:
         tensors, _ = read_tensor_infos(path)
     except WeightsError:
         return False
+    return _has_mimi_layout(tensors)
+
+
+def is_current_stand_in(path: str | os.PathLike) -> bool:
+    """``path`` is a complete stand-in Mimi written by this version of :func:`write_random_mimi`."""
+    try:
+        tensors, metadata = read_tensor_infos(path)
+    except WeightsError:
+        return False
+    return metadata.get("version") == STAND_IN_VERSION and _has_mimi_layout(tensors)
+
+
+def _has_mimi_layout(tensors) -> bool:
     layout = mimi_tensor_layout()
     if set(tensors) != set(layout):
         return False
@@ -328,7 +359,7 @@ def demo_assets(cache_dir: str | os.PathLike | None = None) -> DemoAssets:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     mimi_path, tok_path = root / MIMI_FILE, root / TOKENIZER_FILE
-    if not is_valid_mimi_file(mimi_path):
+    if not is_current_stand_in(mimi_path):  # missing, truncated, or an older (quieter) stand-in
         write_random_mimi(mimi_path)
     if not is_valid_tokenizer_file(tok_path):
         write_stand_in_tokenizer(tok_path)

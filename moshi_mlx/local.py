@@ -9,10 +9,12 @@ start-up time, Moshi's words as they come (stdout), and how far behind real time
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import statistics
 import time
 from collections import deque
+from pathlib import Path
 
 from . import cli
 from .audio import (
@@ -20,24 +22,33 @@ from .audio import (
     SAMPLE_RATE,
     AudioDeviceError,
     DuplexAudio,
+    NoDefaultDevice,
     list_devices,
 )
-from .errors import first_line
+from .errors import UsageError, first_line
+from .outputs import OutputError, atomic_output, check_outputs, fresh_path
 from .terminal import Display as _Display
 from .terminal import (
     add_audio_args,
     add_record_arg,
     exit_now,
+    echo_summary,
     lag_status,
     make_recorder,
     save_recording,
     sigterm_interrupts,
+    stopped_by,
 )
 from .terminal import log as _log
 from .terminal import make_echo_canceller as _make_echo_canceller
 from .terminal import sigint_ignored as _sigint_ignored
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
+#: Said when there is no sound card: the two ways to try Moshi without one.
+NO_SOUND_HINT = (
+    "without a sound card, try `python -m moshi_mlx.local --demo` or answer a recording with "
+    "`python -m moshi_mlx.run_inference in.wav out.wav`"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = add_audio_args(p)
     add_record_arg(g)
     g.add_argument(
-        "--demo-output", default="moshi-demo.wav", metavar="WAV",
-        help="with --demo and no sound devices: where to write Moshi's babble (default moshi-demo.wav)",
+        "--demo-output", default=None, metavar="WAV",
+        help="with --demo and no sound devices: where to write Moshi's babble; never replaces a file "
+        "(default: a new moshi-demo-YYYYmmdd-HHMMSS.wav in the current folder)",
     )
     return p
 
@@ -66,6 +78,7 @@ def converse(args: argparse.Namespace) -> int:
     from .assets import load_from_args, settings_from_args
     from .engine import EngineRunner
 
+    _check_demo_output(args)
     # Devices first: a wrong --input-device should not cost a model load.
     runner = None
     recorder = make_recorder(args.record)
@@ -89,6 +102,8 @@ def converse(args: argparse.Namespace) -> int:
     except AudioDeviceError as e:
         if args.demo and args.input_device is None and args.output_device is None:
             return _offline_demo(args, e)
+        if isinstance(e, NoDefaultDevice):
+            raise NoDefaultDevice(e.kind, f"{e}; or, {NO_SOUND_HINT}") from None
         raise
     _log(audio.describe() + (", echo cancellation on" if echo_canceller else ", echo cancellation off"))
 
@@ -119,7 +134,7 @@ def converse(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     warned_drops = 0
     last_warn = 0.0
-    interrupted = False
+    interrupted: str | None = None  # what stopped the session: "Ctrl-C" or "SIGTERM"
     try:
         runner.start()
         audio.start()
@@ -145,8 +160,8 @@ def converse(args: argparse.Namespace) -> int:
                     f"({st.dropped * FRAME_S:.1f} s of audio); lag {lag_ms:.0f} ms"
                 )
                 warned_drops, last_warn = st.dropped, now
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as e:
+        interrupted = stopped_by(e)
     finally:
         with _sigint_ignored():  # a second Ctrl-C must not break the cleanup
             audio.close()
@@ -158,15 +173,43 @@ def converse(args: argparse.Namespace) -> int:
     st, ast = runner.stats, audio.stats
     lat = list(latencies)
     lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
-    reduction = echo_canceller.reduction_db if echo_canceller is not None else None
-    if reduction is not None:
-        _log(f"echo cancellation: {reduction:.1f} dB removed from the mic while Moshi was speaking")
+    echo_line = echo_summary(echo_canceller)
+    if echo_line is not None:
+        _log(echo_line)
     _log(
         f"session: {time.perf_counter() - started:.1f} s, {st.frames_in} frames in, {st.frames_out} answered, "
         f"{st.dropped} dropped ({st.dropped * FRAME_S:.1f} s), {ast.underruns} underruns{lat_txt}"
-        + (" (stopped by Ctrl-C)" if interrupted else "")
+        + (f" (stopped by {interrupted})" if interrupted else "")
     )
     return 0
+
+
+def _check_demo_output(args: argparse.Namespace) -> None:
+    """An explicit --demo-output is checked before anything runs: it must be new (the demo never replaces a file)."""
+    if args.demo_output is None:
+        return
+    if not args.demo:
+        raise UsageError("--demo-output only applies with --demo")
+    if os.path.lexists(args.demo_output):
+        raise OutputError(
+            f"--demo-output {args.demo_output}: exists; the demo never replaces a file (remove it or pick a new name)"
+        )
+    check_outputs(inputs=[], outputs=[args.demo_output])
+
+
+def _write_demo_wav(pcm, chosen: str | None) -> Path:
+    """Write the demo's audio to a new file: `chosen`, or a fresh dated name here; returns where it went."""
+    from .run_inference import write_wav
+
+    while True:
+        path = Path(chosen) if chosen is not None else fresh_path(".", "moshi-demo", ".wav")
+        try:
+            with atomic_output(path, suffix=".wav", overwrite=False) as tmp:
+                write_wav(tmp, pcm)
+            return path
+        except FileExistsError:  # appeared while the demo ran
+            if chosen is not None:
+                raise OutputError(f"--demo-output {chosen}: was created meanwhile; the demo never replaces a file") from None
 
 
 def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
@@ -174,10 +217,13 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     import numpy as np
 
     from .assets import load_from_args, settings_from_args
-    from .run_inference import converse_offline, write_wav
+    from .run_inference import converse_offline
 
     _log(f"no usable sound device ({first_line(device_error)})")
-    _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {args.demo_output}")
+    where = args.demo_output or "a new moshi-demo-*.wav in the current folder"
+    if args.demo_output is None:  # the folder must take a file before 10 s of work, not after
+        check_outputs(inputs=[], outputs=[fresh_path(".", "moshi-demo", ".wav")])
+    _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {where}")
     assets = load_from_args(args, log=_log)
     engine = assets.engine(settings_from_args(args))
     t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
@@ -187,7 +233,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         out, pieces = converse_offline(engine, signal_in.astype(np.float32))
     finally:
         engine.close()
-    write_wav(args.demo_output, out)
+    written = _write_demo_wav(out, args.demo_output)
     print("".join(p["text"] for p in pieces).strip())
     recorder = make_recorder(args.record)
     if recorder is not None:
@@ -196,7 +242,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         for p in pieces:
             recorder.add_text(p["text"], p["start"])
         save_recording(recorder, args.record, {"model": assets.description})
-    _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio in {args.demo_output}")
+    _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio written to {written}")
     return 0
 
 
@@ -207,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     with sigterm_interrupts():
         if args.list_devices:
-            print(list_devices())
+            print(list_devices(if_none=NO_SOUND_HINT))
             return 0
         return converse(args)
 

@@ -21,8 +21,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,7 +32,7 @@ from .errors import MoshiError
 
 PathLike = str | os.PathLike
 
-__all__ = ["OutputError", "check_outputs", "atomic_output", "destination"]
+__all__ = ["OutputError", "check_outputs", "atomic_output", "destination", "fresh_path"]
 
 
 class OutputError(MoshiError, ValueError):
@@ -134,3 +136,17 @@ def _link_new(tmp: Path, final: Path) -> None:
         if final.exists():
             raise FileExistsError(final) from None
         os.replace(tmp, final)
+
+
+def fresh_path(folder: PathLike, stem: str, suffix: str, when: float | None = None) -> Path:
+    """A name nobody uses yet in ``folder``: ``STEM-YYYYmmdd-HHMMSS.SUFFIX``, then ``...-2``, ``-3``, ...
+
+    Only a proposal: write it with ``atomic_output(path, overwrite=False)``, which refuses a file that
+    appeared meanwhile, and ask again if it does.
+    """
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
+    for n in itertools.count(1):
+        path = Path(folder) / (f"{base}{suffix}" if n == 1 else f"{base}-{n}{suffix}")
+        if not os.path.lexists(path):
+            return path
+    raise AssertionError("unreachable")

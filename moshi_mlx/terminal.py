@@ -174,8 +174,33 @@ class Display:
         sys.stdout.flush()
 
 
-def raise_interrupt(signum, frame):  # SIGTERM ends a session like Ctrl-C
-    raise KeyboardInterrupt
+def echo_summary(echo_canceller) -> str | None:
+    """The session's echo-cancellation line (None when it was off); honest when there was no echo."""
+    if echo_canceller is None:
+        return None
+    return f"echo cancellation: {echo_canceller.reduction.describe()}"
+
+
+class SignalInterrupt(KeyboardInterrupt):
+    """A signal (SIGTERM) ending a session the way Ctrl-C does, so every cleanup path runs; names the signal."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+def signal_name(signum: int) -> str:
+    """ "Ctrl-C" for SIGINT (what the user pressed), else the signal's name ("SIGTERM")."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def stopped_by(interrupt: BaseException) -> str:
+    """What ended a session, from the KeyboardInterrupt that ended it: "SIGTERM" or "Ctrl-C"."""
+    return interrupt.signame if isinstance(interrupt, SignalInterrupt) else "Ctrl-C"
+
+
+def raise_interrupt(signum, frame):  # SIGTERM ends a session like Ctrl-C, and the summary says which
+    raise SignalInterrupt(signal_name(signum))
 
 
 @contextlib.contextmanager

@@ -415,3 +415,71 @@ def test_session_reduction_figure(voices):
     assert ec.reduction_db is None
     ec.close()
     assert reduction is not None and reduction > 20.0, reduction
+
+
+# ------------------------------------------------------------------------------------------------
+# The session figure is only reported when it is measurable (no "116.1 dB removed" from a silent mic)
+# ------------------------------------------------------------------------------------------------
+
+
+def _energy(x: np.ndarray) -> float:
+    return float(np.square(x.astype(np.float64)).sum())
+
+
+def _babble(seconds: float, level: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    return (level * rng.standard_normal(t.size) * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
+
+
+def test_measure_reduction_real_echo():
+    echo = _babble(3.0, 0.1, 0)
+    residual = 0.01 * echo  # 40 dB below the echo, well above the residual floor
+    r = aec_mod.measure_reduction(_energy(echo), _energy(residual), echo.size, SR)
+    assert r.db is not None and abs(r.db - 40.0) < 0.01 and not r.at_least
+    assert r.describe() == "40.0 dB removed from the mic while Moshi was speaking"
+
+
+def test_measure_reduction_silent_mic_has_no_echo_to_measure():
+    # An ALSA file device's mic: digital silence with a stray LSB; the noise suppressor leaves zeros.
+    mic = np.zeros(3 * SR, np.float32)
+    mic[::997] = 1 / 32768
+    for out in (0.0, _energy(mic) * 1e-12):
+        r = aec_mod.measure_reduction(_energy(mic), out, mic.size, SR)
+        assert r.db is None and r.describe().startswith("no echo to measure (the mic heard nearly nothing"), r
+    r = aec_mod.measure_reduction(0.0, 0.0, mic.size, SR)  # true silence
+    assert r.db is None
+
+
+def test_measure_reduction_no_echo_and_too_little_speech():
+    user = _babble(3.0, 0.1, 1)  # the user talks, nothing of Moshi reaches the mic: nothing is removed
+    r = aec_mod.measure_reduction(_energy(user), _energy(0.95 * user), user.size, SR)
+    assert r.db is not None and r.db < aec_mod.MIN_REPORTED_DB
+    assert r.describe().startswith("nothing measurable removed")
+    short = _babble(0.5, 0.1, 2)  # Moshi played half a second: no figure
+    r = aec_mod.measure_reduction(_energy(short), 0.0, short.size, SR)
+    assert r.db is None and "less than 1 s" in r.describe()
+
+
+def test_measure_reduction_below_the_floor_is_a_lower_bound():
+    echo = _babble(3.0, 0.1, 3)
+    r = aec_mod.measure_reduction(_energy(echo), 0.0, echo.size, SR)
+    level_in = 10 * np.log10(_energy(echo) / echo.size)
+    assert r.at_least and abs(r.db - (level_in - aec_mod.RESIDUAL_FLOOR_DBFS)) < 1e-6
+    assert r.describe().startswith("more than ") and r.db < 80
+
+
+@needs_livekit
+def test_canceller_on_a_silent_mic_reports_no_figure():
+    """The canceller itself, speaker playing, mic silent but for stray LSBs: no figure (was ~116 dB)."""
+    spk = _babble(3.0, 0.3, 4)
+    mic = np.zeros_like(spk)
+    mic[::997] = 1 / 32768
+    ec = aec_mod.EchoCanceller(sample_rate=SR, frame_size=FRAME, delay_ms=120)
+    try:
+        for k in range(0, spk.size - FRAME + 1, FRAME):
+            ec.process_far(spk[k : k + FRAME])
+            ec.process_near(mic[k : k + FRAME])
+        assert ec.reduction_db is None and ec.reduction.describe().startswith("no echo to measure"), ec.reduction
+    finally:
+        ec.close()

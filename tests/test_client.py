@@ -232,7 +232,7 @@ async def test_record_saved_on_sigterm_and_on_connection_loss(jack_tools, tmp_pa
     for i, (rc, out, err) in enumerate(results):
         _no_traceback(err)
         assert rc == (0 if i == 0 else 1) and "recording saved (" in err, err
-        assert ("(stopped by Ctrl-C)" in err) == (i == 0) and (re.search(r"^error: connection .* lost", err, re.M)
+        assert ("(stopped by SIGTERM)" in err) == (i == 0) and "Ctrl-C)" not in err and (re.search(r"^error: connection .* lost", err, re.M)
                                                                is not None) == (i == 1), err
         stereo, _, text, meta = _recording(tmp_path / f"rec{i}")
         assert text == "Hello there.\n" and out.strip() == "Hello there." and meta["text"] == "Hello there.", out
@@ -289,6 +289,20 @@ async def test_unreachable_is_one_line(alsa_env):
     assert rc == 1
     assert _last_line(err) == f"error: cannot reach 127.0.0.1:{port}: connection refused (is the server running?)"
     assert err.strip().splitlines()[0].startswith("mic: ") and len(err.strip().splitlines()) == 2, err
+
+
+@pytest.mark.asyncio
+async def test_no_sound_card_says_what_to_do_instead(portaudio, tmp_path):
+    """No device at all (a HOME without an ALSA setup, no sound card): advice that fits a client, not the local model."""
+    env = base_env(HOME=str(tmp_path))
+    hint = ("without a sound card here, open the server's address (http:// or https://) in a browser on a device "
+            "with a microphone")
+    rc, _, err = await _client(["ws://127.0.0.1:9"], env)
+    assert rc == 1 and err == f"error: no microphone found (no default input device): pick one with --input-device " \
+        f"(see --list-devices); or, {hint}\n", err
+    rc, out, err = await _client(["--list-devices"], env)
+    assert rc == 0 and out.strip() == f"no sound devices found (PortAudio sees none); {hint}" and err == ""
+    assert "moshi_mlx.local" not in out
 
 
 @pytest.mark.asyncio

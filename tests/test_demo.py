@@ -165,3 +165,11 @@ def test_interrupted_write_leaves_no_file(tmp_path):
             tmp.write_bytes(b"new but incomplete")
             raise RuntimeError("disk full")
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_stand_in_is_versioned_so_an_old_quiet_cache_is_regenerated(random_mimi, tmp_path):
+    from moshi_mlx.loading import read_tensor_infos
+
+    assert demo.is_current_stand_in(random_mimi)
+    assert read_tensor_infos(random_mimi)[1]["version"] == demo.STAND_IN_VERSION
+    assert not demo.is_current_stand_in(tmp_path / "missing.safetensors")

@@ -410,3 +410,86 @@ def test_bad_sampling_flag_is_rejected_before_loading(tmp_path):
     r = _run(["--demo", "--pad-mult", "inf"], base_env(HOME=str(tmp_path)), timeout=60)
     assert r.returncode == 2 and "argument --pad-mult: expected a finite number" in r.stderr.splitlines()[-1]
     assert "DEMO MODE" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# A newcomer's first runs: no sound card, the demo's WAV, what stopped the session
+# ------------------------------------------------------------------------------------------------
+
+NO_SOUND_HINT = (
+    "without a sound card, try `python -m moshi_mlx.local --demo` or answer a recording with "
+    "`python -m moshi_mlx.run_inference in.wav out.wav`"
+)
+
+
+def test_no_sound_card_says_what_to_do_instead(portaudio, tmp_path):
+    """A HOME without an ALSA setup on a machine without a sound card: PortAudio sees no device."""
+    env = base_env(HOME=str(tmp_path))
+    r = _run(["-q", "4"], env, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: no microphone found (no default input device)") and NO_SOUND_HINT in r.stderr
+    r = _run(["--list-devices"], env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"no sound devices found (PortAudio sees none); {NO_SOUND_HINT}"
+
+
+def _peak_dbfs(path: Path) -> float:
+    pcm, rate = read_wav(path)
+    assert rate == 24000 and pcm.size > 24000
+    return float(20 * np.log10(np.abs(pcm).max()))
+
+
+def test_offline_demo_writes_a_fresh_audible_file_and_never_overwrites(portaudio, tmp_path):
+    """No sound card: `local --demo` writes its babble to a new dated file in the current folder, loud
+    enough to hear (it peaked at -46 dBFS once); an existing --demo-output is refused before any work."""
+    env = base_env(HOME=str(tmp_path / "home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    mine = work / "mine.wav"
+    mine.write_bytes(b"the user's file")
+
+    def local(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moshi_mlx.local", *args], env=env, cwd=work,
+                              capture_output=True, text=True, timeout=timeout)
+
+    r = local("--demo", "--demo-output", "mine.wav", timeout=60)
+    assert r.returncode == 1 and r.stderr == (
+        "error: --demo-output mine.wav: exists; the demo never replaces a file (remove it or pick a new name)\n")
+    assert mine.read_bytes() == b"the user's file"
+    r = local("--demo-output", "x.wav", timeout=60)
+    assert r.returncode == 2 and r.stderr == "error: --demo-output only applies with --demo\n", r.stderr
+
+    r = local("--demo", "--text-seed", "1", "--audio-seed", "2")
+    assert r.returncode == 0, r.stderr
+    (made,) = [p for p in work.iterdir() if p != mine]
+    assert re.fullmatch(r"moshi-demo-\d{8}-\d{6}\.wav", made.name), made
+    assert f"written to {made.name}" in r.stderr.strip().splitlines()[-1], r.stderr
+    peak = _peak_dbfs(made)
+    print(f"\noffline demo babble peaks at {peak:.1f} dBFS")
+    assert -15.0 <= peak <= -3.0, peak
+    assert sorted(p.name for p in work.iterdir()) == sorted([made.name, "mine.wav"])  # no temporary left
+
+
+def test_sigterm_is_named_and_a_silent_mic_claims_no_echo_removed(alsa_env):
+    """SIGTERM ends a session like Ctrl-C (cleanly, exit 0) and the summary says it was SIGTERM. On ALSA
+    file devices the mic is a silent file with no acoustic path: there is no echo to measure, and the
+    summary says so (it once claimed "116.1 dB removed")."""
+    app = App(["--demo", "--input-device", "fakemic_raw", "--output-device", "fakespk_raw"], alsa_env)
+    try:
+        deadline = time.monotonic() + 180
+        while "listening" not in app.stderr and app.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "listening" in app.stderr, app.stderr
+        time.sleep(3.0)
+        app.proc.send_signal(signal.SIGTERM)
+        assert app.proc.wait(30) == 0, app.stderr
+        for t in app._threads:
+            t.join(5)
+    finally:
+        app.kill()
+    err = app.stderr
+    _no_traceback(err)
+    print("\n" + "\n".join(ln for ln in err.splitlines() if ln.startswith(("echo cancellation", "session:"))))
+    assert "(stopped by SIGTERM)" in err and "Ctrl-C)" not in err, err
+    assert _session(err)["frames_in"] > 0
+    if "echo cancellation on" in err:
+        assert "echo cancellation: no echo to measure" in err and "dB removed" not in err, err

@@ -33,7 +33,7 @@ def test_echo_of_moshi_is_removed(jack_tools, tmp_path):
     err = _echo_session(tmp_path, [])
     _no_traceback(err)
     assert "echo cancellation on" in err
-    m = re.search(r"echo cancellation: ([-\d.]+) dB removed", err)
+    m = re.search(r"echo cancellation: (?:more than )?([-\d.]+) dB removed", err)  # "more than": below the floor
     assert m, err
     print(f"\nJACK echo loop: {m.group(0)}; {_session(err)}")
     assert float(m.group(1)) > 10.0, err

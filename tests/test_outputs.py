@@ -218,3 +218,14 @@ def test_transcript_goes_to_stdout_without_transcript_flag(recording, tmp_path):
     text = json.loads((tmp_path / "t.json").read_text())["text"]
     assert text and with_json.stdout == ""
     assert plain.stdout == text + "\n"
+
+
+def test_fresh_path_never_names_an_existing_file(tmp_path):
+    from moshi_mlx.outputs import fresh_path
+
+    when = time.mktime((2025, 3, 4, 5, 6, 7, 0, 0, -1))
+    first = fresh_path(tmp_path, "moshi-demo", ".wav", when)
+    assert first == tmp_path / "moshi-demo-20250304-050607.wav"
+    first.write_bytes(b"x")
+    (tmp_path / "moshi-demo-20250304-050607-2.wav").symlink_to(tmp_path / "gone")  # a dangling link counts
+    assert fresh_path(tmp_path, "moshi-demo", ".wav", when) == tmp_path / "moshi-demo-20250304-050607-3.wav"
