@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import cli
-from .audio import FRAME_SIZE, SAMPLE_RATE, DuplexAudio, NoDefaultDevice, list_devices
+from .audio import FRAME_SIZE, SAMPLE_RATE, DuplexAudio, NoDefaultDevice
 from .errors import error_line
 from .remote import (
     DEFAULT_URL,
@@ -49,7 +49,7 @@ from .terminal import (
     make_recorder,
     save_recording,
     sigint_ignored,
-    sigterm_interrupts,
+    run_app,
     signal_name,
 )
 
@@ -338,15 +338,7 @@ def converse(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(build_parser(), _main, argv)
-
-
-def _main(args: argparse.Namespace) -> int:
-    with sigterm_interrupts():
-        if args.list_devices:
-            print(list_devices(if_none=NO_SOUND_HINT))
-            return 0
-        return converse(args)
+    return run_app(build_parser(), converse, NO_SOUND_HINT, argv)
 
 
 def console_main() -> None:

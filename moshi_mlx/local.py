@@ -16,14 +16,12 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import cli
 from .audio import (
     FRAME_SIZE,
     SAMPLE_RATE,
     AudioDeviceError,
     DuplexAudio,
     NoDefaultDevice,
-    list_devices,
 )
 from .errors import UsageError, first_line
 from .outputs import OutputError, atomic_output, check_outputs, fresh_path
@@ -35,8 +33,8 @@ from .terminal import (
     echo_summary,
     lag_status,
     make_recorder,
+    run_app,
     save_recording,
-    sigterm_interrupts,
     stopped_by,
 )
 from .terminal import log as _log
@@ -247,15 +245,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(build_parser(), _main, argv)
-
-
-def _main(args: argparse.Namespace) -> int:
-    with sigterm_interrupts():
-        if args.list_devices:
-            print(list_devices(if_none=NO_SOUND_HINT))
-            return 0
-        return converse(args)
+    return run_app(build_parser(), converse, NO_SOUND_HINT, argv)
 
 
 def console_main() -> None:

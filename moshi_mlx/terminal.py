@@ -15,10 +15,10 @@ import sys
 import threading
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import cli
-from .audio import release_portaudio
+from .audio import list_devices, release_portaudio
 from .errors import first_line
 
 if TYPE_CHECKING:
@@ -214,6 +214,22 @@ def sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def run_app(
+    parser: argparse.ArgumentParser, converse: Callable[[argparse.Namespace], int], no_sound_hint: str,
+    argv: list[str] | None = None,
+) -> int:
+    """A terminal front end's main(): the CLI shell, --list-devices, SIGTERM handled like Ctrl-C."""
+
+    def body(args: argparse.Namespace) -> int:
+        with sigterm_interrupts():
+            if args.list_devices:
+                print(list_devices(if_none=no_sound_hint))
+                return 0
+            return converse(args)
+
+    return cli.run(parser, body, argv)
 
 
 @contextlib.contextmanager
