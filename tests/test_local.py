@@ -284,7 +284,7 @@ def test_model_file_error_is_one_line(alsa_env, tmp_path):
 
 def test_bad_max_lag_frames(alsa_env):
     r = _run(["--demo", "--max-lag-frames", "0"], alsa_env)
-    assert r.returncode == 2 and "--max-lag-frames must be at least 1" in r.stderr
+    assert r.returncode == 2 and "--max-lag-frames: must be >= 1, got '0'" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------------
