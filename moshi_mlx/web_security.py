@@ -9,7 +9,9 @@
   or one of the ``--allow-origin`` origins. Clients that send no Origin (not browsers) are let in.
 * **Headers** on every response (:func:`add_security_headers`): a Content-Security-Policy that
   allows only this server's scripts, workers (blob: too, which the vendored Opus decoder uses) and
-  WebAssembly; ``nosniff``; no framing; and a ``Server`` header without versions.
+  WebAssembly; ``nosniff``; no framing; and a ``Server`` header without versions. A worker script
+  (``Sec-Fetch-Dest: worker``) alone may also use ``eval``: it has no DOM to inject into, and the
+  Opus decoder worker of Kyutai's built client finds its global object with ``new Function``.
 * **Served files** (:func:`ui_file`): only what a web UI is made of, never package metadata,
   READMEs, build scripts or dot files.
 """
@@ -112,12 +114,19 @@ class HostPolicy:
         return theirs == ours
 
 
-def content_security_policy(host: str) -> str:
+WORKER_DESTINATIONS = ("worker", "sharedworker")
+
+
+def content_security_policy(host: str, worker: bool = False) -> str:
+    """The policy for a response; ``worker``: the response is a worker's script (its own policy)."""
+    # The Opus codecs are WebAssembly. A worker gets the policy sent with its own script, and the
+    # webpack runtime in Kyutai's decoder worker breaks without eval (``new Function("return this")``).
+    scripts = "script-src 'self' 'wasm-unsafe-eval'" + (" 'unsafe-eval'" if worker else "")
     # The page's own WebSocket is named explicitly: older Safari does not let 'self' cover ws(s):.
     return "; ".join(
         [
             "default-src 'self'",
-            "script-src 'self' 'wasm-unsafe-eval'",  # the Opus codecs are WebAssembly
+            scripts,
             "worker-src 'self' blob:",  # ogg-opus-decoder starts its worker from a blob: URL
             f"connect-src 'self' ws://{host} wss://{host}",
             "img-src 'self' data: blob:",
@@ -132,10 +141,11 @@ def content_security_policy(host: str) -> str:
 
 
 async def add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """An ``on_response_prepare`` hook: the same headers on every response."""
+    """An ``on_response_prepare`` hook: the same headers on every response (eval only for workers)."""
     h = response.headers
     h["Server"] = SERVER_NAME
-    h["Content-Security-Policy"] = content_security_policy(request.host)
+    worker = request.headers.get("Sec-Fetch-Dest", "").lower() in WORKER_DESTINATIONS
+    h["Content-Security-Policy"] = content_security_policy(request.host, worker)
     h["X-Content-Type-Options"] = "nosniff"
     h["X-Frame-Options"] = "DENY"
     h["Referrer-Policy"] = "no-referrer"

@@ -182,6 +182,19 @@ async def test_security_headers_on_every_response(srv):
     assert "javascript" in h["content-type"]
 
 
+async def test_worker_scripts_alone_may_eval(srv):
+    """A worker runs under the policy sent with its own script: only there is eval allowed (no DOM)."""
+    host = f"127.0.0.1:{srv.port}"
+    for dest, evals in [("worker", True), ("sharedworker", True), ("script", False), ("document", False),
+                        ("", False)]:
+        extra = f"Sec-Fetch-Dest: {dest}\r\n" if dest else ""
+        status, h, _ = await raw(srv.port, get("/vendor/encoderWorker.min.js", host, extra))
+        csp = h["content-security-policy"]
+        assert status == 200 and "script-src 'self' 'wasm-unsafe-eval'" in csp, dest
+        assert ("'unsafe-eval'" in csp) == evals, (dest, csp)
+        assert "default-src 'self'" in csp and "object-src 'none'" in csp
+
+
 async def test_only_the_ui_files_are_served(engine, tmp_path):
     web_dir = tmp_path / "web"
     shutil.copytree(find_web_dir(), web_dir)
