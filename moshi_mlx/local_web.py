@@ -54,6 +54,7 @@ from .frames import FrameChunker
 from .protocol import Kind, ParamError, ProtocolError
 from .server_info import server_info
 from .web_security import (
+    FOREIGN_UI,
     HostPolicy,
     QuietHttpErrors,
     add_security_headers,
@@ -609,6 +610,8 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
         middlewares=[host_guard(server.policy)],
         handler_args={"logger": QuietHttpErrors(logging.getLogger("aiohttp.server"), {})},
     )
+    ours = {(PACKAGE_DIR / "web").resolve(), (PACKAGE_DIR.parent / "web").resolve()}
+    app[FOREIGN_UI] = root not in ours
 
     async def handle_index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(index)

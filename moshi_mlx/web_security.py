@@ -9,9 +9,10 @@
   or one of the ``--allow-origin`` origins. Clients that send no Origin (not browsers) are let in.
 * **Headers** on every response (:func:`add_security_headers`): a Content-Security-Policy that
   allows only this server's scripts, workers (blob: too, which the vendored Opus decoder uses) and
-  WebAssembly; ``nosniff``; no framing; and a ``Server`` header without versions. A worker script
-  (``Sec-Fetch-Dest: worker``) alone may also use ``eval``: it has no DOM to inject into, and the
-  Opus decoder worker of Kyutai's built client finds its global object with ``new Function``.
+  WebAssembly; ``nosniff``; no framing; and a ``Server`` header without versions. When the server
+  serves a UI other than ours (``--web-dir``), a worker script (``Sec-Fetch-Dest: worker``) alone may also
+  use ``eval``: it has no DOM to inject into, and the Opus decoder worker of Kyutai's built client finds
+  its global object with ``new Function``. Our own UI never gets it.
 * **Served files** (:func:`ui_file`): only what a web UI is made of, never package metadata,
   READMEs, build scripts or dot files.
 """
@@ -115,6 +116,8 @@ class HostPolicy:
 
 
 WORKER_DESTINATIONS = ("worker", "sharedworker")
+#: Set on the app when it serves a UI other than ours (`--web-dir`, e.g. Kyutai's built client).
+FOREIGN_UI = web.AppKey("foreign_ui", bool)
 
 
 def content_security_policy(host: str, worker: bool = False) -> str:
@@ -144,7 +147,8 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
     """An ``on_response_prepare`` hook: the same headers on every response (eval only for workers)."""
     h = response.headers
     h["Server"] = SERVER_NAME
-    worker = request.headers.get("Sec-Fetch-Dest", "").lower() in WORKER_DESTINATIONS
+    # Our own UI never needs eval; a foreign one's decoder worker may (see content_security_policy).
+    worker = request.app.get(FOREIGN_UI, False) and request.headers.get("Sec-Fetch-Dest", "").lower() in WORKER_DESTINATIONS
     h["Content-Security-Policy"] = content_security_policy(request.host, worker)
     h["X-Content-Type-Options"] = "nosniff"
     h["X-Frame-Options"] = "DENY"
