@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moshi_mlx import protocol  # noqa: E402
-from moshi_mlx.audio import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
+from moshi_mlx.frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker  # noqa: E402
 from moshi_mlx.remote import RemoteConversation  # noqa: E402
 
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
@@ -45,7 +45,7 @@ def _echo_server(port_out, tls_dir: str | None) -> None:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_bytes(protocol.encode_handshake())
-        reader, writer, chunker = sphn.OpusStreamReader(SAMPLE_RATE), sphn.OpusStreamWriter(SAMPLE_RATE), protocol.FrameChunker()
+        reader, writer, chunker = sphn.OpusStreamReader(SAMPLE_RATE), sphn.OpusStreamWriter(SAMPLE_RATE), FrameChunker()
         async for msg in ws:
             if msg.type != WSMsgType.BINARY:
                 continue

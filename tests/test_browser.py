@@ -281,7 +281,8 @@ async def test_browser_talks_to_moshi(chromium, engine, mic_wav, tmp_path):
         # Moshi's audio came back, was decoded and went through the jitter buffer.
         assert stats["audioMessagesIn"] > 5 and stats["decodeErrors"] == 0
         assert stats["serverInfo"]["type"] == "info" and stats["serverStats"] is not None
-        assert stats["serverInfo"]["settings"]["text_topk"] == 10 and stats["serverInfo"]["settings"]["seed"] == 7
+        settings = stats["serverInfo"]["settings"]
+        assert settings["text_topk"] == 10 and settings["text_seed"] == 7 and settings["audio_seed"] == 7
         # Every setting went out under the name Kyutai's client uses, and the server read it.
         sent = set(conv.query.applied) | set(conv.query.ignored)
         assert {"text_topk", "text_seed", "audio_seed", "repetition_penalty", "repetition_penalty_context",

@@ -63,13 +63,15 @@ def venv(wheel, tmp_path_factory) -> Path:
     ).stdout.strip()
     # The dependencies (mlx, rustymimi, aiohttp...) come from this interpreter's site-packages, listed
     # after the venv's own, so the freshly installed moshi_mlx wins over any other copy.
-    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (Path(site) / "zz_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
+    # Installed before the dependencies are made visible: otherwise pip would see this interpreter's own
+    # (editable) moshi_mlx through the .pth and skip the wheel as "already satisfied".
     r = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert r.returncode == 0, r.stderr
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(site) / "zz_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
     return d
 
 
