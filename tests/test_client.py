@@ -168,9 +168,17 @@ def test_conversation_over_ws(jack_tools, tmp_path):
 
 
 def test_conversation_over_wss_with_auto_certificate(jack_tools, tmp_path):
-    config = tmp_path / "config"
-    app, server_log = _converse(tmp_path, ["--ssl", "auto"], ["--insecure"], {"MOSHI_MLX_CONFIG_DIR": str(config)})
+    """The issue's 'done when': local_web --demo --ssl auto and client --insecure wss://... on virtual devices,
+    with transcript and recording."""
+    config, rec_dir = tmp_path / "config", tmp_path / "rec"
+    app, server_log = _converse(
+        tmp_path, ["--ssl", "auto"], ["--insecure", "--record", str(rec_dir)], {"MOSHI_MLX_CONFIG_DIR": str(config)}
+    )
     _check_conversation(app, server_log, tmp_path)
+    stereo, _, text, meta = _recording(rec_dir)
+    assert stereo.shape[1] == 2 and rms(stereo[:, 0]) > 0.005 and rms(stereo[:, 1]) > 2e-4
+    assert text.strip() and " ".join(text.split()) == " ".join(app.stdout.split())
+    assert meta["server"].startswith("wss://127.0.0.1:")
     assert (config / "tls" / "cert.pem").is_file() and (config / "tls" / "key.pem").stat().st_mode & 0o077 == 0
     fp = re.search(r"certificate SHA-256 fingerprint: ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})", server_log)
     assert fp, server_log
