@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from .audio_env import ROOT, JackServer, active_fraction, alsa_file_env, base_env, read_wav, rms, speech_wav
+from .test_client_protocol import start_server
 from .test_local import App, _no_traceback
 
 aiohttp = pytest.importorskip("aiohttp")
@@ -206,13 +207,8 @@ async def test_record_saved_on_sigterm_and_on_connection_loss(jack_tools, tmp_pa
             pass
         return ws
 
-    app = web.Application()
-    app.router.add_get("/api/chat", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, url = await start_server(handler)
+    port = int(url.rsplit(":", 1)[1])
     results = []
     try:
         with JackServer(24000, 1920, log_dir=tmp_path) as jack:
@@ -340,13 +336,8 @@ async def test_bad_record_folder_fails_before_connecting(alsa_env, tmp_path):
         calls.append(request)
         return web.Response(status=404)
 
-    app = web.Application()
-    app.router.add_get("/api/chat", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, url = await start_server(handler)
+    port = int(url.rsplit(":", 1)[1])
     (tmp_path / "file").write_text("x")
     try:
         rc, _, err = await _client([f"ws://127.0.0.1:{port}", "--record", str(tmp_path / "file" / "sub"), *DEVICES],
@@ -412,13 +403,8 @@ async def test_busy_server_and_reconnect(alsa_env):
             await ws.close(code=1013)
         return ws
 
-    app = web.Application()
-    app.router.add_get("/api/chat", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, url = await start_server(handler)
+    port = int(url.rsplit(":", 1)[1])
     try:
         rc, _, err = await _client([f"ws://127.0.0.1:{port}/api/chat?busy=1", *DEVICES], alsa_env)
         assert rc == 1 and _last_line(err) == (
