@@ -583,7 +583,7 @@ def convert(
     OUT_DIR is created if missing; an existing one must be empty unless ``force``. Neither output may
     be an input file (checked even with ``force``); both appear only once complete.
     """
-    say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
+    say = log if log is not None else cli.say
     src = Path(src)
     if src.is_dir():
         raise ConvertError(f"{src}: is a directory; give the checkpoint's .safetensors file")

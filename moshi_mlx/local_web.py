@@ -755,7 +755,7 @@ async def serve(
         sockets = getattr(site._server, "sockets", None) or []
         port = sockets[0].getsockname()[1] if sockets else port
     url = browser_url(host, port, ssl_ctx is not None)
-    print(f"open {url} in your browser (Ctrl-C to quit)", file=sys.stderr, flush=True)
+    log.info("open %s in your browser (Ctrl-C to quit)", url)
     if announce is not None:
         announce(port)
     if open_browser:
@@ -770,7 +770,7 @@ async def serve(
         await stop.wait()
     finally:
         await runner.cleanup()
-        print("server stopped", file=sys.stderr, flush=True)
+        log.info("server stopped")
 
 
 def check_port_free(host: str, port: int) -> None:
