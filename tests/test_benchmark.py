@@ -196,3 +196,16 @@ def test_time_lm_steps_for_compare_reference(demo_files, monkeypatch):
     assert res["config"] == "tiny" and res["dtype"] == "q4"
     with pytest.raises(ValueError, match="unknown precision"):
         benchmark.time_lm_steps("tiny", "q3", 2, 1, 0)
+
+
+def test_memory_budget_is_applied_as_in_the_app(tmp_path, demo_files):
+    """--max-memory: the plan the app would make (here: 4-bit KV and a shorter window) is what gets timed."""
+    path = tmp_path / "budget.json"
+    cmd = [sys.executable, "-m", "moshi_mlx.benchmark", "--config", "tiny", "--dtype", "float32", "--max-memory", "0.5",
+           "--steps", "2", "--warmup", "1", "--lm-only", "--no-split", "--no-progress", "--json", str(path)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "MOSHI_MLX_DEMO_DIR": str(demo_files.mimi_path.parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "memory: budget 0.50 GB" in proc.stderr and "window shortened 3000 ->" in proc.stderr
+    s = json.loads(path.read_text())["settings"]
+    assert s["kv_bits"] == 4 and s["context"] < 3000 and s["start_position"] == s["context"]

@@ -119,6 +119,7 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
     mx.reset_peak_memory()
     t0 = time.perf_counter()
     assets = load(source, demo=args.demo, dtype=args.dtype, log=log)  # the app's one front door
+    assets.plan_memory(args.max_memory, args.kv_bits, log)  # as the app does: --max-memory, --kv-bits
     times = LoadTimes(round(time.perf_counter() - t0, 3), gb(mx.get_peak_memory()), write_s, file_gb)
     info = describe(assets.lm, kind, config_name)
     if kind == "file":

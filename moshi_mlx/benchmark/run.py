@@ -26,9 +26,12 @@ from .results import BenchResult, Memory, Pipeline, Settings
 from .steps import LmTimes, engine_settings, kv_cache_bytes, new_generator, time_lm, user_codes
 
 
-def kv_bits(args: argparse.Namespace) -> int:
-    """--kv-bits, else the app's default: the benchmark times the cache the app would use."""
-    return args.kv_bits or DEFAULT_KV_BITS
+def kv_cache(loaded: Loaded) -> tuple[int, int]:
+    """(KV bits, attention window) the memory plan chose, as the app would run (--kv-bits, --max-memory)."""
+    plan = loaded.assets.memory
+    if plan is None:  # loaded without a plan: the app's defaults
+        return DEFAULT_KV_BITS, loaded.assets.lm.config.transformer.context
+    return plan.kv_bits, plan.context
 
 
 def _set_device(name: str | None) -> None:
@@ -40,7 +43,7 @@ def _set_device(name: str | None) -> None:
         mx.set_default_device(mx.cpu)
 
 
-def _settings(args: argparse.Namespace, context: int, position: int) -> Settings:
+def _settings(args: argparse.Namespace, context: int, position: int, kv_bits: int) -> Settings:
     return Settings(
         steps=args.steps,
         warmup=args.warmup,
@@ -48,7 +51,7 @@ def _settings(args: argparse.Namespace, context: int, position: int) -> Settings
         context=context,
         seed=args.seed,
         realtime_frames=0 if (args.lm_only or args.long) else args.realtime_frames,
-        kv_bits=kv_bits(args),
+        kv_bits=kv_bits,
         split=not (args.no_split or args.long),
         long=args.long,
     )
@@ -56,11 +59,11 @@ def _settings(args: argparse.Namespace, context: int, position: int) -> Settings
 
 def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress: Progress, machine: Machine) -> dict:
     """LM alone, then Mimi and the pipeline, each phase with its own memory peaks."""
-    assets, kv = loaded.assets, kv_bits(args)
+    assets, (kv, window) = loaded.assets, kv_cache(loaded)
     sampling = settings_from_args(args)
     probe = MemoryProbe()
     lm = time_lm(assets.lm, args.steps, args.warmup, position, args.seed, kv, not args.no_split, progress,
-                 probe.sample, sampling.text, sampling.audio)
+                 probe.sample, sampling.text, sampling.audio, window)
     out: dict[str, Any] = {"lm": lm, "lm_memory": probe.result()}
     if args.lm_only:
         out["verdict"] = verdict(lm.step.median_ms, loaded.info.label, machine.where(), "LM alone, Mimi not included",
@@ -69,7 +72,7 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
     probe = MemoryProbe()
     short_warmup = min(args.warmup, 5)
     out["mimi"] = time_mimi(assets.mimi, args.steps, short_warmup, args.seed, progress)
-    engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv))
+    engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv, window))
     try:
         engine.warmup(frames=short_warmup)
         sequential = time_sequential(engine, args.steps, args.warmup, position, progress, probe.sample)
@@ -91,21 +94,21 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
 
 
 def _long_run(args: argparse.Namespace, loaded: Loaded, progress: Progress, machine: Machine) -> dict:
-    assets, kv = loaded.assets, kv_bits(args)
+    assets, (kv, window) = loaded.assets, kv_cache(loaded)
     sampling = settings_from_args(args)
     probe = MemoryProbe()
     engine = None
     if args.long_pipeline:
         from .pipeline import speechlike_pcm
 
-        engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv))
+        engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv, window))
         pcm = speechlike_pcm(64, 3)
         gen = engine.gen
 
         def step(i: int) -> None:
             engine.process(pcm[i % 64])
     else:
-        gen = new_generator(assets.lm, sampling.text, sampling.audio, args.seed, kv)
+        gen = new_generator(assets.lm, sampling.text, sampling.audio, args.seed, kv, window)
         codes = user_codes(assets.lm.config, 256, args.seed)
 
         def step(i: int) -> None:
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with scratch_dir() as scratch:
         loaded = load_model(args, Path(scratch), cli.say, progress.callback("random weights"))
-        context = loaded.assets.lm.config.transformer.context
+        kv_bits, context = kv_cache(loaded)
         position = 0 if args.long else start_position(args.position, context)
         try:
             out = _long_run(args, loaded, progress, machine) if args.long else _short_run(
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
         machine=machine,
         model=loaded.info,
         load=loaded.load,
-        settings=_settings(args, context, position),
+        settings=_settings(args, context, position, kv_bits),
         memory=memory,
         verdict=out["verdict"],
         lm=lm,

@@ -26,18 +26,20 @@ class LmTimes:
     depformer_share: float | None = None
 
 
-def kv_kwargs(kv_bits: int | None) -> dict[str, int]:
-    return {} if kv_bits is None else {"kv_bits": kv_bits}
+def kv_kwargs(kv_bits: int | None, context: int | None = None) -> dict[str, int]:
+    """The KV cache the memory plan chose (precision, window); None keeps LmGen's own default."""
+    return {k: v for k, v in (("kv_bits", kv_bits), ("context", context)) if v is not None}
 
 
 def new_generator(
-    lm: Lm, text: SamplingParams, audio: SamplingParams, seed: int, kv_bits: int | None = None
+    lm: Lm, text: SamplingParams, audio: SamplingParams, seed: int, kv_bits: int | None = None,
+    context: int | None = None,
 ) -> LmGen:
-    return LmGen(lm, text, audio, seed=seed, **kv_kwargs(kv_bits))
+    return LmGen(lm, text, audio, seed=seed, **kv_kwargs(kv_bits, context))
 
 
-def engine_settings(settings: EngineSettings, kv_bits: int | None) -> EngineSettings:
-    return replace(settings, **kv_kwargs(kv_bits))
+def engine_settings(settings: EngineSettings, kv_bits: int | None, context: int | None = None) -> EngineSettings:
+    return replace(settings, **kv_kwargs(kv_bits, context))
 
 
 def seek(gen: LmGen, position: int) -> None:
@@ -78,10 +80,11 @@ def time_lm(
     after: Callable[[int, float], None] | None = None,
     text: SamplingParams = DEFAULT_TEXT_SAMPLING,
     audio: SamplingParams = DEFAULT_AUDIO_SAMPLING,
+    context: int | None = None,
 ) -> LmTimes:
     """LmGen.step timed as is, then (with `split`) again with its own per-half timings attached."""
     progress = progress or Progress(enabled=False)
-    gen = new_generator(lm, text, audio, seed, kv_bits)
+    gen = new_generator(lm, text, audio, seed, kv_bits, context)
     with progress.bar(warmup + steps, "LM step") as bar:
         times = _run_steps(gen, steps, warmup, position, seed, bar, after)
     stats = Stats.of(times)
