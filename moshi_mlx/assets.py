@@ -81,10 +81,10 @@ def load(
 
     start = time.perf_counter()
     if demo:
-        if source != ModelSource():
-            given = [f for f in ("quantize", "hf_repo", "revision") if getattr(source, f) is not None]
-            flags = ["-q" if f == "quantize" else "--" + f.replace("_", "-") for f in given] + source.given_files
-            raise MoshiError(f"--demo runs built-in stand-ins and cannot use {', '.join(flags)}: drop one or the other")
+        if source.given_flags:
+            raise MoshiError(
+                f"--demo runs built-in stand-ins and cannot use {', '.join(source.given_flags)}: drop one or the other"
+            )
         from .demo import demo_assets
 
         log(DEMO_BANNER)

@@ -53,7 +53,7 @@ from .errors import MoshiError
 from .hub import MOSHI_NAMES
 from .loading import GROUP_SIZE_FOR_BITS as QUANT_GROUP_SIZE
 from .models.config import ffn_hidden_dim, ffn_nominal_size
-from .loading import WeightsError, read_tensor_infos
+from .loading import Quantization, WeightsError, read_tensor_infos
 from .outputs import OutputError, atomic_output, check_outputs
 
 __all__ = [
@@ -657,7 +657,7 @@ def convert(
         _write_weights(partial, src, tensors, groups, specs, order, bits, float_dtype, progress, out_name)
     cfg_json = {"moshi_name": out_name, **{k: v for k, v in cfg_json.items() if k != "moshi_name"}}
     if bits is not None:  # written down, as mlx-lm does, so loading need not infer it from shapes
-        cfg_json["quantization"] = {"group_size": QUANT_GROUP_SIZE[bits], "bits": bits}
+        cfg_json["quantization"] = Quantization(bits, QUANT_GROUP_SIZE[bits]).to_dict()
     with atomic_output(cfg_real) as tmp:
         tmp.write_text(json.dumps(cfg_json, indent=2) + "\n", encoding="utf-8")
     say(f"wrote {out_path} ({_size(out_real.stat().st_size)}, {len(specs)} tensors) and {out_dir / 'config.json'}")

@@ -74,12 +74,13 @@ class ModelSource:
         return cls(**{f.name: getattr(args, f.name, None) for f in fields(cls)})
 
     @property
-    def given_files(self) -> list[str]:
-        """The local-file flags that were given (for refusing them where they make no sense, e.g. --demo)."""
-        return [FLAGS[k] for k in ("moshi", "mimi", "tokenizer", "lm_config") if getattr(self, _FIELD[k]) is not None]
+    def given_flags(self) -> list[str]:
+        """The flags that were given, as the user typed them (for refusing them where they make no sense, e.g. --demo)."""
+        return [_FLAG_OF[f.name] for f in fields(self) if getattr(self, f.name) is not None]
 
 
 _FIELD = {"moshi": "moshi_weights", "mimi": "mimi_weights", "tokenizer": "tokenizer", "lm_config": "lm_config"}
+_FLAG_OF = {"quantize": "-q", "hf_repo": "--hf-repo", "revision": "--revision", **{f: FLAGS[k] for k, f in _FIELD.items()}}
 
 
 @dataclass
@@ -291,11 +292,12 @@ def _bits_from_name(name: str) -> int | None | str:
     return "?"
 
 
-def _describe(bits: int | None) -> str:
+def describe_bits(bits: int | None) -> str:
     return "bf16" if bits is None else f"{bits}-bit"
 
 
-def _q_hint(bits: int | None) -> str:
+def quantize_hint(bits: int | None) -> str:
+    """What to pass instead, for weights of `bits` (None: unquantized)."""
     return "drop -q" if bits is None else f"use -q {bits} (or drop -q)"
 
 
@@ -305,8 +307,8 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
         bits = _bits_from_name(named)
         if quantize is not None and bits != "?" and bits != quantize:
             raise HubError(
-                f"{repo.label} provides {named} ({_describe(bits)}), not {quantize}-bit weights: "
-                f"{_q_hint(bits)}, or choose another --hf-repo"
+                f"{repo.label} provides {named} ({describe_bits(bits)}), not {quantize}-bit weights: "
+                f"{quantize_hint(bits)}, or choose another --hf-repo"
             )
         return named
     if files is None:  # offline with nothing cached for this revision
@@ -322,8 +324,8 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
             bits = _bits_from_name(present[0])
             where = "caches" if repo.offline_reason else "provides"
             raise HubError(
-                f"{repo.label} {where} {present[0]} ({_describe(bits)}), not {want}: "  # type: ignore[arg-type]
-                f"{_q_hint(bits)}, or choose another --hf-repo"  # type: ignore[arg-type]
+                f"{repo.label} {where} {present[0]} ({describe_bits(bits)}), not {want}: "  # type: ignore[arg-type]
+                f"{quantize_hint(bits)}, or choose another --hf-repo"  # type: ignore[arg-type]
             )
     elif len(present) == 1:
         return present[0]

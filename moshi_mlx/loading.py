@@ -8,7 +8,7 @@ from deep inside MLX. Tensor data is then read lazily and materialised layer by 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -18,7 +18,17 @@ from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
 
 from .errors import MoshiError, first_line
-from .hub import FLAGS, TOKENIZER_NAME, ModelFiles, ModelSource, check_local_path, find_model_files, read_local_config
+from .hub import (
+    FLAGS,
+    TOKENIZER_NAME,
+    ModelFiles,
+    ModelSource,
+    check_local_path,
+    describe_bits,
+    find_model_files,
+    quantize_hint,
+    read_local_config,
+)
 
 from .models.config import LmConfig, config_v0_1
 from .models.lm import Lm
@@ -47,26 +57,17 @@ class TensorInfo:
 GROUP_SIZE_FOR_BITS = {8: 64, 4: 32}
 
 
-def describe_bits(bits: int | None) -> str:
-    return "bf16" if bits is None else f"{bits}-bit"
-
-
 @dataclass(frozen=True)
 class CheckpointInfo:
     """Everything known about a checkpoint from its header, read once and passed along."""
 
     path: Path
     tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
     quantization: Quantization | None
 
     @property
     def bits(self) -> int | None:
         return self.quantization.bits if self.quantization else None
-
-    @property
-    def label(self) -> str:
-        return describe_bits(self.bits)
 
 
 def read_tensor_infos(path: str | os.PathLike, origin: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -143,7 +144,7 @@ def inspect_checkpoint(
     ones) are read off their shapes. Wrong kinds of file get a one-line error that says what to do.
     """
     where = origin or str(path)
-    tensors, metadata = read_tensor_infos(path, where)
+    tensors, _ = read_tensor_infos(path, where)
     if "text_emb.weight" in tensors and "emb.0.weight" in tensors and "audio_embs.0.weight" not in tensors:
         raise WeightsError(
             f"{where}: this is a PyTorch-layout Moshi checkpoint; convert it first with "
@@ -156,7 +157,7 @@ def inspect_checkpoint(
         quantization = quantization_from_config(config) or infer_quantization(tensors)
     except WeightsError as e:
         raise WeightsError(f"{where}: {e}") from None
-    return CheckpointInfo(Path(path), tensors, metadata, quantization)
+    return CheckpointInfo(Path(path), tensors, quantization)
 
 
 def build_model(config: LmConfig, quantization: Quantization | None = None, dtype: mx.Dtype = mx.bfloat16) -> Lm:
@@ -305,8 +306,9 @@ class ResolvedModel:
 
 def _refuse_bits(quantize: int | None, info: CheckpointInfo, where: str) -> None:
     if quantize is not None and info.bits != quantize:
-        hint = "drop -q" if info.bits is None else f"use -q {info.bits} (or drop -q)"
-        raise WeightsError(f"{where} holds {describe_bits(info.bits)} weights but -q {quantize} was given: {hint}")
+        raise WeightsError(
+            f"{where} holds {describe_bits(info.bits)} weights but -q {quantize} was given: {quantize_hint(info.bits)}"
+        )
 
 
 def check_mimi_file(path: Path, where: str) -> None:
@@ -358,6 +360,8 @@ def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
             path = check_local_path(kind, given)
             check(path, f"{FLAGS[kind]} {path}")
 
+    if config_dict is not None:  # read once: the hub gets the parsed dict, not the path again
+        source = replace(source, lm_config=config_dict)
     files = find_model_files(source, local.bits if local else None, progress)
     if config is None:
         config = parse_config(files.lm_config, f"{files.repo}/config.json")

@@ -23,7 +23,7 @@ def test_demo_refuses_model_flags_instead_of_ignoring_them(source, flag):
 def test_model_source_takes_the_cli_flags_by_name():
     args = add_model_args(argparse.ArgumentParser()).parse_args(["-q", "8", "--tokenizer", "t.model"])
     assert ModelSource.from_args(args) == ModelSource(quantize=8, tokenizer="t.model")
-    assert ModelSource.from_args(args).given_files == ["--tokenizer"]
+    assert ModelSource.from_args(args).given_flags == ["-q", "--tokenizer"]
 
 
 def test_one_door_lists_and_dispatches_every_command():
