@@ -30,10 +30,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moshi_mlx import protocol  # noqa: E402
-from moshi_mlx.frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker  # noqa: E402
+from moshi_mlx.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE, FrameChunker  # noqa: E402
 from moshi_mlx.remote import RemoteConversation  # noqa: E402
 
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
 
 
 def _echo_server(port_out, tls_dir: str | None) -> None:

@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .errors import MoshiError, first_line
-from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker, Resampler, resample  # noqa: F401  (re-exported)
+from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker, Resampler
 
 #: Rates tried, in order, when a device cannot run at 24 kHz (after its own default rate).
 FALLBACK_RATES = (48_000, 44_100, 32_000, 96_000, 16_000, 88_200, 22_050)

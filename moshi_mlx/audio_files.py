@@ -18,21 +18,15 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import soundfile as sf
-import soxr
 
-from .errors import MoshiError
-from .frames import SAMPLE_RATE
+from .errors import MoshiError, first_line
+from .frames import SAMPLE_RATE, Resampler
 
 BLOCK = 1 << 15  # input samples per read: ~0.7 s at 48 kHz, a few hundred KiB at most
 
 
 class AudioFileError(MoshiError, ValueError):
     """An input or output audio file that cannot be used; the message is one line naming the file."""
-
-
-def _first(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # libsndfile subtypes for a RIFF header's (format tag, bits), used when its data size is unset.
@@ -133,7 +127,7 @@ class AudioReader:
             self._raw.seek(0)
             head = self._raw.read(12)
             if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
-                reason = _first(e).split(": ", 1)[-1]  # libsndfile's "Error opening <obj>: ..." prefix
+                reason = first_line(e).split(": ", 1)[-1]  # libsndfile's "Error opening <obj>: ..." prefix
                 raise AudioFileError(f"{p}: unsupported or broken WAV file ({reason})") from None
             raise AudioFileError(f"{p}: not an audio file this tool can read (WAV, FLAC, MP3, Ogg, AIFF)") from None
 
@@ -155,7 +149,7 @@ class AudioReader:
             try:
                 x = self._file.read(size, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as e:
-                raise AudioFileError(f"{self.path}: cannot be decoded ({_first(e)})") from None
+                raise AudioFileError(f"{self.path}: cannot be decoded ({first_line(e)})") from None
             if x.shape[0] == 0:
                 break
             if not np.isfinite(x).all():
@@ -168,15 +162,15 @@ class AudioReader:
 
     def blocks_24k(self, size: int = BLOCK) -> Iterator[np.ndarray]:
         """Mono 24 kHz float32 blocks; all of them together are exactly ``frames_24k`` samples long."""
-        stream = None if self.rate == SAMPLE_RATE else soxr.ResampleStream(self.rate, SAMPLE_RATE, 1, dtype="float32")
+        resampler = Resampler(self.rate, SAMPLE_RATE)  # the same soxr stream as the audio callbacks
         produced = 0
         for x in self.blocks(size):
             mono = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
-            y = mono if stream is None else stream.resample_chunk(np.ascontiguousarray(mono, np.float32))
+            y = resampler.process(mono)
             produced += y.size
             if y.size:
                 yield y
-        tail = np.zeros(0, np.float32) if stream is None else stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        tail = resampler.process(np.zeros(0, np.float32), last=True)
         # soxr's total can differ from the exact ratio by a sample: trim or pad the end to it (soxr
         # lags behind its input, so the blocks already given never overshoot).
         keep = max(0, self.frames_24k - produced)
@@ -230,7 +224,7 @@ class WavWriter:
                 self.path, "w", samplerate=rate, channels=channels, subtype="PCM_16", format="WAV"
             )
         except (sf.LibsndfileError, RuntimeError, OSError) as e:
-            raise AudioFileError(f"{self.path}: cannot be written ({_first(e)})") from None
+            raise AudioFileError(f"{self.path}: cannot be written ({first_line(e)})") from None
         self.samples = 0
 
     def write(self, pcm: np.ndarray) -> None:

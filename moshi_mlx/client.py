@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import cli
-from .audio import FRAME_SIZE, SAMPLE_RATE, DuplexAudio, NoDefaultDevice
+from .audio import DuplexAudio, NoDefaultDevice
 from .errors import error_line
+from .frames import FRAME_S
 from .remote import (
     DEFAULT_URL,
     ClientError,
@@ -56,7 +57,6 @@ from .terminal import (
 if TYPE_CHECKING:
     from .recording import ConversationRecorder
 
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
 #: Said when there is no sound card: the server's own page works from any browser with a microphone.
 NO_SOUND_HINT = (
     "without a sound card here, open the server's address (http:// or https://) in a browser on a device "

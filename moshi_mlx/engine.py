@@ -28,7 +28,7 @@ import numpy as np
 from .generate import LmGen, StepOutput
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
-from .frames import FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (re-exported for front ends)
+from .frames import FRAME_SIZE
 from .settings import EngineSettings
 from .tokenizer import TextTokenizer
 

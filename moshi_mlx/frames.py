@@ -12,6 +12,7 @@ SAMPLE_RATE = 24_000  # Hz, Mimi's rate
 FRAME_RATE = 12.5  # Mimi frames per second
 FRAME_SIZE = int(SAMPLE_RATE / FRAME_RATE)  # 1920 samples
 FRAME_MS = 1000.0 / FRAME_RATE  # 80 ms
+FRAME_S = FRAME_SIZE / SAMPLE_RATE  # 0.08 s
 FRAMES_PER_MINUTE = int(60 * FRAME_RATE)  # 750
 
 
@@ -38,6 +39,11 @@ class FrameChunker:
         frames = [buf[i * self.frame_size : (i + 1) * self.frame_size].copy() for i in range(n)]
         self._buf = buf[n * self.frame_size :].copy()
         return frames
+
+    def rest(self) -> np.ndarray:
+        """The samples held back (fewer than a frame), handed over and forgotten: the end of a stream."""
+        rest, self._buf = self._buf, np.zeros(0, dtype=np.float32)
+        return rest
 
     def reset(self) -> None:
         self._buf = np.zeros(0, dtype=np.float32)
@@ -66,7 +72,7 @@ class Resampler:
         self._stream = None if self.passthrough else soxr.ResampleStream(self.src_rate, self.dst_rate, 1, "float32", "HQ")
 
     def process(self, x: np.ndarray, last: bool = False) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)  # soxr reads the buffer as is
         if self._stream is None:
             return x.copy()
         return self._stream.resample_chunk(x, last=last)

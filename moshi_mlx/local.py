@@ -16,14 +16,9 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .audio import (
-    FRAME_SIZE,
-    SAMPLE_RATE,
-    AudioDeviceError,
-    DuplexAudio,
-    NoDefaultDevice,
-)
+from .audio import AudioDeviceError, DuplexAudio, NoDefaultDevice
 from .errors import UsageError, first_line
+from .frames import FRAME_S, SAMPLE_RATE
 from .outputs import OutputError, atomic_output, check_outputs, fresh_path
 from .terminal import Display as _Display
 from .terminal import (
@@ -41,7 +36,6 @@ from .terminal import log as _log
 from .terminal import make_echo_canceller as _make_echo_canceller
 from .terminal import sigint_ignored as _sigint_ignored
 
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
 #: Said when there is no sound card: the two ways to try Moshi without one.
 NO_SOUND_HINT = (
     "without a sound card, try `python -m moshi_mlx.local --demo` or answer a recording with "

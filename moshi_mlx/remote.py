@@ -30,12 +30,11 @@ from yarl import URL
 
 from . import protocol
 from .errors import MoshiError, UsageError, first_line
-from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker
+from .frames import FRAME_S, SAMPLE_RATE, FrameChunker
 from .protocol import Kind, ProtocolError
 
 DEFAULT_URL = "ws://localhost:8998"
 CHAT_PATH = "/api/chat"
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
 #: Bytes allowed to wait in the connection's send buffer before mic frames are held back (~6 frames).
 SEND_BACKLOG_BYTES = 2400
 #: The kernel's send buffer (bytes); small so a stalled link backs up where we can see it.
@@ -90,7 +89,7 @@ def chat_url(url: str, params: Mapping[str, Any] | None = None) -> URL:
     if u.scheme not in schemes:
         raise BadUrl(f"bad URL {url!r}: the scheme must be ws://, wss://, http:// or https://")
     try:
-        host, port = u.host, u.port
+        host, _ = u.host, u.port  # reading the port also checks it
     except ValueError as e:
         raise BadUrl(f"bad URL {url!r}: {e}") from None
     if not host:

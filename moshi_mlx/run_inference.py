@@ -26,18 +26,15 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .audio import FRAME_SIZE, SAMPLE_RATE
 from .audio_files import AudioFileError, AudioReader, WavWriter, load_mono_24k, read_audio, write_wav
 from . import cli
+from .frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE, FrameChunker
 from .outputs import atomic_output, check_outputs
 
 __all__ = [
     "AudioFileError", "converse_stream", "converse_offline", "convert_file", "load_mono_24k", "read_audio",
     "write_wav", "main",
 ]
-
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
-
 
 # ------------------------------------------------------------------------------------------------
 # Running the engine
@@ -57,7 +54,7 @@ def converse_stream(
     "text"}``, where ``start`` is the piece's time in Moshi's audio.
     """
     pieces: list[dict] = []
-    pending = np.zeros(0, np.float32)
+    chunker = FrameChunker()
     done = 0
     engine.reset()
 
@@ -72,13 +69,11 @@ def converse_stream(
             progress(done)
 
     for block in blocks:
-        pending = np.concatenate([pending, np.asarray(block, np.float32).reshape(-1)])
-        n = pending.size // FRAME_SIZE
-        for i in range(n):
-            step(pending[i * FRAME_SIZE : (i + 1) * FRAME_SIZE], FRAME_SIZE)
-        pending = pending[n * FRAME_SIZE :]
-    if pending.size:
-        step(np.concatenate([pending, np.zeros(FRAME_SIZE - pending.size, np.float32)]), pending.size)
+        for frame in chunker.push(block):
+            step(frame, FRAME_SIZE)
+    rest = chunker.rest()
+    if rest.size:  # the last frame padded with silence; only its real part of Moshi's answer is kept
+        step(np.concatenate([rest, np.zeros(FRAME_SIZE - rest.size, np.float32)]), rest.size)
     return pieces
 
 

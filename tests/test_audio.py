@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from moshi_mlx import audio
-from moshi_mlx.audio import FRAME_SIZE, AudioDeviceError, DuplexAudio, Resampler, find_device, resample
+from moshi_mlx.audio import AudioDeviceError, DuplexAudio, find_device
+from moshi_mlx.frames import FRAME_SIZE, Resampler, resample
 
 from .audio_env import ROOT, FakeSD, alsa_file_env, portaudio_problem, rms
 
@@ -250,7 +251,8 @@ def test_device_without_any_usable_rate(fake_sd):
 _PROBE = r"""
 import json, sys, threading
 import numpy as np
-from moshi_mlx.audio import DuplexAudio, FRAME_SIZE
+from moshi_mlx.audio import DuplexAudio
+from moshi_mlx.frames import FRAME_SIZE
 mic_dev, spk_dev, n_mic, out_npz = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 got, played_seen = [], []
 done = threading.Event()

@@ -4,7 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from moshi_mlx.engine import FRAME_SIZE, ConversationEngine, EngineRunner, EngineSettings
+from moshi_mlx.engine import ConversationEngine, EngineRunner, EngineSettings
+from moshi_mlx.frames import FRAME_SIZE
 from moshi_mlx.sampling import GREEDY, SamplingParams
 
 

@@ -38,6 +38,9 @@ def test_frame_chunker_rechunks_arbitrary_sizes():
     assert all(f.shape == (1920,) and f.dtype == np.float32 for f in frames)
     assert len(frames) == 5 and chunker.pending == 123
     np.testing.assert_array_equal(np.concatenate(frames), signal[: 1920 * 5])
+    np.testing.assert_array_equal(chunker.rest(), signal[1920 * 5 :])  # the end of the stream, handed over
+    assert chunker.pending == 0 and chunker.rest().size == 0
+    chunker.push(signal[:7])
     chunker.reset()
     assert chunker.pending == 0
     assert chunker.push(np.zeros(0, np.float32)) == []
