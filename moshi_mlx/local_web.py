@@ -40,17 +40,10 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from . import protocol
-from .engine import (
-    FRAME_SIZE,
-    SAMPLE_RATE,
-    ConversationEngine,
-    EngineRunner,
-    EngineSettings,
-    FrameResult,
-)
 from . import cli
+from .engine import ConversationEngine, EngineRunner, EngineSettings, FrameResult
 from .errors import MoshiError, first_line
-from .frames import FrameChunker
+from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker
 from .protocol import Kind, ParamError, ProtocolError
 from .server_info import server_info
 from .web_security import (
