@@ -14,12 +14,15 @@ Messages go through `logging` (logger "moshi_mlx"), to stderr, without decoratio
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
-from typing import TYPE_CHECKING, Callable, TextIO
+from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -85,6 +88,52 @@ def run(
             traceback.print_exc()
         log.error(error_line(e))
         return EXIT_ERROR
+
+
+# -- signals: SIGTERM ends a session the way Ctrl-C does, and the summary says which ----------------
+class SignalInterrupt(KeyboardInterrupt):
+    """A signal (SIGTERM) ending a session the way Ctrl-C does, so every cleanup path runs; names the signal."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+def signal_name(signum: int) -> str:
+    """ "Ctrl-C" for SIGINT (what the user pressed), else the signal's name ("SIGTERM")."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def stopped_by(interrupt: BaseException) -> str:
+    """What ended a session, from the KeyboardInterrupt that ended it: "SIGTERM" or "Ctrl-C"."""
+    return interrupt.signame if isinstance(interrupt, SignalInterrupt) else "Ctrl-C"
+
+
+def raise_interrupt(signum, frame):
+    raise SignalInterrupt(signal_name(signum))
+
+
+@contextlib.contextmanager
+def _handling(signum: int, handler) -> Iterator[None]:
+    """`handler` for `signum` meanwhile (main thread only: elsewhere Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, old)
+
+
+def sigterm_interrupts() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so a killed run still cleans up (and saves)."""
+    return _handling(signal.SIGTERM, raise_interrupt)
+
+
+def sigint_ignored() -> contextlib.AbstractContextManager[None]:
+    """A second Ctrl-C must not break the cleanup."""
+    return _handling(signal.SIGINT, signal.SIG_IGN)
 
 
 # -- progress ------------------------------------------------------------------------------------

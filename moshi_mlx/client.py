@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import cli
+from .cli import sigint_ignored, signal_name
 from .audio import DuplexAudio, NoDefaultDevice
 from .errors import error_line
 from .frames import FRAME_S
@@ -48,10 +49,8 @@ from .terminal import (
     log,
     make_echo_canceller,
     make_recorder,
-    save_recording,
-    sigint_ignored,
     run_app,
-    signal_name,
+    save_recording,
 )
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 
 from .audio import AudioDeviceError, DuplexAudio, NoDefaultDevice
+from .cli import sigint_ignored, stopped_by
 from .errors import UsageError, first_line
 from .frames import FRAME_S, SAMPLE_RATE
 from .outputs import OutputError, atomic_output, check_outputs, fresh_path
@@ -30,11 +31,9 @@ from .terminal import (
     make_recorder,
     run_app,
     save_recording,
-    stopped_by,
 )
 from .terminal import log as _log
 from .terminal import make_echo_canceller as _make_echo_canceller
-from .terminal import sigint_ignored as _sigint_ignored
 
 #: Said when there is no sound card: the two ways to try Moshi without one.
 NO_SOUND_HINT = (
@@ -155,7 +154,7 @@ def converse(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         interrupted = stopped_by(e)
     finally:
-        with _sigint_ignored():  # a second Ctrl-C must not break the cleanup
+        with sigint_ignored():  # a second Ctrl-C must not break the cleanup
             audio.close()
             runner.stop(timeout=1.0)
             engine.close()

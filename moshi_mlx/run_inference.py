@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from typing import Callable, Iterable
@@ -148,18 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # `kill` cleans up like Ctrl-C: temporary files go, outputs stay as they were
-
-
 def main(argv: list[str] | None = None) -> int:
     return cli.run(build_parser(), _main, argv, interrupted="interrupted: no output written")
 
 
 def _main(args: argparse.Namespace) -> int:
+    # `kill` cleans up like Ctrl-C: temporary files go, outputs stay as they were
+    with cli.sigterm_interrupts():
+        return _answer(args)
+
+
+def _answer(args: argparse.Namespace) -> int:
     from .assets import load_from_args, settings_from_args
 
-    signal.signal(signal.SIGTERM, _terminate)
     # Open the input and check the outputs before paying for a model load.
     AudioReader(args.input).close()
     check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])

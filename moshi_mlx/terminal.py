@@ -7,12 +7,9 @@ canceller and recorder set-up, Ctrl-C / SIGTERM handling and the quick exit once
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import sys
-import threading
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -181,41 +178,6 @@ def echo_summary(echo_canceller) -> str | None:
     return f"echo cancellation: {echo_canceller.reduction.describe()}"
 
 
-class SignalInterrupt(KeyboardInterrupt):
-    """A signal (SIGTERM) ending a session the way Ctrl-C does, so every cleanup path runs; names the signal."""
-
-    def __init__(self, signame: str) -> None:
-        super().__init__(signame)
-        self.signame = signame
-
-
-def signal_name(signum: int) -> str:
-    """ "Ctrl-C" for SIGINT (what the user pressed), else the signal's name ("SIGTERM")."""
-    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-
-
-def stopped_by(interrupt: BaseException) -> str:
-    """What ended a session, from the KeyboardInterrupt that ended it: "SIGTERM" or "Ctrl-C"."""
-    return interrupt.signame if isinstance(interrupt, SignalInterrupt) else "Ctrl-C"
-
-
-def raise_interrupt(signum, frame):  # SIGTERM ends a session like Ctrl-C, and the summary says which
-    raise SignalInterrupt(signal_name(signum))
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """SIGTERM raises KeyboardInterrupt meanwhile, so a killed session still cleans up (and saves)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def run_app(
     parser: argparse.ArgumentParser, converse: Callable[[argparse.Namespace], int], no_sound_hint: str,
     argv: list[str] | None = None,
@@ -223,26 +185,13 @@ def run_app(
     """A terminal front end's main(): the CLI shell, --list-devices, SIGTERM handled like Ctrl-C."""
 
     def body(args: argparse.Namespace) -> int:
-        with sigterm_interrupts():
+        with cli.sigterm_interrupts():
             if args.list_devices:
                 print(list_devices(if_none=no_sound_hint))
                 return 0
             return converse(args)
 
     return cli.run(parser, body, argv)
-
-
-@contextlib.contextmanager
-def sigint_ignored():
-    """A second Ctrl-C must not break the cleanup."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def exit_now(rc: int) -> None:

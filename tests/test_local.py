@@ -298,7 +298,7 @@ def test_in_process_session_resampled_and_no_stray_threads(monkeypatch, capsys):
     session is left."""
     import signal as _signal
 
-    from moshi_mlx import audio, local, terminal
+    from moshi_mlx import audio, cli, local
 
     from .audio_env import FakeSD
 
@@ -329,7 +329,7 @@ def test_in_process_session_resampled_and_no_stray_threads(monkeypatch, capsys):
     cap = capsys.readouterr()
     assert "(48000 Hz, resampled to 24 kHz)" in cap.err and "session:" in cap.err and "stopped by Ctrl-C" in cap.err
     assert len(cap.out.split()) >= 5  # transcript pieces
-    assert _signal.getsignal(_signal.SIGTERM) is not terminal.raise_interrupt  # handler restored
+    assert _signal.getsignal(_signal.SIGTERM) is not cli.raise_interrupt  # handler restored
 
 
 def test_tty_display(monkeypatch):
@@ -362,7 +362,7 @@ def test_tty_display(monkeypatch):
 def test_engine_failure_mid_session_is_one_line(monkeypatch, capsys):
     """Mimi failing inside the engine thread (simulated: decode raises MimiError on its 5th frame)
     ends the session with one error line and exit code 1, streams and threads closed."""
-    from moshi_mlx import audio, local, terminal
+    from moshi_mlx import audio, local
     from moshi_mlx.engine import ConversationEngine
     from moshi_mlx.mimi import MimiError
 
