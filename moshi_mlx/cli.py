@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, TextIO
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-from .errors import MoshiError, UsageError, error_line, first_line
+from .errors import MoshiError, UsageError, error_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEBUG_ENV = "MOSHI_MLX_DEBUG"
@@ -81,7 +81,7 @@ def run(
         log.error(interrupted)
         return EXIT_INTERRUPTED
     except UsageError as e:
-        log.error(f"error: {first_line(e)}")
+        log.error(error_line(e))
         return EXIT_USAGE
     except Exception as e:  # the policy: every failure is one line; tracebacks only on request
         if verbose and not isinstance(e, MoshiError):

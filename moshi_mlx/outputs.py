@@ -32,7 +32,7 @@ from .errors import MoshiError
 
 PathLike = str | os.PathLike
 
-__all__ = ["OutputError", "check_outputs", "atomic_output", "destination", "fresh_path"]
+__all__ = ["OutputError", "check_outputs", "atomic_output", "destination", "fresh_path", "fresh_paths", "probe_writable"]
 
 
 class OutputError(MoshiError, ValueError):
@@ -74,14 +74,15 @@ def check_outputs(inputs: Iterable[PathLike | None], outputs: Iterable[PathLike 
         folder = real.parent
         if not folder.is_dir():
             raise OutputError(f"{shown}: folder {folder} does not exist")
-        _probe(shown, folder)
+        probe_writable(folder, shown)
         if real.exists() and not os.access(real, os.W_OK):
             raise OutputError(f"{shown}: exists and is read-only")
     return [real for _, real in outs]
 
 
-def _probe(shown: PathLike, folder: Path) -> None:
-    # Create a file for real: os.access says yes to root, and knows nothing of read-only mounts.
+def probe_writable(folder: Path, shown: PathLike) -> None:
+    """Refuse (OutputError) a folder a file cannot be created in. A file is created for real: os.access
+    says yes to root, and knows nothing of read-only mounts."""
     try:
         fd, name = tempfile.mkstemp(prefix=".write-test.", dir=folder)
     except OSError as e:
@@ -138,15 +139,23 @@ def _link_new(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def fresh_path(folder: PathLike, stem: str, suffix: str, when: float | None = None) -> Path:
-    """A name nobody uses yet in ``folder``: ``STEM-YYYYmmdd-HHMMSS.SUFFIX``, then ``...-2``, ``-3``, ...
+def fresh_paths(folder: PathLike, stem: str, suffixes: Iterable[str], when: float | None = None) -> list[Path]:
+    """Names nobody uses yet in ``folder``, one per suffix, sharing ``STEM-YYYYmmdd-HHMMSS``, then
+    ``...-2``, ``-3``, ... until none of the group exists (a recording's files belong together).
 
-    Only a proposal: write it with ``atomic_output(path, overwrite=False)``, which refuses a file that
-    appeared meanwhile, and ask again if it does.
+    Only a proposal: write each with ``atomic_output(path, overwrite=False)``, which refuses a file that
+    appeared meanwhile, and ask again if one does.
     """
+    suffixes = list(suffixes)
     base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
     for n in itertools.count(1):
-        path = Path(folder) / (f"{base}{suffix}" if n == 1 else f"{base}-{n}{suffix}")
-        if not os.path.lexists(path):
-            return path
+        name = base if n == 1 else f"{base}-{n}"
+        paths = [Path(folder) / f"{name}{suffix}" for suffix in suffixes]
+        if not any(os.path.lexists(p) for p in paths):
+            return paths
     raise AssertionError("unreachable")
+
+
+def fresh_path(folder: PathLike, stem: str, suffix: str, when: float | None = None) -> Path:
+    """One fresh name (see :func:`fresh_paths`): ``STEM-YYYYmmdd-HHMMSS.SUFFIX``, then ``...-2``, ..."""
+    return fresh_paths(folder, stem, [suffix], when)[0]

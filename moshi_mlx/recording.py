@@ -32,7 +32,7 @@ import soundfile as sf
 from .audio_files import to_pcm16
 from .errors import MoshiError, first_line
 from .frames import SAMPLE_RATE
-from .outputs import OutputError, atomic_output
+from .outputs import OutputError, atomic_output, fresh_paths
 
 SUFFIXES = ("stereo.wav", "mixed.wav", "transcript.txt", "transcript.json")
 
@@ -136,12 +136,8 @@ class ConversationRecorder:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RecordingError(f"--record {folder}: cannot create the folder ({e.strerror or e})") from None
-        stem_base = "moshi-" + started.strftime("%Y%m%d-%H%M%S")
-        for attempt in range(1, 1000):
-            stem = stem_base if attempt == 1 else f"{stem_base}-{attempt}"
-            paths = [folder / f"{stem}-{suffix}" for suffix in SUFFIXES]
-            if any(p.exists() for p in paths):
-                continue
+        for _ in range(1000):  # a name is only a proposal: another recording may take it meanwhile
+            paths = fresh_paths(folder, "moshi", [f"-{suffix}" for suffix in SUFFIXES], started.timestamp())
             meta = {
                 "started_at": started.isoformat(timespec="seconds"),
                 "seconds": round(seconds, 3),
@@ -167,4 +163,4 @@ class ConversationRecorder:
             except (OutputError, OSError, sf.LibsndfileError) as e:
                 raise RecordingError(f"{folder}: cannot write the recording ({first_line(e)})") from None
             return RecordingFiles(*paths, seconds=seconds)
-        raise RecordingError(f"{folder}: no free file name for {stem_base}")
+        raise RecordingError(f"{folder}: no free file name for moshi-{started:%Y%m%d-%H%M%S}")

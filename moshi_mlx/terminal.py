@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import cli
 from .audio import list_devices, release_portaudio
 from .errors import first_line
+from .outputs import OutputError, probe_writable
 
 if TYPE_CHECKING:
     from .recording import ConversationRecorder
 
 
-def log(msg: str) -> None:
-    cli.say(msg)
+log = cli.say  # a line for the user on stderr
 
 
 def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -65,8 +65,10 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RecordingError(f"--record {directory}: cannot create the folder ({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK):
-        raise RecordingError(f"--record {directory}: the folder is not writable")
+    try:
+        probe_writable(folder, directory)
+    except OutputError:
+        raise RecordingError(f"--record {directory}: the folder is not writable") from None
     return ConversationRecorder()
 
 

@@ -229,3 +229,13 @@ def test_fresh_path_never_names_an_existing_file(tmp_path):
     first.write_bytes(b"x")
     (tmp_path / "moshi-demo-20250304-050607-2.wav").symlink_to(tmp_path / "gone")  # a dangling link counts
     assert fresh_path(tmp_path, "moshi-demo", ".wav", when) == tmp_path / "moshi-demo-20250304-050607-3.wav"
+
+
+def test_fresh_paths_keep_a_group_together(tmp_path):
+    """A recording's files share one name: if any of the group exists, the whole group moves on."""
+    from moshi_mlx.outputs import fresh_paths
+
+    first = fresh_paths(tmp_path, "moshi", ["-a.wav", "-b.txt"], when=0)
+    first[1].write_text("taken")  # only the second of the group
+    second = fresh_paths(tmp_path, "moshi", ["-a.wav", "-b.txt"], when=0)
+    assert [p.name for p in second] == [p.name.replace("-a.wav", "-2-a.wav").replace("-b.txt", "-2-b.txt") for p in first]

@@ -14,7 +14,6 @@ import mlx.core as mx
 import psutil
 from tqdm import tqdm
 
-from ..cli import Progress  # noqa: F401  (the app's one progress bar)
 
 _PROCESS = psutil.Process(os.getpid())
 

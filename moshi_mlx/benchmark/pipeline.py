@@ -9,9 +9,10 @@ from typing import Callable
 
 import numpy as np
 
+from ..cli import Progress
 from ..engine import ConversationEngine, EngineRunner, FrameResult
 from ..frames import FRAME_MS, FRAME_SIZE, SAMPLE_RATE
-from .measure import Progress, Stats, timed
+from .measure import Stats, timed
 from .steps import seek
 
 

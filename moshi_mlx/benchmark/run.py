@@ -18,7 +18,7 @@ from ..models.cache import DEFAULT_KV_BITS
 from .args import build_parser, check_args, start_position
 from .long import LongRun, long_session
 from .machine import Machine, machine_info
-from .measure import MemoryProbe, PhaseMemory, Progress, gb, rss_peak_bytes
+from .measure import MemoryProbe, PhaseMemory, gb, rss_peak_bytes
 from .models import PRECISIONS, Loaded, load_model, scratch_dir
 from .pipeline import time_mimi, time_runner, time_sequential
 from .report import format_table, verdict
@@ -57,7 +57,7 @@ def _settings(args: argparse.Namespace, context: int, position: int, kv_bits: in
     )
 
 
-def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress: Progress, machine: Machine) -> dict:
+def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress: cli.Progress, machine: Machine) -> dict:
     """LM alone, then Mimi and the pipeline, each phase with its own memory peaks."""
     assets, (kv, window) = loaded.assets, kv_cache(loaded)
     sampling = settings_from_args(args)
@@ -93,7 +93,7 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
     return out
 
 
-def _long_run(args: argparse.Namespace, loaded: Loaded, progress: Progress, machine: Machine) -> dict:
+def _long_run(args: argparse.Namespace, loaded: Loaded, progress: cli.Progress, machine: Machine) -> dict:
     assets, (kv, window) = loaded.assets, kv_cache(loaded)
     sampling = settings_from_args(args)
     probe = MemoryProbe()
@@ -133,7 +133,7 @@ def _long_run(args: argparse.Namespace, loaded: Loaded, progress: Progress, mach
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
     """Everything the command line does; returns the result (printed and written by `main`)."""
     _set_device(args.device)
-    progress = Progress(args.progress)
+    progress = cli.Progress(args.progress)
     machine = machine_info()
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with scratch_dir() as scratch:

@@ -12,7 +12,8 @@ from ..generate import LmGen, StepTimings
 from ..models.config import LmConfig
 from ..models.lm import Lm
 from ..sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
-from .measure import Progress, Stats, gb, timed
+from ..cli import Progress
+from .measure import Stats, gb, timed
 
 
 @dataclass(frozen=True)
