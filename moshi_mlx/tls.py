@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MoshiError
+from .web_security import is_ip
 
 __all__ = [
     "CertInfo",
@@ -89,18 +90,10 @@ def machine_names() -> list[str]:
         fqdn = socket.getfqdn()
     except OSError:
         fqdn = ""
-    if fqdn and fqdn not in ("localhost", "localhost.localdomain") and not _is_ip(fqdn):
+    if fqdn and fqdn not in ("localhost", "localhost.localdomain") and not is_ip(fqdn):
         names.append(fqdn)
     names.append("localhost")
     return list(dict.fromkeys(n.lower() for n in names if n))
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 def machine_addresses() -> list[str]:

@@ -49,7 +49,7 @@ def _host_name(host: str) -> str | None:
         return None
 
 
-def _is_ip(name: str) -> bool:
+def is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
         return True
@@ -92,7 +92,7 @@ class HostPolicy:
             return False
         if name in self.names or name.endswith(".localhost"):  # *.localhost never leaves the machine
             return True
-        if _is_ip(name):
+        if is_ip(name):
             return self.any_interface or ipaddress.ip_address(name).is_loopback
         return False
 
