@@ -15,23 +15,30 @@ What rustymimi 0.4.1 does (measured, and read from its source):
 * Creating an instance takes 0.5-2 s on a small CPU and holds the GIL throughout (every Python thread,
   the audio callback included, stalls); stepping releases it.
 
-So each direction (*lane*) owns **two instances, created once**, and alternates them:
+So the two directions (*lanes*) share a small pool of instances, **created once** (three by default):
 
-* The active instance runs for ``max_frames`` frames (its *turn*). For the last ``overlap_frames`` of the
-  turn the other instance, freshly reset, is fed the very same input beside it; Mimi's transformers attend
-  to 250 positions (10 s, 125 frames), so its state converges to the active one's (exactly after at most
-  one window per layer, 8 windows; in practice within about one, see ``DEFAULT_OVERLAP_FRAMES``).
-* Then the spare takes over and the old instance is reset, which frees its keys/values. A lane therefore
-  holds at most ``max_frames`` frames of keys/values whatever the session length.
+* Each lane has an active instance, which runs for ``max_frames`` frames (its *turn*). For the last
+  ``overlap_frames`` of the turn the lane borrows a freshly reset spare from the pool and feeds it the very
+  same input beside it; Mimi's transformers attend to 250 positions (10 s, 125 frames), so its state
+  converges to the active one's (exactly after at most one window per layer, 8 windows; in practice within
+  about one, see ``DEFAULT_OVERLAP_FRAMES``).
+* Then the spare takes over and the old instance is reset, which frees its keys/values, and goes back to the
+  pool, where the *other* lane may borrow it next (reset clears both halves). A lane therefore holds at most
+  ``max_frames`` frames of keys/values whatever the session length.
 * The encoder switches between two frames; the decoder crossfades over the last ``crossfade_frames``
-  frames of the overlap, so there is no click. The decoder's turns are staggered by half a period so
-  the two lanes never overlap at the same time (an overlap doubles that lane's cost for its duration).
-* Each instance's position table is sized for ``lifetime_frames`` of its own frames (about 1.1 KiB per
-  frame, fixed at load). An instance that has used half of it is replaced at the next ``reset()``
-  (between conversations); only a single conversation longer than about ``lifetime_frames / 0.6``
-  frames loads one mid-conversation (once per lane, with the GIL stall above).
+  frames of the overlap, so there is no click. The decoder's turns are staggered by half a period so the
+  two lanes never want the one spare at the same time; if they do (one direction reset on its own, an
+  offline clip), the later lane keeps its active instance a few frames longer instead of loading one.
+* An instance is used by one lane at a time (rustymimi's calls take it exclusively), so the encoder and
+  the decoder keep running in parallel (measured here: 54 ms per frame for both in parallel, 87 ms when
+  one instance serves both in turn).
+* Each instance's position table is sized for ``lifetime_frames`` of its own frames per direction (about
+  1.1 KiB per frame, fixed at load). An instance that has used half of it is replaced at the next
+  ``reset()`` (between conversations); only a single conversation longer than about
+  ``lifetime_frames / 0.4`` frames loads one mid-conversation (with the GIL stall above).
 
-Memory: each instance holds its own f32 weights (~390 MB, measured) plus its position table. rustymimi's
+Memory: each instance holds its own f32 weights (~390 MB, measured) plus its position table; a pool of three
+instead of two per direction saves one copy. rustymimi's
 "bf16" fails on CPU (candle has no bf16 matmul there); "f16" gives the same codes but decoded audio
 8.9 % RMS away from f32 on the random test weights, so f32 stays the default.
 """
@@ -74,9 +81,12 @@ RUSTYMIMI_DEFAULT_MAX_SEQ_LEN = 8192
 DEFAULT_OVERLAP_FRAMES = CONTEXT_FRAMES
 #: Frames an instance is active between resets (60 s): bounds each lane's keys/values to ~48 MB in f32.
 DEFAULT_MAX_FRAMES = 750
-#: Frames an instance may process over its whole life (its position table): at the default turn an
-#: instance runs 0.6 frames per lane frame, so this lasts a single conversation of about 1.2 hours.
+#: Frames an instance may process per direction over its whole life (its position table): at the default
+#: turn each direction runs 1.2 frames per frame spread over three instances, 0.4 each, so this lasts a
+#: single conversation of about 1.5 hours.
 DEFAULT_LIFETIME_FRAMES = 27_000
+#: rustymimi instances shared by the two directions: one active each and one spare.
+DEFAULT_INSTANCES = 3
 _SAFETY_FRAMES = 4  # never run an instance right up to its position table's end
 # rustymimi preallocates each key/value buffer for max_seq_len positions (8 heads x 64 dims). Buffers of
 # 32 MiB or more are always mmapped by glibc, so reset() hands their pages straight back to the OS;
@@ -136,60 +146,135 @@ def _check_codes(codes, num_codebooks: int, frames: int | None = None) -> np.nda
 
 
 # --------------------------------------------------------------------------------------------------
+# rustymimi instances shared by the two directions
+# --------------------------------------------------------------------------------------------------
+
+
+class _Instance:
+    """One rustymimi Tokenizer and how many frames each direction has run through it since it was loaded
+    (its encoder and decoder transformers count positions separately, and reset() rewinds neither)."""
+
+    __slots__ = ("tokenizer", "used")
+
+    def __init__(self, tokenizer: object):
+        self.tokenizer = tokenizer
+        self.used = {"encoder": 0, "decoder": 0}
+
+
+class _Pool:
+    """The rustymimi instances of one :class:`Mimi`, created once and lent to the two directions.
+
+    Each direction holds one active instance; the free ones are freshly reset spares that either
+    direction borrows for its overlap. An instance is used by one direction at a time (rustymimi's
+    calls take the object exclusively), so encoder and decoder still run in parallel.
+    """
+
+    def __init__(self, load: Callable[[], object], size: int, lifetime: int):
+        self._load, self.size, self.lifetime = load, size, lifetime
+        self.lock = threading.Lock()
+        self.loads = 0
+        self.live = 0
+        self.free: list[_Instance] = [self.load() for _ in range(size)]
+
+    def load(self) -> _Instance:
+        try:
+            tokenizer = self._load()
+        except MimiError:
+            raise
+        except Exception as e:
+            raise MimiError(f"could not load a fresh Mimi instance: {first_line(e)}") from None
+        self.loads += 1
+        self.live += 1
+        return _Instance(tokenizer)
+
+    def _drop(self, inst: _Instance) -> None:
+        self.live -= 1  # the last reference goes with the caller's: rustymimi frees its weights
+
+    def take(self, direction: str, frames: int, must: bool) -> _Instance | None:
+        """A reset instance with ``frames`` of ``direction``'s life left; None if none is free (unless
+        ``must``: then one is loaded, the rare GIL-holding case)."""
+        with self.lock:
+            for i, inst in enumerate(self.free):
+                if inst.used[direction] + frames <= self.lifetime:
+                    return self.free.pop(i)
+            if self.free:  # free but worn out for this direction: replace it
+                self._drop(self.free.pop())
+            elif not must:
+                return None
+        return self.load()
+
+    def give(self, inst: _Instance) -> None:
+        """Return a reset instance; beyond ``size`` live instances (after a forced load) it is let go."""
+        with self.lock:
+            if self.live > self.size:
+                self._drop(inst)
+            else:
+                self.free.append(inst)
+
+    def renew_worn(self) -> None:
+        """Between conversations: free instances past half their life in either direction are replaced."""
+        with self.lock:
+            worn = [i for i in self.free if max(i.used.values()) > self.lifetime // 2]
+            for inst in worn:
+                self.free.remove(inst)
+                self._drop(inst)
+        for _ in worn:
+            fresh = self.load()
+            with self.lock:
+                self.free.append(fresh)
+
+
+# --------------------------------------------------------------------------------------------------
 # One direction (encoder or decoder) with handoffs
 # --------------------------------------------------------------------------------------------------
 
 
 class _Lane:
-    """One direction (encoder or decoder): two rustymimi instances created once, alternated with reset."""
+    """One direction: an active instance, and a spare borrowed from the pool for each handoff."""
 
     def __init__(
         self,
-        load: Callable[[], object],
+        name: str,
+        pool: _Pool,
         step: Callable[[object, np.ndarray], np.ndarray],
         max_frames: int,
         overlap: int,
         crossfade: int,
-        lifetime: int,
         phase: int = 0,
         parallel: bool = True,
     ):
-        self._load, self._step = load, step
+        self.name, self.pool, self._step = name, pool, step
         self.max_frames, self.overlap, self.crossfade = max_frames, overlap, crossfade
-        self.lifetime = lifetime
         self.parallel = parallel
         self.lock = threading.Lock()
-        # Both instances are created here, never in the audio path (loading holds the GIL).
-        self.active, self.idle = load(), load()
-        self.loads = 2
-        # Frames each instance has processed since it was loaded (reset() does not rewind rustymimi's
-        # position counter, so this only grows until the instance is replaced).
-        self._used = {id(self.active): 0, id(self.idle): 0}
+        self.active = pool.take(name, max_frames, must=True)
         # ``phase`` pretends the first instance has already run that many frames (staggers lanes).
+        self.phase = phase
         self.active_frames = phase
-        self.spare = None
+        self.spare: _Instance | None = None
         self.spare_frames = 0
         self.handoffs = 0
+        self.postponed = 0  # frames a handoff waited because the other direction had the spare
         self.frames = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._helper: ThreadPoolExecutor | None = None
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _run(self, inst, x):
+    def _run(self, inst: _Instance, x):
         try:
-            out = self._step(inst, x)
+            out = self._step(inst.tokenizer, x)
         except Exception as e:  # rustymimi raises ValueError/TypeError with a Rust backtrace
             raise MimiError(f"rustymimi failed: {first_line(e)}") from None
         if out is None:
             raise MimiError("rustymimi returned no output for a full frame")
-        self._used[id(inst)] += 1
+        inst.used[self.name] += 1
         return out
 
     def _run_both(self, x):
         if not self.parallel:
             return self._run(self.active, x), self._run(self.spare, x)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimi-spare")
-        fut = self._pool.submit(self._run, self.spare, x)
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimi-spare")
+        fut = self._helper.submit(self._run, self.spare, x)
         try:
             a = self._run(self.active, x)
         finally:
@@ -206,29 +291,27 @@ class _Lane:
         w = (0.5 - 0.5 * np.cos(np.pi * t)).astype(np.float32)  # raised cosine, 0 -> 1
         return old * (1.0 - w) + new * w
 
-    def _reset(self, inst) -> None:
+    @staticmethod
+    def _reset(inst: _Instance) -> None:
         try:
-            inst.reset()  # frees the instance's keys/values
+            inst.tokenizer.reset()  # frees the instance's keys/values
         except Exception as e:
             raise MimiError(f"rustymimi reset failed: {first_line(e)}") from None
 
-    def _renew(self, inst, frames_needed: int):
-        """``inst`` if it can still process ``frames_needed`` frames, else a freshly loaded instance."""
-        if self._used[id(inst)] + frames_needed <= self.lifetime:
-            return inst
-        fresh = self._load_fresh()
-        del self._used[id(inst)]
-        self._used[id(fresh)] = 0
-        self.loads += 1
-        return fresh
+    def _borrow_spare(self) -> None:
+        # The active instance must keep going while the other direction holds the spare; it may
+        # only when its own life leaves room for a later overlap.
+        must = self.active.used[self.name] + self.overlap + _SAFETY_FRAMES >= self.pool.lifetime
+        self.spare = self.pool.take(self.name, self.max_frames, must=must)
+        self.spare_frames = 0
+        if self.spare is None:
+            self.postponed += 1
 
     # -- API ---------------------------------------------------------------------------------------
     def step(self, x: np.ndarray, mix: bool) -> np.ndarray:
         with self.lock:
             if self.spare is None and self.active_frames >= self.max_frames - self.overlap:
-                # Only a conversation longer than the instances' lifetime loads here (rare, see module doc).
-                self.spare, self.idle = self._renew(self.idle, self.max_frames), None
-                self.spare_frames = 0
+                self._borrow_spare()
             if self.spare is None:
                 out = self._run(self.active, x)
                 self.active_frames += 1
@@ -242,39 +325,28 @@ class _Lane:
                     self.active, self.spare = self.spare, None
                     self.active_frames, self.spare_frames = self.spare_frames, 0
                     self._reset(retired)
-                    self.idle = retired
+                    self.pool.give(retired)
                     self.handoffs += 1
             self.frames += 1
             return out
 
-    def _load_fresh(self):
-        try:
-            return self._load()
-        except MimiError:
-            raise
-        except Exception as e:
-            raise MimiError(f"could not load a fresh Mimi instance: {first_line(e)}") from None
-
     def reset(self) -> None:
-        """New stream: both instances reset; one past half its life is replaced now, between conversations."""
+        """New stream: instances reset; an active one past half its life is replaced now, between streams."""
         with self.lock:
             if self.spare is not None:
-                self.idle, self.spare, self.spare_frames = self.spare, None, 0
-            for inst in (self.active, self.idle):
-                self._reset(inst)
-            self.active = self._renew(self.active, self.lifetime // 2)
-            self.idle = self._renew(self.idle, self.lifetime // 2)
-            self.active_frames = 0
-
-    @property
-    def instances_used(self) -> list[int]:
-        """Frames each live instance has processed since it was loaded."""
-        return sorted(self._used.values())
+                self._reset(self.spare)
+                self.pool.give(self.spare)
+                self.spare, self.spare_frames = None, 0
+            self._reset(self.active)
+            if self.active.used[self.name] > self.pool.lifetime // 2:
+                worn, self.active = self.active, self.pool.take(self.name, self.pool.lifetime // 2, must=True)
+                self.pool.give(worn)
+            self.active_frames = self.phase
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,8 +369,12 @@ class Mimi:
             position table, about 1.1 KiB per frame and instance.
         crossfade_frames: decoder crossfade length at a handoff, within the overlap (default 1 = 80 ms).
         dtype: rustymimi compute dtype, "f32" (default), "f16" or "bf16".
-        stagger: offset the decoder's handoffs by half a period from the encoder's.
+        stagger: offset the decoder's handoffs by half a period from the encoder's, so the two
+            directions never want the spare at the same time.
         parallel: run the spare's step on a helper thread during an overlap.
+        instances: rustymimi instances (each ~390 MB of f32 weights) shared by the two directions:
+            one active per direction plus spares (default 3). With one spare, a direction whose turn
+            ends while the other holds the spare keeps its instance a little longer.
 
     ``encode_frame`` and ``decode_frame`` may be called from two different threads; each direction
     serialises its own calls.
@@ -316,6 +392,7 @@ class Mimi:
         dtype: str = "f32",
         stagger: bool = True,
         parallel: bool = True,
+        instances: int = DEFAULT_INSTANCES,
     ):
         self.path = Path(path)
         if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, (int, np.integer)):
@@ -326,6 +403,8 @@ class Mimi:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self.num_codebooks = int(num_codebooks)
         self.dtype = dtype
+        if isinstance(instances, bool) or not isinstance(instances, (int, np.integer)) or instances < 3:
+            raise ValueError(f"instances must be an int >= 3 (one per direction and a spare), got {instances!r}")
 
         max_frames = int(max_frames)
         if max_frames < 2:
@@ -357,15 +436,12 @@ class Mimi:
         self._rustymimi = rustymimi
 
         period = self.max_frames - self.overlap_frames
-        common = dict(
-            max_frames=self.max_frames,
-            overlap=overlap_frames,
-            crossfade=crossfade_frames,
-            lifetime=lifetime_frames,
-            parallel=parallel,
+        common = dict(max_frames=self.max_frames, overlap=overlap_frames, crossfade=crossfade_frames, parallel=parallel)
+        self._pool = _Pool(self._load, int(instances), lifetime_frames)
+        self._enc = _Lane("encoder", self._pool, lambda t, x: t.encode_step(x), **common)
+        self._dec = _Lane(
+            "decoder", self._pool, lambda t, c: t.decode_step(c), phase=period // 2 if stagger else 0, **common
         )
-        self._enc = _Lane(self._load, lambda t, x: t.encode_step(x), **common)
-        self._dec = _Lane(self._load, lambda t, c: t.decode_step(c), phase=period // 2 if stagger else 0, **common)
 
     def _load(self):
         kwargs = {"num_codebooks": self.num_codebooks, "dtype": self.dtype, "max_seq_len": self._max_seq_len}
@@ -391,9 +467,10 @@ class Mimi:
         return np.ascontiguousarray(pcm.reshape(-1), dtype=np.float32)
 
     def reset(self) -> None:
-        """Start a new, independent stream in both directions."""
+        """Start a new, independent stream in both directions (worn instances are replaced now)."""
         self.reset_encoder()
         self.reset_decoder()
+        self._pool.renew_worn()
 
     def reset_encoder(self) -> None:
         self._enc.reset()
@@ -462,8 +539,18 @@ class Mimi:
 
     @property
     def loads(self) -> int:
-        """rustymimi instances created so far, both directions together (4 at construction)."""
-        return self._enc.loads + self._dec.loads
+        """rustymimi instances created so far (``instances`` at construction)."""
+        return self._pool.loads
+
+    @property
+    def live_instances(self) -> int:
+        """rustymimi instances alive now (each holds its own copy of the weights)."""
+        return self._pool.live
+
+    @property
+    def postponed_frames(self) -> int:
+        """Frames a handoff waited for the spare the other direction was using (both directions)."""
+        return self._enc.postponed + self._dec.postponed
 
     @property
     def frames_encoded(self) -> int:

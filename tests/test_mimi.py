@@ -299,7 +299,7 @@ def test_forced_handoffs_stay_continuous(mimi_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Bounded memory: two instances per direction, created once, alternated with reset
+# Bounded memory: three instances shared by both directions, created once, alternated with reset
 # --------------------------------------------------------------------------------------------------
 
 
@@ -310,35 +310,68 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def test_handoffs_reuse_the_two_instances(mimi_path):
-    """Many handoffs in both directions, no rustymimi instance created after construction."""
+def test_handoffs_reuse_the_three_instances(mimi_path):
+    """Many handoffs in both directions, no rustymimi instance created after construction: the two
+    directions share three instances, and each instance serves both directions in turn."""
     m = Mimi(mimi_path, max_frames=8, overlap_frames=3)
-    assert m.loads == 4
+    assert m.loads == 3 and m.live_instances == 3
+    served: dict[int, set[str]] = {}
     x = speechy(40, seed=8)
     for i in range(40):
         m.decode_frame(m.encode_frame(x[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]))
+        for lane in (m._enc, m._dec):
+            served.setdefault(id(lane.active), set()).add(lane.name)
     assert m.encoder_handoffs >= 6 and m.decoder_handoffs >= 6
-    assert m.loads == 4
+    assert m.loads == 3 and m.live_instances == 3
+    assert len(served) == 3 and all(s == {"encoder", "decoder"} for s in served.values()), served
+
+
+def test_colliding_handoffs_wait_for_the_spare_and_stay_exact(mimi_path):
+    """Unstaggered turns make both directions want the one spare at once: the later one keeps its
+    instance a little longer (no load), and its codes still match an instance that never hands off."""
+    n = 48
+    x = speechy(n, seed=11)
+    m = Mimi(mimi_path, max_frames=16, overlap_frames=6, stagger=False)
+    ref = Mimi(mimi_path, max_frames=4 * n)
+    codes = []
+    for i in range(n):
+        c = m.encode_frame(x[i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
+        codes.append(c)
+        m.decode_frame(c)
+    assert m.postponed_frames > 0 and m.loads == 3
+    assert m.encoder_handoffs >= 3 and m.decoder_handoffs >= 2
+    assert (np.stack(codes, 1) == ref.encode(x)).mean() >= 0.95
 
 
 def test_instances_past_their_lifetime_are_replaced(mimi_path):
-    """rustymimi never rewinds its position counter; instances at the end of their life are replaced
+    """rustymimi never rewinds its position counters; instances at the end of their life are replaced
     (mid-conversation only when a conversation outlives them, otherwise at reset)."""
     m = Mimi(mimi_path, max_frames=6, overlap_frames=2, lifetime_frames=12, stagger=False)
+
+    def used() -> list[int]:
+        lanes = [m._enc.active, m._dec.active]
+        return [u for inst in m._pool.free + lanes for u in inst.used.values()]
+
     x = speechy(40, seed=9)
     codes = [m.encode_frame(x[i * FRAME_SIZE : (i + 1) * FRAME_SIZE]) for i in range(40)]
-    assert len(codes) == 40 and m.loads > 4  # past 2 x 12 frames a fresh instance was needed
-    assert max(m._enc.instances_used) <= 12
+    assert len(codes) == 40 and m.loads > 3  # past 3 x 12 encoder frames a fresh instance was needed
+    assert max(used()) <= 12 and m.live_instances == 3
     i = 0
-    while max(m._enc.instances_used) <= 6:  # run until an instance is past half its life
+    while max(used()) <= 6:  # run until an instance is past half its life
         m.encode_frame(x[i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
         i += 1
-    worn = sum(u > 6 for u in m._enc.instances_used)
+    worn = sum(max(inst.used.values()) > 6 for inst in m._pool.free + [m._enc.active, m._dec.active])
     before = m.loads
     m.reset()  # instances past half their life are replaced here, between conversations
-    assert m.loads == before + worn
-    assert max(m._enc.instances_used) <= 6  # each has at least half a lifetime left
+    assert m.loads == before + worn and m.live_instances == 3
+    assert max(used()) <= 6  # each has at least half a lifetime left
     assert m.encode_frame(x[:FRAME_SIZE]).shape == (8,)
+
+
+@pytest.mark.parametrize("instances", [2, 2.5, True])
+def test_too_few_instances_are_refused(mimi_path, instances):
+    with pytest.raises(ValueError, match="instances"):
+        Mimi(mimi_path, instances=instances)
 
 
 def _growth_over_turns(mimi_path: str) -> dict:
