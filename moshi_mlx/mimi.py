@@ -58,6 +58,7 @@ import numpy as np
 
 from .errors import MoshiError, first_line
 from .frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (re-exported: the codec's format)
+from .memory import rss_bytes
 
 __all__ = [
     "SAMPLE_RATE",
@@ -156,11 +157,12 @@ class _Instance:
     """One rustymimi Tokenizer and how many frames each direction has run through it since it was loaded
     (its encoder and decoder transformers count positions separately, and reset() rewinds neither)."""
 
-    __slots__ = ("tokenizer", "used")
+    __slots__ = ("tokenizer", "used", "resident")
 
-    def __init__(self, tokenizer: object):
+    def __init__(self, tokenizer: object, resident: int):
         self.tokenizer = tokenizer
         self.used = {"encoder": 0, "decoder": 0}
+        self.resident = resident  # bytes the process's resident set grew by when it was loaded
 
 
 class _Pool:
@@ -176,21 +178,26 @@ class _Pool:
         self.lock = threading.Lock()
         self.loads = 0
         self.live = 0
+        self.resident = 0
         self.free: list[_Instance] = [self.load() for _ in range(size)]
 
     def load(self) -> _Instance:
+        before = rss_bytes()
         try:
             tokenizer = self._load()
         except MimiError:
             raise
         except Exception as e:
             raise MimiError(f"could not load a fresh Mimi instance: {first_line(e)}") from None
+        inst = _Instance(tokenizer, max(0, rss_bytes() - before))
         self.loads += 1
         self.live += 1
-        return _Instance(tokenizer)
+        self.resident += inst.resident
+        return inst
 
     def _drop(self, inst: _Instance) -> None:
         self.live -= 1  # the last reference goes with the caller's: rustymimi frees its weights
+        self.resident -= inst.resident
 
     def take(self, direction: str, frames: int, must: bool) -> _Instance | None:
         """A reset instance with ``frames`` of ``direction``'s life left; None if none is free (unless
@@ -548,6 +555,12 @@ class Mimi:
     def live_instances(self) -> int:
         """rustymimi instances alive now (each holds its own copy of the weights)."""
         return self._pool.live
+
+    @property
+    def resident_bytes(self) -> int:
+        """Memory the live instances took when loaded (weights and position tables; their keys/values,
+        at most one turn's worth per direction, come on top)."""
+        return self._pool.resident
 
     @property
     def postponed_frames(self) -> int:

@@ -94,6 +94,12 @@ def test_memory_for_lm_alone_and_full_pipeline(cli_run):
     assert mem["mlx_peak_gb"] >= max(mem["lm"]["mlx_peak_gb"], mem["pipeline"]["mlx_peak_gb"])
     assert mem["rss_peak_gb"] >= mem["pipeline"]["rss_peak_gb"] * 0.99  # ru_maxrss vs. sampled
     assert mem["kv_cache_gb"] == res["lm"]["kv_cache_gb"]
+    # By part: Mimi's three instances are measured where they load (~0.38 GB each in f32), and the parts
+    # add up to no more than the process's peak.
+    assert mem["mimi_instances"] == 3 and 0.25 * 3 < mem["mimi_gb"] < 0.6 * 3
+    assert mem["activations_gb"] >= 0 and mem["rest_gb"] >= 0
+    parts = weights + mem["kv_cache_gb"] + mem["activations_gb"] + mem["mimi_gb"] + mem["rest_gb"]
+    assert parts <= mem["rss_peak_gb"] + 0.01
 
 
 def test_table_on_stdout_and_progress_lines_on_a_pipe(cli_run):

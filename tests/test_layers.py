@@ -16,10 +16,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "moshi_mlx"
 
 LAYERS: list[set[str]] = [
-    {"errors", "frames", "settings", "web_security", "models", "models.config", "models.cache"},
+    {"errors", "frames", "settings", "web_security", "memory", "models", "models.config", "models.cache"},
     {"sampling", "hub", "outputs", "tokenizer", "mimi", "aec", "audio", "audio_files", "tls", "protocol",
      "server_info", "cli", "models.transformer", "budget"},
-    {"models.lm", "recording", "remote", "memory"},
+    {"models.lm", "recording", "remote"},
     {"generate", "loading"},
     {"engine", "demo"},
     {"assets"},

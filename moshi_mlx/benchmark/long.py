@@ -9,7 +9,8 @@ import mlx.core as mx
 
 from ..cli import Progress
 from ..frames import FRAMES_PER_MINUTE
-from .measure import Stats, mb, rss_bytes, timed
+from ..memory import rss_bytes
+from .measure import Stats, mb, timed
 
 MINUTES = (1, 10, 60)
 DEFAULT_LONG_STEPS = 60 * FRAMES_PER_MINUTE  # one hour of audio (runs faster than real time on small models)

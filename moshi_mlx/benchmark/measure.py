@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import mlx.core as mx
-import psutil
 from tqdm import tqdm
 
-
-_PROCESS = psutil.Process(os.getpid())
+from ..memory import rss_bytes
 
 
 @dataclass(frozen=True)
@@ -68,17 +63,6 @@ def timed(
         if bar is not None:
             bar.update()
     return times
-
-
-def rss_bytes() -> int:
-    """The process's resident set now."""
-    return int(_PROCESS.memory_info().rss)
-
-
-def rss_peak_bytes() -> int:
-    """The process's peak resident set since it started (ru_maxrss: bytes on macOS, KiB on Linux)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def gb(n: float | None) -> float | None:

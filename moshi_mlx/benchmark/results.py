@@ -44,6 +44,21 @@ class Memory:
     rss_peak_gb: float  # the process's peak resident set, whole run (ru_maxrss)
     weights_gb: float
     kv_cache_gb: float | None
+    mimi_gb: float  # what Mimi's rustymimi instances took when loaded (weights and position tables)
+    mimi_instances: int
+
+    @property
+    def activations_gb(self) -> float | None:
+        """MLX's peak beyond weights and KV cache: one step's activations plus the allocator's cache."""
+        lm = self.lm or self.pipeline
+        if lm is None:
+            return None
+        return round(max(0.0, lm.mlx_peak_gb - self.weights_gb - (self.kv_cache_gb or 0.0)), 3)
+
+    @property
+    def rest_gb(self) -> float:
+        """The process's peak beyond MLX and Mimi: Python, libraries, tokenizer, audio buffers, files mapped while loading."""
+        return round(max(0.0, self.rss_peak_gb - self.mlx_peak_gb - self.mimi_gb), 3)
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        out["memory"].update(activations_gb=self.memory.activations_gb, rest_gb=self.memory.rest_gb)
         if self.long is not None:
             out["long"]["flat"] = self.long.flat
         return out

@@ -13,12 +13,13 @@ import mlx.core as mx
 
 from ..assets import settings_from_args
 from ..engine import ConversationEngine
+from ..memory import rss_peak_bytes
 from .. import cli
 from ..models.cache import DEFAULT_KV_BITS
 from .args import build_parser, check_args, start_position
 from .long import LongRun, long_session
 from .machine import Machine, machine_info
-from .measure import MemoryProbe, PhaseMemory, gb, rss_peak_bytes
+from .measure import MemoryProbe, PhaseMemory, gb
 from .models import PRECISIONS, Loaded, load_model, scratch_dir
 from .pipeline import time_mimi, time_runner, time_sequential
 from .report import format_table, verdict
@@ -155,6 +156,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
         rss_peak_gb=gb(rss_peak_bytes()),
         weights_gb=loaded.info.weights_gb,
         kv_cache_gb=kv,
+        mimi_gb=gb(loaded.assets.mimi.resident_bytes),
+        mimi_instances=loaded.assets.mimi.live_instances,
     )
     command = " ".join(["python -m moshi_mlx.benchmark", *(sys.argv[1:] if argv is None else argv)])
     return BenchResult(
