@@ -57,7 +57,8 @@ class Memory:
 
     @property
     def rest_gb(self) -> float:
-        """The process's peak beyond MLX and Mimi: Python, libraries, tokenizer, audio buffers, files mapped while loading."""
+        """The process's peak beyond MLX and Mimi: Python, libraries, tokenizer, audio buffers, and the
+        checkpoint pages mapped while loading."""
         return round(max(0.0, self.rss_peak_gb - self.mlx_peak_gb - self.mimi_gb), 3)
 
 
