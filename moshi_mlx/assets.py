@@ -54,7 +54,11 @@ class Assets:
             dtype_bytes=self.lm.dtype.size,
         )
         apply_limits(plan)
-        (log or cli.say)(plan.describe())
+        line = plan.describe()
+        mimi_bytes = getattr(self.mimi, "resident_bytes", 0)
+        if mimi_bytes:  # outside MLX, so outside the budget: said so the whole picture is on one line
+            line += f"; Mimi {mimi_bytes / GB:.2f} GB on top ({self.mimi.live_instances} rustymimi instances)"
+        (log or cli.say)(line)
         self.memory = plan
         return plan
 

@@ -213,5 +213,7 @@ def test_memory_budget_is_applied_as_in_the_app(tmp_path, demo_files):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "memory: budget 0.50 GB" in proc.stderr and "window shortened 3000 ->" in proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if "memory: budget" in ln)
+    assert "; Mimi " in line and "GB on top (3 rustymimi instances)" in line  # the rest of the picture
     s = json.loads(path.read_text())["settings"]
     assert s["kv_bits"] == 4 and s["context"] < 3000 and s["start_position"] == s["context"]
