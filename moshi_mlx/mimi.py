@@ -190,12 +190,13 @@ class _Pool:
         except Exception as e:
             raise MimiError(f"could not load a fresh Mimi instance: {first_line(e)}") from None
         inst = _Instance(tokenizer, max(0, rss_bytes() - before))
-        self.loads += 1
-        self.live += 1
-        self.resident += inst.resident
+        with self.lock:  # the two directions may load at once (rare)
+            self.loads += 1
+            self.live += 1
+            self.resident += inst.resident
         return inst
 
-    def _drop(self, inst: _Instance) -> None:
+    def _drop(self, inst: _Instance) -> None:  # called with the lock held
         self.live -= 1  # the last reference goes with the caller's: rustymimi frees its weights
         self.resident -= inst.resident
 
