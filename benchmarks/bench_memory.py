@@ -51,6 +51,9 @@ def one_setting(args: argparse.Namespace, bits: int) -> dict:
         "weights_gb": memory["weights_gb"],
         "kv_cache_gb": memory["kv_cache_gb"],
         "lm_alone": memory["lm"],
+        "mimi_gb": memory["mimi_gb"],
+        # The LM's share of the process: its RSS peak less Mimi's instances (loaded beside it), over its weights.
+        "lm_rss_over_weights": round((memory["lm"]["rss_peak_gb"] - memory["mimi_gb"]) / memory["weights_gb"], 3),
         "pipeline": memory["pipeline"],
         "process_rss_peak_gb": memory["rss_peak_gb"],
         "step_ms_median": result["lm"]["step"]["median_ms"],
@@ -113,11 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs = [one_setting(args, bits) for bits in args.kv_bits]
         print(f"{'kv-bits':>7} {'KV GB':>7} {'weights GB':>10} {'LM MLX peak':>11} {'LM RSS peak':>11} "
-              f"{'pipeline RSS peak':>17} {'step ms':>8}", file=sys.stderr)
+              f"{'Mimi GB':>7} {'(LM RSS - Mimi) / weights':>25} {'pipeline RSS peak':>17} {'step ms':>8}",
+              file=sys.stderr)
         for r in runs:
             pipe = r["pipeline"]["rss_peak_gb"] if r["pipeline"] else None
             print(f"{r['kv_bits']:>7} {r['kv_cache_gb'] or 0:>7.3f} {r['weights_gb']:>10.3f} "
                   f"{r['lm_alone']['mlx_peak_gb']:>11.3f} {r['lm_alone']['rss_peak_gb']:>11.3f} "
+                  f"{r['mimi_gb']:>7.3f} {r['lm_rss_over_weights']:>25.3f} "
                   f"{pipe if pipe is not None else '-':>17} {r['step_ms_median']:>8.1f}", file=sys.stderr)
         out = {"config": args.config, "quantize": args.quantize, "dtype": args.dtype, "runs": runs}
     print(json.dumps(out, indent=2))
