@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import resource
 import sys
 
 import psutil
 
-_PROCESS = psutil.Process(os.getpid())
-
 
 def rss_bytes() -> int:
-    """The process's resident set now (psutil: Linux, macOS and Windows alike)."""
-    return int(_PROCESS.memory_info().rss)
+    """The process's resident set now (psutil: Linux, macOS and Windows alike). The process is looked up
+    per call, so a forked child reads its own memory, not its parent's."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def rss_peak_bytes() -> int:

@@ -304,10 +304,9 @@ def test_forced_handoffs_stay_continuous(mimi_path):
 
 
 def _rss_mb() -> float:
-    import os
+    from moshi_mlx.memory import rss_bytes
 
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_bytes() / 2**20
 
 
 def test_handoffs_reuse_the_three_instances(mimi_path):
@@ -396,7 +395,10 @@ def _growth_over_turns(mimi_path: str) -> dict:
     return {"bare": bare_growth, "mimi": _rss_mb() - r0, "handoffs": m.encoder_handoffs}
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux) for RSS")
+@pytest.mark.skipif(
+    not __import__("sys").platform.startswith("linux"),
+    reason="Linux only: the bound relies on glibc handing large freed buffers back to the OS (see mimi.py)",
+)
 def test_memory_stays_flat_over_many_turns(mimi_path):
     """A bare rustymimi instance grows ~64 KiB per frame (keys/values of every position); a Mimi direction
     holds at most one turn's worth. Measured in a fresh process: memory freed earlier in this one would
