@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time moshi_mlx.aec.EchoCanceller per 80 ms frame (24 kHz, 1920 samples).
+"""Time moshi_mlx.audio.echo.EchoCanceller per 80 ms frame (24 kHz, 1920 samples).
 
 One timed unit = ``process_far(frame)`` + ``process_near(frame)``, i.e. what the
 app does per frame.  The signals are a speech-like far signal (noise shaped by
@@ -47,7 +47,7 @@ def stats_ms(ts: list[float]) -> dict:
 
 
 def bench_canceller(far, mic, frames, warmup, **opts) -> dict:
-    from moshi_mlx.aec import EchoCanceller
+    from moshi_mlx.audio.echo import EchoCanceller
 
     ec = EchoCanceller(sample_rate=SR, frame_size=FRAME, delay_ms=120, **opts)
     ts = []

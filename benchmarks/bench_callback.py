@@ -26,8 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moshi_mlx.audio import _FrameAssembler  # noqa: E402
-from moshi_mlx.frames import FRAME_SIZE, SAMPLE_RATE, Resampler  # noqa: E402
+from moshi_mlx.audio.devices import _FrameAssembler  # noqa: E402
+from moshi_mlx.audio.frames import FRAME_SIZE, SAMPLE_RATE, Resampler  # noqa: E402
 
 
 def _old_resampler(rev: str):

@@ -4,7 +4,7 @@
     python benchmarks/bench_client.py --tls           # the same over wss (self-signed, like --ssl auto)
     python benchmarks/bench_client.py --url ws://127.0.0.1:8998 --frames 200   # a real server (model included)
 
-The client side is the real one (:class:`moshi_mlx.remote.RemoteConversation`: Opus encode, WebSocket,
+The client side is the real one (:class:`moshi_mlx.net.remote.RemoteConversation`: Opus encode, WebSocket,
 Opus decode, re-chunking); frames are pushed at the microphone's real 80 ms pace from a thread, as
 PortAudio does. The built-in server is an echo in its own process (it decodes the client's Opus and
 sends each frame back re-encoded, with no model), so the figure is what the client path and the
@@ -29,10 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshi_mlx import protocol  # noqa: E402
-from moshi_mlx.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE, FrameChunker  # noqa: E402
-from moshi_mlx.remote import RemoteConversation  # noqa: E402
+from moshi_mlx.audio.frames import (  # noqa: E402
+    FRAME_S,
+    FRAME_SIZE,
+    SAMPLE_RATE,
+    FrameChunker,
+)
 
+from moshi_mlx.net import protocol  # noqa: E402
+from moshi_mlx.net.remote import RemoteConversation  # noqa: E402
 
 
 def _echo_server(port_out, tls_dir: str | None) -> None:
@@ -57,7 +62,7 @@ def _echo_server(port_out, tls_dir: str | None) -> None:
     async def main():
         ctx = None
         if tls_dir:
-            from moshi_mlx import tls
+            from moshi_mlx.net import tls
 
             info = tls.ensure_certificate(tls_dir, names=["localhost"], addresses=["127.0.0.1"])
             ctx = tls.server_context(info.cert, info.key)
@@ -74,7 +79,7 @@ def _echo_server(port_out, tls_dir: str | None) -> None:
 
 
 async def measure(url: str, frames: int, insecure: bool) -> dict:
-    from moshi_mlx.tls import client_context
+    from moshi_mlx.net.tls import client_context
 
     received = threading.Event()
     conv = RemoteConversation(

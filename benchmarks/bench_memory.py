@@ -26,7 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moshi_mlx.frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
+from moshi_mlx.audio.frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
+
 from moshi_mlx.memory import rss_bytes  # noqa: E402
 from moshi_mlx.models.config import PRESETS  # noqa: E402
 
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
     args = p.parse_args(argv)
     if args.long:
-        from moshi_mlx.demo import demo_assets
-        from moshi_mlx.mimi import Mimi
+        from moshi_mlx.audio.mimi import Mimi
+
+        from moshi_mlx.model_files.stand_ins import demo_assets
 
         mimi = Mimi(demo_assets().mimi_path)
         out: dict = {"mimi_long": mimi_long_run(mimi, args.minutes, log=lambda s: print(s, file=sys.stderr, flush=True))}

@@ -5,7 +5,7 @@
     python benchmarks/bench_web_memory.py --server-args -q 4 --max-memory 5.2    # a real model
 
 Starts ``python -m moshi_mlx.local_web`` (``--demo`` unless --server-args say otherwise) on a free port,
-then talks to it with the real client path (:class:`moshi_mlx.remote.RemoteConversation`: Opus over the
+then talks to it with the real client path (:class:`moshi_mlx.net.remote.RemoteConversation`: Opus over the
 WebSocket) at the microphone's 80 ms pace, one conversation after another. The server's resident set
 (psutil) is sampled every second. Prints a table on stderr and JSON on stdout.
 """
@@ -28,8 +28,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshi_mlx.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
-from moshi_mlx.remote import RemoteConversation  # noqa: E402
+from moshi_mlx.audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
+
+from moshi_mlx.net.remote import RemoteConversation  # noqa: E402
 
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:

@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moshi_mlx.generate import LmGen  # noqa: E402
-from moshi_mlx.loading import load_lm  # noqa: E402
-from moshi_mlx.sampling import GREEDY  # noqa: E402
+from moshi_mlx.model_files.checkpoint import load_lm  # noqa: E402
+from moshi_mlx.settings import GREEDY  # noqa: E402
 from tests.test_reference_parity import fixture_config  # noqa: E402
 
 DTYPES = {"bf16": mx.bfloat16, "f32": mx.float32}

@@ -35,9 +35,9 @@ import json
 import os
 import resource
 import statistics
-import typing
 import sys
 import time
+import typing
 
 # --------------------------------------------------------------------------
 # Guard against importing *our* moshi_mlx (same package name) instead of the

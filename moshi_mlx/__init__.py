@@ -4,7 +4,7 @@ Public API: `load(ModelSource(...))` gets the model, Mimi and tokenizer (from Hu
 offline demo); `Assets.engine()` makes a `ConversationEngine` that turns 80 ms frames of 24 kHz audio
 into Moshi's audio and transcript.
 
-The names below are imported on first use, so `moshi_mlx.protocol` or the remote client can be used on a
+The names below are imported on first use, so `moshi_mlx.net.protocol` or the remote client can be used on a
 machine without MLX (the terminal client talks to a server elsewhere).
 """
 
@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "Assets": "assets",
-    "load": "assets",
-    "ModelSource": "hub",
+    "Assets": "model_files.assets",
+    "load": "model_files.assets",
+    "ModelSource": "model_files.hub",
     "ConversationEngine": "engine",
     "EngineRunner": "engine",
     "FrameResult": "engine",
@@ -30,10 +30,10 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from .assets import Assets, load
     from .engine import ConversationEngine, EngineRunner, FrameResult
     from .generate import LmGen, StepOutput
-    from .hub import ModelSource
+    from .model_files.assets import Assets, load
+    from .model_files.hub import ModelSource
     from .settings import EngineSettings, SamplingParams
 
 

@@ -1,7 +1,7 @@
 """Talk to a Moshi server on another machine: ``python -m moshi_mlx.client [URL]``.
 
-The terminal app's parts (:class:`~moshi_mlx.audio.DuplexAudio` with echo cancellation, the live
-transcript and lag line of :mod:`moshi_mlx.terminal`) around :class:`~moshi_mlx.remote.RemoteConversation`
+The terminal app's parts (:class:`~moshi_mlx.audio.devices.DuplexAudio` with echo cancellation, the live
+transcript and lag line of :mod:`moshi_mlx.cli.terminal`) around :class:`~moshi_mlx.net.remote.RemoteConversation`
 instead of a local model. Works with any server speaking Kyutai's WebSocket protocol: ours
 (``local_web``), Kyutai's PyTorch and Rust servers. Sampling flags travel as query parameters; flags
 left out keep the server's defaults.
@@ -26,24 +26,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import cli
+from .audio.devices import DuplexAudio, NoDefaultDevice
+from .audio.frames import FRAME_S
 from .cli import sigint_ignored, signal_name
-from .audio import DuplexAudio, NoDefaultDevice
-from .errors import error_line
-from .frames import FRAME_S
-from .remote import (
-    DEFAULT_URL,
-    ClientError,
-    ConnectionLost,
-    RemoteConversation,
-    ServerRefused,
-    chat_url,
-    sampling_params,
-)
-from .terminal import (
+from .cli.terminal import (
     Display,
     add_audio_args,
-    echo_summary,
     add_record_arg,
+    echo_summary,
     exit_now,
     lag_status,
     log,
@@ -52,9 +42,19 @@ from .terminal import (
     run_app,
     save_recording,
 )
+from .errors import error_line
+from .net.remote import (
+    DEFAULT_URL,
+    ClientError,
+    ConnectionLost,
+    RemoteConversation,
+    ServerRefused,
+    chat_url,
+    sampling_params,
+)
 
 if TYPE_CHECKING:
-    from .recording import ConversationRecorder
+    from .audio.recording import ConversationRecorder
 
 #: Said when there is no sound card: the server's own page works from any browser with a microphone.
 NO_SOUND_HINT = (
@@ -301,7 +301,7 @@ class _Session:
 
 
 def converse(args: argparse.Namespace) -> int:
-    from .tls import client_context
+    from .net.tls import client_context
 
     url = chat_url(args.url, sampling_params(**{name: getattr(args, name) for name in cli.SAMPLING_PARAMS}))
     ssl_ctx = client_context(args.insecure, args.cafile) if url.scheme == "wss" else None

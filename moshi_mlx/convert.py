@@ -50,10 +50,10 @@ from typing import Any
 
 from . import cli
 from .errors import MoshiError
-from .hub import MOSHI_NAMES
-from .loading import GROUP_SIZE_FOR_BITS as QUANT_GROUP_SIZE
+from .model_files.checkpoint import GROUP_SIZE_FOR_BITS as QUANT_GROUP_SIZE
+from .model_files.checkpoint import Quantization, WeightsError, read_tensor_infos
+from .model_files.hub import MOSHI_NAMES
 from .models.config import ffn_hidden_dim, ffn_nominal_size
-from .loading import Quantization, WeightsError, read_tensor_infos
 from .outputs import OutputError, atomic_output, check_outputs
 
 __all__ = [

@@ -17,25 +17,24 @@ import queue
 import threading
 import time
 import weakref
-from concurrent.futures import Future
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import mlx.core as mx
 import numpy as np
 
+from .audio.frames import FRAME_SIZE
 from .generate import LmGen, StepOutput
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
-from .frames import FRAME_SIZE
 from .settings import EngineSettings
 from .tokenizer import TextTokenizer
 
 
-
 class AudioCodec(Protocol):
-    """What the engine needs from Mimi (see moshi_mlx.mimi.Mimi)."""
+    """What the engine needs from Mimi (see moshi_mlx.audio.mimi.Mimi)."""
 
     def encode_frame(self, pcm: np.ndarray) -> np.ndarray: ...
 

@@ -18,14 +18,13 @@ import mlx.core as mx
 import numpy as np
 
 from .models.lm import Lm
-from .sampling import (
+from .sampling import make_sampler, make_text_sampler
+from .settings import (
     DEFAULT_AUDIO_SAMPLING,
     DEFAULT_TEXT_CONTROLS,
     DEFAULT_TEXT_SAMPLING,
     SamplingParams,
     TextControls,
-    make_sampler,
-    make_text_sampler,
 )
 
 

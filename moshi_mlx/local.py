@@ -1,7 +1,7 @@
 """Talk to Moshi in the terminal: ``python -m moshi_mlx.local -q 4`` (``--demo`` runs with no download).
 
-Thin over the library: :mod:`moshi_mlx.assets` loads the model, :class:`moshi_mlx.engine.EngineRunner`
-runs it on worker threads, :class:`moshi_mlx.audio.DuplexAudio` moves 80 ms frames between the
+Thin over the library: :mod:`moshi_mlx.model_files.assets` loads the model, :class:`moshi_mlx.engine.EngineRunner`
+runs it on worker threads, :class:`moshi_mlx.audio.devices.DuplexAudio` moves 80 ms frames between the
 sound devices and the runner. This module only wires them together and talks to the user:
 start-up time, Moshi's words as they come (stdout), and how far behind real time the model is (stderr).
 """
@@ -16,24 +16,24 @@ import time
 from collections import deque
 from pathlib import Path
 
-from .audio import AudioDeviceError, DuplexAudio, NoDefaultDevice
+from .audio.devices import AudioDeviceError, DuplexAudio, NoDefaultDevice
+from .audio.frames import FRAME_S, SAMPLE_RATE
 from .cli import sigint_ignored, stopped_by
-from .errors import UsageError, first_line
-from .frames import FRAME_S, SAMPLE_RATE
-from .outputs import OutputError, atomic_output, check_outputs, fresh_path
-from .terminal import Display as _Display
-from .terminal import (
+from .cli.terminal import Display as _Display
+from .cli.terminal import (
     add_audio_args,
     add_record_arg,
-    exit_now,
     echo_summary,
+    exit_now,
     lag_status,
     make_recorder,
     run_app,
     save_recording,
 )
-from .terminal import log as _log
-from .terminal import make_echo_canceller as _make_echo_canceller
+from .cli.terminal import log as _log
+from .cli.terminal import make_echo_canceller as _make_echo_canceller
+from .errors import UsageError, first_line
+from .outputs import OutputError, atomic_output, check_outputs, fresh_path
 
 #: Said when there is no sound card: the two ways to try Moshi without one.
 NO_SOUND_HINT = (
@@ -43,7 +43,7 @@ NO_SOUND_HINT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .assets import add_engine_args
+    from .cli.flags import add_engine_args
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def converse(args: argparse.Namespace) -> int:
-    from .assets import load_from_args, settings_from_args
+    from .cli.flags import load_from_args, settings_from_args
     from .engine import EngineRunner
 
     _check_demo_output(args)
@@ -207,7 +207,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     """--demo on a machine with no usable sound device: run the same pipeline on a test signal."""
     import numpy as np
 
-    from .assets import load_from_args, settings_from_args
+    from .cli.flags import load_from_args, settings_from_args
     from .run_inference import converse_offline
 
     _log(f"no usable sound device ({first_line(device_error)})")
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    """Command-line entry: ``main()``, then a quick exit (see :func:`moshi_mlx.terminal.exit_now`)."""
+    """Command-line entry: ``main()``, then a quick exit (see :func:`moshi_mlx.cli.terminal.exit_now`)."""
     exit_now(main())
 
 

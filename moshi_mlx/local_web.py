@@ -1,7 +1,7 @@
 """Talk to Moshi in the browser: ``python -m moshi_mlx.local_web -q 4`` (``--demo`` needs no download).
 
 An aiohttp server on localhost serves the UI from the repository's ``web/`` folder and speaks Kyutai's
-WebSocket protocol (see :mod:`moshi_mlx.protocol`) at ``/api/chat``:
+WebSocket protocol (see :mod:`moshi_mlx.net.protocol`) at ``/api/chat``:
 
 * the server sends the handshake (``b"\\x00"``) once the model is ready for this client, then a
   metadata message (model, settings in use, ignored parameters) and, once a second, another with
@@ -39,14 +39,14 @@ from typing import Any, Callable
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from . import protocol
 from . import cli
+from .audio.frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker
 from .engine import ConversationEngine, EngineRunner, EngineSettings, FrameResult
 from .errors import MoshiError, first_line
-from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker
-from .protocol import Kind, ParamError, ProtocolError
-from .server_info import server_info
-from .web_security import (
+from .net import protocol
+from .net.protocol import Kind, ParamError, ProtocolError
+from .server.info import server_info
+from .server.security import (
     FOREIGN_UI,
     HostPolicy,
     QuietHttpErrors,
@@ -458,7 +458,7 @@ class ChatServer:
         self.heartbeat = heartbeat
         self.stats_interval = stats_interval
         self.check_origin = check_origin
-        # Host allow-list and allowed Origins (see moshi_mlx.web_security).
+        # Host allow-list and allowed Origins (see moshi_mlx.server.security).
         self.policy = policy or HostPolicy()
         # Engine resets and runner shutdowns happen here, one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-web")
@@ -644,7 +644,7 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .assets import add_engine_args, add_lag_arg
+    from .cli.flags import add_engine_args, add_lag_arg
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local_web",
@@ -702,7 +702,7 @@ def _ssl_setup(option: str | None, host: str) -> tuple[ssl.SSLContext | None, Ca
         return None, None
     if option != "auto":
         return ssl_context(option), None
-    from . import tls
+    from .net import tls
 
     info = tls.ensure_certificate()
     ctx = tls.server_context(info.cert, info.key)
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .assets import load_from_args, settings_from_args
+    from .cli.flags import load_from_args, settings_from_args
 
     server: ChatServer | None = None
     try:

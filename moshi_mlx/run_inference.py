@@ -11,7 +11,7 @@ time of every text piece (frame index * 0.08 s, on the output file's timeline), 
 Outputs are checked before the model loads (never the input, never each other, folders writable)
 and written to temporary files renamed into place at the end (:mod:`moshi_mlx.outputs`): an
 interrupted run leaves no partial file and never damages an existing one.
-Sessions of any length work: :class:`~moshi_mlx.mimi.Mimi` hands off before rustymimi's limit.
+Sessions of any length work: :class:`~moshi_mlx.audio.mimi.Mimi` hands off before rustymimi's limit.
 """
 
 from __future__ import annotations
@@ -25,9 +25,16 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .audio_files import AudioFileError, AudioReader, WavWriter, load_mono_24k, read_audio, write_wav
 from . import cli
-from .frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE, FrameChunker
+from .audio.files import (
+    AudioFileError,
+    AudioReader,
+    WavWriter,
+    load_mono_24k,
+    read_audio,
+    write_wav,
+)
+from .audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE, FrameChunker
 from .outputs import atomic_output, check_outputs
 
 __all__ = [
@@ -131,7 +138,7 @@ def convert_file(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .assets import add_engine_args
+    from .cli.flags import add_engine_args
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.run_inference",
@@ -158,7 +165,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
-    from .assets import load_from_args, settings_from_args
+    from .cli.flags import load_from_args, settings_from_args
 
     # Open the input and check the outputs before paying for a model load.
     AudioReader(args.input).close()

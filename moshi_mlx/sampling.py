@@ -7,11 +7,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .settings import (  # noqa: F401  (the sampling settings live in the MLX-free settings module)
-    DEFAULT_AUDIO_SAMPLING,
-    DEFAULT_TEXT_CONTROLS,
-    DEFAULT_TEXT_SAMPLING,
-    GREEDY,
+from .settings import (
     SamplingParams,
     TextControls,
 )

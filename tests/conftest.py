@@ -27,7 +27,7 @@ def manifests_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_files(tmp_path_factory):
     """Random Mimi (published layout) + stand-in tokenizer, written once per test session."""
-    from moshi_mlx.demo import demo_assets
+    from moshi_mlx.model_files.stand_ins import demo_assets
 
     return demo_assets(tmp_path_factory.mktemp("demo-assets"))
 
@@ -35,7 +35,7 @@ def demo_files(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_assets_loaded(demo_files, monkeypatch_session):
     """The whole `load(demo=True)` result (tiny LM + real rustymimi), shared by the session."""
-    from moshi_mlx.assets import load
+    from moshi_mlx.model_files.assets import load
 
     monkeypatch_session.setenv("MOSHI_MLX_DEMO_DIR", str(demo_files.mimi_path.parent))
     return load(demo=True, log=lambda msg: None)

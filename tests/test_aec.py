@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moshi_mlx import aec as aec_mod
+from moshi_mlx.audio.devices import echo as aec_mod
 
 SR = 24000
 FRAME = 1920
@@ -321,7 +321,7 @@ _DEVICE_WORKER = textwrap.dedent(
         sd.query_devices("aectest_mic"); sd.query_devices("aectest_spk")
     except Exception as e:
         print("SKIP:", type(e).__name__, str(e).replace("\\n", " ")); sys.exit(3)
-    from moshi_mlx.aec import EchoCanceller
+    from moshi_mlx.audio.echo import EchoCanceller
     work, delay_ms, n_frames = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     spk = np.load(work + "/spk.npy")
     ec = EchoCanceller(sample_rate=24000, frame_size=1920, delay_ms=delay_ms)

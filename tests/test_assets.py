@@ -5,8 +5,8 @@ import argparse
 import pytest
 
 from moshi_mlx import ModelSource, load
+from moshi_mlx.cli.flags import add_model_args
 from moshi_mlx.errors import MoshiError
-from moshi_mlx.hub import add_model_args
 
 
 @pytest.mark.parametrize(

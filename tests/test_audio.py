@@ -1,4 +1,4 @@
-"""moshi_mlx.audio: resampling (soxr, through frames.Resampler), device selection, and the DuplexAudio data path.
+"""moshi_mlx.audio.devices: resampling (soxr, through frames.Resampler), device selection, and the DuplexAudio data path.
 
 Three levels:
 * pure numpy checks of the resampler;
@@ -17,13 +17,12 @@ import sys
 
 import numpy as np
 import pytest
+from moshi_mlx.audio.devices import AudioDeviceError, DuplexAudio, find_device
+from moshi_mlx.audio.frames import FRAME_SIZE, Resampler, resample
 
-from moshi_mlx import audio
-from moshi_mlx.audio import AudioDeviceError, DuplexAudio, find_device
-from moshi_mlx.frames import FRAME_SIZE, Resampler, resample
+from moshi_mlx.audio.devices import devices as audio
 
 from .audio_env import ROOT, FakeSD, alsa_file_env, portaudio_problem, rms
-
 
 # ------------------------------------------------------------------------------------------------
 # Resampling
@@ -178,7 +177,7 @@ def test_duplex_audio_resamples_a_44k_mic_and_48k_speaker(fake_sd):
 
 
 class RecordingEcho:
-    """Stands in for moshi_mlx.aec.EchoCanceller: logs the calls, "cancels" by replacing the mic."""
+    """Stands in for moshi_mlx.audio.echo.EchoCanceller: logs the calls, "cancels" by replacing the mic."""
 
     def __init__(self):
         self.calls = []
@@ -251,8 +250,8 @@ def test_device_without_any_usable_rate(fake_sd):
 _PROBE = r"""
 import json, sys, threading
 import numpy as np
-from moshi_mlx.audio import DuplexAudio
-from moshi_mlx.frames import FRAME_SIZE
+from moshi_mlx.audio.devices import DuplexAudio
+from moshi_mlx.audio.frames import FRAME_SIZE
 mic_dev, spk_dev, n_mic, out_npz = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 got, played_seen = [], []
 done = threading.Event()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from moshi_mlx import benchmark
-from moshi_mlx.assets import demo_lm
 from moshi_mlx.benchmark.long import FRAMES_PER_MINUTE, long_session
 from moshi_mlx.generate import LmGen, StepTimings
+from moshi_mlx.model_files.assets import demo_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, WARMUP = 3, 1

@@ -28,7 +28,14 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
-from .test_local_web import expect_handshake, make_speech, start_server, stop_server, wait_idle, write_wav  # noqa: E402
+from .test_local_web import (  # noqa: E402
+    expect_handshake,
+    make_speech,
+    start_server,
+    stop_server,
+    wait_idle,
+    write_wav,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -186,7 +193,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def engine(chromium):
-    from moshi_mlx.assets import load
+    from moshi_mlx.model_files.assets import load
 
     eng = load(demo=True, log=lambda msg: None).engine()
     eng.warmup()

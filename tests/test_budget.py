@@ -4,7 +4,12 @@ import json
 
 import pytest
 
-from moshi_mlx.budget import BudgetError, MIN_CONTEXT, machine_budget_bytes, plan_memory
+from moshi_mlx.model_files.budget import (
+    MIN_CONTEXT,
+    BudgetError,
+    machine_budget_bytes,
+    plan_memory,
+)
 from moshi_mlx.models.cache import kv_cache_bytes
 
 GiB = 2**30
@@ -60,14 +65,14 @@ def test_load_from_args_plans_memory_and_the_engine_follows(demo_files, monkeypa
 
     import mlx.core as mx
 
-    from moshi_mlx.assets import add_engine_args, load_from_args, settings_from_args
-    from moshi_mlx.budget import weights_bytes
+    from moshi_mlx.cli.flags import add_engine_args, load_from_args, settings_from_args
+    from moshi_mlx.model_files.budget import weights_bytes
 
     monkeypatch.setenv("MOSHI_MLX_DEMO_DIR", str(demo_files.mimi_path.parent))
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     lines = []
-    from moshi_mlx.assets import demo_lm
+    from moshi_mlx.model_files.assets import demo_lm
 
     weights = weights_bytes(demo_lm())
     kv8 = kv_cache_bytes(4, 4, 64, 3000, 8, dtype_bytes=4)

@@ -15,25 +15,34 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import wave
 import signal
 import socket
 import subprocess
 import sys
 import time
+import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .audio_env import ROOT, JackServer, active_fraction, alsa_file_env, base_env, read_wav, rms, speech_wav
+from .audio_env import (
+    ROOT,
+    JackServer,
+    active_fraction,
+    alsa_file_env,
+    base_env,
+    read_wav,
+    rms,
+    speech_wav,
+)
 from .test_client_protocol import start_server
 from .test_local import App, _no_traceback
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
-from moshi_mlx import protocol  # noqa: E402
+from moshi_mlx.net import protocol  # noqa: E402
 
 
 def _session(stderr: str) -> dict:
@@ -316,7 +325,7 @@ async def test_bad_device_is_checked_before_connecting(alsa_env):
 
 
 async def _tls_standin(tmp_path: Path, handler):
-    from moshi_mlx import tls
+    from moshi_mlx.net import tls
 
     info = tls.ensure_certificate(tmp_path / "tls", names=["localhost"], addresses=["127.0.0.1"])
     app = web.Application()

@@ -15,11 +15,11 @@ sphn = pytest.importorskip("sphn")
 pytest.importorskip("pytest_asyncio")
 
 from aiohttp import WSMsgType, web  # noqa: E402
+from moshi_mlx.audio.frames import FrameChunker  # noqa: E402
 
-from moshi_mlx import protocol  # noqa: E402
-from moshi_mlx.frames import FrameChunker  # noqa: E402
-from moshi_mlx.protocol import Kind  # noqa: E402
-from moshi_mlx.remote import (  # noqa: E402
+from moshi_mlx.net import protocol  # noqa: E402
+from moshi_mlx.net.protocol import Kind  # noqa: E402
+from moshi_mlx.net.remote import (
     BadUrl,
     ConnectionLost,
     ProtocolFailure,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
 
 from moshi_mlx.convert import (
     ConvertError,
@@ -20,9 +21,8 @@ from moshi_mlx.convert import (
     output_specs,
     plan_conversion,
 )
-from moshi_mlx.loading import load_lm
+from moshi_mlx.model_files.checkpoint import load_lm
 from moshi_mlx.models.config import LmConfig, config_v0_1
-from mlx.utils import tree_flatten
 
 ST_DTYPE = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moshi_mlx import demo
+from moshi_mlx.model_files import stand_ins as demo
 
 from .conftest import _find_manifests
 
@@ -168,7 +168,7 @@ def test_interrupted_write_leaves_no_file(tmp_path):
 
 
 def test_stand_in_is_versioned_so_an_old_quiet_cache_is_regenerated(random_mimi, tmp_path):
-    from moshi_mlx.loading import read_tensor_infos
+    from moshi_mlx.model_files.checkpoint import read_tensor_infos
 
     assert demo.is_current_stand_in(random_mimi)
     assert read_tensor_infos(random_mimi)[1]["version"] == demo.STAND_IN_VERSION

@@ -3,10 +3,10 @@ import time
 
 import numpy as np
 import pytest
+from moshi_mlx.audio.frames import FRAME_SIZE
 
 from moshi_mlx.engine import ConversationEngine, EngineRunner, EngineSettings
-from moshi_mlx.frames import FRAME_SIZE
-from moshi_mlx.sampling import GREEDY, SamplingParams
+from moshi_mlx.settings import GREEDY, SamplingParams
 
 
 @pytest.fixture()

@@ -1,13 +1,13 @@
-"""moshi_mlx.frames: the audio format defined once, and the one re-chunker."""
+"""moshi_mlx.audio.frames: the audio format defined once, and the one re-chunker."""
 
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from moshi_mlx.audio.frames import FrameChunker
 
-from moshi_mlx import frames
-from moshi_mlx.frames import FrameChunker
+from moshi_mlx.audio.devices import frames
 
 
 def test_format_is_derived_from_mimis_two_facts():
@@ -18,7 +18,7 @@ def test_format_is_derived_from_mimis_two_facts():
 def test_wire_protocol_and_settings_import_no_mlx_and_no_engine():
     """A client machine can speak the protocol without MLX: the package's __init__ is lazy too."""
     code = (
-        "import sys, moshi_mlx.protocol, moshi_mlx.frames, moshi_mlx.settings, moshi_mlx.remote; "
+        "import sys, moshi_mlx.net.protocol, moshi_mlx.audio.frames, moshi_mlx.settings, moshi_mlx.net.remote; "
         "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith('mlx.') or m == 'moshi_mlx.engine'); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from moshi_mlx.generate import LmGen
-from moshi_mlx.loading import build_model
+from moshi_mlx.model_files.checkpoint import build_model
 from moshi_mlx.models.cache import StepContext
 from moshi_mlx.models.config import config_tiny
-from moshi_mlx.sampling import GREEDY, SamplingParams, TextControls
+from moshi_mlx.settings import GREEDY, SamplingParams, TextControls
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ HF_HOME cache, then go offline (HF_HUB_OFFLINE=1) or point at dead endpoints.
 from __future__ import annotations
 
 import argparse
-from collections import namedtuple
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -29,9 +29,21 @@ import pytest
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import utils as hf_utils
 
+from moshi_mlx.cli.flags import add_model_args
 from moshi_mlx.errors import MoshiError
-from moshi_mlx.hub import DEFAULT_REPOS, MIMI_NAME, MOSHI_NAMES, TOKENIZER_NAME, ModelSource, add_model_args
-from moshi_mlx.loading import Quantization, build_model, resolve_model, save_lm
+from moshi_mlx.model_files.checkpoint import (
+    Quantization,
+    build_model,
+    resolve_model,
+    save_lm,
+)
+from moshi_mlx.model_files.hub import (
+    DEFAULT_REPOS,
+    MIMI_NAME,
+    MOSHI_NAMES,
+    TOKENIZER_NAME,
+    ModelSource,
+)
 from moshi_mlx.models.config import LmConfig, TransformerConfig
 
 Resolved = namedtuple("Resolved", "moshi mimi tokenizer lm_config repo quantize")
@@ -63,7 +75,7 @@ TINY = LmConfig(
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, bytes]:
     """name -> bytes of every stand-in file a repo may hold."""
-    from moshi_mlx.demo import write_stand_in_tokenizer
+    from moshi_mlx.model_files.stand_ins import write_stand_in_tokenizer
 
     root = tmp_path_factory.mktemp("assets")
     out: dict[str, bytes] = {}
@@ -502,8 +514,8 @@ _SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from moshi_mlx.errors import MoshiError
-    from moshi_mlx.hub import ModelSource
-    from moshi_mlx.loading import resolve_model
+    from moshi_mlx.model_files.hub import ModelSource
+    from moshi_mlx.model_files.checkpoint import resolve_model
     t0 = time.monotonic()
     try:
         r = resolve_model(ModelSource(quantize={q}, hf_repo={repo!r}))

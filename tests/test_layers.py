@@ -1,9 +1,12 @@
-"""The package's import graph: every module imports only modules of lower layers (no import upwards).
+"""The package's import graph: one way down, folder by folder and module by module.
 
-Layers, from the bottom: format and settings facts; single-job libraries (files, codecs, devices, wire
-protocol, CLI shell); the model; generation and checkpoint loading; the engine; the one front door
-(`assets.load`); shared front-end parts; thin entry points. Read from the source (AST), so it also sees
-imports inside functions.
+Two rules, read from the source (AST, so imports inside functions count too):
+
+* **Folders.** Each folder of `moshi_mlx/` has a rank; a module may import from its own folder or from a folder
+  of lower rank, never from one above it. `cli/` is the shell of the commands: nothing under `models/`,
+  `model_files/`, `audio/`, `net/` or `server/` imports it.
+* **Modules.** Every module sits in a layer of `LAYERS`, and imports only modules of lower layers (no cycles,
+  nothing upward), so the order inside and across folders is fixed too.
 """
 
 from __future__ import annotations
@@ -15,21 +18,39 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moshi_mlx"
 
+#: Folder ranks, from the bottom: the networks; the sound in and out (format, codecs, devices, files); Kyutai's
+#: WebSocket protocol; model files (loading needs Mimi from audio/); the web server; the shell of the commands.
+#: Top-level modules (the conversation core and the commands) are placed by LAYERS alone.
+FOLDERS = {"models": 0, "audio": 1, "net": 2, "model_files": 3, "server": 4, "cli": 5, "benchmark": 6}
+#: The library never leans on the shell.
+NO_CLI = ("models", "model_files", "audio", "net", "server")
+
 LAYERS: list[set[str]] = [
-    {"errors", "frames", "settings", "web_security", "memory", "models", "models.config", "models.cache"},
-    {"sampling", "hub", "outputs", "tokenizer", "mimi", "aec", "audio", "audio_files", "tls", "protocol",
-     "server_info", "cli", "models.transformer", "budget"},
-    {"models.lm", "recording", "remote"},
-    {"generate", "loading"},
-    {"engine", "demo"},
-    {"assets"},
-    {"terminal", "run_inference", "convert", "benchmark"},
-    {"local", "local_web", "client"},
+    # facts: errors, the knobs, the audio format, the model's configuration, RSS readings
+    {"errors", "settings", "memory", "audio.frames", "models.config", "models.cache"},
+    # single-job libraries
+    {"sampling", "outputs", "tokenizer", "models.transformer", "audio.devices", "audio.echo", "audio.files",
+     "audio.mimi", "net.tls", "net.protocol", "model_files.hub", "model_files.budget", "server.info"},
+    {"models.lm", "audio.recording", "net.remote", "server.security"},
+    {"generate", "model_files.checkpoint"},
+    {"engine", "model_files.stand_ins"},
+    {"model_files.assets"},  # load(): the one front door
+    {"cli.shell", "cli.progress"},
+    {"cli.flags"},
+    {"cli", "cli.terminal"},
+    {"run_inference", "convert", "benchmark", "local_web"},
+    {"local", "client"},
     {"__main__"},
 ]
+PACKAGE_FACES = {"models", "model_files", "audio", "net", "server", "benchmark"}  # empty or lazy __init__s
 
 
-def _layer(module: str) -> int:
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    return ".".join(rel.parts if rel.name != "__init__" else rel.parts[:-1])
+
+
+def layer_of(module: str) -> int:
     top = "benchmark" if module.startswith("benchmark") else module
     for i, names in enumerate(LAYERS):
         if top in names:
@@ -37,39 +58,85 @@ def _layer(module: str) -> int:
     raise AssertionError(f"moshi_mlx.{module} has no layer in tests/test_layers.py: place it")
 
 
-def _imports(path: Path) -> set[str]:
+def imports_of(path: Path) -> set[str]:
     """Package-relative names of the moshi_mlx modules a file imports (at any depth of the code)."""
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    parts = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts[:-1])
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
-            if node.module:
-                found.add(".".join([*base, node.module]))
-            else:  # `from . import cli`
-                found.update(".".join([*base, alias.name]) for alias in node.names)
+            here = [*base, node.module] if node.module else base
+            for alias in node.names:  # `from .net import protocol`: a name may be a module
+                candidate = ".".join([*here, alias.name])
+                found.add(candidate if _is_module(candidate) else ".".join(here))
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("moshi_mlx."):
             found.add(node.module.removeprefix("moshi_mlx."))
     return {name for name in found if name not in ("", "__version__")}
 
 
-MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE)
+def _is_module(name: str) -> bool:
+    path = PACKAGE.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def folder_of(module: str) -> str | None:
+    head, _, rest = module.partition(".")
+    return head if head in FOLDERS and (rest or head in PACKAGE_FACES or head == "cli") else None
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if not (p.name == "__init__.py" and p.parent == PACKAGE))
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_no_module_imports_upward(path):
-    rel = path.relative_to(PACKAGE).with_suffix("")
-    me = ".".join(rel.parts if rel.name != "__init__" else rel.parts[:-1])
-    mine = _layer(me)
-    for target in sorted(_imports(path)):
+    me = module_name(path)
+    if me in PACKAGE_FACES:
+        return  # an empty folder face
+    mine = layer_of(me)
+    for target in sorted(imports_of(path)):
         if me.startswith("benchmark") and target.startswith("benchmark"):
             continue  # inside the benchmark package its own modules may use each other
-        assert _layer(target) < mine or (target == me), (
-            f"moshi_mlx.{me} (layer {mine}) imports moshi_mlx.{target} (layer {_layer(target)})"
+        if me == "cli" and target.startswith("cli."):
+            continue  # the face of cli/ re-exports its modules
+        assert layer_of(target) < mine or target == me, (
+            f"moshi_mlx.{me} (layer {mine}) imports moshi_mlx.{target} (layer {layer_of(target)})"
+        )
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_folder_imports_a_folder_above_it(path):
+    me = module_name(path)
+    home = folder_of(me)
+    if home is None:
+        return  # a top-level module: LAYERS places it
+    for target in sorted(imports_of(path)):
+        there = folder_of(target)
+        if there is None:
+            continue
+        assert not (home in NO_CLI and there == "cli"), f"moshi_mlx.{me} imports the shell moshi_mlx.{target}"
+        assert FOLDERS[there] <= FOLDERS[home], (
+            f"moshi_mlx.{me} ({home}/, rank {FOLDERS[home]}) imports moshi_mlx.{target} "
+            f"({there}/, rank {FOLDERS[there]}): a folder imports only its own or those below it"
         )
 
 
 def test_hub_only_finds_files():
-    """hub.py reads no checkpoint: it imports nothing of loading's and nothing of the model."""
-    assert _imports(PACKAGE / "hub.py") <= {"errors"}
+    """hub.py reads no checkpoint: it imports nothing of the loader's and nothing of the model."""
+    assert imports_of(PACKAGE / "model_files" / "hub.py") <= {"errors"}
+
+
+def test_the_rules_catch_a_planted_upward_import(tmp_path, monkeypatch):
+    """The checks above can fail: a module of audio/ importing the shell, or a model importing the server."""
+    planted = {
+        "audio/devices.py": "from ..cli import say\n",
+        "models/lm.py": "from ..server.security import HostPolicy\n",
+    }
+    for rel, line in planted.items():
+        path = PACKAGE / rel
+        fake = tmp_path / "moshi_mlx" / rel
+        fake.parent.mkdir(parents=True, exist_ok=True)
+        fake.write_text(path.read_text() + "\n\ndef _planted():\n    " + line)
+    monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", tmp_path / "moshi_mlx")
+    for rel in planted:
+        with pytest.raises(AssertionError, match="imports"):
+            test_no_folder_imports_a_folder_above_it(tmp_path / "moshi_mlx" / rel)

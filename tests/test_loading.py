@@ -7,7 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from moshi_mlx.generate import LmGen
-from moshi_mlx.loading import (
+from moshi_mlx.model_files.checkpoint import (
     Quantization,
     WeightsError,
     build_model,
@@ -17,7 +17,7 @@ from moshi_mlx.loading import (
     save_lm,
 )
 from moshi_mlx.models.config import config_tiny, config_v0_1, preset
-from moshi_mlx.sampling import GREEDY
+from moshi_mlx.settings import GREEDY
 
 QUANTS = {"bf16": None, "q8": Quantization(8, 64), "q4": Quantization(4, 32)}
 MLX_DTYPES = {"bfloat16": mx.bfloat16, "uint32": mx.uint32, "float32": mx.float32}

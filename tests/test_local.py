@@ -27,8 +27,14 @@ import numpy as np
 import pytest
 
 from .audio_env import (
-    ROOT, JackServer, active_fraction, alsa_file_env, base_env, read_wav,
-    rms, speech_wav,
+    ROOT,
+    JackServer,
+    active_fraction,
+    alsa_file_env,
+    base_env,
+    read_wav,
+    rms,
+    speech_wav,
 )
 
 FRAME_S = 0.08
@@ -298,7 +304,8 @@ def test_in_process_session_resampled_and_no_stray_threads(monkeypatch, capsys):
     session is left."""
     import signal as _signal
 
-    from moshi_mlx import audio, cli, local
+    from moshi_mlx import cli, local
+    from moshi_mlx.audio.devices import devices as audio
 
     from .audio_env import FakeSD
 
@@ -362,9 +369,11 @@ def test_tty_display(monkeypatch):
 def test_engine_failure_mid_session_is_one_line(monkeypatch, capsys):
     """Mimi failing inside the engine thread (simulated: decode raises MimiError on its 5th frame)
     ends the session with one error line and exit code 1, streams and threads closed."""
-    from moshi_mlx import audio, local
+    from moshi_mlx.audio.mimi import MimiError
+
+    from moshi_mlx import local
+    from moshi_mlx.audio.devices import devices as audio
     from moshi_mlx.engine import ConversationEngine
-    from moshi_mlx.mimi import MimiError
 
     from .audio_env import FakeSD
 

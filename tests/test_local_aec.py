@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import time
 
-
 from .audio_env import JackServer
 from .test_local import App, _no_traceback, _session
 

@@ -25,11 +25,17 @@ pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from aiohttp import WSMsgType, web  # noqa: E402
 
-from moshi_mlx import protocol  # noqa: E402
 from moshi_mlx.engine import EngineSettings  # noqa: E402
-from moshi_mlx.local_web import ChatServer, OutQueue, WebUiMissing, create_app, find_web_dir  # noqa: E402
-from moshi_mlx.protocol import Kind  # noqa: E402
-from moshi_mlx.sampling import TextControls  # noqa: E402
+from moshi_mlx.local_web import (  # noqa: E402
+    ChatServer,
+    OutQueue,
+    WebUiMissing,
+    create_app,
+    find_web_dir,
+)
+from moshi_mlx.net import protocol  # noqa: E402
+from moshi_mlx.net.protocol import Kind  # noqa: E402
+from moshi_mlx.settings import TextControls  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
 
@@ -105,7 +111,7 @@ def opus_messages(pcm: np.ndarray, chunk: int = 960) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def engine():
-    from moshi_mlx.assets import load
+    from moshi_mlx.model_files.assets import load
 
     assets = load(demo=True, log=lambda msg: None)
     eng = assets.engine()

@@ -1,10 +1,9 @@
-"""Tests of moshi_mlx.mimi against the real rustymimi, on a random-weight Mimi checkpoint.
+"""Tests of moshi_mlx.audio.mimi against the real rustymimi, on a random-weight Mimi checkpoint.
 
 rustymimi costs ~40 ms per frame and direction on a small CPU, so runs stay short.
 """
 
 import threading
-
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 
 rustymimi = pytest.importorskip("rustymimi")
 
-from moshi_mlx import demo
-from moshi_mlx.mimi import (
+from moshi_mlx.audio.mimi import (
     CODEBOOK_SIZE,
     FRAME_RATE,
     FRAME_SIZE,
@@ -22,6 +20,8 @@ from moshi_mlx.mimi import (
     MimiError,
     MimiInputError,
 )
+
+from moshi_mlx.model_files import stand_ins as demo
 
 
 @pytest.fixture(scope="session")

@@ -25,13 +25,13 @@ pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from aiohttp import web  # noqa: E402
 
-from moshi_mlx import protocol  # noqa: E402
 from moshi_mlx.engine import EngineSettings  # noqa: E402
 from moshi_mlx.local_web import ChatServer, build_parser, create_app  # noqa: E402
-from moshi_mlx.web_security import HostPolicy  # noqa: E402
+from moshi_mlx.net import protocol  # noqa: E402
+from moshi_mlx.server.security import HostPolicy  # noqa: E402
 
-from .test_browser import ARTIFACTS, Browser, chromium, engine, mic_wav  # noqa: E402,F401  (fixtures)
 from .shared import shared_dir  # noqa: E402
+from .test_browser import ARTIFACTS, Browser, chromium, engine, mic_wav  # noqa: E402,F401  (fixtures)
 from .test_local_web import Running, expect_handshake, receive, stop_server  # noqa: E402
 
 pytestmark = pytest.mark.asyncio

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from moshi_mlx.audio.files import AudioReader
 
-from moshi_mlx.audio_files import AudioReader
 from moshi_mlx.outputs import OutputError, atomic_output, check_outputs
 
 from .audio_env import ROOT, base_env

@@ -3,12 +3,10 @@
 import json
 import struct
 
-import numpy as np
 import pytest
 
-from moshi_mlx import protocol
-from moshi_mlx.settings import EngineSettings
-from moshi_mlx.protocol import (
+from moshi_mlx.net import protocol
+from moshi_mlx.net.protocol import (
     Control,
     Handshake,
     Kind,
@@ -19,7 +17,7 @@ from moshi_mlx.protocol import (
     decode_handshake,
     parse_query,
 )
-from moshi_mlx.settings import SamplingParams, TextControls
+from moshi_mlx.settings import EngineSettings, SamplingParams, TextControls
 
 
 def test_kind_values_match_kyutai():

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from moshi_mlx.recording import ConversationRecorder, RecordingError
+from moshi_mlx.audio.recording import ConversationRecorder, RecordingError
 
 from .audio_env import JackServer, active_fraction, rms, speech_wav
 from .test_local import App, _no_traceback, _session, _talk

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from moshi_mlx.generate import LmGen
-from moshi_mlx.loading import load_lm
+from moshi_mlx.model_files.checkpoint import load_lm
 from moshi_mlx.models.config import LmConfig, TransformerConfig
-from moshi_mlx.sampling import GREEDY
+from moshi_mlx.settings import GREEDY
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOLERANCE = 1e-4

@@ -17,9 +17,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moshi_mlx.run_inference import AudioFileError, convert_file, load_mono_24k, read_audio
+from moshi_mlx.run_inference import (
+    AudioFileError,
+    convert_file,
+    load_mono_24k,
+    read_audio,
+)
 
-from .audio_env import ROOT, SPEECH_TOOLS, active_fraction, base_env, missing, rms, speech_wav
+from .audio_env import (
+    ROOT,
+    SPEECH_TOOLS,
+    active_fraction,
+    base_env,
+    missing,
+    rms,
+    speech_wav,
+)
 
 SHORT = "Hello there, can you hear me?"  # ~2.4 s: the demo model needs ~0.1-0.3 s per frame here
 
@@ -33,7 +46,7 @@ def speech_tools():
 
 @pytest.fixture(scope="module")
 def demo():
-    from moshi_mlx.assets import load
+    from moshi_mlx.model_files.assets import load
 
     return load(demo=True, log=lambda m: None)
 
@@ -93,9 +106,10 @@ def test_16k_mono_in_process(speech_tools, demo, tmp_path):
 def test_long_input_crosses_mimi_handoffs(speech_tools, demo, tmp_path):
     """Each rustymimi instance gets 10 frames here instead of ~4092 (5.5 min): the same code path a
     long file takes, handoffs included, in 3 s of audio."""
-    from moshi_mlx.demo import demo_assets
+    from moshi_mlx.audio.mimi import Mimi
+
     from moshi_mlx.engine import ConversationEngine
-    from moshi_mlx.mimi import Mimi
+    from moshi_mlx.model_files.stand_ins import demo_assets
 
     mimi = Mimi(demo_assets().mimi_path, max_frames=10, overlap_frames=3)
     engine = ConversationEngine(demo.lm, mimi, demo.tokenizer)

@@ -4,7 +4,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moshi_mlx.sampling import GREEDY, SamplingParams, make_sampler
+from moshi_mlx.sampling import make_sampler
+from moshi_mlx.settings import GREEDY, SamplingParams
 
 
 def test_greedy_is_argmax():
@@ -56,7 +57,8 @@ def test_repetition_penalty_matches_the_definition():
 
 
 def test_pad_mult_scales_the_padding_probability():
-    from moshi_mlx.sampling import TextControls, make_text_sampler
+    from moshi_mlx.sampling import make_text_sampler
+    from moshi_mlx.settings import TextControls
 
     logits = mx.zeros((4000, 8))  # uniform: padding (id 3) has p = 1/8; 4000 independent rows
     params = SamplingParams(temperature=2.0, top_k=0)  # the boost is in tempered units: any temperature
@@ -79,7 +81,7 @@ def test_pad_mult_scales_the_padding_probability():
     ],
 )
 def test_text_controls_reject_bad_values(kwargs, fragment):
-    from moshi_mlx.sampling import TextControls
+    from moshi_mlx.settings import TextControls
 
     with pytest.raises(ValueError, match=fragment):
         TextControls(**kwargs)

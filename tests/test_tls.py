@@ -1,4 +1,4 @@
-"""moshi_mlx.tls: the --ssl auto certificate (made, reused, renewed) and the client/server SSL contexts,
+"""moshi_mlx.net.tls: the --ssl auto certificate (made, reused, renewed) and the client/server SSL contexts,
 checked with a real TLS handshake; the benchmark script of the client path, run briefly."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ cryptography = pytest.importorskip("cryptography")
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes  # noqa: E402
 
-from moshi_mlx import tls  # noqa: E402
+from moshi_mlx.net import tls  # noqa: E402
 
 from .audio_env import ROOT, base_env  # noqa: E402
 

@@ -18,10 +18,10 @@ pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from aiohttp import web  # noqa: E402
 
-from moshi_mlx import protocol  # noqa: E402
 from moshi_mlx.engine import EngineSettings  # noqa: E402
 from moshi_mlx.local_web import ChatServer, build_parser, create_app, find_web_dir  # noqa: E402
-from moshi_mlx.web_security import HostPolicy  # noqa: E402
+from moshi_mlx.net import protocol  # noqa: E402
+from moshi_mlx.server.security import HostPolicy  # noqa: E402
 
 from .test_local_web import Running, engine, expect_handshake, stop_server, until_closed  # noqa: E402,F401
 

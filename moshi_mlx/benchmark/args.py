@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..assets import add_engine_args
+from ..cli.flags import add_engine_args
 from ..models.config import PRESETS
 from .long import DEFAULT_LONG_STEPS
 

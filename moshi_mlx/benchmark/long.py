@@ -7,8 +7,8 @@ from typing import Callable
 
 import mlx.core as mx
 
+from ..audio.frames import FRAMES_PER_MINUTE
 from ..cli import Progress
-from ..frames import FRAMES_PER_MINUTE
 from ..memory import rss_bytes
 from .measure import Stats, mb, timed
 

@@ -9,12 +9,11 @@ from typing import Callable
 
 import numpy as np
 
+from ..audio.frames import FRAME_MS, FRAME_SIZE, SAMPLE_RATE
 from ..cli import Progress
 from ..engine import ConversationEngine, EngineRunner, FrameResult
-from ..frames import FRAME_MS, FRAME_SIZE, SAMPLE_RATE
 from .measure import Stats, timed
 from .steps import seek
-
 
 
 def speechlike_pcm(n_frames: int, seed: int = 0) -> np.ndarray:

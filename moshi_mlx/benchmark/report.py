@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
+from ..audio.frames import FRAME_MS
 from .measure import Stats
-from ..frames import FRAME_MS
 from .results import BenchResult, Verdict
 
 

@@ -6,10 +6,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from .loaded import LoadTimes, ModelInfo
 from .long import LongRun
 from .machine import Machine
 from .measure import PhaseMemory
-from .models import LoadTimes, ModelInfo
 from .pipeline import MimiTimes, RunnerResult, Sequential
 from .steps import LmTimes
 

@@ -11,20 +11,27 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..assets import settings_from_args
+from .. import cli
+from ..cli.flags import settings_from_args
 from ..engine import ConversationEngine
 from ..memory import rss_peak_bytes
-from .. import cli
 from ..models.cache import DEFAULT_KV_BITS
 from .args import build_parser, check_args, start_position
+from .loaded import PRECISIONS, Loaded, load_model, scratch_dir
 from .long import LongRun, long_session
 from .machine import Machine, machine_info
 from .measure import MemoryProbe, PhaseMemory, gb
-from .models import PRECISIONS, Loaded, load_model, scratch_dir
 from .pipeline import time_mimi, time_runner, time_sequential
 from .report import format_table, verdict
 from .results import BenchResult, Memory, Pipeline, Settings
-from .steps import LmTimes, engine_settings, kv_cache_bytes, new_generator, time_lm, user_codes
+from .steps import (
+    LmTimes,
+    engine_settings,
+    kv_cache_bytes,
+    new_generator,
+    time_lm,
+    user_codes,
+)
 
 
 def kv_cache(loaded: Loaded) -> tuple[int, int]:

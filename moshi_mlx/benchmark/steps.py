@@ -7,12 +7,12 @@ from typing import Callable
 
 import numpy as np
 
+from ..cli import Progress
 from ..engine import EngineSettings
 from ..generate import LmGen, StepTimings
 from ..models.config import LmConfig
 from ..models.lm import Lm
-from ..sampling import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
-from ..cli import Progress
+from ..settings import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
 from .measure import Stats, gb, timed
 
 

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-
 POSITIONAL_EMBEDDINGS = ("rope", "sin", "none")
 NORMS = ("rms_norm", "layer_norm")
 # Kyutai's norm names -> (our kind, eps), as its PyTorch create_norm_fn builds them.

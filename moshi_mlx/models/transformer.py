@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import mlx.core as mx
 import mlx.nn as nn
-
-from typing import Protocol
 
 from .cache import StepContext
 from .config import TransformerConfig

@@ -15,9 +15,9 @@ import pytest
 
 from moshi_mlx.convert import ConvertError, convert
 from moshi_mlx.generate import LmGen
-from moshi_mlx.loading import load_lm
+from moshi_mlx.model_files.checkpoint import load_lm
 from moshi_mlx.models.config import LmConfig
-from moshi_mlx.sampling import GREEDY
+from moshi_mlx.settings import GREEDY
 
 from . import numpy_lm
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moshi_mlx.loading import build_model
+from moshi_mlx.model_files.checkpoint import build_model
 from moshi_mlx.models.cache import kv_cache_bytes
 from moshi_mlx.models.config import config_tiny
 
@@ -63,7 +63,7 @@ def test_quantized_cache_footprint():
 
 
 def test_kv_bits_flag_reaches_the_engine_settings():
-    from moshi_mlx.assets import add_engine_args, settings_from_args
+    from moshi_mlx.cli.flags import add_engine_args, settings_from_args
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)

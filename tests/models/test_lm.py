@@ -3,7 +3,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from moshi_mlx.loading import Quantization, build_model
+from moshi_mlx.model_files.checkpoint import Quantization, build_model
 from moshi_mlx.models.cache import StepContext
 from moshi_mlx.models.config import config_tiny
 from moshi_mlx.models.lm import NO_TOKEN, embed
@@ -74,7 +74,7 @@ def tiny_f32():
 
 
 def test_teacher_forced_forward_equals_stepping(tiny_f32):
-    from moshi_mlx.sampling import SamplingParams
+    from moshi_mlx.settings import SamplingParams
 
     frames = np.random.default_rng(1).integers(0, 2048, (10, 8)).astype(np.int32)
     tokens, stepped_logits = _stepped(tiny_f32, frames, SamplingParams(0.9, 40))
@@ -84,7 +84,7 @@ def test_teacher_forced_forward_equals_stepping(tiny_f32):
 
 
 def test_teacher_forced_audio_logits_pick_the_greedy_codes(tiny_f32):
-    from moshi_mlx.sampling import GREEDY
+    from moshi_mlx.settings import GREEDY
 
     frames = np.random.default_rng(2).integers(0, 2048, (8, 8)).astype(np.int32)
     tokens, _ = _stepped(tiny_f32, frames, GREEDY)

@@ -17,7 +17,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import SafetensorError, safe_open
 
-from .errors import MoshiError, first_line
+from ..errors import MoshiError, first_line
+from ..models.config import LmConfig, config_v0_1
+from ..models.lm import Lm
 from .hub import (
     FLAGS,
     TOKENIZER_NAME,
@@ -29,9 +31,6 @@ from .hub import (
     quantize_hint,
     read_local_config,
 )
-
-from .models.config import LmConfig, config_v0_1
-from .models.lm import Lm
 
 
 class WeightsError(MoshiError, ValueError):

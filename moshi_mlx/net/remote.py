@@ -28,9 +28,9 @@ import aiohttp
 import numpy as np
 from yarl import URL
 
+from ..audio.frames import FRAME_S, SAMPLE_RATE, FrameChunker
+from ..errors import MoshiError, UsageError, first_line
 from . import protocol
-from .errors import MoshiError, UsageError, first_line
-from .frames import FRAME_S, SAMPLE_RATE, FrameChunker
 from .protocol import Kind, ProtocolError
 
 DEFAULT_URL = "ws://localhost:8998"

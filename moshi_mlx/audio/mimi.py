@@ -56,9 +56,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import MoshiError, first_line
+from ..errors import MoshiError, first_line
+from ..memory import rss_bytes
 from .frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (re-exported: the codec's format)
-from .memory import rss_bytes
 
 __all__ = [
     "SAMPLE_RATE",

@@ -20,9 +20,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..assets import Assets, load
-from ..hub import ModelSource
-from ..loading import GROUP_SIZE_FOR_BITS, Quantization, _materialise, build_model, save_lm
+from ..model_files.assets import Assets, load
+from ..model_files.checkpoint import (
+    GROUP_SIZE_FOR_BITS,
+    Quantization,
+    _materialise,
+    build_model,
+    save_lm,
+)
+from ..model_files.hub import ModelSource
 from ..models.config import LmConfig, config_v0_1, preset
 from ..models.lm import Lm
 from .measure import gb
@@ -97,7 +103,7 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
     if args.demo:
         kind, config_name = "demo", "tiny"
     elif args.config is not None:
-        from ..demo import demo_assets
+        from ..model_files.stand_ins import demo_assets
 
         kind, config_name = "random", args.config
         t0 = time.perf_counter()

@@ -29,10 +29,10 @@ from typing import Any, Callable
 import numpy as np
 import soundfile as sf
 
-from .audio_files import to_pcm16
-from .errors import MoshiError, first_line
+from ..errors import MoshiError, first_line
+from ..outputs import OutputError, atomic_output, fresh_paths
+from .files import to_pcm16
 from .frames import SAMPLE_RATE
-from .outputs import OutputError, atomic_output, fresh_paths
 
 SUFFIXES = ("stereo.wav", "mixed.wav", "transcript.txt", "transcript.json")
 

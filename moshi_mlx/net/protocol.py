@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Iterable, Mapping
 
-from .errors import MoshiError
-from .settings import EngineSettings, SamplingParams, TextControls
+from ..errors import MoshiError
+from ..settings import EngineSettings, SamplingParams, TextControls
 
 __all__ = [
     "Kind",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
-from .errors import MoshiError, first_line
+from ..errors import MoshiError, first_line
 
 DEFAULT_REPOS: dict[int | None, str] = {
     4: "kyutai/moshiko-mlx-q4",
@@ -408,20 +408,3 @@ def find_model_files(source: ModelSource, local_bits: int | None = None, progres
 
 # ---------------------------------------------------------------------------------------------------------
 # command line
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the model-file flags shared by every entry point."""
-    g = parser.add_argument_group("model files")
-    g.add_argument(
-        "-q", "--quantize", type=int, choices=[4, 8], default=None,
-        help="use 4- or 8-bit weights (default repo kyutai/moshiko-mlx-q4 / -q8); absent: bf16, or whatever "
-        "--hf-repo / --moshi-weights holds",
-    )
-    g.add_argument("--hf-repo", default=None, help="hub repo to take the files from, e.g. kyutai/moshika-mlx-q4")
-    g.add_argument("--revision", default=None, help="pin the hub repo to a branch, tag or commit")
-    g.add_argument("--moshi-weights", default=None, metavar="PATH", help="local MLX Moshi LM .safetensors")
-    g.add_argument("--mimi-weights", default=None, metavar="PATH", help=f"local Mimi .safetensors ({MIMI_NAME})")
-    g.add_argument("--tokenizer", default=None, metavar="PATH", help=f"local SentencePiece model ({TOKENIZER_NAME})")
-    g.add_argument("--lm-config", default=None, metavar="PATH", help="local config.json describing the LM")
-    return parser

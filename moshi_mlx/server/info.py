@@ -18,9 +18,9 @@ import sysconfig
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import __version__
+from .. import __version__
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the moshi_mlx package
 UNKNOWN = "unknown"
 
 # Values that mean "not applied", reported when the engine has no such setting.

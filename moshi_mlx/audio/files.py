@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 import soundfile as sf
 
-from .errors import MoshiError, first_line
+from ..errors import MoshiError, first_line
 from .frames import SAMPLE_RATE, Resampler
 
 BLOCK = 1 << 15  # input samples per read: ~0.7 s at 48 kHz, a few hundred KiB at most

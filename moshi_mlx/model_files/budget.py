@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .models.cache import DEFAULT_KV_BITS, LENGTH_BUCKET, kv_cache_bytes
+from ..models.cache import DEFAULT_KV_BITS, LENGTH_BUCKET, kv_cache_bytes
 
 GB = 1e9
 #: Activations of one step plus MLX's allocator cache (measured: a 7B q4 step needs well under 100 MB).

@@ -24,8 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoshiError
-from .web_security import is_ip
+from ..errors import MoshiError
 
 __all__ = [
     "CertInfo",
@@ -43,6 +42,15 @@ __all__ = [
 CERT_FILE, KEY_FILE = "cert.pem", "key.pem"
 VALID_DAYS = 397  # Apple's platforms refuse server certificates valid for longer than 398 days
 RENEW_DAYS = 30  # make a new one when the old one has less than this left
+
+
+def is_ip(name: str) -> bool:
+    """True for an IPv4 or IPv6 literal (certificate names and the Host allow-list treat those apart)."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 class TlsError(MoshiError, RuntimeError):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .loading import WeightsError, read_tensor_infos
+from .checkpoint import WeightsError, read_tensor_infos
 
 __all__ = [
     "MIMI_CONFIG",

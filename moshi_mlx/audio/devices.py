@@ -22,7 +22,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .errors import MoshiError, first_line
+from ..errors import MoshiError, first_line
 from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker, Resampler
 
 #: Rates tried, in order, when a device cannot run at 24 kHz (after its own default rate).
@@ -249,7 +249,7 @@ class DuplexAudio:
     on_input(frame): called from the audio thread with each 1920-sample 24 kHz mic frame; it must not
         block (``EngineRunner.push`` qualifies).
     echo_canceller: optional hook where the mic and its echo reference meet, e.g.
-        :class:`moshi_mlx.aec.EchoCanceller` (anything with ``process_far`` and ``process_near``).
+        :class:`moshi_mlx.audio.echo.EchoCanceller` (anything with ``process_far`` and ``process_near``).
         ``process_far(frame)`` gets every 24 kHz frame in the order it is sent to the speaker
         (silence included) and ``process_near(mic) -> mic`` every mic frame before ``on_input``. Both run
         in the audio callbacks; with one duplex stream a tick's speaker frame is given before that

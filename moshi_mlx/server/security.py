@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 from aiohttp import web, web_response
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ..net.tls import is_ip
+
 SERVER_NAME = "moshi_mlx"
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -47,14 +49,6 @@ def _host_name(host: str) -> str | None:
         return parts.hostname
     except ValueError:
         return None
-
-
-def is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
 
 
 def parse_origin(origin: str) -> tuple[str, str, int]:

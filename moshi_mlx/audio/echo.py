@@ -55,7 +55,7 @@ from typing import Deque
 
 import numpy as np
 
-from .errors import MoshiError
+from ..errors import MoshiError
 from .frames import FRAME_SIZE, SAMPLE_RATE
 
 __all__ = ["AecUnavailable", "EchoCanceller", "EchoReduction", "aec_available", "measure_reduction"]

@@ -10,25 +10,25 @@ import argparse
 import os
 import shutil
 import sys
-
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import cli
-from .audio import list_devices, release_portaudio
-from .errors import first_line
-from .outputs import OutputError, probe_writable
+from ..audio.devices import list_devices, release_portaudio
+from ..errors import first_line
+from ..outputs import OutputError, probe_writable
+from . import shell
+from .flags import integer
 
 if TYPE_CHECKING:
-    from .recording import ConversationRecorder
+    from ..audio.recording import ConversationRecorder
 
 
-log = cli.say  # a line for the user on stderr
+log = shell.say  # a line for the user on stderr
 
 
 def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Device, lag and echo-cancellation flags; returns the group so callers can add their own."""
-    from .assets import add_lag_arg
+    from .flags import add_lag_arg
 
     g = parser.add_argument_group("audio")
     g.add_argument("--list-devices", action="store_true", help="list the sound devices and exit")
@@ -40,7 +40,7 @@ def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="turn off echo cancellation (on by default so Moshi does not hear itself through the speakers)",
     )
     g.add_argument(
-        "--aec-delay-ms", type=cli.integer(0, 2000), default=120, metavar="MS",
+        "--aec-delay-ms", type=integer(0, 2000), default=120, metavar="MS",
         help="expected speaker-to-mic delay, a starting hint for the echo canceller (default 120)",
     )
     return g
@@ -58,7 +58,7 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
     """A recorder for --record DIR, after checking DIR can be written (before any slow loading or connecting)."""
     if directory is None:
         return None
-    from .recording import ConversationRecorder, RecordingError
+    from ..audio.recording import ConversationRecorder, RecordingError
 
     folder = Path(directory).expanduser()
     try:
@@ -87,7 +87,7 @@ def save_recording(recorder: ConversationRecorder, directory: str, info: dict[st
 
 def make_echo_canceller(delay_ms: int):
     """The WebRTC echo canceller, or None (with a clear warning) where it cannot run."""
-    from .aec import AecUnavailable, EchoCanceller
+    from ..audio.echo import AecUnavailable, EchoCanceller
 
     try:
         return EchoCanceller(delay_ms=delay_ms)
@@ -187,13 +187,13 @@ def run_app(
     """A terminal front end's main(): the CLI shell, --list-devices, SIGTERM handled like Ctrl-C."""
 
     def body(args: argparse.Namespace) -> int:
-        with cli.sigterm_interrupts():
+        with shell.sigterm_interrupts():
             if args.list_devices:
                 print(list_devices(if_none=no_sound_hint))
                 return 0
             return converse(args)
 
-    return cli.run(parser, body, argv)
+    return shell.run(parser, body, argv)
 
 
 def exit_now(rc: int) -> None:

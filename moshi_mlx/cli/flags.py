@@ -1,0 +1,176 @@
+"""The flag groups every command shares, each defined once: model files, sampling, memory, lag, verbosity.
+
+A bad value is one usage line (exit 2) before anything loads: the argparse types below check bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+from ..model_files.assets import DTYPES, Assets, load
+from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME, ModelSource
+from ..models.cache import DEFAULT_KV_BITS, KV_BITS
+from ..settings import EngineSettings, SamplingParams, TextControls
+from .progress import Progress
+from .shell import say
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks of unexpected errors")
+
+
+# -- argparse types: a bad value is one usage line before anything loads -----------------------------
+def number(low: float | None = None, high: float | None = None, open_low: bool = False) -> Callable[[str], float]:
+    """A finite float, at least (or, with open_low, above) `low` and at most `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value < low or (open_low and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_low else '>='} {low:g}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def integer(low: int = 0, high: int | None = None) -> Callable[[str], int]:
+    """A whole number in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+SEED = integer(0, 2**63 - 1)
+#: Sampling flags' destinations: the same names as the WebSocket query parameters (Kyutai's protocol).
+SAMPLING_PARAMS = (
+    "text_temperature", "text_topk", "audio_temperature", "audio_topk", "repetition_penalty",
+    "repetition_penalty_context", "pad_mult", "seed", "text_seed", "audio_seed",
+)
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, server_defaults: bool = False) -> None:
+    """The sampling flags of every front end (the app's engine, or a remote server with server_defaults).
+
+    With `server_defaults`, flags left out are None, so only what the user gave is sent.
+    """
+    from ..settings import (
+        DEFAULT_AUDIO_SAMPLING,
+        DEFAULT_TEXT_CONTROLS,
+        DEFAULT_TEXT_SAMPLING,
+    )
+
+    def default(value: object) -> object:
+        return None if server_defaults else value
+
+    title = "sampling (sent to the server; left out: the server's defaults)" if server_defaults else "sampling"
+    g = parser.add_argument_group(title)
+    g.add_argument("--text-temperature", type=number(0.0), default=default(DEFAULT_TEXT_SAMPLING.temperature),
+                   help=f"text sampling temperature, 0 = greedy (default {DEFAULT_TEXT_SAMPLING.temperature})")
+    g.add_argument("--text-topk", type=integer(0), default=default(DEFAULT_TEXT_SAMPLING.top_k),
+                   help=f"sample among the K likeliest text tokens, 0 = all (default {DEFAULT_TEXT_SAMPLING.top_k})")
+    g.add_argument("--audio-temperature", type=number(0.0), default=default(DEFAULT_AUDIO_SAMPLING.temperature),
+                   help=f"audio sampling temperature, 0 = greedy (default {DEFAULT_AUDIO_SAMPLING.temperature})")
+    g.add_argument("--audio-topk", type=integer(0), default=default(DEFAULT_AUDIO_SAMPLING.top_k),
+                   help=f"sample among the K likeliest audio codes, 0 = all (default {DEFAULT_AUDIO_SAMPLING.top_k})")
+    g.add_argument(
+        "--repetition-penalty", type=number(0.0, open_low=True), default=default(DEFAULT_TEXT_CONTROLS.repetition_penalty),
+        help="penalise text tokens Moshi used recently (> 1 penalises; default 1.0: off)",
+    )
+    g.add_argument(
+        "--repetition-penalty-context", type=integer(0), default=default(DEFAULT_TEXT_CONTROLS.repetition_penalty_context),
+        metavar="N", help="how many recent text tokens (not padding) the penalty looks at (default 64)",
+    )
+    g.add_argument(
+        "--pad-mult", type=number(), default=default(DEFAULT_TEXT_CONTROLS.pad_mult),
+        help="multiply the text padding probability by exp(PAD_MULT); negative: Moshi talks more (default 0)",
+    )
+    g.add_argument("--seed", type=SEED, default=None, help="seed for reproducible sampling (both streams)")
+    g.add_argument("--text-seed", type=SEED, default=None, help="seed of the text stream (overrides --seed)")
+    g.add_argument("--audio-seed", type=SEED, default=None, help="seed of the audio stream (overrides --seed)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the model-file flags shared by every entry point."""
+    g = parser.add_argument_group("model files")
+    g.add_argument(
+        "-q", "--quantize", type=int, choices=[4, 8], default=None,
+        help="use 4- or 8-bit weights (default repo kyutai/moshiko-mlx-q4 / -q8); absent: bf16, or whatever "
+        "--hf-repo / --moshi-weights holds",
+    )
+    g.add_argument("--hf-repo", default=None, help="hub repo to take the files from, e.g. kyutai/moshika-mlx-q4")
+    g.add_argument("--revision", default=None, help="pin the hub repo to a branch, tag or commit")
+    g.add_argument("--moshi-weights", default=None, metavar="PATH", help="local MLX Moshi LM .safetensors")
+    g.add_argument("--mimi-weights", default=None, metavar="PATH", help=f"local Mimi .safetensors ({MIMI_NAME})")
+    g.add_argument("--tokenizer", default=None, metavar="PATH", help=f"local SentencePiece model ({TOKENIZER_NAME})")
+    g.add_argument("--lm-config", default=None, metavar="PATH", help="local config.json describing the LM")
+    return parser
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model, sampling and demo flags shared by every entry point."""
+    add_model_args(parser)
+    parser.add_argument("--demo", action="store_true", help="tiny random model + random Mimi: no download (babble)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype for unquantized weights")
+    add_sampling_args(parser)
+    add_verbose_arg(parser)
+    add_memory_args(parser)
+
+
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """--kv-bits and --max-memory: the LM's key/value precision and the memory budget that picks it."""
+    group = parser.add_argument_group("memory")
+    group.add_argument(
+        "--max-memory", type=number(0.0, open_low=True), default=None, metavar="GB",
+        help="memory for the LM (weights + KV + activations); picks the KV precision and, only if still "
+        "needed, a shorter window (default: Metal's recommended working set, else 2/3 of RAM)",
+    )
+    group.add_argument(
+        "--kv-bits", type=int, choices=KV_BITS, default=None,
+        help=f"LM key/value cache precision: 16 = model dtype, 8 or 4 = quantized (default {DEFAULT_KV_BITS})",
+    )
+
+
+def add_lag_arg(group: argparse._ActionsContainer) -> None:
+    """--max-lag-frames, shared by the real-time front ends (terminal and web)."""
+    group.add_argument(
+        "--max-lag-frames", type=integer(1), default=2, metavar="N",
+        help="80 ms frames allowed to wait for the model; older ones are skipped when it falls behind (default 2)",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(
+        text=SamplingParams(args.text_temperature, args.text_topk),
+        audio=SamplingParams(args.audio_temperature, args.audio_topk),
+        seed=args.seed,
+        text_controls=TextControls(args.repetition_penalty, args.repetition_penalty_context, args.pad_mult),
+        text_seed=args.text_seed,
+        audio_seed=args.audio_seed,
+        kv_bits=getattr(args, "kv_bits", None),
+    )
+
+
+def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = say) -> Assets:
+    """load() from the shared flags, then fit the memory budget (one line says what it chose)."""
+    progress = Progress().callback("loading Moshi") if log is say else None  # a caller with its own log draws no bar
+    assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log, progress=progress)
+    assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
+    return assets
