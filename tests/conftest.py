@@ -1,20 +1,11 @@
-import os
 from pathlib import Path
 
 import pytest
 
-from .audio_env import JACK_TOOLS, SPEECH_TOOLS, missing, portaudio_problem
-from .shared import shared_dir
+from tests.helpers.audio_env import JACK_TOOLS, SPEECH_TOOLS, missing, portaudio_problem
+from tests.helpers.shared import find_manifests
 
-
-def _find_manifests() -> Path:
-    """Published-layout manifests: $MOSHI_MLX_MANIFESTS, else the team's shared folder (tests/shared.py)."""
-    if os.environ.get("MOSHI_MLX_MANIFESTS"):
-        return Path(os.environ["MOSHI_MLX_MANIFESTS"])
-    return shared_dir("manifests") or Path("shared/manifests")
-
-
-MANIFESTS = _find_manifests()
+MANIFESTS = find_manifests()
 
 
 @pytest.fixture(scope="session")
@@ -63,20 +54,15 @@ def jack_tools(portaudio):
         pytest.skip(f"needs {', '.join(lacking)} (apt install jackd2 jack-tools espeak-ng sox)")
 
 
-# -- markers: `pytest -m "not slow"` is the quick inner loop; CI runs everything ---------------------------
-# Whole modules that start real processes, browsers or wheel builds.
-SLOW_MODULES = {
-    "test_browser", "test_official_client", "test_packaging", "test_client", "test_local", "test_local_aec",
-    "test_recording", "test_aec", "test_benchmark", "test_run_inference", "test_outputs", "test_hub",
-}
-# Fixtures that mean a test drives real devices or a browser.
-SLOW_FIXTURES = {"chromium", "jack_tools", "speech_tools", "alsa_env"}
+# -- markers: decided by folder. `pytest -m "not slow"` (or `pytest tests/unit`) is the quick inner loop; CI runs
+# everything. tests/e2e/ holds what starts real processes, servers on real sockets, devices, browsers or wheel
+# builds; of those, the ones on virtual JACK devices run at the real 80 ms pace.
+E2E = Path(__file__).resolve().parent / "e2e"
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if "jack_tools" in fixtures:
-            item.add_marker(pytest.mark.realtime)
-        if "jack_tools" in fixtures or fixtures & SLOW_FIXTURES or item.module.__name__.split(".")[-1] in SLOW_MODULES:
+        if E2E in Path(item.fspath).resolve().parents:
             item.add_marker(pytest.mark.slow)
+            if "jack_tools" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.realtime)

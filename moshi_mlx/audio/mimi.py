@@ -80,7 +80,7 @@ POSITIONS_PER_FRAME = 2  #: transformer positions per 80 ms frame
 RUSTYMIMI_DEFAULT_MAX_SEQ_LEN = 8192
 #: Frames the spare runs beside the active instance before it takes over (10 s, one attention window).
 #: Exact convergence needs up to num_layers (8) windows; measured on random weights, one window already
-#: brings codes and decoded audio in line with an instance that never hands off (see tests/test_mimi.py).
+#: brings codes and decoded audio in line with an instance that never hands off (see tests/unit/audio/test_mimi.py).
 DEFAULT_OVERLAP_FRAMES = CONTEXT_FRAMES
 #: Frames an instance is active between resets (60 s): bounds each lane's keys/values to ~48 MB in f32.
 DEFAULT_MAX_FRAMES = 750

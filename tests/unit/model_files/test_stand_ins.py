@@ -1,0 +1,174 @@
+"""Tests of the --demo stand-ins: random Mimi checkpoint, stand-in tokenizer, asset cache."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moshi_mlx.model_files import stand_ins as demo
+from tests.helpers.shared import find_manifests as _find_manifests
+
+MANIFEST = _find_manifests() / "mimi.json"
+
+
+@pytest.fixture(scope="session")
+def random_mimi(tmp_path_factory):
+    return demo.write_random_mimi(tmp_path_factory.mktemp("demo-mimi") / "mimi.safetensors", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    return demo.write_stand_in_tokenizer(tmp_path_factory.mktemp("demo-tok") / "tok.model")
+
+
+# --------------------------------------------------------------------------------------------------
+# Mimi
+# --------------------------------------------------------------------------------------------------
+
+
+def test_layout_counts():
+    layout = demo.mimi_tensor_layout()
+    assert len(layout) == 318
+    assert sum(int(np.prod(s)) for s in layout.values()) == 96_151_393
+
+
+@pytest.mark.skipif(not MANIFEST.exists(), reason="shared Mimi manifest not available")
+def test_layout_matches_published_manifest():
+    manifest = json.loads(MANIFEST.read_text())["tensors"]
+    layout = demo.mimi_tensor_layout()
+    assert list(layout) == list(manifest)  # same names, same order
+    for name, spec in manifest.items():
+        assert spec["dtype"] == "float32", name
+        assert tuple(spec["shape"]) == layout[name], name
+
+
+def test_random_mimi_file_matches_layout(random_mimi):
+    from safetensors import safe_open
+
+    layout = demo.mimi_tensor_layout()
+    with safe_open(str(random_mimi), "np") as f:
+        keys = set(f.keys())
+        assert keys == set(layout)
+        names = ("encoder.model.0.conv.conv.weight", "quantizer.rvq_rest.vq.layers.30._codebook.cluster_usage")
+        for name in names:
+            t = f.get_tensor(name)
+            assert t.dtype == np.float32 and t.shape == layout[name]
+        assert (f.get_tensor("quantizer.rvq_first.vq.layers.0._codebook.cluster_usage") > 0).all()
+    assert demo.is_valid_mimi_file(random_mimi)
+    assert oct(os.stat(random_mimi).st_mode & 0o777) == oct(0o644)
+
+
+def test_random_mimi_loads_in_rustymimi(random_mimi):
+    rustymimi = pytest.importorskip("rustymimi")
+    for k in (8, 32):
+        tok = rustymimi.Tokenizer(str(random_mimi), num_codebooks=k)
+        rng = np.random.default_rng(0)
+        codes = tok.encode_step((0.1 * rng.standard_normal((1, 1, 1920))).astype(np.float32))
+        assert codes.shape == (1, k, 1) and (codes < 2048).all()
+        pcm = tok.decode_step(codes)
+        assert pcm.shape == (1, 1, 1920) and np.isfinite(pcm).all()
+        del tok
+
+
+def test_truncated_mimi_is_invalid(tmp_path, random_mimi):
+    bad = tmp_path / "bad.safetensors"
+    with open(random_mimi, "rb") as f:
+        bad.write_bytes(f.read(5_000_000))
+    assert not demo.is_valid_mimi_file(bad)
+    assert not demo.is_valid_mimi_file(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stand_in_tokenizer_has_a_piece_for_every_id(tokenizer_path):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    assert sp.get_piece_size() == 32000
+    pieces = [sp.id_to_piece(i) for i in range(32000)]
+    assert all(pieces) and len(set(pieces)) == 32000
+    # the real tokenizer's conventions: 0 unknown, 3 padding (both skipped by the app)
+    assert sp.unk_id() == 0 and sp.pad_id() == 3 and pieces[0] == "<unk>" and pieces[3] == "<pad>"
+    assert sp.is_unknown(0) and sp.is_control(3)
+    assert sp.bos_id() == 1 and sp.eos_id() == 2
+    # ordinary ids are word-like pieces that decode to text
+    assert pieces[4].startswith("\u2581") and sp.id_to_piece(31000).strip()
+    text = sp.decode([4, 5, 1234])
+    assert text and text == text.strip() and len(text.split()) == 3
+    assert sp.decode([3]) == ""
+    assert demo.is_valid_tokenizer_file(tokenizer_path)
+
+
+def test_stand_in_tokenizer_other_size(tmp_path):
+    import sentencepiece as spm
+
+    path = demo.write_stand_in_tokenizer(tmp_path / "small.model", vocab_size=1000)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    assert sp.get_piece_size() == 1000 and sp.pad_id() == 3
+    with pytest.raises(ValueError):
+        demo.write_stand_in_tokenizer(tmp_path / "tiny.model", vocab_size=10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+def test_demo_assets_create_reuse_repair(tmp_path, monkeypatch, capsys, random_mimi, tokenizer_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # Seed the cache with the session's files (hard links: no second 385 MB write in the common path).
+    os.link(random_mimi, cache / demo.MIMI_FILE)
+    os.link(tokenizer_path, cache / demo.TOKENIZER_FILE)
+    monkeypatch.setenv("MOSHI_MLX_DEMO_DIR", str(cache))
+    assert demo.default_cache_dir() == cache
+
+    assets = demo.demo_assets()
+    assert assets.mimi_path == cache / demo.MIMI_FILE and assets.tokenizer_path == cache / demo.TOKENIZER_FILE
+    assert assets.mimi_path.stat().st_ino == Path(random_mimi).stat().st_ino  # reused, not rewritten
+    assert assets.tokenizer_path.stat().st_ino == Path(tokenizer_path).stat().st_ino
+
+    # A truncated file (as from an old interrupted writer) is replaced; the missing tokenizer recreated.
+    broken = cache / "broken"
+    with open(random_mimi, "rb") as f:
+        broken.write_bytes(f.read(1000))
+    os.replace(broken, cache / demo.MIMI_FILE)
+    (cache / demo.TOKENIZER_FILE).unlink()
+    assets = demo.demo_assets(cache)
+    assert demo.is_valid_mimi_file(assets.mimi_path) and demo.is_valid_tokenizer_file(assets.tokenizer_path)
+    assert sorted(p.name for p in cache.iterdir()) == sorted([demo.MIMI_FILE, demo.TOKENIZER_FILE])
+    assert demo.is_valid_mimi_file(random_mimi)  # the hard-linked original was not touched
+    assert capsys.readouterr() == ("", "")
+
+
+def test_default_cache_dir(monkeypatch):
+    monkeypatch.delenv("MOSHI_MLX_DEMO_DIR", raising=False)
+    assert demo.default_cache_dir() == Path("~/.cache/moshi_mlx/demo").expanduser()
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    target = tmp_path / "f.bin"
+    with pytest.raises(KeyboardInterrupt):
+        with demo._atomic_path(target) as tmp:
+            tmp.write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with demo._atomic_path(target) as tmp:
+            tmp.write_bytes(b"new but incomplete")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_stand_in_is_versioned_so_an_old_quiet_cache_is_regenerated(random_mimi, tmp_path):
+    from moshi_mlx.model_files.checkpoint import read_tensor_infos
+
+    assert demo.is_current_stand_in(random_mimi)
+    assert read_tensor_infos(random_mimi)[1]["version"] == demo.STAND_IN_VERSION
+    assert not demo.is_current_stand_in(tmp_path / "missing.safetensors")
