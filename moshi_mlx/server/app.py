@@ -38,13 +38,13 @@ from .security import (
 )
 from .session import Conversation
 
-log = logging.getLogger("moshi_mlx.web")
+log = logging.getLogger("moshi_mlx.web.app")
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the moshi_mlx package
 
 
 class WebUiMissing(MoshiError, RuntimeError):
-    pass
+    """No index.html where the UI should be (a broken install, or a wrong --web-dir)."""
 
 
 def find_web_dir(explicit: str | os.PathLike | None = None) -> Path:

@@ -22,7 +22,7 @@ from aiohttp import web
 from ..errors import MoshiError
 from ..net import tls
 
-log = logging.getLogger("moshi_mlx.web")
+log = logging.getLogger("moshi_mlx.web.startup")
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = ("", "0.0.0.0", "::")

@@ -3,6 +3,7 @@ and the URLs the server announces."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
@@ -10,6 +11,7 @@ import ssl
 import pytest
 
 pytest.importorskip("aiohttp")
+from aiohttp import web  # noqa: E402
 
 from moshi_mlx.errors import MoshiError, error_line  # noqa: E402
 from moshi_mlx.local_web import main  # noqa: E402
@@ -20,6 +22,7 @@ from moshi_mlx.server.startup import (  # noqa: E402
     browser_url,
     check_port_free,
     folder_context,
+    serve,
     ssl_setup,
 )
 
@@ -37,6 +40,15 @@ def test_a_busy_port_is_a_one_line_error():
     )
     check_port_free("127.0.0.1", port)  # free again once the holder is gone
     check_port_free("127.0.0.1", 0)  # an ephemeral port is never checked
+
+
+def test_a_port_taken_after_the_check_is_the_same_one_line_error():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with pytest.raises(CannotListen, match=rf"^cannot listen on 127\.0\.0\.1:{port}: .*try --port\)$"):
+            asyncio.run(serve(web.Application(), "127.0.0.1", port, None, open_browser=False))
 
 
 def test_an_unknown_host_cannot_be_listened_on():
