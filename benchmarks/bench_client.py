@@ -29,34 +29,29 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moshi_mlx.audio.frames import (  # noqa: E402
-    FRAME_S,
-    FRAME_SIZE,
-    SAMPLE_RATE,
-    FrameChunker,
-)
-
+from moshi_mlx.audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
 from moshi_mlx.net import protocol  # noqa: E402
 from moshi_mlx.net.remote import RemoteConversation  # noqa: E402
 
 
 def _echo_server(port_out, tls_dir: str | None) -> None:
     """Child process: an aiohttp echo server speaking the protocol (handshake, audio back frame by frame)."""
-    import sphn
     from aiohttp import WSMsgType, web
+
+    from moshi_mlx.net.opus import OpusFrames
 
     async def chat(request):
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_bytes(protocol.encode_handshake())
-        reader, writer, chunker = sphn.OpusStreamReader(SAMPLE_RATE), sphn.OpusStreamWriter(SAMPLE_RATE), FrameChunker()
+        opus = OpusFrames()
         async for msg in ws:
             if msg.type != WSMsgType.BINARY:
                 continue
             m = protocol.decode(msg.data)
             if m is not None and m.kind == protocol.Kind.AUDIO:
-                for frame in chunker.push(reader.append_bytes(m.payload)):
-                    await ws.send_bytes(protocol.encode_audio(writer.append_pcm(frame)))
+                for frame in opus.decode(m.payload):
+                    await ws.send_bytes(protocol.encode_audio(opus.encode(frame)))
         return ws
 
     async def main():

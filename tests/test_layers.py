@@ -30,11 +30,12 @@ LAYERS: list[set[str]] = [
     {"errors", "settings", "memory", "audio.frames", "models.config", "models.cache"},
     # single-job libraries
     {"sampling", "outputs", "tokenizer", "models.transformer", "audio.devices", "audio.echo", "audio.files",
-     "audio.mimi", "net.tls", "net.protocol", "model_files.hub", "model_files.budget", "server.info"},
-    {"models.lm", "audio.recording", "net.remote", "server.security"},
-    {"generate", "model_files.checkpoint"},
-    {"engine", "model_files.stand_ins"},
-    {"model_files.assets"},  # load(): the one front door
+     "audio.mimi", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget", "server.info"},
+    {"models.lm", "audio.recording", "net.failures", "server.security", "server.startup"},
+    {"generate", "model_files.checkpoint", "net.address"},
+    {"engine", "model_files.stand_ins", "net.remote"},
+    {"model_files.assets", "server.session"},  # load(): the one front door; one client around the engine
+    {"server.app"},
     {"cli.shell", "cli.progress"},
     {"cli.flags"},
     {"cli", "cli.terminal"},

@@ -17,7 +17,7 @@ byte  kind        payload
 
 Unknown kinds are ignored by both sides. Sampling settings travel as query parameters on the
 WebSocket URL (``/api/chat?text_temperature=0.7&audio_topk=250``); :func:`parse_query` turns
-them into :class:`~moshi_mlx.engine.EngineSettings` with clear errors.
+them into :class:`~moshi_mlx.settings.EngineSettings` with clear errors.
 
 Everything here is pure: no sockets, no threads, no codec, no MLX (tests check the import graph).
 """

@@ -9,109 +9,53 @@ Latency stays bounded on the way out: microphone frames wait in a small queue (`
 the oldest are dropped, counted, when the connection cannot take them (the socket's send buffer is
 backed up). Playback's bound is the caller's (``DuplexAudio``'s play buffer drops late frames).
 
-Every failure is one of the :class:`ClientError` classes, each with a one-line message for the user.
+Every failure is one of the :class:`ClientError` classes, each with a one-line message for the user
+(worded in :mod:`moshi_mlx.net.failures`); the URL comes from :mod:`moshi_mlx.net.address` and the
+codec is :class:`~moshi_mlx.net.opus.OpusFrames`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import aiohttp
 import numpy as np
 from yarl import URL
 
-from ..audio.frames import FRAME_S, SAMPLE_RATE, FrameChunker
-from ..errors import MoshiError, UsageError, first_line
+from ..audio.frames import FRAME_S
+from ..errors import first_line
 from . import protocol
+from .address import DEFAULT_URL, chat_url, sampling_params
+from .failures import (
+    BadUrl,
+    ClientError,
+    ConnectionLost,
+    ProtocolFailure,
+    ServerRefused,
+    ServerUnreachable,
+    close_reason,
+    connect_failure,
+    message_text,
+)
+from .opus import OpusDecodeError, OpusFrames
 from .protocol import Kind, ProtocolError
 
-DEFAULT_URL = "ws://localhost:8998"
-CHAT_PATH = "/api/chat"
+__all__ = [  # the failures are raised from here; callers import them with the conversation
+    "DEFAULT_URL", "RemoteConversation", "RemoteStats", "chat_url", "sampling_params",
+    "ClientError", "BadUrl", "ServerUnreachable", "ServerRefused", "ProtocolFailure", "ConnectionLost",
+]
+
 #: Bytes allowed to wait in the connection's send buffer before mic frames are held back (~6 frames).
 SEND_BACKLOG_BYTES = 2400
 #: The kernel's send buffer (bytes); small so a stalled link backs up where we can see it.
 SOCKET_SNDBUF = 16 * 1024
-
-
-class ClientError(MoshiError, RuntimeError):
-    """A failure meant for the user, in one line."""
-
-
-class BadUrl(ClientError, UsageError):
-    pass
-
-
-class ServerUnreachable(ClientError):
-    pass
-
-
-class ServerRefused(ClientError):
-    pass
-
-
-class ProtocolFailure(ClientError):
-    pass
-
-
-class ConnectionLost(ClientError):
-    pass
-
-
-# ------------------------------------------------------------------------------------------------
-# URL
-# ------------------------------------------------------------------------------------------------
-
-
-def chat_url(url: str, params: Mapping[str, Any] | None = None) -> URL:
-    """``ws(s)://host:port/api/chat?...`` from what a user types.
-
-    Accepts ws/wss, http/https (mapped to ws/wss) and a bare ``host:port`` (ws). An empty path or
-    ``/`` means the chat endpoint; ``params`` (None values left out) are added to the query.
-    """
-    text = url.strip()
-    if not text:
-        raise BadUrl("empty URL; use ws://HOST:PORT or wss://HOST:PORT")
-    if "://" not in text:
-        text = "ws://" + text
-    try:
-        u = URL(text)
-    except (ValueError, TypeError) as e:
-        raise BadUrl(f"bad URL {url!r}: {e}") from None
-    schemes = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
-    if u.scheme not in schemes:
-        raise BadUrl(f"bad URL {url!r}: the scheme must be ws://, wss://, http:// or https://")
-    try:
-        host, _ = u.host, u.port  # reading the port also checks it
-    except ValueError as e:
-        raise BadUrl(f"bad URL {url!r}: {e}") from None
-    if not host:
-        raise BadUrl(f"bad URL {url!r}: no host name")
-    u = u.with_scheme(schemes[u.scheme])
-    if u.path in ("", "/"):
-        u = u.with_path(CHAT_PATH)
-    extra = {k: str(v) for k, v in (params or {}).items() if v is not None}
-    return u.update_query(extra) if extra else u
-
-
-def sampling_params(**settings: Any) -> dict[str, Any]:
-    """Query parameters for the sampling settings given (None: the server's default).
-
-    Names are the protocol's (text_temperature, text_topk, ..., seed, text_seed, audio_seed). Kyutai's
-    servers take one seed per stream, ours also `seed`: a lone `seed` is sent as all three.
-    """
-    params = {k: v for k, v in settings.items() if v is not None}
-    if "seed" in params:
-        params.setdefault("text_seed", params["seed"])
-        params.setdefault("audio_seed", params["seed"])
-    return params
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,9 +110,6 @@ class RemoteConversation:
         handshake_timeout: float = 30.0,
         heartbeat: float | None = 10.0,
     ) -> None:
-        import sphn
-
-        self._sphn = sphn
         self.url = url if isinstance(url, URL) else chat_url(url)
         self.on_audio, self.on_text, self.on_notice, self.on_info = on_audio, on_text, on_notice, on_info
         self.ssl_context = ssl_context
@@ -179,9 +120,7 @@ class RemoteConversation:
         self.stats = RemoteStats()
         self.handshake: protocol.Handshake | None = None
         self.started = 0.0
-        self._writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-        self._reader = sphn.OpusStreamReader(SAMPLE_RATE)
-        self._chunker = FrameChunker()
+        self._opus = OpusFrames()
         self._unsent: deque[tuple[float, np.ndarray]] = deque()
         self._unsent_lock = threading.Lock()
         self._sent_at: deque[float] = deque(maxlen=4096)  # capture times of the latest sent frames
@@ -223,29 +162,11 @@ class RemoteConversation:
                 self.url, ssl=self.ssl_context if secure and self.ssl_context is not None else True,
                 heartbeat=self.heartbeat, max_msg_size=4 * protocol.MAX_MESSAGE_BYTES, autoping=True,
             )
-        except aiohttp.ClientConnectorCertificateError as e:
-            why = getattr(e.certificate_error, "verify_message", None) or first_line(e.certificate_error)
-            raise ServerRefused(
-                f"TLS: the certificate of {self.where} is not trusted ({why}); for your own server started with "
-                "--ssl auto, check its fingerprint and pass --insecure, or --cafile with its cert.pem"
-            ) from None
-        except aiohttp.ClientConnectorSSLError as e:
-            raise ServerRefused(f"TLS handshake with {self.where} failed ({_ssl_reason(e)}){_plain_hint(e)}") from None
-        except aiohttp.ClientConnectorDNSError:
-            raise ServerUnreachable(f"cannot reach {self.where}: unknown host name {self.url.host!r}") from None
-        except aiohttp.ClientConnectorError as e:
-            errno = getattr(e.os_error, "errno", None)  # asyncio's strerror repeats the address; errno is clearer
-            reason = os.strerror(errno) if errno else first_line(e.os_error)
-            raise ServerUnreachable(f"cannot reach {self.where}: {reason.lower()} (is the server running?)") from None
-        except aiohttp.WSServerHandshakeError as e:
-            raise ServerRefused(_http_refusal(self.url, e.status, e.message)) from None
-        except aiohttp.ServerDisconnectedError:
-            hint = " (an https server? try wss://)" if not secure else ""
-            raise ServerRefused(f"{self.where} closed the connection during the WebSocket upgrade{hint}") from None
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise ServerUnreachable(f"cannot reach {self.where}: no answer within {self.connect_timeout:g} s") from None
-        except aiohttp.ClientError as e:
-            raise ServerUnreachable(f"cannot connect to {self.where}: {first_line(e)}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            failure = connect_failure(e, self.url, self.connect_timeout)
+            if failure is None:
+                raise
+            raise failure from None
 
     def _tune_socket(self) -> None:
         sock = self._ws.get_extra_info("socket") if self._ws is not None else None
@@ -268,7 +189,7 @@ class RemoteConversation:
             except asyncio.TimeoutError:
                 continue
             if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                raise ConnectionLost(f"{self.where} closed the connection before the handshake{_close_reason(self._ws)}")
+                raise ConnectionLost(f"{self.where} closed the connection before the handshake{close_reason(self._ws)}")
             if msg.type == aiohttp.WSMsgType.ERROR:
                 raise ConnectionLost(f"connection to {self.where} failed before the handshake: {first_line(msg.data)}")
             if msg.type != aiohttp.WSMsgType.BINARY:
@@ -281,7 +202,7 @@ class RemoteConversation:
             if message is None or message.kind == Kind.PING:
                 continue
             if message.kind == Kind.ERROR:
-                raise ServerRefused(f"{self.where} refused the conversation: {_text(message)}")
+                raise ServerRefused(f"{self.where} refused the conversation: {message_text(message)}")
             if message.kind != Kind.HANDSHAKE:
                 raise ProtocolFailure(
                     f"{self.where} sent {message.kind.name.lower()} before the handshake; is this a Moshi server?"
@@ -362,7 +283,7 @@ class RemoteConversation:
                     if not self._unsent:
                         break
                     captured, frame = self._unsent.popleft()
-                page = self._writer.append_pcm(frame)
+                page = self._opus.encode(frame)
                 self._sent_at.append(captured)
                 self.stats.frames_sent += 1
                 if page:
@@ -385,7 +306,7 @@ class RemoteConversation:
                     return
                 after = time.monotonic() - self.started
                 said = f"; the server said: {self.last_server_error}" if self.last_server_error else ""
-                raise ConnectionLost(f"connection to {self.where} lost after {after:.1f} s{_close_reason(ws)}{said}")
+                raise ConnectionLost(f"connection to {self.where} lost after {after:.1f} s{close_reason(ws)}{said}")
             if msg.type == aiohttp.WSMsgType.TEXT:
                 self.stats.bad_messages += 1  # not part of the protocol; say so once
                 if self.stats.bad_messages == 1:
@@ -411,7 +332,7 @@ class RemoteConversation:
             self.on_text(piece)
         elif message.kind == Kind.ERROR:
             self.stats.server_errors += 1
-            self.last_server_error = _text(message)
+            self.last_server_error = message_text(message)
             self.on_notice(f"server: {self.last_server_error}")
         elif message.kind == Kind.METADATA:
             try:
@@ -428,16 +349,15 @@ class RemoteConversation:
         if not payload:
             return
         try:
-            pcm = self._reader.append_bytes(payload)
-        except Exception as e:  # sphn raises ValueError; its reader is unusable afterwards
+            frames = self._opus.decode(payload)
+        except OpusDecodeError as e:
             self.stats.bad_audio += 1
-            self._reader = self._sphn.OpusStreamReader(SAMPLE_RATE)
             now = time.monotonic()
             if now - self._last_bad_audio_notice > 5.0:
                 self._last_bad_audio_notice = now
-                self.on_notice(f"could not decode the server's audio ({first_line(e)}); decoder reset")
+                self.on_notice(f"could not decode the server's audio ({e}); decoder reset")
             return
-        for frame in self._chunker.push(pcm):
+        for frame in frames:
             self._note_latency()
             self.stats.frames_received += 1
             self.on_audio(frame)
@@ -448,46 +368,3 @@ class RemoteConversation:
         index = self.stats.frames_received + self.stats.server_dropped - first
         if 0 <= index < len(self._sent_at):
             self.stats.latencies_ms.append((time.monotonic() - self._sent_at[index]) * 1e3)
-
-
-# ------------------------------------------------------------------------------------------------
-# Messages for the user
-# ------------------------------------------------------------------------------------------------
-
-
-def _text(message: protocol.Message) -> str:
-    try:
-        text = message.text.strip()
-    except ProtocolError:
-        text = repr(message.payload[:80])
-    return " ".join(text.split()) or "(no reason given)"
-
-
-def _close_reason(ws: aiohttp.ClientWebSocketResponse) -> str:
-    code = ws.close_code
-    if code is None or code == 1006:
-        return " (closed without a goodbye)"
-    return f" (code {code})"
-
-
-def _http_refusal(url: URL, status: int, message: str) -> str:
-    where = f"{url.host}:{url.port}" if url.port else str(url.host)
-    if status == 403:
-        return f"{where} refused the connection (HTTP 403: origin or host not allowed)"
-    if status == 404:
-        return f"no Moshi chat endpoint at {url.with_query(None)} (HTTP 404)"
-    if status == 503:
-        return f"{where} is busy or not ready (HTTP 503)"
-    return f"{where} refused the WebSocket upgrade (HTTP {status} {message})".rstrip()
-
-
-def _ssl_reason(e: aiohttp.ClientConnectorSSLError) -> str:
-    inner = getattr(e, "os_error", None) or e
-    return getattr(inner, "reason", None) or first_line(inner)
-
-
-def _plain_hint(e: aiohttp.ClientConnectorSSLError) -> str:
-    reason = str(_ssl_reason(e)).upper()
-    if "WRONG_VERSION_NUMBER" in reason or "RECORD_LAYER_FAILURE" in reason or "PACKET_LENGTH_TOO_LONG" in reason:
-        return "; is it a plain ws:// server?"
-    return ""

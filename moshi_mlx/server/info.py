@@ -23,7 +23,8 @@ from .. import __version__
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the moshi_mlx package
 UNKNOWN = "unknown"
 
-# Values that mean "not applied", reported when the engine has no such setting.
+# Kyutai's text controls, with the values that change nothing. The engine has all three (they are in every
+# QueryResult.describe()); these only fill a settings mapping that leaves one out.
 NEUTRAL = {"pad_mult": 0.0, "repetition_penalty_context": 0, "repetition_penalty": 1.0}
 
 
@@ -74,9 +75,9 @@ def _mlx() -> dict[str, str]:
 def server_info(settings: Mapping[str, Any], lm_model_file: str, instance_name: str | None = None) -> dict[str, Any]:
     """Every field of Kyutai's ``ServersInfoSchema`` plus ours.
 
-    ``settings`` is the conversation's settings as :meth:`protocol.QueryResult.describe` gives them;
-    settings this engine does not have are reported with their neutral value (see ``ignored_params``
-    in the info message for what the client asked for).
+    ``settings`` is the conversation's settings as :meth:`protocol.QueryResult.describe` gives them
+    (every one of Kyutai's, this engine applies them all); a text control left out of the mapping is
+    reported with its neutral value.
     """
     info: dict[str, Any] = {
         "text_temperature": float(settings["text_temperature"]),

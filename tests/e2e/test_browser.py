@@ -180,7 +180,7 @@ async def test_browser_talks_to_moshi(chromium, engine, mic_wav, tmp_path):
         assert np.sqrt(np.mean(you**2)) > 0.01 and np.sqrt(np.mean(moshi**2)) > 1e-4
         assert not np.allclose(you, moshi)
         # Length: the microphone audio the server decoded covers the same span, within one 80 ms frame.
-        heard_s = (conv.frames_pushed * 1920 + conv.chunker.pending) / 24000
+        heard_s = (conv.frames_pushed * 1920 + conv.opus.pending) / 24000
         recorded_s = len(stereo) / rate
         print(f"\nrecording {recorded_s:.3f} s at {rate} Hz; server decoded {heard_s:.3f} s of microphone")
         assert abs(recorded_s - heard_s) <= 0.08, (recorded_s, heard_s)

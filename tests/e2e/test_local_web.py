@@ -1,4 +1,4 @@
-"""The web server (moshi_mlx.local_web) against a real aiohttp server and WebSocket clients.
+"""The web server (moshi_mlx.server.app and .session) against a real aiohttp server and WebSocket clients.
 
 The model is the demo one (tiny random LM, random Mimi), loaded once for the module. The CPU here is
 slow and shared, so the model drops frames: the assertions are about the protocol and robustness,
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +21,6 @@ pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
 from aiohttp import web  # noqa: E402
 
-from moshi_mlx.local_web import (  # noqa: E402
-    OutQueue,
-    WebUiMissing,
-    find_web_dir,
-)
 from moshi_mlx.net import protocol  # noqa: E402
 from moshi_mlx.net.protocol import Kind  # noqa: E402
 from moshi_mlx.settings import TextControls  # noqa: E402
@@ -49,38 +42,9 @@ from tests.helpers.web_server import (  # noqa: E402
 pytestmark = pytest.mark.asyncio
 
 
-
-# ------------------------------------------------------------------------------------------------
-# Test speech
-# ------------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------
-# Fixtures
-# ------------------------------------------------------------------------------------------------
-
-
-
-
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> np.ndarray:
     return make_speech(tmp_path_factory.mktemp("speech"))
-
-
-
-
-
-
 
 
 @pytest_asyncio.fixture
@@ -94,20 +58,6 @@ async def srv(engine):
 async def session():
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,12 +81,6 @@ async def test_serves_ui_and_info(srv, session):
         info = await r.json()
     assert info["busy"] is False and info["demo"] is True
     assert "text_temperature" in info["defaults"]
-
-
-async def test_web_dir_missing_is_a_clear_error(tmp_path):
-    with pytest.raises(WebUiMissing, match="index.html"):
-        find_web_dir(tmp_path)
-    assert (find_web_dir() / "index.html").is_file()
 
 
 async def test_cross_origin_websocket_refused(srv, session):
@@ -357,30 +301,6 @@ async def test_many_connect_disconnect_cycles(srv, session, speech):
     print(f"50 cycles in {elapsed:.1f} s; threads {threads0}->{threads1}; RSS {rss0:.0f}->{rss1:.0f} MB")
 
 
-# ------------------------------------------------------------------------------------------------
-# Bounded output
-# ------------------------------------------------------------------------------------------------
-
-
-async def test_out_queue_drops_audio_first():
-    q = OutQueue(max_audio=3, max_total=6)
-    assert all(q.put(b"a%d" % i, audio=True) for i in range(3))
-    assert not q.put(b"a3", audio=True) and q.dropped_audio == 1
-    assert q.put(b"t0") and q.put(b"t1") and q.put(b"t2")
-    assert not q.put(b"t3") and q.dropped_other == 1
-    assert len(q) == 6 and q.audio_backlog == 3
-    assert await q.get() == b"a0"
-    assert q.audio_backlog == 2 and q.put(b"a4", audio=True)
-    drained = [q.get_nowait() for _ in range(len(q))]
-    assert drained == [b"a1", b"a2", b"t0", b"t1", b"t2", b"a4"]
-    assert q.get_nowait() is None and q.high_water == 6
-    waiter = asyncio.ensure_future(q.get())
-    await asyncio.sleep(0.01)
-    assert not waiter.done()
-    q.put(b"late")
-    assert await asyncio.wait_for(waiter, 1) == b"late"
-
-
 async def test_stalled_sender_keeps_memory_bounded(engine, session, speech, monkeypatch):
     """With the socket stuck, Moshi's audio is dropped rather than queued without end."""
     running = await start_server(engine, max_audio_backlog=4)
@@ -437,49 +357,6 @@ async def test_model_failure_is_reported_and_next_client_served(srv, session, sp
         await stream(ws, opus_messages(speech[:SR], 1920), 0.08)
         assert await col.wait_for(lambda: col.audio_messages >= 1, timeout=20)
         await col.stop()
-
-
-async def test_command_line_serves_and_stops(tmp_path):
-    """`python -m moshi_mlx.local_web --demo` starts, serves the page and a conversation, stops on SIGTERM."""
-    import re
-    import signal
-    import sys
-
-    env = dict(os.environ)
-    env.setdefault("MOSHI_MLX_DEMO_DIR", str(Path("~/.cache/moshi_mlx/demo").expanduser()))
-    env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moshi_mlx.local_web", "--demo", "--no-browser", "--host", "127.0.0.1", "--port", "0"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-    )
-    lines: list[str] = []
-    try:
-        url = None
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = await asyncio.to_thread(proc.stderr.readline)
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"open (http://\S+/) in your browser", line)
-            if m:
-                url = m.group(1)
-        assert url, "".join(lines)
-        assert any("DEMO MODE" in ln for ln in lines)
-
-        async with aiohttp.ClientSession() as s:
-            async with s.get(url) as r:
-                assert r.status == 200 and "app.js" in await r.text()
-            async with s.ws_connect(url.replace("http", "ws") + "api/chat") as ws:
-                await expect_handshake(ws)
-        proc.send_signal(signal.SIGTERM)
-        rest = (await asyncio.to_thread(proc.communicate, timeout=30))[1]
-        assert proc.returncode == 0, "".join(lines) + rest
-        assert "server stopped" in rest and "Traceback" not in rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 async def test_failing_reset_is_reported(srv, session, monkeypatch):

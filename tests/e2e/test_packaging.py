@@ -112,7 +112,7 @@ def _serve_and_fetch(cmd: list[str], cwd: Path) -> dict[str, tuple[int, bytes]]:
 def test_installed_wheel_serves_the_ui(venv, tmp_path, how):
     py = venv / "bin" / "python"
     located = subprocess.run(
-        [str(py), "-c", "import moshi_mlx, moshi_mlx.local_web as w; print(moshi_mlx.__file__); print(w.find_web_dir())"],
+        [str(py), "-c", "import moshi_mlx, moshi_mlx.server.app as w; print(moshi_mlx.__file__); print(w.find_web_dir())"],
         cwd=tmp_path, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )
     assert located.returncode == 0, located.stderr

@@ -1,5 +1,5 @@
 """The web server's Host/Origin rules, headers, served files and limits, against a real aiohttp
-server with crafted raw requests (moshi_mlx.web_security and its use in moshi_mlx.local_web)."""
+server with crafted raw requests (moshi_mlx.server.security and its use in moshi_mlx.server.app)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ pytest_asyncio = pytest.importorskip("pytest_asyncio")
 from aiohttp import web  # noqa: E402
 
 from moshi_mlx.engine import EngineSettings  # noqa: E402
-from moshi_mlx.local_web import ChatServer, build_parser, create_app, find_web_dir  # noqa: E402
+from moshi_mlx.local_web import build_parser  # noqa: E402
+from moshi_mlx.server.app import ChatServer, create_app, find_web_dir  # noqa: E402
 from moshi_mlx.net import protocol  # noqa: E402
 from moshi_mlx.server.security import HostPolicy  # noqa: E402
 from tests.helpers.web_server import (  # noqa: E402

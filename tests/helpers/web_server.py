@@ -14,10 +14,7 @@ import sphn
 from aiohttp import WSMsgType, web  # noqa: E402
 
 from moshi_mlx.engine import EngineSettings  # noqa: E402
-from moshi_mlx.local_web import (  # noqa: E402
-    ChatServer,
-    create_app,
-)
+from moshi_mlx.server.app import ChatServer, create_app  # noqa: E402
 from moshi_mlx.net import protocol  # noqa: E402
 from moshi_mlx.net.protocol import Kind  # noqa: E402
 
