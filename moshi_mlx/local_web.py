@@ -45,7 +45,7 @@ from .engine import ConversationEngine, EngineRunner, EngineSettings, FrameResul
 from .errors import MoshiError, first_line
 from .net import protocol
 from .net.protocol import Kind, ParamError, ProtocolError
-from .server.info import server_info
+from .server.info import knobs_info, server_info
 from .server.security import (
     FOREIGN_UI,
     HostPolicy,
@@ -493,6 +493,7 @@ class ChatServer:
                 "threads": threading.active_count(),
                 "protocol": {"sample_rate": SAMPLE_RATE, "params": list(protocol.KNOWN_PARAMS)},
                 "defaults": protocol.QueryResult(self.default_settings).describe(),
+                "knobs": knobs_info(),
             }
         )
         origin = request.headers.get("Origin")
