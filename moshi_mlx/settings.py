@@ -1,13 +1,171 @@
 """What a conversation's sampling is set to: plain dataclasses, no MLX.
 
 The wire protocol, the command line and the engine all speak these, so parsing a client's query
-or a flag never needs the model's framework.
+or a flag never needs the model's framework. :data:`KNOBS` is the one table of the ten sampling
+knobs: every flag, query parameter, metadata field and web form derives from it, so their names,
+bounds, defaults and error messages cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+Number = float | int
+
+
+def _show(x: Number) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A closed range, or half-open at the bottom (open_low: the low end itself is refused)."""
+
+    low: Number
+    high: Number
+    open_low: bool = False
+
+    def __contains__(self, value: Number) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and value <= self.high  # NaN compares false: refused
+
+    def describe(self) -> str:
+        return f"{'>' if self.open_low else '>='} {_show(self.low)} and <= {_show(self.high)}"
+
+    def check(self, name: str, value: Number, shown: str | None = None) -> None:
+        """ValueError, in the words every front end prints, unless `value` is in range."""
+        if value not in self:
+            got = shown if shown is not None else repr(value)
+            raise ValueError(f"{name} must be {self.describe()}, got {got}")
+
+
+# The server's bounds: generous, but they keep a client from sending values the sampler cannot use.
+TEMPERATURE = Bounds(0.0, 100.0)
+TOP_K = Bounds(0, 1_000_000)
+PENALTY = Bounds(0.0, 100.0, open_low=True)
+PENALTY_CONTEXT = Bounds(0, 100_000)
+PAD_MULT = Bounds(-100.0, 100.0)
+SEED = Bounds(0, 2**63 - 1)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One sampling setting: `name` is the WebSocket query parameter and, dashed, the flag."""
+
+    name: str
+    field: str  # where it lives in EngineSettings: "text.temperature", "seed", ...
+    kind: str  # "float", "int" or "seed" (an int whose default None means random)
+    bounds: Bounds
+    default: Number | None
+    label: str  # a few words for forms
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, raw: str) -> Number:
+        """The value a flag or query parameter spells, or ValueError with the message users see."""
+        value = _parse_float(self.name, raw) if self.kind == "float" else _parse_int(self.name, raw)
+        self.bounds.check(self.name, value, repr(raw))
+        return value
+
+    def cast(self, value: Any) -> Number | None:
+        """`value` as this knob's JSON type (None stays None: a seed left random)."""
+        if value is None:
+            return None
+        return float(value) if self.kind == "float" else int(value)
+
+    def read(self, settings: EngineSettings) -> Any:
+        value: Any = settings
+        for attr in self.field.split("."):
+            value = getattr(value, attr)
+        return value
+
+    def as_json(self) -> dict[str, Any]:
+        """What a web form needs to check and explain the field."""
+        b = self.bounds
+        return {"name": self.name, "kind": self.kind, "low": b.low, "high": b.high, "open_low": b.open_low,
+                "default": self.default, "label": self.label, "help": self.help}
+
+
+def _parse_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {raw!r}")
+    return value
+
+
+def _parse_int(name: str, raw: str) -> int:
+    text = raw.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    # Accept "25.0" (some clients format every number as a float), nothing fractional.
+    try:
+        as_float = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if not math.isfinite(as_float) or as_float != int(as_float):
+        raise ValueError(f"{name} must be an integer, got {raw!r}")
+    return int(as_float)
+
+
+def _knobs(*knobs: Knob) -> dict[str, Knob]:
+    return {k.name: k for k in knobs}
+
+
+#: The ten sampling knobs, in the order flags and forms list them.
+KNOBS: dict[str, Knob] = _knobs(
+    Knob("text_temperature", "text.temperature", "float", TEMPERATURE, 0.7, "Text temperature",
+         "text sampling temperature, 0 = greedy"),
+    Knob("text_topk", "text.top_k", "int", TOP_K, 25, "Text top-k",
+         "sample among the K likeliest text tokens, 0 = all"),
+    Knob("audio_temperature", "audio.temperature", "float", TEMPERATURE, 0.8, "Audio temperature",
+         "audio sampling temperature, 0 = greedy"),
+    Knob("audio_topk", "audio.top_k", "int", TOP_K, 250, "Audio top-k",
+         "sample among the K likeliest audio codes, 0 = all"),
+    Knob("repetition_penalty", "text_controls.repetition_penalty", "float", PENALTY, 1.0, "Repetition penalty",
+         "penalise text tokens Moshi used recently (> 1 penalises, 1 = off)"),
+    Knob("repetition_penalty_context", "text_controls.repetition_penalty_context", "int", PENALTY_CONTEXT, 64,
+         "Repetition penalty context", "how many recent text tokens (not padding) the penalty looks at"),
+    Knob("pad_mult", "text_controls.pad_mult", "float", PAD_MULT, 0.0, "Padding multiplier",
+         "multiply the text padding probability by exp(this); negative: Moshi talks more"),
+    Knob("seed", "seed", "seed", SEED, None, "Seed", "seed for reproducible sampling (both streams)"),
+    Knob("text_seed", "text_seed", "seed", SEED, None, "Text seed", "seed of the text stream (overrides --seed)"),
+    Knob("audio_seed", "audio_seed", "seed", SEED, None, "Audio seed", "seed of the audio stream (overrides --seed)"),
+)
+
+
+def knob_table() -> list[dict[str, Any]]:
+    """KNOBS as JSON, for clients that build their own forms (the web UI)."""
+    return [k.as_json() for k in KNOBS.values()]
+
+
+def knob_values(settings: EngineSettings) -> dict[str, Any]:
+    """Every knob's value in `settings`, by name (seeds as set, not as in effect)."""
+    return {k.name: k.read(settings) for k in KNOBS.values()}
+
+
+def with_knobs(settings: EngineSettings, values: Mapping[str, Any]) -> EngineSettings:
+    """`settings` with the named knobs set (None is a value: a seed left random)."""
+    nested: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for name, value in values.items():
+        head, _, attr = KNOBS[name].field.partition(".")
+        if attr:
+            nested.setdefault(head, {})[attr] = value
+        else:
+            top[head] = value
+    for head, changes in nested.items():  # one replace per group: each validates once, whole
+        top[head] = replace(getattr(settings, head), **changes)
+    return replace(settings, **top)
 
 
 @dataclass(frozen=True)
@@ -16,14 +174,12 @@ class SamplingParams:
     top_k: int = 250
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        TEMPERATURE.check("temperature", self.temperature)
+        TOP_K.check("top_k", self.top_k)
 
 
-DEFAULT_TEXT_SAMPLING = SamplingParams(temperature=0.7, top_k=25)
-DEFAULT_AUDIO_SAMPLING = SamplingParams(temperature=0.8, top_k=250)
+DEFAULT_TEXT_SAMPLING = SamplingParams(KNOBS["text_temperature"].default, KNOBS["text_topk"].default)
+DEFAULT_AUDIO_SAMPLING = SamplingParams(KNOBS["audio_temperature"].default, KNOBS["audio_topk"].default)
 GREEDY = SamplingParams(temperature=0.0, top_k=0)
 
 
@@ -43,19 +199,18 @@ class TextControls:
     pad_mult: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if self.repetition_penalty_context < 0:
-            raise ValueError(f"repetition_penalty_context must be >= 0, got {self.repetition_penalty_context}")
-        if not math.isfinite(self.pad_mult):
-            raise ValueError(f"pad_mult must be a finite number, got {self.pad_mult}")
+        PENALTY.check("repetition_penalty", self.repetition_penalty)
+        PENALTY_CONTEXT.check("repetition_penalty_context", self.repetition_penalty_context)
+        PAD_MULT.check("pad_mult", self.pad_mult)
 
     @property
     def penalises(self) -> bool:
         return self.repetition_penalty != 1.0 and self.repetition_penalty_context > 0
 
 
-DEFAULT_TEXT_CONTROLS = TextControls()
+DEFAULT_TEXT_CONTROLS = TextControls(
+    KNOBS["repetition_penalty"].default, KNOBS["repetition_penalty_context"].default, KNOBS["pad_mult"].default
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +226,11 @@ class EngineSettings:
     audio_seed: int | None = None
     kv_bits: int | None = None  # LM key/value precision 16/8/4; None: the memory plan's, else the default (8)
     context: int | None = None  # LM attention window; None = the checkpoint's
+
+    def __post_init__(self) -> None:
+        for name in ("seed", "text_seed", "audio_seed"):
+            if getattr(self, name) is not None:
+                SEED.check(name, getattr(self, name))
 
     @property
     def seeds(self) -> tuple[int | None, int | None]:

@@ -15,11 +15,6 @@
 import { ConversationRecording } from "./recorder.js";
 
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5, PING: 6 };
-// Query parameters, named as Kyutai's client sends them.
-const PARAMS = [
-  "text_temperature", "text_topk", "audio_temperature", "audio_topk",
-  "repetition_penalty", "repetition_penalty_context", "pad_mult", "text_seed", "audio_seed",
-];
 const STORAGE_KEY = "moshi_mlx.settings";
 const MAX_WS_BUFFER = 256 * 1024; // bytes queued in the socket before mic pages are skipped
 const INFO_POLL_MS = 3000; // how often an idle page asks whether the server is free
@@ -58,6 +53,11 @@ const ui = {
   form: $("settings"),
   resetSettings: $("reset-settings"),
 };
+// Query parameters: the settings form's inputs, named as Kyutai's client sends them. Their limits,
+// kinds and help come from the server's knob table (/api/info), the one its own checks use.
+const PARAMS = Array.from(ui.form.querySelectorAll("input[name]"), (input) => input.name);
+for (const name of PARAMS) ui.form.elements[name].step = "any"; // until the server says which are whole
+const knobs = {}; // name -> the server's knob (low, high, open_low, kind, default, help)
 
 const stats = {
   state: "idle",
@@ -209,6 +209,24 @@ function settingsQuery() {
     params.set(name, value);
   }
   return params;
+}
+function applyKnobs(table) {
+  for (const knob of table || []) {
+    const input = ui.form.elements[knob.name];
+    if (!input) continue; // a knob this form does not offer (e.g. seed: both streams)
+    knobs[knob.name] = knob;
+    input.min = String(knob.low);
+    input.max = String(knob.high);
+    input.step = knob.kind === "float" ? "any" : "1";
+    input.title = knob.help;
+    checkOpenLow(input);
+  }
+}
+// An open lower bound (repetition_penalty > 0) has no HTML attribute: checked here, in the server's words.
+function checkOpenLow(input) {
+  const knob = knobs[input.name];
+  const bad = knob && knob.open_low && input.value.trim() !== "" && Number(input.value) <= knob.low;
+  input.setCustomValidity(bad ? `must be > ${knob.low} and <= ${knob.high}` : "");
 }
 function showDefaults(defaults) {
   if (!defaults) return;
@@ -761,10 +779,16 @@ async function pollInfo() {
   schedulePoll();
   return info;
 }
-ui.form.addEventListener("input", saveSettings);
+ui.form.addEventListener("input", (e) => {
+  if (e.target.name) checkOpenLow(e.target);
+  saveSettings();
+});
 ui.form.addEventListener("submit", (e) => e.preventDefault());
 ui.resetSettings.addEventListener("click", () => {
-  for (const name of PARAMS) ui.form.elements[name].value = "";
+  for (const name of PARAMS) {
+    ui.form.elements[name].value = "";
+    checkOpenLow(ui.form.elements[name]);
+  }
   saveSettings();
 });
 
@@ -772,7 +796,10 @@ async function init() {
   loadSettings();
   setState("idle", "Not connected");
   const info = await pollInfo();
-  if (info) showDefaults(info.defaults);
+  if (info) {
+    applyKnobs(info.knobs);
+    showDefaults(info.defaults);
+  }
   if (flag("autoconnect", false) && !ui.connect.disabled) connect();
 }
 

@@ -12,7 +12,7 @@ from typing import Callable
 from ..model_files.assets import DTYPES, Assets, load
 from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME, ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
-from ..settings import EngineSettings, SamplingParams, TextControls
+from ..settings import KNOBS, EngineSettings, Knob, with_knobs
 from .progress import Progress
 from .shell import say
 
@@ -58,12 +58,28 @@ def integer(low: int = 0, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-SEED = integer(0, 2**63 - 1)
+def knob_type(knob: Knob) -> Callable[[str], float | int]:
+    """The argparse type of a sampling flag: the knob's own parser, so the message is the server's."""
+
+    def parse(text: str) -> float | int:
+        try:
+            return knob.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+SEED = knob_type(KNOBS["seed"])
 #: Sampling flags' destinations: the same names as the WebSocket query parameters (Kyutai's protocol).
-SAMPLING_PARAMS = (
-    "text_temperature", "text_topk", "audio_temperature", "audio_topk", "repetition_penalty",
-    "repetition_penalty_context", "pad_mult", "seed", "text_seed", "audio_seed",
-)
+SAMPLING_PARAMS = tuple(KNOBS)
+
+
+def _knob_help(knob: Knob, server_defaults: bool) -> str:
+    if knob.kind == "seed":  # its bounds are just "a 64-bit seed"; left out: random
+        return knob.help
+    where = "" if server_defaults else f"; default {knob.default}"
+    return f"{knob.help} ({knob.bounds.describe()}{where})"
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, server_defaults: bool = False) -> None:
@@ -71,40 +87,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, server_defaults: bool = F
 
     With `server_defaults`, flags left out are None, so only what the user gave is sent.
     """
-    from ..settings import (
-        DEFAULT_AUDIO_SAMPLING,
-        DEFAULT_TEXT_CONTROLS,
-        DEFAULT_TEXT_SAMPLING,
-    )
-
-    def default(value: object) -> object:
-        return None if server_defaults else value
-
     title = "sampling (sent to the server; left out: the server's defaults)" if server_defaults else "sampling"
     g = parser.add_argument_group(title)
-    g.add_argument("--text-temperature", type=number(0.0), default=default(DEFAULT_TEXT_SAMPLING.temperature),
-                   help=f"text sampling temperature, 0 = greedy (default {DEFAULT_TEXT_SAMPLING.temperature})")
-    g.add_argument("--text-topk", type=integer(0), default=default(DEFAULT_TEXT_SAMPLING.top_k),
-                   help=f"sample among the K likeliest text tokens, 0 = all (default {DEFAULT_TEXT_SAMPLING.top_k})")
-    g.add_argument("--audio-temperature", type=number(0.0), default=default(DEFAULT_AUDIO_SAMPLING.temperature),
-                   help=f"audio sampling temperature, 0 = greedy (default {DEFAULT_AUDIO_SAMPLING.temperature})")
-    g.add_argument("--audio-topk", type=integer(0), default=default(DEFAULT_AUDIO_SAMPLING.top_k),
-                   help=f"sample among the K likeliest audio codes, 0 = all (default {DEFAULT_AUDIO_SAMPLING.top_k})")
-    g.add_argument(
-        "--repetition-penalty", type=number(0.0, open_low=True), default=default(DEFAULT_TEXT_CONTROLS.repetition_penalty),
-        help="penalise text tokens Moshi used recently (> 1 penalises; default 1.0: off)",
-    )
-    g.add_argument(
-        "--repetition-penalty-context", type=integer(0), default=default(DEFAULT_TEXT_CONTROLS.repetition_penalty_context),
-        metavar="N", help="how many recent text tokens (not padding) the penalty looks at (default 64)",
-    )
-    g.add_argument(
-        "--pad-mult", type=number(), default=default(DEFAULT_TEXT_CONTROLS.pad_mult),
-        help="multiply the text padding probability by exp(PAD_MULT); negative: Moshi talks more (default 0)",
-    )
-    g.add_argument("--seed", type=SEED, default=None, help="seed for reproducible sampling (both streams)")
-    g.add_argument("--text-seed", type=SEED, default=None, help="seed of the text stream (overrides --seed)")
-    g.add_argument("--audio-seed", type=SEED, default=None, help="seed of the audio stream (overrides --seed)")
+    for knob in KNOBS.values():
+        g.add_argument(
+            knob.flag, type=knob_type(knob), default=None if server_defaults else knob.default,
+            metavar=knob.kind.upper(), help=_knob_help(knob, server_defaults),
+        )
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -157,15 +146,8 @@ def add_lag_arg(group: argparse._ActionsContainer) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> EngineSettings:
-    return EngineSettings(
-        text=SamplingParams(args.text_temperature, args.text_topk),
-        audio=SamplingParams(args.audio_temperature, args.audio_topk),
-        seed=args.seed,
-        text_controls=TextControls(args.repetition_penalty, args.repetition_penalty_context, args.pad_mult),
-        text_seed=args.text_seed,
-        audio_seed=args.audio_seed,
-        kv_bits=getattr(args, "kv_bits", None),
-    )
+    knobs = {name: getattr(args, name) for name in KNOBS}
+    return with_knobs(EngineSettings(kv_bits=getattr(args, "kv_bits", None)), knobs)
 
 
 def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = say) -> Assets:

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from yarl import URL
 
+from . import protocol
 from .failures import BadUrl
 
 DEFAULT_URL = "ws://localhost:8998"
@@ -47,14 +48,6 @@ def chat_url(url: str, params: Mapping[str, Any] | None = None) -> URL:
     return u.update_query(extra) if extra else u
 
 
-def sampling_params(**settings: Any) -> dict[str, Any]:
-    """Query parameters for the sampling settings given (None: the server's default).
-
-    Names are the protocol's (text_temperature, text_topk, ..., seed, text_seed, audio_seed). Kyutai's
-    servers take one seed per stream, ours also `seed`: a lone `seed` is sent as all three.
-    """
-    params = {k: v for k, v in settings.items() if v is not None}
-    if "seed" in params:
-        params.setdefault("text_seed", params["seed"])
-        params.setdefault("audio_seed", params["seed"])
-    return params
+def sampling_params(**settings: Any) -> dict[str, str]:
+    """Query parameters for the sampling knobs given, by their protocol names (None: the server's default)."""
+    return protocol.encode_query(settings)

@@ -25,14 +25,13 @@ Everything here is pure: no sockets, no threads, no codec, no MLX (tests check t
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Iterable, Mapping
 
 from ..errors import MoshiError
-from ..settings import EngineSettings, SamplingParams, TextControls
+from ..settings import KNOBS, EngineSettings, knob_values, with_knobs
 
 __all__ = [
     "Kind",
@@ -56,6 +55,7 @@ __all__ = [
     "encode_ping",
     "QueryResult",
     "parse_query",
+    "encode_query",
     "KNOWN_PARAMS",
     "SUPPORTED_PARAMS",
     "IGNORED_PARAMS",
@@ -208,19 +208,8 @@ def encode_ping() -> bytes:
 
 
 # -- query parameters --------------------------------------------------------------------------
-MAX_TEMPERATURE = 100.0
-MAX_TOP_K = 1_000_000
-MAX_SEED = 2**63 - 1
-
-MAX_REPETITION_PENALTY = 100.0
-MAX_PAD_MULT = 100.0
-MAX_PENALTY_CONTEXT = 100_000
-
-#: Parameters that change sampling here (all that Kyutai's official client sends).
-SUPPORTED_PARAMS = (
-    "text_temperature", "text_topk", "audio_temperature", "audio_topk", "text_seed", "audio_seed", "seed",
-    "pad_mult", "repetition_penalty", "repetition_penalty_context",
-)
+#: Parameters that change sampling here (all that Kyutai's official client sends): the knobs' names.
+SUPPORTED_PARAMS = tuple(KNOBS)
 #: Parameters Kyutai's clients send that this engine accepts (after validation) but does not use.
 IGNORED_PARAMS: tuple[str, ...] = ()
 KNOWN_PARAMS = SUPPORTED_PARAMS + IGNORED_PARAMS
@@ -234,51 +223,22 @@ class QueryResult:
     unknown: tuple[str, ...] = ()  # names nobody here knows (ignored)
 
     def describe(self) -> dict[str, Any]:
-        """JSON-friendly summary for the metadata message."""
-        s = self.settings
-        return {
-            "text_temperature": s.text.temperature,
-            "text_topk": s.text.top_k,
-            "audio_temperature": s.audio.temperature,
-            "audio_topk": s.audio.top_k,
-            "seed": s.seed,
-            "text_seed": s.seeds[0],
-            "audio_seed": s.seeds[1],
-            "repetition_penalty": s.text_controls.repetition_penalty,
-            "repetition_penalty_context": s.text_controls.repetition_penalty_context,
-            "pad_mult": s.text_controls.pad_mult,
-        }
+        """JSON-friendly summary for the metadata message: every knob, seeds as in effect."""
+        summary = knob_values(self.settings)
+        summary["text_seed"], summary["audio_seed"] = self.settings.seeds
+        return summary
 
 
-def _float(name: str, raw: str, lo: float, hi: float, lo_open: bool = False) -> float:
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ParamError(f"{name} must be a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise ParamError(f"{name} must be a finite number, got {raw!r}")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        low = f"> {lo:g}" if lo_open else f">= {lo:g}"
-        raise ParamError(f"{name} must be {low} and <= {hi:g}, got {raw!r}")
-    return value
+def encode_query(values: Mapping[str, Any]) -> dict[str, str]:
+    """Query parameters for the knobs given (None: the server's default), the inverse of parse_query.
 
-
-def _int(name: str, raw: str, lo: int, hi: int) -> int:
-    text = raw.strip()
-    try:
-        value = int(text)
-    except ValueError:
-        # Accept "25.0" (some clients format every number as a float), nothing fractional.
-        try:
-            as_float = float(text)
-        except ValueError:
-            raise ParamError(f"{name} must be an integer, got {raw!r}") from None
-        if not math.isfinite(as_float) or as_float != int(as_float):
-            raise ParamError(f"{name} must be an integer, got {raw!r}")
-        value = int(as_float)
-    if not lo <= value <= hi:
-        raise ParamError(f"{name} must be between {lo} and {hi}, got {raw!r}")
-    return value
+    Kyutai's servers take one seed per stream, ours also `seed`: a lone `seed` is sent as all three.
+    """
+    params = {name: str(value) for name, value in values.items() if value is not None}
+    if "seed" in params:
+        params.setdefault("text_seed", params["seed"])
+        params.setdefault("audio_seed", params["seed"])
+    return params
 
 
 def _pairs(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -312,50 +272,21 @@ def parse_query(
             raise ParamError(f"{name} is given twice ({values[name]!r} and {raw!r})")
         values[name] = raw
 
-    applied: dict[str, Any] = {}
-    text_t, text_k = defaults.text.temperature, defaults.text.top_k
-    audio_t, audio_k = defaults.audio.temperature, defaults.audio.top_k
-    if "text_temperature" in values:
-        text_t = applied["text_temperature"] = _float("text_temperature", values["text_temperature"], 0.0, MAX_TEMPERATURE)
-    if "audio_temperature" in values:
-        audio_t = applied["audio_temperature"] = _float("audio_temperature", values["audio_temperature"], 0.0, MAX_TEMPERATURE)
-    if "text_topk" in values:
-        text_k = applied["text_topk"] = _int("text_topk", values["text_topk"], 0, MAX_TOP_K)
-    if "audio_topk" in values:
-        audio_k = applied["audio_topk"] = _int("audio_topk", values["audio_topk"], 0, MAX_TOP_K)
-
-    ignored: dict[str, str] = {}
-    # `seed` seeds both streams; `text_seed` / `audio_seed` take precedence for their own stream.
-    seeds = {name: _int(name, values[name], 0, MAX_SEED) for name in ("seed", "text_seed", "audio_seed") if name in values}
-    applied.update(seeds)
-    seed = seeds.get("seed", defaults.seed)
-    text_seed = seeds.get("text_seed", defaults.text_seed if "seed" not in seeds else None)
-    audio_seed = seeds.get("audio_seed", defaults.audio_seed if "seed" not in seeds else None)
-
-    controls = defaults.text_controls
-    penalty, context, pad_mult = controls.repetition_penalty, controls.repetition_penalty_context, controls.pad_mult
-    if "repetition_penalty" in values:
-        penalty = applied["repetition_penalty"] = _float(
-            "repetition_penalty", values["repetition_penalty"], 0.0, MAX_REPETITION_PENALTY, lo_open=True
-        )
-    if "repetition_penalty_context" in values:
-        context = applied["repetition_penalty_context"] = _int(
-            "repetition_penalty_context", values["repetition_penalty_context"], 0, MAX_PENALTY_CONTEXT
-        )
-    if "pad_mult" in values:
-        pad_mult = applied["pad_mult"] = _float("pad_mult", values["pad_mult"], -MAX_PAD_MULT, MAX_PAD_MULT)
-
+    # In the table's order, whatever order the URL had.
+    applied = {name: _parse(name, values[name]) for name in SUPPORTED_PARAMS if name in values}
+    changes = dict(applied)
+    if "seed" in applied:  # a query's `seed` replaces the server's per-stream seeds too
+        changes.setdefault("text_seed", None)
+        changes.setdefault("audio_seed", None)
     try:
-        settings = EngineSettings(
-            text=SamplingParams(text_t, text_k),
-            audio=SamplingParams(audio_t, audio_k),
-            seed=seed,
-            text_controls=TextControls(penalty, context, pad_mult),
-            text_seed=text_seed,
-            audio_seed=audio_seed,
-            kv_bits=defaults.kv_bits,  # memory settings are the server's, not the client's
-            context=defaults.context,
-        )
-    except ValueError as e:  # defensive: the checks above should make this unreachable
+        settings = with_knobs(defaults, changes)  # memory settings (kv_bits, context) stay the server's
+    except ValueError as e:  # defensive: the knobs' checks above should make this unreachable
         raise ParamError(str(e)) from None
-    return QueryResult(settings, applied, ignored, tuple(unknown))
+    return QueryResult(settings, applied, {}, tuple(unknown))
+
+
+def _parse(name: str, raw: str) -> Any:
+    try:
+        return KNOBS[name].parse(raw)
+    except ValueError as e:
+        raise ParamError(str(e)) from None

@@ -26,6 +26,7 @@ from ..engine import ConversationEngine, EngineSettings
 from ..errors import MoshiError, first_line
 from ..net import protocol
 from ..net.protocol import ParamError
+from .info import knobs_info
 from .security import (
     FOREIGN_UI,
     HostPolicy,
@@ -168,6 +169,7 @@ class ChatServer:
                 "threads": threading.active_count(),
                 "protocol": {"sample_rate": SAMPLE_RATE, "params": list(protocol.KNOWN_PARAMS)},
                 "defaults": protocol.QueryResult(self.default_settings).describe(),
+                "knobs": knobs_info(),  # the UI takes its limits from here: one set of bounds
             }
         )
         origin = request.headers.get("Origin")

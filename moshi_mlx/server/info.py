@@ -19,13 +19,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import __version__
+from ..settings import KNOBS, knob_table
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the moshi_mlx package
 UNKNOWN = "unknown"
-
-# Kyutai's text controls, with the values that change nothing. The engine has all three (they are in every
-# QueryResult.describe()); these only fill a settings mapping that leaves one out.
-NEUTRAL = {"pad_mult": 0.0, "repetition_penalty_context": 0, "repetition_penalty": 1.0}
 
 
 def _git(*args: str) -> str:
@@ -72,22 +69,25 @@ def _mlx() -> dict[str, str]:
         return {"mlx_version": UNKNOWN, "mlx_device": UNKNOWN}
 
 
+def sampling_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Kyutai's sampling fields, typed as its schema wants, from the knobs (a knob left out: its default).
+
+    Seeds are not in Kyutai's schema; our own ``settings`` field in the info message carries them.
+    """
+    return {k.name: k.cast(settings.get(k.name, k.default)) for k in KNOBS.values() if k.kind != "seed"}
+
+
+def knobs_info() -> list[dict[str, Any]]:
+    """The sampling knobs for ``/api/info``: the web UI takes its form's limits from here."""
+    return knob_table()
+
+
 def server_info(settings: Mapping[str, Any], lm_model_file: str, instance_name: str | None = None) -> dict[str, Any]:
     """Every field of Kyutai's ``ServersInfoSchema`` plus ours.
 
-    ``settings`` is the conversation's settings as :meth:`protocol.QueryResult.describe` gives them
-    (every one of Kyutai's, this engine applies them all); a text control left out of the mapping is
-    reported with its neutral value.
+    ``settings`` is the conversation's settings as :meth:`protocol.QueryResult.describe` gives them.
     """
-    info: dict[str, Any] = {
-        "text_temperature": float(settings["text_temperature"]),
-        "text_topk": int(settings["text_topk"]),
-        "audio_temperature": float(settings["audio_temperature"]),
-        "audio_topk": int(settings["audio_topk"]),
-    }
-    for name, neutral in NEUTRAL.items():
-        value = settings.get(name)
-        info[name] = type(neutral)(value) if value is not None else neutral
+    info: dict[str, Any] = sampling_fields(settings)
     info["lm_model_file"] = lm_model_file or UNKNOWN
     info["instance_name"] = instance_name or f"moshi_mlx on {socket.gethostname()}"
     info["build_info"] = build_info()

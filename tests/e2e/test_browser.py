@@ -23,6 +23,7 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 pytest_asyncio = pytest.importorskip("pytest_asyncio")
 
+from moshi_mlx.settings import KNOBS  # noqa: E402
 from tests.helpers.browser import ARTIFACTS, Browser  # noqa: E402
 from tests.helpers.web_server import (  # noqa: E402
     expect_handshake,
@@ -108,6 +109,14 @@ async def test_browser_talks_to_moshi(chromium, engine, mic_wav, tmp_path):
         # The page notices by itself that the server is free again.
         assert await browser.wait_for("!document.getElementById('connect').disabled", timeout=10)
         assert await browser.eval("document.getElementById('server-note').hidden") is True
+
+        # The form's limits are the server's knob table (/api/info), not the page's own.
+        limits = await browser.eval(
+            "(() => { const e = document.getElementById('settings').elements;"
+            " return [e.text_topk.min, e.text_topk.max, e.text_topk.step, e.pad_mult.min, e.pad_mult.step]; })()"
+        )
+        topk, pad = KNOBS["text_topk"].bounds, KNOBS["pad_mult"].bounds
+        assert limits == [str(topk.low), str(topk.high), "1", f"{pad.low:g}", "any"]
 
         # 2. Choose settings (Kyutai's parameter names), connect by clicking, stream the fake microphone,
         #    hear Moshi, read its words.

@@ -23,7 +23,7 @@ from aiohttp import web  # noqa: E402
 
 from moshi_mlx.net import protocol  # noqa: E402
 from moshi_mlx.net.protocol import Kind  # noqa: E402
-from moshi_mlx.settings import TextControls  # noqa: E402
+from moshi_mlx.settings import KNOBS, TextControls  # noqa: E402
 from tests.helpers.web_server import (  # noqa: E402
     SR,
     Collector,
@@ -81,6 +81,9 @@ async def test_serves_ui_and_info(srv, session):
         info = await r.json()
     assert info["busy"] is False and info["demo"] is True
     assert "text_temperature" in info["defaults"]
+    # the knob table, for the UI's form limits: the same bounds the query parser checks
+    assert [(k["name"], k["low"], k["high"]) for k in info["knobs"]] == [
+        (k.name, k.bounds.low, k.bounds.high) for k in KNOBS.values()]
 
 
 async def test_cross_origin_websocket_refused(srv, session):

@@ -27,8 +27,8 @@ from aiohttp import web  # noqa: E402
 
 from moshi_mlx.engine import EngineSettings  # noqa: E402
 from moshi_mlx.local_web import build_parser  # noqa: E402
-from moshi_mlx.server.app import ChatServer, create_app  # noqa: E402
 from moshi_mlx.net import protocol  # noqa: E402
+from moshi_mlx.server.app import ChatServer, create_app  # noqa: E402
 from moshi_mlx.server.security import HostPolicy  # noqa: E402
 from tests.helpers.browser import ARTIFACTS, Browser  # noqa: E402
 from tests.helpers.shared import shared_dir  # noqa: E402

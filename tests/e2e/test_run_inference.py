@@ -264,7 +264,7 @@ def test_cli_sampling_controls_and_seeds(tmp_path):
         ("--repetition-penalty", "0", "must be > 0"),
         ("--repetition-penalty-context", "-3", "must be >= 0"),
         ("--pad-mult", "nan", "finite"),
-        ("--text-seed", "x", "whole number"),
+        ("--text-seed", "x", "must be an integer"),
         ("--audio-seed", "-1", "must be >= 0"),
         ("--text-temperature", "-0.5", "must be >= 0"),
     ],

@@ -204,7 +204,7 @@ def test_repetition_penalty_keeps_greedy_text_from_repeating(tiny_model):
     frames = user_frames(24)
     plain = _raw(LmGen(tiny_model, GREEDY, GREEDY), frames)[:, 0].tolist()
     assert _repeats_within(plain, 8)  # the tiny random model repeats itself
-    controls = TextControls(repetition_penalty=1e4, repetition_penalty_context=8)
+    controls = TextControls(repetition_penalty=100.0, repetition_penalty_context=8)  # the bound: strongest allowed
     penalised = _raw(LmGen(tiny_model, GREEDY, GREEDY, text_controls=controls), frames)[:, 0].tolist()
     assert _repeats_within(penalised, 8) == [], penalised
     assert penalised[0] == plain[0]  # nothing to penalise at the first step

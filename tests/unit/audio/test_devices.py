@@ -18,8 +18,8 @@ import sys
 import numpy as np
 import pytest
 
-from moshi_mlx.audio.devices import AudioDeviceError, DuplexAudio, find_device
 from moshi_mlx.audio import devices as audio
+from moshi_mlx.audio.devices import AudioDeviceError, DuplexAudio, find_device
 from moshi_mlx.audio.frames import FRAME_SIZE, Resampler, resample
 from tests.helpers.audio_env import ROOT, FakeSD, alsa_file_env, portaudio_problem, rms
 
