@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moshi_mlx.audio.frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
-
 from moshi_mlx.memory import rss_bytes  # noqa: E402
+from moshi_mlx.model_files.checkpoint import DTYPES  # noqa: E402
 from moshi_mlx.models.config import PRESETS  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(PRESETS), default="small")
     p.add_argument("-q", "--quantize", type=int, choices=(4, 8), default=None)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--kv-bits", type=int, nargs="+", choices=(16, 8, 4), default=[4, 8, 16])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--pipeline", action="store_true", help="also the full pipeline (LM + Mimi both ways)")
@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.long:
         from moshi_mlx.audio.mimi import Mimi
-
         from moshi_mlx.model_files.stand_ins import demo_assets
 
         mimi = Mimi(demo_assets().mimi_path)

@@ -29,7 +29,6 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moshi_mlx.audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
-
 from moshi_mlx.net.remote import RemoteConversation  # noqa: E402
 
 

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "Assets": "model_files.assets",
     "load": "model_files.assets",
-    "ModelSource": "model_files.hub",
+    "ModelSource": "model_files.source",
     "ConversationEngine": "engine",
     "EngineRunner": "engine",
     "FrameResult": "engine",
@@ -27,13 +27,25 @@ _PUBLIC = {
     "LmGen": "generate",
     "StepOutput": "generate",
 }
-__all__ = sorted(_PUBLIC)
+# Spelled out (the same names as _PUBLIC) so linters see the lazy names below as exported.
+__all__ = [
+    "Assets",
+    "ConversationEngine",
+    "EngineRunner",
+    "EngineSettings",
+    "FrameResult",
+    "LmGen",
+    "ModelSource",
+    "SamplingParams",
+    "StepOutput",
+    "load",
+]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from .engine import ConversationEngine, EngineRunner, FrameResult
     from .generate import LmGen, StepOutput
     from .model_files.assets import Assets, load
-    from .model_files.hub import ModelSource
+    from .model_files.source import ModelSource
     from .settings import EngineSettings, SamplingParams
 
 

@@ -8,8 +8,6 @@ with its config.json, and then loaded like any local checkpoint, so they take th
 from __future__ import annotations
 
 import dataclasses
-import gc
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,22 +19,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..model_files.assets import Assets, load
-from ..model_files.checkpoint import (
-    GROUP_SIZE_FOR_BITS,
-    Quantization,
-    _materialise,
-    build_model,
-    save_lm,
-)
-from ..model_files.hub import ModelSource
+from ..model_files.budget import weights_bytes
+from ..model_files.checkpoint import SHORT_DTYPES
+from ..model_files.source import ModelSource
+from ..model_files.stand_ins import demo_assets, write_random_lm
 from ..models.config import LmConfig, config_v0_1, preset
 from ..models.lm import Lm
 from .measure import gb
 
 # Precision names used by benchmarks/compare_reference.py (the reference's spelling) -> (quantize, dtype).
 PRECISIONS: dict[str, tuple[int | None, str | None]] = {
-    "f32": (None, "float32"),
-    "bf16": (None, "bfloat16"),
+    **{short: (None, SHORT_DTYPES[short]) for short in ("f32", "bf16")},
     "q8": (8, None),
     "q4": (4, None),
 }
@@ -71,24 +64,6 @@ class Loaded:
     load: LoadTimes
 
 
-def write_random_checkpoint(
-    config: LmConfig, bits: int | None, folder: Path, seed: int = 0, progress: Callable[[int, int], None] | None = None
-) -> tuple[Path, Path]:
-    """Random weights in the published layout plus their config.json; returns (weights, config) paths."""
-    mx.random.seed(seed)
-    quant = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits else None
-    model = build_model(config, quant, mx.bfloat16)
-    _materialise(model, progress)  # layer by layer, so peak memory stays near the model's size
-    weights = folder / f"model.{f'q{bits}' if bits else 'bf16'}.safetensors"
-    save_lm(model, weights)
-    del model
-    gc.collect()
-    mx.clear_cache()  # give the builder's memory back before the timed load
-    config_path = folder / "config.json"
-    config_path.write_text(json.dumps(config.to_dict()))
-    return weights, config_path
-
-
 def random_config(name: str, context: int | None) -> LmConfig:
     config = preset(name)
     if context is not None:
@@ -103,11 +78,9 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
     if args.demo:
         kind, config_name = "demo", "tiny"
     elif args.config is not None:
-        from ..model_files.stand_ins import demo_assets
-
         kind, config_name = "random", args.config
         t0 = time.perf_counter()
-        weights, config_path = write_random_checkpoint(
+        weights, config_path = write_random_lm(
             random_config(args.config, args.context), args.quantize, scratch, args.seed, progress
         )
         write_s = round(time.perf_counter() - t0, 3)
@@ -139,10 +112,6 @@ def _quantization(lm: Lm) -> tuple[int | None, int | None]:
     if isinstance(head, nn.QuantizedLinear):
         return head.bits, head.group_size
     return None, None
-
-
-def weights_bytes(lm: Lm) -> int:
-    return int(sum(p.nbytes for _, p in tree_flatten(lm.parameters())))
 
 
 def param_count(config: LmConfig) -> int:

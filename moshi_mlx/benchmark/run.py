@@ -14,6 +14,7 @@ import mlx.core as mx
 from .. import cli
 from ..cli.flags import settings_from_args
 from ..engine import ConversationEngine
+from ..errors import MoshiError
 from ..memory import rss_peak_bytes
 from ..models.cache import DEFAULT_KV_BITS
 from .args import build_parser, check_args, start_position
@@ -45,7 +46,8 @@ def kv_cache(loaded: Loaded) -> tuple[int, int]:
 def _set_device(name: str | None) -> None:
     if name == "gpu":
         if not mx.is_available(mx.gpu):
-            raise RuntimeError("--device gpu: this MLX build has no GPU backend (install MLX with Metal or CUDA)")
+            # a fact about the machine, not a bug: one line for the user, no type name
+            raise MoshiError("--device gpu: this MLX build has no GPU backend (install MLX with Metal or CUDA)")
         mx.set_default_device(mx.gpu)
     elif name == "cpu":
         mx.set_default_device(mx.cpu)

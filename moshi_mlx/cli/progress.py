@@ -44,13 +44,14 @@ class Progress:
                     mininterval=self.interval_s, maxinterval=self.interval_s, ascii=True, disable=not self.enabled,
                     **options)
 
-    def callback(self, desc: str, unit: str = "layer") -> Callable[[int, int], None]:
-        """A `progress(done, total)` callback (as the loader and run_inference take) drawing one bar."""
+    def callback(self, desc: str, unit: str = "layer", **options: object) -> Callable[[int, int], None]:
+        """A `progress(done, total)` callback (as the loader and run_inference take) drawing one bar;
+        `options` go to tqdm (e.g. unit_scale for bytes)."""
         state: dict[str, object] = {}
 
         def show(done: int, total: int) -> None:
             if "bar" not in state:
-                state["bar"] = self.bar(total, desc, unit)
+                state["bar"] = self.bar(total, desc, unit, **options)
             state["bar"].update(done - state["bar"].n)
             if done == total:
                 state.pop("bar").close()

@@ -8,11 +8,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import mlx.core as mx
-
 from ..engine import ConversationEngine, EngineSettings
 from ..errors import MoshiError
-from ..models.config import LmConfig, config_tiny
 from ..models.lm import Lm
 from ..tokenizer import TextTokenizer
 from .budget import (
@@ -23,10 +20,12 @@ from .budget import (
     plan_memory,
     weights_bytes,
 )
-from .checkpoint import WeightsError, build_model, load_lm, resolve_model
-from .hub import ModelSource
+from .checkpoint import DTYPES, WeightsError, load_lm, resolve_model
+from .source import ModelSource
+from .stand_ins import demo_assets, demo_lm
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+#: Re-exported: the app's --dtype reads its vocabulary here (one table, in checkpoint.py).
+__all__ = ["DEMO_BANNER", "DTYPES", "Assets", "load", "say"]
 _log = logging.getLogger("moshi_mlx")
 #: The default `log`: status lines through the "moshi_mlx" logger (the CLI shell prints them on stderr).
 say = _log.info
@@ -70,14 +69,6 @@ class Assets:
         return plan
 
 
-def demo_lm(seed: int = 0, config: LmConfig | None = None) -> Lm:
-    """A tiny random-weight LM (nothing downloaded); the same seed gives the same weights."""
-    mx.random.seed(seed)
-    model = build_model(config or config_tiny(), None, mx.float32)
-    mx.eval(model.parameters())
-    return model
-
-
 def load(
     source: ModelSource = ModelSource(),
     demo: bool = False,
@@ -98,8 +89,6 @@ def load(
             raise MoshiError(
                 f"--demo runs built-in stand-ins and cannot use {', '.join(source.given_flags)}: drop one or the other"
             )
-        from .stand_ins import demo_assets
-
         log(DEMO_BANNER)
         files = demo_assets()
         lm = demo_lm()

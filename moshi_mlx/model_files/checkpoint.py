@@ -24,13 +24,13 @@ from .hub import (
     FLAGS,
     TOKENIZER_NAME,
     ModelFiles,
-    ModelSource,
     check_local_path,
     describe_bits,
     find_model_files,
     quantize_hint,
     read_local_config,
 )
+from .source import ModelSource
 
 
 class WeightsError(MoshiError, ValueError):
@@ -54,6 +54,20 @@ class TensorInfo:
 
 # Published group sizes: what `nn.quantize` used for kyutai/moshi*-mlx-q8 and -q4.
 GROUP_SIZE_FOR_BITS = {8: 64, 4: 32}
+
+#: The float dtypes, in one table: name (the app's --dtype) -> (short name, MLX dtype, safetensors code).
+#: The app's flags take the names, `convert --dtype` and the benchmark's precisions the short names.
+FLOAT_DTYPES: dict[str, tuple[str, mx.Dtype, str]] = {
+    "bfloat16": ("bf16", mx.bfloat16, "BF16"),
+    "float16": ("f16", mx.float16, "F16"),
+    "float32": ("f32", mx.float32, "F32"),
+}
+#: --dtype name -> MLX dtype.
+DTYPES: dict[str, mx.Dtype] = {name: dtype for name, (_, dtype, _) in FLOAT_DTYPES.items()}
+#: Short name (bf16, f16, f32) -> --dtype name.
+SHORT_DTYPES: dict[str, str] = {short: name for name, (short, _, _) in FLOAT_DTYPES.items()}
+#: Safetensors code (BF16, F16, F32) -> MLX dtype.
+SAFETENSORS_DTYPES: dict[str, mx.Dtype] = {code: dtype for _, dtype, code in FLOAT_DTYPES.values()}
 
 
 @dataclass(frozen=True)
@@ -203,13 +217,10 @@ def check_layout(tensors: dict[str, TensorInfo], model: nn.Module, path: str | o
             raise WeightsError(f"{path}: {name} is {info.dtype}, the model expects {dtype}")
 
 
-_FLOAT_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32}
-
-
 def checkpoint_dtype(tensors: dict[str, TensorInfo]) -> mx.Dtype:
     """The precision an unquantized checkpoint is stored in (read off its output norm)."""
     info = tensors.get("out_norm.weight") or tensors.get("text_linear.weight")
-    return _FLOAT_DTYPES.get(info.dtype, mx.bfloat16) if info is not None else mx.bfloat16
+    return SAFETENSORS_DTYPES.get(info.dtype, mx.bfloat16) if info is not None else mx.bfloat16
 
 
 def default_dtype(quantization: Quantization | None, tensors: dict[str, TensorInfo] | None = None) -> mx.Dtype:
@@ -256,11 +267,11 @@ def load_lm(
         want = expected[name][1]
         items.append((name, array if array.dtype == want else array.astype(want)))
     model.update(tree_unflatten(items))
-    _materialise(model, progress)
+    materialise(model, progress)
     return model
 
 
-def _materialise(model: Lm, progress: Callable[[int, int], None] | None) -> None:
+def materialise(model: Lm, progress: Callable[[int, int], None] | None) -> None:
     """Evaluate parameters in layer-sized chunks so peak memory stays near the model size."""
     groups: list[list[mx.array]] = []
     for name, child in model.children().items():

@@ -4,23 +4,23 @@ Files come from the Hugging Face hub (through `huggingface_hub`, its cache, `HF_
 and `HF_HUB_OFFLINE`) or from local paths given on the command line. Whatever goes wrong ends in a
 `HubError` whose message is one line naming what could not be had and the flag that provides it.
 
-This module only finds files. What is *in* them (checkpoint kind, quantization, layout) is `loading.py`'s
+This module only finds files. What is *in* them (checkpoint kind, quantization, layout) is `checkpoint.py`'s
 job, which reads each header once; the hub uses file names (and the repo's listing) to pick the right
 weights before any large download.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from ..errors import MoshiError, first_line
+from .source import FILE_FIELDS, FLAGS, ModelSource
 
 DEFAULT_REPOS: dict[int | None, str] = {
     4: "kyutai/moshiko-mlx-q4",
@@ -41,46 +41,9 @@ _DEFAULT_NAMES = frozenset({*MOSHI_NAMES.values(), MIMI_NAME, TOKENIZER_NAME, CO
 TIMEOUT_ENV = "MOSHI_MLX_HUB_TIMEOUT"
 DEFAULT_TIMEOUT = 5.0
 
-FLAGS = {
-    "moshi": "--moshi-weights",
-    "mimi": "--mimi-weights",
-    "tokenizer": "--tokenizer",
-    "lm_config": "--lm-config",
-}
-
 
 class HubError(MoshiError, RuntimeError):
     """A model file could not be found or fetched; the message is one line meant for the user."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the model comes from: the seven model-choosing flags, named as the CLI names them.
-
-    `ModelSource.from_args(args)` takes them straight from argparse, so every entry point chooses
-    models the same way.
-    """
-
-    quantize: int | None = None
-    hf_repo: str | None = None
-    revision: str | None = None
-    moshi_weights: str | os.PathLike | None = None
-    mimi_weights: str | os.PathLike | None = None
-    tokenizer: str | os.PathLike | None = None
-    lm_config: str | os.PathLike | dict | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "ModelSource":
-        return cls(**{f.name: getattr(args, f.name, None) for f in fields(cls)})
-
-    @property
-    def given_flags(self) -> list[str]:
-        """The flags that were given, as the user typed them (for refusing them where they make no sense, e.g. --demo)."""
-        return [_FLAG_OF[f.name] for f in fields(self) if getattr(self, f.name) is not None]
-
-
-_FIELD = {"moshi": "moshi_weights", "mimi": "mimi_weights", "tokenizer": "tokenizer", "lm_config": "lm_config"}
-_FLAG_OF = {"quantize": "-q", "hf_repo": "--hf-repo", "revision": "--revision", **{f: FLAGS[k] for k, f in _FIELD.items()}}
 
 
 @dataclass
@@ -353,7 +316,7 @@ def find_model_files(source: ModelSource, local_bits: int | None = None, progres
         raise HubError(f"-q/--quantize must be 4 or 8 (or absent for bf16), got {quantize!r}")
 
     # 1. Local files, checked up front before any network access.
-    local = {kind: check_local_path(kind, getattr(source, field)) for kind, field in _FIELD.items()
+    local = {kind: check_local_path(kind, getattr(source, field)) for kind, field in FILE_FIELDS.items()
              if kind != "lm_config" and getattr(source, field) is not None}
     origins = {kind: f"{FLAGS[kind]} {path}" for kind, path in local.items()}
     config: dict | None = None

@@ -1,26 +1,43 @@
-"""Stand-in assets for ``--demo``: everything is generated locally, nothing is downloaded.
+"""Every random stand-in weight, in one place: generated locally, nothing is downloaded.
 
 * :func:`write_random_mimi` writes a Mimi codec checkpoint with random weights in the exact tensor
   layout of the published file (names, shapes and dtypes are derived here from Mimi's configuration),
   so ``rustymimi`` loads it and produces finite, noise-like audio.
 * :func:`write_stand_in_tokenizer` trains a tiny SentencePiece model that has a piece for every text id.
 * :func:`demo_assets` creates both once in a cache directory and reuses them afterwards.
+* :func:`demo_lm` builds the tiny random LM of ``--demo``; :func:`write_random_lm` writes random LM weights
+  of any config in the published layout (the benchmark's ``--config tiny|small|7b``).
 
-Files are always written to a temporary name in the target directory and renamed into place, so an
-interrupted run never leaves a truncated file behind under the final name.
+Files are written with `outputs.atomic_output` (a temporary name, renamed into place), so an interrupted run
+never leaves a truncated file behind under the final name.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import mlx.core as mx
 import numpy as np
 
-from .checkpoint import WeightsError, read_tensor_infos
+from ..models.config import LmConfig, config_tiny
+from ..models.lm import Lm
+from ..outputs import atomic_output
+from .checkpoint import (
+    GROUP_SIZE_FOR_BITS,
+    Quantization,
+    WeightsError,
+    build_model,
+    materialise,
+    read_tensor_infos,
+    save_lm,
+)
 
 __all__ = [
     "MIMI_CONFIG",
@@ -33,6 +50,8 @@ __all__ = [
     "DemoAssets",
     "demo_assets",
     "default_cache_dir",
+    "demo_lm",
+    "write_random_lm",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +220,8 @@ def write_random_mimi(path: str | os.PathLike, seed: int = 0, scale: float = 0.5
     tensors = {name: _random_tensor(name, shape, rng, scale) for name, shape in layout.items()}
     tensors[_decoder_output_weight(layout)] *= np.float32(DECODER_OUTPUT_GAIN)
     metadata = {"moshi_mlx": "random stand-in", "seed": str(seed), "version": STAND_IN_VERSION}
-    with _atomic_path(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
 
@@ -295,7 +315,8 @@ def write_stand_in_tokenizer(path: str | os.PathLike, vocab_size: int = 32000) -
     sp = spm.SentencePieceProcessor(model_proto=model)
     if sp.get_piece_size() != vocab_size:
         raise RuntimeError(f"stand-in tokenizer has {sp.get_piece_size()} pieces, expected {vocab_size}")
-    with _atomic_path(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
         tmp.write_bytes(model)
     return path
 
@@ -313,28 +334,6 @@ def is_valid_tokenizer_file(path: str | os.PathLike, vocab_size: int = 32000) ->
 # --------------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------------
-
-
-class _atomic_path:
-    """Context manager yielding a temporary path next to ``path``; renamed onto ``path`` on success."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.chmod(self.tmp, 0o644)  # mkstemp creates 0600
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
 
 
 @dataclass(frozen=True)
@@ -364,3 +363,37 @@ def demo_assets(cache_dir: str | os.PathLike | None = None) -> DemoAssets:
     if not is_valid_tokenizer_file(tok_path):
         write_stand_in_tokenizer(tok_path)
     return DemoAssets(mimi_path=mimi_path, tokenizer_path=tok_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# LM weights
+# --------------------------------------------------------------------------------------------------
+
+
+def demo_lm(seed: int = 0, config: LmConfig | None = None) -> Lm:
+    """A tiny random-weight LM (nothing downloaded); the same seed gives the same weights."""
+    mx.random.seed(seed)
+    model = build_model(config or config_tiny(), None, mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def write_random_lm(
+    config: LmConfig, bits: int | None, folder: Path, seed: int = 0, progress: Callable[[int, int], None] | None = None
+) -> tuple[Path, Path]:
+    """Random weights in the published layout (bfloat16, or q8/q4 with bfloat16 scales) plus their config.json.
+
+    Returns (weights, config) paths in `folder`.
+    """
+    mx.random.seed(seed)
+    quant = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits else None
+    model = build_model(config, quant, mx.bfloat16)
+    materialise(model, progress)  # layer by layer, so peak memory stays near the model's size
+    weights = folder / f"model.{f'q{bits}' if bits else 'bf16'}.safetensors"
+    save_lm(model, weights)
+    del model
+    gc.collect()
+    mx.clear_cache()  # give the builder's memory back before whatever is timed next
+    config_path = folder / "config.json"
+    config_path.write_text(json.dumps(config.to_dict()))
+    return weights, config_path

@@ -12,7 +12,7 @@ import pytest
 from moshi_mlx import benchmark
 from moshi_mlx.benchmark.long import FRAMES_PER_MINUTE, long_session
 from moshi_mlx.generate import LmGen, StepTimings
-from moshi_mlx.model_files.assets import demo_lm
+from moshi_mlx.model_files.stand_ins import demo_lm
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, WARMUP = 3, 1
@@ -192,6 +192,16 @@ def test_unreadable_weights_fail_with_one_line(tmp_path, demo_files, capsys):
     assert benchmark.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "notes.safetensors" in err[0]
+
+
+def test_device_gpu_without_a_gpu_fails_with_one_line(monkeypatch, capsys):
+    """A machine without a GPU backend is the user's fact, not a crash: exit 1, one line, no type name."""
+    import mlx.core as mx
+
+    monkeypatch.setattr(mx, "is_available", lambda device: False)  # as on a CPU-only MLX build
+    assert benchmark.main(["--config", "tiny", "--device", "gpu", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device gpu: ") and "Error" not in err[0]
 
 
 def test_time_lm_steps_for_compare_reference(demo_files, monkeypatch):

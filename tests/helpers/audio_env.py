@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moshi_mlx.cli.shell import DEBUG_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 JACK_TOOLS = ("jackd", "jack-play", "jack-record", "jack_lsp", "jack_connect", "jack_disconnect")
 SPEECH_TOOLS = ("espeak-ng", "sox")
@@ -48,7 +50,7 @@ def base_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("MOSHI_MLX_DEMO_DIR", str(Path("~/.cache/moshi_mlx/demo").expanduser()))
     env["PYTHONUNBUFFERED"] = "1"
-    env.pop("MOSHI_MLX_DEBUG", None)
+    env.pop(DEBUG_ENV, None)  # a developer's debug switch must not change what the tests see
     env.update(extra)
     return env
 

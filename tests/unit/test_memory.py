@@ -47,7 +47,7 @@ def test_a_finished_generator_frees_its_cache_at_once():
     import weakref
 
     from moshi_mlx.generate import LmGen
-    from moshi_mlx.model_files.assets import demo_lm
+    from moshi_mlx.model_files.stand_ins import demo_lm
 
     lm = demo_lm()
     gen = LmGen(lm, seed=0, kv_bits=8)

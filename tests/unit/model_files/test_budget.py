@@ -72,7 +72,7 @@ def test_load_from_args_plans_memory_and_the_engine_follows(demo_files, monkeypa
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     lines = []
-    from moshi_mlx.model_files.assets import demo_lm
+    from moshi_mlx.model_files.stand_ins import demo_lm
 
     weights = weights_bytes(demo_lm())
     kv8 = kv_cache_bytes(4, 4, 64, 3000, 8, dtype_bytes=4)

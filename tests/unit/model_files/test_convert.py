@@ -1,4 +1,6 @@
-"""PyTorch -> MLX checkpoint conversion: the 7B mapping checked on the manifests, tiny stand-ins end to end."""
+"""PyTorch -> MLX checkpoint conversion, streamed: tiny stand-ins end to end, wrong inputs, the command.
+
+The pure name plan (the 7B mapping on the manifests) is tests/unit/models/test_pytorch.py."""
 
 from __future__ import annotations
 
@@ -11,117 +13,19 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from moshi_mlx.convert import (
-    ConvertError,
-    Dims,
-    build_config,
-    convert,
-    expected_specs,
-    main,
-    output_specs,
-    plan_conversion,
-)
+import moshi_mlx.model_files.convert as streaming
+from moshi_mlx.convert import main
 from moshi_mlx.model_files.checkpoint import load_lm
-from moshi_mlx.models.config import LmConfig, config_v0_1
-
-ST_DTYPE = {"bfloat16": "BF16", "uint32": "U32", "float32": "F32"}
+from moshi_mlx.model_files.convert import convert, expected_specs
+from moshi_mlx.models.config import LmConfig
+from moshi_mlx.models.pytorch import ConvertError, Dims
+from tests.helpers.pytorch_names import legacy as _legacy
 
 # Tiny but quantizable (every input dim divides 64): see the stand-ins doc.
 TINY = Dims(
     dim=256, num_layers=4, hidden=704, text_in=501, text_out=500, audio_vocab=129,
     n_q=4, dep_q=2, dep_dim=256, dep_layers=2, dep_hidden=704,
 )
-
-
-@pytest.fixture
-def manifest(manifests_dir):
-    def read(name: str) -> dict:
-        return json.loads((manifests_dir / name).read_text())
-
-    return read
-
-
-def _specs(manifest: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {k: (tuple(v["shape"]), ST_DTYPE[v["dtype"]]) for k, v in manifest["tensors"].items()}
-
-
-def _legacy(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """Rewrite current attention names into the older stacked `in_proj_weight` / `out_proj.weight` form."""
-    out: dict[str, tuple[int, ...]] = {}
-    stacked: dict[str, list[tuple[int, ...]]] = {}
-    for name, shape in shapes.items():
-        m = re.fullmatch(r"(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight", name)
-        if m is None:
-            out[name] = shape
-            continue
-        key = f"{m.group(1)}.in_proj_weight" if m.group(2) == "in" else f"{m.group(1)}.out_proj.weight"
-        stacked.setdefault(key, []).append(shape)
-    for key, parts in stacked.items():
-        out[key] = (sum(p[0] for p in parts), parts[0][1])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the 7B mapping, on name -> shape dicts only (nothing allocated)
-
-
-@pytest.mark.parametrize("legacy", [False, True], ids=["in_projs", "legacy_in_proj_weight"])
-@pytest.mark.parametrize("bits,which", [(None, "bf16"), (8, "q8"), (4, "q4")])
-def test_7b_mapping_matches_published_manifests(manifest, legacy, bits, which):
-    pt = {k: tuple(v["shape"]) for k, v in manifest("moshi-7b-pytorch-bf16.json")["tensors"].items()}
-    if legacy:
-        pt = _legacy(pt)
-        assert "depformer.layers.0.self_attn.in_proj_weight" in pt
-        assert pt["depformer.layers.0.self_attn.in_proj_weight"] == (8 * 3 * 1024, 1024)
-        assert pt["transformer.layers.0.self_attn.in_proj_weight"] == (3 * 4096, 4096)
-    plan = plan_conversion(pt)
-    assert plan.layout == "pytorch"
-    got = output_specs(plan.pieces, bits)
-    want = _specs(manifest(f"moshi-7b-mlx-{which}.json"))
-    assert set(got) == set(want)
-    assert got == want
-
-
-def test_7b_param_count_difference_is_the_shared_depformer_norms(manifest):
-    pt_manifest = manifest("moshi-7b-pytorch-bf16.json")
-    mlx_manifest = manifest("moshi-7b-mlx-bf16.json")
-    plan = plan_conversion({k: v["shape"] for k, v in pt_manifest["tensors"].items()})
-    diff = mlx_manifest["logical_param_count"] - pt_manifest["param_count"]
-    assert diff == 86016
-    # Sources used more than once: exactly the depformer norms, copied into every slice.
-    uses: dict[str, list[str]] = {}
-    for p in plan.pieces:
-        uses.setdefault(p.source, []).append(p.name)
-    shared = {src: names for src, names in uses.items() if len(names) > 1}
-    assert shared and all(re.fullmatch(r"depformer\.layers\.\d\.norm[12]\.alpha", s) for s in shared)
-    assert len(shared) == 6 * 2
-    extra = sum((len(names) - 1) * 1024 for names in shared.values())
-    assert extra == diff == 7 * 6 * 2 * 1024
-    # Everything else is used exactly once, and every source is used.
-    assert set(uses) == set(pt_manifest["tensors"])
-
-
-def test_7b_config_derived_from_shapes_is_config_v0_1_and_model_layout_agrees(manifest):
-    pt = {k: v["shape"] for k, v in manifest("moshi-7b-pytorch-bf16.json")["tensors"].items()}
-    plan = plan_conversion(pt)
-    cfg, cfg_json, notes = build_config(plan.dims)
-    assert cfg == config_v0_1()
-    assert LmConfig.from_dict(cfg_json) == config_v0_1()
-    assert cfg_json["dim"] == 4096 and cfg_json["dep_q"] == 8 and cfg_json["delays"][:3] == [0, 0, 1]
-    assert any("num_heads=32" in n for n in notes)
-    # The lead's model, built lazily, expects exactly what the plan writes (bf16 and q4).
-    for bits in (None, 4):
-        assert expected_specs(cfg, bits) == output_specs(plan.pieces, bits)
-
-
-def test_7b_pytorch_config_overrides_are_accepted(manifest):
-    """The PyTorch repo's own config (depformer_dim_feedforward 4224 etc.) describes the same model."""
-    pt_manifest = manifest("moshi-7b-pytorch-bf16.json")
-    plan = plan_conversion({k: v["shape"] for k, v in pt_manifest["tensors"].items()})
-    cfg, cfg_json, notes = build_config(plan.dims, pt_manifest["config"])
-    assert cfg.depformer.hidden_dim == 2816
-    assert cfg.transformer.num_heads == 32 and not any("num_heads" in n for n in notes)
-    assert expected_specs(cfg, None) == output_specs(plan.pieces, None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,7 +153,7 @@ def _assert_loads_like_published(path: Path, cfg_path: Path, bits):
 @pytest.mark.parametrize("form", ["current", "legacy"])
 def test_tiny_bf16_conversion_is_exact(tmp_path, tiny_sources, form):
     src_path, src = tiny_sources[form]
-    out = convert(src_path, tmp_path, progress=False, log=lambda m: None)
+    out = convert(src_path, tmp_path, log=lambda m: None)
     assert out == tmp_path / "model.safetensors"
     assert not list(tmp_path.glob("*.partial"))
     cfg_json = json.loads((tmp_path / "config.json").read_text())
@@ -272,7 +176,7 @@ def test_tiny_bf16_conversion_is_exact(tmp_path, tiny_sources, form):
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32)])
 def test_tiny_quantized_conversion_matches_mx_quantize(tmp_path, tiny_sources, bits, group):
     src_path, src = tiny_sources["legacy"]
-    out = convert(src_path, tmp_path, bits=bits, progress=False, log=lambda m: None)
+    out = convert(src_path, tmp_path, bits=bits, log=lambda m: None)
     assert out.name == f"model.q{bits}.safetensors"
     written_cfg = json.loads((tmp_path / "config.json").read_text())
     assert written_cfg["moshi_name"] == out.name
@@ -304,18 +208,18 @@ def test_tiny_quantized_conversion_matches_mx_quantize(tmp_path, tiny_sources, b
 
 def test_mlx_bf16_input_is_requantized(tmp_path, tiny_sources):
     src_path, src = tiny_sources["current"]
-    bf16 = convert(src_path, tmp_path / "bf16", progress=False, log=lambda m: None)
-    q4 = convert(bf16, tmp_path / "q4", bits=4, progress=False, log=lambda m: None)
-    direct = convert(src_path, tmp_path / "direct", bits=4, progress=False, log=lambda m: None)
+    bf16 = convert(src_path, tmp_path / "bf16", log=lambda m: None)
+    q4 = convert(bf16, tmp_path / "q4", bits=4, log=lambda m: None)
+    direct = convert(src_path, tmp_path / "direct", bits=4, log=lambda m: None)
     a, b = mx.load(str(q4)), mx.load(str(direct))
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)
     with pytest.raises(ConvertError, match="already quantized"):
-        convert(q4, tmp_path / "again", bits=8, progress=False, log=lambda m: None)
+        convert(q4, tmp_path / "again", bits=8, log=lambda m: None)
 
 
 def test_written_file_is_valid_safetensors(tmp_path, tiny_sources):
     safetensors = pytest.importorskip("safetensors")
-    out = convert(tiny_sources["current"][0], tmp_path, bits=8, progress=False, log=lambda m: None)
+    out = convert(tiny_sources["current"][0], tmp_path, bits=8, log=lambda m: None)
     with safetensors.safe_open(str(out), framework="numpy") as f:  # the reference parser validates offsets
         keys = set(f.keys())
         assert f.metadata() == {"format": "mlx"}
@@ -327,7 +231,7 @@ def test_written_file_is_valid_safetensors(tmp_path, tiny_sources):
 def test_config_file_fills_what_shapes_do_not_show(tmp_path, tiny_sources):
     cfg = tmp_path / "in.json"
     cfg.write_text(json.dumps({"num_heads": 4, "depformer_num_heads": 4, "context": 100, "delays": [0, 0, 2, 0, 2]}))
-    convert(tiny_sources["current"][0], tmp_path / "o", config=cfg, progress=False, log=lambda m: None)
+    convert(tiny_sources["current"][0], tmp_path / "o", config=cfg, log=lambda m: None)
     out = json.loads((tmp_path / "o" / "config.json").read_text())
     assert out["num_heads"] == 4 and out["context"] == 100 and out["delays"] == [0, 0, 2, 0, 2]
     c = LmConfig.from_dict(out)
@@ -335,10 +239,10 @@ def test_config_file_fills_what_shapes_do_not_show(tmp_path, tiny_sources):
     # Values the shapes fix must agree.
     cfg.write_text(json.dumps({"dim": 512}))
     with pytest.raises(ConvertError, match=r"dim=512 .* 256"):
-        convert(tiny_sources["current"][0], tmp_path / "p", config=cfg, progress=False, log=lambda m: None)
+        convert(tiny_sources["current"][0], tmp_path / "p", config=cfg, log=lambda m: None)
     cfg.write_text(json.dumps({"delays": [0, 1]}))
     with pytest.raises(ConvertError, match="delays has 2 entries"):
-        convert(tiny_sources["current"][0], tmp_path / "p", config=cfg, progress=False, log=lambda m: None)
+        convert(tiny_sources["current"][0], tmp_path / "p", config=cfg, log=lambda m: None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -381,7 +285,7 @@ def test_wrong_inputs_give_one_line_errors(tmp_path, tiny_sources):
     cases.append((truncated, "truncated"))
     for path, pattern in cases:
         with pytest.raises(ConvertError, match=pattern) as info:
-            convert(path, tmp_path / "out", progress=False, log=lambda m: None)
+            convert(path, tmp_path / "out", log=lambda m: None)
         assert "\n" not in str(info.value)
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -411,12 +315,12 @@ def test_output_never_overwrites_the_input(tmp_path, tiny_sources):
     shutil.copy(tiny_sources["current"][0], src)
     before = src.read_bytes()
     with pytest.raises(ConvertError, match="is the input file") as e:
-        convert(src, folder, progress=False, log=lambda m: None, force=True)
+        convert(src, folder, log=lambda m: None, force=True)
     assert "\n" not in str(e.value) and src.read_bytes() == before
     cfg = folder / "config.json"
     cfg.write_text("{}")
     with pytest.raises(ConvertError, match="is the input file"):
-        convert(src, folder, bits=4, config=cfg, progress=False, log=lambda m: None, force=True)
+        convert(src, folder, bits=4, config=cfg, log=lambda m: None, force=True)
     assert cfg.read_text() == "{}" and src.read_bytes() == before and not (folder / "model.q4.safetensors").exists()
 
 
@@ -444,17 +348,15 @@ def test_cli_input_is_a_directory_or_output_a_file(tmp_path, tiny_sources, capsy
 
 
 def test_interrupted_conversion_leaves_no_file(tmp_path, tiny_sources, monkeypatch):
-    import moshi_mlx.convert as conv
-
     def boom(self, name, data):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(conv._Writer, "write", boom)
+    monkeypatch.setattr(streaming._Writer, "write", boom)
     out = tmp_path / "o"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"an earlier conversion")
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny_sources["current"][0], out, progress=False, log=lambda m: None, force=True)
+        convert(tiny_sources["current"][0], out, log=lambda m: None, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == b"an earlier conversion"
 
@@ -477,4 +379,4 @@ def test_f32_conversion_keeps_full_precision_and_loads_as_f32(tmp_path):
     # The default stays bf16, as published; asking for a dtype at load time still works.
     assert load_lm(tmp_path / "o" / "model.safetensors", cfg, mx.bfloat16).dtype == mx.bfloat16
     with pytest.raises(ConvertError, match="unquantized"):
-        convert(tmp_path / "f32.safetensors", tmp_path / "q", bits=4, dtype="f32", progress=False, log=lambda m: None)
+        convert(tmp_path / "f32.safetensors", tmp_path / "q", bits=4, dtype="f32", log=lambda m: None)

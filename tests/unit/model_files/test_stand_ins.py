@@ -151,18 +151,24 @@ def test_default_cache_dir(monkeypatch):
     assert demo.default_cache_dir() == Path("~/.cache/moshi_mlx/demo").expanduser()
 
 
-def test_interrupted_write_leaves_no_file(tmp_path):
-    target = tmp_path / "f.bin"
-    with pytest.raises(KeyboardInterrupt):
-        with demo._atomic_path(target) as tmp:
-            tmp.write_bytes(b"partial")
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    """Stand-ins are written through outputs.atomic_output: interrupted once written, the old file stays."""
+    import contextlib
+
+    from moshi_mlx import outputs
+
+    @contextlib.contextmanager
+    def interrupted_after_writing(path):
+        with outputs.atomic_output(path) as tmp:
+            yield tmp
+            assert tmp.stat().st_size > 0
             raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
+
+    target = tmp_path / "tok.model"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with demo._atomic_path(target) as tmp:
-            tmp.write_bytes(b"new but incomplete")
-            raise RuntimeError("disk full")
+    monkeypatch.setattr(demo, "atomic_output", interrupted_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        demo.write_stand_in_tokenizer(target, vocab_size=100)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 

@@ -13,10 +13,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from moshi_mlx.convert import ConvertError, convert
 from moshi_mlx.generate import LmGen
 from moshi_mlx.model_files.checkpoint import load_lm
+from moshi_mlx.model_files.convert import convert
 from moshi_mlx.models.config import LmConfig
+from moshi_mlx.models.pytorch import ConvertError
 from moshi_mlx.settings import GREEDY
 from tests.helpers import numpy_lm
 
@@ -130,7 +131,7 @@ def variant(request, tmp_path_factory):
     mx.save_safetensors(str(root / "pt.safetensors"), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()})
     (root / "config.json").write_text(json.dumps(cfg))
     out = convert(root / "pt.safetensors", root / "mlx", config=root / "config.json", dtype="f32",
-                  progress=False, log=lambda m: None)
+                  log=lambda m: None)
     config = LmConfig.from_dict(json.loads((root / "mlx" / "config.json").read_text()))
     return request.param, cfg, weights, load_lm(out, config), rng
 
@@ -186,4 +187,4 @@ def test_shared_weight_sets_need_the_schedule(tmp_path):
     mx.save_safetensors(str(tmp_path / "pt.safetensors"), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()})
     no_schedule = {k: v for k, v in cfg.items() if k != "depformer_weights_per_step_schedule"}
     with pytest.raises(ConvertError, match="depformer_weights_per_step_schedule"):
-        convert(tmp_path / "pt.safetensors", tmp_path / "o", config=no_schedule, progress=False, log=lambda m: None)
+        convert(tmp_path / "pt.safetensors", tmp_path / "o", config=no_schedule, log=lambda m: None)
