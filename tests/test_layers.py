@@ -29,13 +29,14 @@ LAYERS: list[set[str]] = [
     # facts: errors, the knobs, the audio format, the model's configuration, RSS readings
     {"errors", "settings", "memory", "audio.frames", "models.config", "models.cache"},
     # single-job libraries
-    {"sampling", "outputs", "tokenizer", "models.transformer", "audio.devices", "audio.echo", "audio.files",
-     "audio.mimi", "net.tls", "net.protocol", "model_files.hub", "model_files.budget", "server.info"},
-    {"models.lm", "audio.recording", "net.remote", "server.security"},
+    {"sampling", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
+     "audio.mimi_pool", "net.tls", "net.protocol", "model_files.hub", "model_files.budget", "server.info"},
+    {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.remote", "server.security"},
     {"generate", "model_files.checkpoint"},
-    {"engine", "model_files.stand_ins"},
+    {"engine", "clips", "model_files.stand_ins"},
     {"model_files.assets"},  # load(): the one front door
-    {"cli.shell", "cli.progress"},
+    {"cli.shell", "cli.progress", "cli.display"},
+    {"cli.async_signals"},
     {"cli.flags"},
     {"cli", "cli.terminal"},
     {"run_inference", "convert", "benchmark", "local_web"},
