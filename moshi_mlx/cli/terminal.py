@@ -264,7 +264,7 @@ class LocalMoshi:
     def listening(self) -> bool:
         return self.runner is not None
 
-    reached = listening
+    reached = listening  # the model loaded: the session is summed up
 
     def push(self, frame: np.ndarray) -> None:
         self.runner.push(frame)

@@ -126,7 +126,7 @@ def test_a_far_end_never_reached_is_not_summed_up(sd, said, tmp_path):
     far = EchoFarEnd()
     session = _open(tmp_path, far)
     session.run(lambda: None, summary_on_error=True)  # e.g. Ctrl-C before the first connection
-    assert far.closed and said == said[:1]  # only the devices' line
+    assert far.closed and len(said) == 1  # only the devices' line: no recording, no summary
 
 
 def test_no_sound_card_gets_the_command_hint(sd, tmp_path):
