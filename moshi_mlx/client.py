@@ -1,8 +1,8 @@
 """Talk to a Moshi server on another machine: ``python -m moshi_mlx.client [URL]``.
 
-The terminal app's parts (:class:`~moshi_mlx.audio.devices.DuplexAudio` with echo cancellation, the live
-transcript and lag line of :mod:`moshi_mlx.cli.terminal`) around :class:`~moshi_mlx.net.remote.RemoteConversation`
-instead of a local model. Works with any server speaking Kyutai's WebSocket protocol: ours
+The terminal app's :class:`~moshi_mlx.cli.terminal.TerminalSession` (sound devices with echo cancellation,
+``--record``, the live transcript and lag line) with a server as its far end: connections of
+:class:`~moshi_mlx.net.remote.RemoteConversation` instead of a local model. Works with any server speaking Kyutai's WebSocket protocol: ours
 (``local_web``), Kyutai's PyTorch and Rust servers. Sampling flags travel as query parameters; flags
 left out keep the server's defaults.
 
@@ -17,31 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import statistics
 import sys
-import threading
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
+
+import numpy as np
 
 from . import cli
-from .audio.devices import DuplexAudio, NoDefaultDevice
 from .audio.frames import FRAME_S
-from .cli import sigint_ignored, signal_name
-from .cli.terminal import (
-    Display,
-    add_audio_args,
-    add_record_arg,
-    echo_summary,
-    exit_now,
-    lag_status,
-    log,
-    make_echo_canceller,
-    make_recorder,
-    run_app,
-    save_recording,
-)
+from .cli.async_signals import AsyncStop
+from .cli.terminal import TerminalSession, add_audio_args, add_record_arg, entry_points
 from .errors import error_line
 from .net.remote import (
     DEFAULT_URL,
@@ -52,9 +36,6 @@ from .net.remote import (
     chat_url,
     sampling_params,
 )
-
-if TYPE_CHECKING:
-    from .audio.recording import ConversationRecorder
 
 #: Said when there is no sound card: the server's own page works from any browser with a microphone.
 NO_SOUND_HINT = (
@@ -87,163 +68,137 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class _Totals:
-    """Counts over every connection of the session (reconnects included)."""
+class _Server:
+    """The far end of the terminal session: a Moshi server; connections come and go (reconnects)."""
 
-    sent: int = 0
-    received: int = 0
-    dropped_here: int = 0
-    connections: int = 0
-    latencies: list[float] = field(default_factory=list)
-
-    def add(self, conv: RemoteConversation) -> None:
-        st = conv.stats
-        self.sent += st.frames_sent
-        self.received += st.frames_received
-        self.dropped_here += st.frames_dropped
-        self.latencies += list(st.latencies_ms)
-
-
-class _Session:
-    """Audio devices open once; connections come and go (reconnects)."""
-
-    def __init__(
-        self, args: argparse.Namespace, audio: DuplexAudio, url, ssl_context, recorder: ConversationRecorder | None
-    ) -> None:
-        self.args, self.audio, self.url, self.ssl_context = args, audio, url, ssl_context
-        self.recorder = recorder
+    def __init__(self, args: argparse.Namespace, url, ssl_context) -> None:
+        self.args, self.url, self.ssl_context = args, url, ssl_context
+        self.session: TerminalSession | None = None  # set right after the devices open
         self.model = "?"  # from the server's info message, for the recording
-        self.display = Display()
-        self.conv: RemoteConversation | None = None
-        self.totals = _Totals()
-        self.interrupted = False
-        self.stopped_by = "Ctrl-C"  # or the signal that set _stop
-        self.started = time.monotonic()
-        self._warned_drops = 0
-        self._last_warn = 0.0
-        self._stop: asyncio.Event | None = None
+        self.conv: RemoteConversation | None = None  # the live connection: the mic goes there
+        self.connections = 0
+        # Counts of the connections that ended (reconnects included).
+        self._sent = self._received = self._dropped = 0
+        self._latencies: list[float] = []
+        self._stop: AsyncStop | None = None  # made on the event loop
 
-    def push(self, frame) -> None:  # PortAudio's thread
+    # -- FarEnd -------------------------------------------------------------------------------------
+    @property
+    def listening(self) -> bool:
+        return self.conv is not None
+
+    @property
+    def reached(self) -> bool:
+        return self.connections > 0
+
+    def push(self, frame: np.ndarray) -> None:  # PortAudio's thread
         conv = self.conv
         if conv is not None:
-            if self.recorder is not None:  # only while connected: both sides are recorded together
-                self.recorder.add_user(frame)
             conv.push_mic(frame)
 
-    def played(self, frame) -> None:  # PortAudio's thread: Moshi's side as it goes to the speaker
-        if self.recorder is not None and self.conv is not None:
-            self.recorder.add_moshi(frame)
+    def close(self) -> None:
+        pass  # connections are closed on the event loop, in run()
 
-    def _on_text(self, piece: str) -> None:
-        self.display.text(piece)
-        if self.recorder is not None:
-            self.recorder.add_text(piece)
+    def counts(self) -> str:
+        dropped = self._dropped + self.session.audio.stats.overflows
+        return (
+            f"{self.connections} connection(s), {self._sent} frames sent, {self._received} received, "
+            f"{dropped} dropped here ({dropped * FRAME_S:.1f} s)"
+        )
+
+    def latencies(self) -> list[float]:
+        return self._latencies
+
+    def recording_info(self) -> dict[str, Any]:
+        return {"model": self.model, "server": str(self.url.with_query(None))}
+
+    # -- connections ----------------------------------------------------------------------------------
+    def _add_totals(self, conv: RemoteConversation) -> None:
+        st = conv.stats
+        self._sent += st.frames_sent
+        self._received += st.frames_received
+        self._dropped += st.frames_dropped
+        self._latencies += list(st.latencies_ms)
 
     def _on_info(self, info: dict) -> None:
         if info.get("type") == "info":
             model = self.model = str(info.get("model") or "?")
             demo = " (demo model: it babbles)" if info.get("demo") else ""
-            self.display.message(f"server: {info.get('server', '?')}, model {model}{demo}")
+            self.session.message(f"server: {info.get('server', '?')}, model {model}{demo}")
 
     def _new_conversation(self) -> RemoteConversation:
         return RemoteConversation(
-            self.url, on_audio=self.audio.play, on_text=self._on_text, on_notice=self.display.message,
+            self.url, on_audio=self.session.play, on_text=self.session.text, on_notice=self.session.message,
             on_info=self._on_info, ssl_context=self.ssl_context, max_unsent=self.args.max_lag_frames,
             connect_timeout=self.args.connect_timeout,
         )
 
-    async def _until_stopped(self, coro):
-        """Run ``coro`` unless Ctrl-C comes first (then None, with the task cancelled)."""
-        task = asyncio.ensure_future(coro)
-        stopper = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass
-        return None
+    def _interrupted(self) -> None:
+        self.session.stopped_by = self._stop.by
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        handled = []
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                old = signal.getsignal(sig)
-                try:
-                    loop.add_signal_handler(sig, self._on_signal, sig)
-                    handled.append((sig, old))
-                except (NotImplementedError, RuntimeError, ValueError):
-                    pass
-        try:
-            await self._converse()
-        finally:
-            for sig, old in handled:
-                loop.remove_signal_handler(sig)
-                signal.signal(sig, old)  # asyncio would leave the default, not main()'s SIGTERM handler
-            if self.conv is not None:
-                await self.conv.close()
+        self._stop = AsyncStop()
+        with self._stop.handling():
+            try:
+                await self._converse()
+            finally:
+                if self.conv is not None:
+                    await self.conv.close()
 
-    def _on_signal(self, signum: int) -> None:
-        if not self._stop.is_set():  # the first signal is what stopped the session
-            self.stopped_by = signal_name(signum)
-        self._stop.set()
+    async def _connect(self, conv: RemoteConversation, failures: int) -> bool | None:
+        """True once connected; False to try again (--reconnect); None on Ctrl-C."""
+        try:
+            handshake = await self._stop.until_stopped(conv.connect())
+        except ClientError as e:
+            # A refusal (busy, origin, TLS) is the server's answer: asking again at once will not change it.
+            if (self.connections == 0 or not self.args.reconnect or isinstance(e, ServerRefused)
+                    or failures + 1 >= RECONNECT_TRIES):
+                raise
+            self.session.message(f"{error_line(e)}; trying again ({failures + 1}/{RECONNECT_TRIES - 1})")
+            await self._stop.until_stopped(asyncio.sleep(RECONNECT_PAUSE_S * (failures + 1)))
+            if self._stop.requested:
+                return None
+            return False
+        return None if handshake is None else True
 
     async def _converse(self) -> None:
         failures = 0
         while True:
             conv = self._new_conversation()
-            try:
-                handshake = await self._until_stopped(conv.connect())
-            except ClientError as e:
-                # A refusal (busy, origin, TLS) is the server's answer: asking again at once will not change it.
-                if (self.totals.connections == 0 or not self.args.reconnect or isinstance(e, ServerRefused)
-                        or failures + 1 >= RECONNECT_TRIES):
-                    raise
-                failures += 1
-                self.display.message(f"{error_line(e)}; trying again ({failures}/{RECONNECT_TRIES - 1})")
-                if await self._until_stopped(asyncio.sleep(RECONNECT_PAUSE_S * failures)) is None and self._stop.is_set():
-                    self.interrupted = True
-                    return
-                continue
-            if handshake is None:  # Ctrl-C while connecting
-                self.interrupted = True
+            connected = await self._connect(conv, failures)
+            if connected is None:  # Ctrl-C while connecting or waiting to retry
+                self._interrupted()
                 return
+            if not connected:
+                failures += 1
+                continue
             failures = 0
-            self.totals.connections += 1
+            self.connections += 1
             self.conv = conv
-            self.display.message(f"connected to {conv.url.with_query(None)}")
-            if not self.audio.active:
-                self.audio.start()
-                self.display.message("listening: speak to Moshi (Ctrl-C to quit)")
+            self.session.message(f"connected to {conv.url.with_query(None)}")
+            if not self.session.audio.active:
+                self.session.start_listening()
             lost = await self._talk(conv)
             self.conv = None
-            self.totals.add(conv)
+            self._add_totals(conv)
             await conv.close()
-            self.audio.clear()  # Moshi's last words from a dead connection are stale
+            self.session.audio.clear()  # Moshi's last words from a dead connection are stale
             if lost is None:
                 return
-            self.display.message(error_line(lost))
+            self.session.message(error_line(lost))
             if not await self._want_reconnect():
                 raise ConnectionLost(f"{lost}; run the same command again to reconnect (or pass --reconnect)")
 
     async def _talk(self, conv: RemoteConversation) -> ConnectionLost | None:
         """Until Ctrl-C (None) or the connection is lost (the error)."""
         task = asyncio.ensure_future(conv.run())
-        stopper = asyncio.ensure_future(self._stop.wait())
+        stopper = asyncio.ensure_future(self._stop.event.wait())
         try:
             while True:
                 done, _ = await asyncio.wait({task, stopper}, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-                self._show_status(conv)
+                self._show_lag(conv)
                 if stopper in done:
-                    self.interrupted = True
+                    self._interrupted()
                     self.conv = None  # the microphone (and the recording) stop here, not when the close is done
                     await conv.close()
                     await asyncio.wait({task}, timeout=3.0)
@@ -265,39 +220,27 @@ class _Session:
             return True
         if not sys.stdin.isatty():
             return False
-        self.display.message("reconnect? [Y/n] ")
+        self.session.message("reconnect? [Y/n] ")
         loop = asyncio.get_running_loop()
         # input() cannot be cancelled; on Ctrl-C the thread is left behind (the process exits right after)
-        answer = await self._until_stopped(loop.run_in_executor(None, sys.stdin.readline))
+        answer = await self._stop.until_stopped(loop.run_in_executor(None, sys.stdin.readline))
         if answer is None:
-            self.interrupted = True
+            self._interrupted()
             return False
         return answer.strip().lower() in ("", "y", "yes")
 
-    def _show_status(self, conv: RemoteConversation) -> None:
-        now = time.monotonic()
-        st = conv.stats
-        lag_ms = st.last_latency_ms + self.audio.queued_frames * FRAME_S * 1e3
-        dropped = self.totals.dropped_here + st.frames_dropped + self.audio.stats.overflows + st.server_dropped
-        self.display.set_status(lag_status(lag_ms, dropped, self.audio.stats.underruns), now)
-        if dropped > self._warned_drops and now - self._last_warn >= 2.0:
-            self.display.message(
-                f"behind real time: skipped {dropped} frames so far ({dropped * FRAME_S:.1f} s of audio; "
-                f"{st.frames_dropped + self.totals.dropped_here} of your mic, {self.audio.stats.overflows} of "
-                f"Moshi's late audio here, {st.server_dropped} at the server); lag {lag_ms:.0f} ms"
-            )
-            self._warned_drops, self._last_warn = dropped, now
+    def _show_lag(self, conv: RemoteConversation) -> None:
+        st, overflows = conv.stats, self.session.audio.stats.overflows
+        mine = st.frames_dropped + self._dropped
 
-    def summary(self) -> str:
-        t = self.totals
-        lat = t.latencies
-        lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
-        dropped = t.dropped_here + self.audio.stats.overflows
-        return (
-            f"session: {time.monotonic() - self.started:.1f} s, {t.connections} connection(s), {t.sent} frames sent, "
-            f"{t.received} received, {dropped} dropped here ({dropped * FRAME_S:.1f} s), "
-            f"{self.audio.stats.underruns} underruns{lat_txt}" + (f" (stopped by {self.stopped_by})" if self.interrupted else "")
-        )
+        def warning(dropped: int, lag_ms: float) -> str:
+            return (
+                f"behind real time: skipped {dropped} frames so far ({dropped * FRAME_S:.1f} s of audio; "
+                f"{mine} of your mic, {overflows} of Moshi's late audio here, {st.server_dropped} at the server); "
+                f"lag {lag_ms:.0f} ms"
+            )
+
+        self.session.show_lag(st.last_latency_ms, mine + overflows + st.server_dropped, warning)
 
 
 def converse(args: argparse.Namespace) -> int:
@@ -305,44 +248,16 @@ def converse(args: argparse.Namespace) -> int:
 
     url = chat_url(args.url, sampling_params(**{name: getattr(args, name) for name in cli.SAMPLING_PARAMS}))
     ssl_ctx = client_context(args.insecure, args.cafile) if url.scheme == "wss" else None
-
     # The record folder and the devices are checked before connecting: a mistake should not occupy the server.
-    recorder = make_recorder(args.record)
-    session: _Session | None = None
-    echo_canceller = None if args.no_aec else make_echo_canceller(args.aec_delay_ms)
-    try:
-        audio = DuplexAudio(
-            lambda frame: session.push(frame) if session is not None else None,
-            args.input_device, args.output_device, max_queued=args.max_lag_frames + 3, echo_canceller=echo_canceller,
-            on_output=lambda frame: session.played(frame) if session is not None else None,
-        )
-    except NoDefaultDevice as e:
-        raise NoDefaultDevice(e.kind, f"{e}; or, {NO_SOUND_HINT}") from None
-    log(audio.describe() + (", echo cancellation on" if echo_canceller else ", echo cancellation off"))
-    session = _Session(args, audio, url, ssl_ctx, recorder)
-    try:
-        asyncio.run(session.run())
-    finally:  # also on a lost connection: what was said until then is saved
-        with sigint_ignored():  # a second Ctrl-C must not break the cleanup
-            audio.close()
-            session.display.finish()
-            if session.totals.connections:
-                echo_line = echo_summary(echo_canceller)
-                if echo_line is not None:
-                    log(echo_line)
-                if recorder is not None:
-                    save_recording(recorder, args.record, {"model": session.model, "server": str(url.with_query(None))})
-                log(session.summary())
+    server = _Server(args, url, ssl_ctx)
+    server.session = TerminalSession(args, server, NO_SOUND_HINT)
+    # also on a lost connection: what was said until then is saved, and summed up
+    server.session.run(lambda: asyncio.run(server.run()), summary_on_error=True)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_app(build_parser(), converse, NO_SOUND_HINT, argv)
-
-
-def console_main() -> None:
-    exit_now(main())
-
+#: ``main(argv) -> exit code``; ``console_main()``: the command line's entry (``main()``, then a quick exit).
+main, console_main = entry_points(build_parser, converse, NO_SOUND_HINT)
 
 if __name__ == "__main__":
     console_main()

@@ -21,9 +21,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Iterable
-
-import numpy as np
+from typing import Callable
 
 from . import cli
 from .audio.files import (
@@ -34,7 +32,8 @@ from .audio.files import (
     read_audio,
     write_wav,
 )
-from .audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE, FrameChunker
+from .audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE
+from .clips import converse_offline, converse_stream
 from .outputs import atomic_output, check_outputs
 
 __all__ = [
@@ -45,53 +44,6 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # Running the engine
 # ------------------------------------------------------------------------------------------------
-
-
-def converse_stream(
-    engine,
-    blocks: Iterable[np.ndarray],
-    sink: Callable[[np.ndarray], None],
-    progress: Callable[[int], None] | None = None,
-) -> list[dict]:
-    """Feed 24 kHz mono ``blocks`` (any sizes) to the engine in 80 ms frames, from a fresh conversation.
-
-    ``sink`` receives Moshi's audio as it comes, exactly as many samples in all as came in;
-    ``progress`` the number of frames done. Returns the transcript pieces ``{"frame", "start",
-    "text"}``, where ``start`` is the piece's time in Moshi's audio.
-    """
-    pieces: list[dict] = []
-    chunker = FrameChunker()
-    done = 0
-    engine.reset()
-
-    def step(frame: np.ndarray, keep: int) -> None:
-        nonlocal done
-        res = engine.process(frame)
-        sink(np.asarray(res.pcm, np.float32).reshape(-1)[:keep])
-        if res.text:
-            pieces.append({"frame": done, "start": round(done * FRAME_S, 3), "text": res.text})
-        done += 1
-        if progress is not None:
-            progress(done)
-
-    for block in blocks:
-        for frame in chunker.push(block):
-            step(frame, FRAME_SIZE)
-    rest = chunker.rest()
-    if rest.size:  # the last frame padded with silence; only its real part of Moshi's answer is kept
-        step(np.concatenate([rest, np.zeros(FRAME_SIZE - rest.size, np.float32)]), rest.size)
-    return pieces
-
-
-def converse_offline(
-    engine, pcm: np.ndarray, progress: Callable[[int, int], None] | None = None
-) -> tuple[np.ndarray, list[dict]]:
-    """:func:`converse_stream` on a signal held in memory; returns Moshi's audio (same length) and the pieces."""
-    pcm = np.asarray(pcm, np.float32).reshape(-1)
-    total = -(-pcm.size // FRAME_SIZE)
-    out: list[np.ndarray] = []
-    pieces = converse_stream(engine, [pcm], out.append, None if progress is None else lambda d: progress(d, total))
-    return (np.concatenate(out) if out else np.zeros(0, np.float32)), pieces
 
 
 def convert_file(

@@ -29,15 +29,17 @@ LAYERS: list[set[str]] = [
     # facts: errors, the knobs, the audio format, the model's configuration, RSS readings
     {"errors", "settings", "memory", "audio.frames", "models.config", "models.cache", "model_files.source"},
     # single-job libraries
-    {"sampling", "outputs", "tokenizer", "models.transformer", "audio.devices", "audio.echo", "audio.files",
-     "audio.mimi", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget", "server.info",
-     "models.pytorch"},
-    {"models.lm", "audio.recording", "net.failures", "server.security", "server.startup", "models.pytorch_config"},
+    {"sampling", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
+     "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget",
+     "server.info", "models.pytorch"},
+    {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
+     "server.startup", "models.pytorch_config"},
     {"generate", "model_files.checkpoint", "net.address"},
-    {"engine", "model_files.stand_ins", "model_files.convert", "net.remote"},
+    {"engine", "clips", "model_files.stand_ins", "model_files.convert", "net.remote"},
     {"model_files.assets", "server.session"},  # load(): the one front door; one client around the engine
     {"server.app"},
-    {"cli.shell", "cli.progress"},
+    {"cli.shell", "cli.progress", "cli.display"},
+    {"cli.async_signals"},
     {"cli.flags"},
     {"cli", "cli.terminal"},
     {"run_inference", "convert", "benchmark", "local_web"},

@@ -1,22 +1,32 @@
 """What the terminal front ends share (``moshi_mlx.local`` and ``moshi_mlx.client``).
 
-The live transcript and lag line (:class:`Display`), the audio and ``--record`` flags, the echo
-canceller and recorder set-up, Ctrl-C / SIGTERM handling and the quick exit once everything is closed.
+:class:`TerminalSession`: the sound devices (with echo cancellation and ``--record``) on one side, a
+:class:`FarEnd` on the other (the local model, or a server), with the live transcript and lag line
+(:class:`Display`), drop warnings and the closing summary. Also the audio and ``--record`` flags,
+Ctrl-C / SIGTERM handling and the quick exit once everything is closed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
+import queue
+import statistics
 import sys
+import time
+from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from ..audio.devices import list_devices, release_portaudio
+import numpy as np
+
+from ..audio.device_choice import NoDefaultDevice, list_devices, release_portaudio
+from ..audio.devices import AudioDeviceError, DuplexAudio
+from ..audio.frames import FRAME_S
 from ..errors import first_line
 from ..outputs import OutputError, probe_writable
 from . import shell
+from .display import Display, lag_status
 from .flags import integer
 
 if TYPE_CHECKING:
@@ -96,88 +106,220 @@ def make_echo_canceller(delay_ms: int):
         return None
 
 
-def lag_status(lag_ms: float, dropped: int, underruns: int) -> str:
-    """The status line's text; the same in both front ends (tests parse it)."""
-    return f"lag {lag_ms:4.0f} ms | dropped {dropped} | underruns {underruns}"
-
-
-class Display:
-    """Transcript on stdout, status on stderr; all writes happen on the main thread.
-
-    On a terminal the words being spoken and a small lag indicator share one live line on stderr;
-    finished lines go to stdout. Otherwise every piece goes to stdout as it comes and a status line
-    goes to stderr about once a second when something changed.
-    """
-
-    def __init__(self) -> None:
-        self.tty = sys.stdout.isatty() and sys.stderr.isatty()
-        self.line = ""
-        self.status = ""
-        self._last_status_print = 0.0
-        self._printed_status = ""
-
-    def _width(self) -> int:
-        return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
-
-    def _redraw(self) -> None:
-        tail = f"  [{self.status}]" if self.status else ""
-        room = self._width() - len(tail)
-        text = self.line if len(self.line) <= room else "…" + self.line[-(room - 1):]
-        sys.stderr.write("\r\033[K" + text + "\033[2m" + tail + "\033[0m")
-        sys.stderr.flush()
-
-    def _clear(self) -> None:
-        sys.stderr.write("\r\033[K")
-        sys.stderr.flush()
-
-    def text(self, piece: str) -> None:
-        if not self.tty:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-            return
-        self.line += piece
-        limit = self._width() - 30
-        if len(self.line) > limit:  # commit the line at a word boundary
-            cut = self.line.rfind(" ", 0, limit)
-            cut = cut if cut > 0 else limit
-            self._clear()
-            sys.stdout.write(self.line[:cut].strip() + "\n")
-            sys.stdout.flush()
-            self.line = self.line[cut:]
-        self._redraw()
-
-    def set_status(self, status: str, now: float) -> None:
-        self.status = status
-        if self.tty:
-            self._redraw()
-        elif status != self._printed_status and now - self._last_status_print >= 1.0:
-            self.message(f"[status] {status}")
-            self._printed_status, self._last_status_print = status, now
-
-    def message(self, msg: str) -> None:
-        """A whole line on stderr (warnings, summary)."""
-        if self.tty:
-            self._clear()
-        sys.stdout.flush()
-        print(msg, file=sys.stderr, flush=True)
-        if self.tty and (self.line or self.status):
-            self._redraw()
-
-    def finish(self) -> None:
-        if self.tty:
-            self._clear()
-            if self.line.strip():
-                sys.stdout.write(self.line.strip() + "\n")
-        else:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-
-
 def echo_summary(echo_canceller) -> str | None:
     """The session's echo-cancellation line (None when it was off); honest when there was no echo."""
     if echo_canceller is None:
         return None
     return f"echo cancellation: {echo_canceller.reduction.describe()}"
+
+
+class FarEnd(Protocol):
+    """The other side of a :class:`TerminalSession`: Moshi on this machine, or a server."""
+
+    #: Mic frames go to :meth:`push` (and both sides are recorded) only while this is true.
+    listening: bool
+    #: Whether the far end was ever reached (model loaded, a connection made): only then a summary.
+    reached: bool
+
+    def push(self, frame: np.ndarray) -> None: ...  # PortAudio's thread: must not wait
+
+    def close(self) -> None: ...
+
+    def counts(self) -> str: ...  # the summary's own part, e.g. "12 frames in, 12 answered, 0 dropped (0.0 s)"
+
+    def latencies(self) -> list[float]: ...  # ms, for the summary's median and max
+
+    def recording_info(self) -> dict[str, Any]: ...  # saved with --record
+
+
+class TerminalSession:
+    """The sound devices on this side, a :class:`FarEnd` on the other, and what the user sees.
+
+    Opening it checks --record's folder and opens the devices (before any slow loading or connecting);
+    ``no_sound_hint`` is added to a missing-device error (None: the caller handles that error itself).
+    The far end plays Moshi's frames with :meth:`play`, shows text with :meth:`text`, and calls
+    :meth:`show_lag` about ten times a second; :meth:`run` runs its loop and closes everything.
+    """
+
+    def __init__(self, args: argparse.Namespace, far: FarEnd, no_sound_hint: str | None) -> None:
+        self.far = far
+        self.recorder = make_recorder(args.record)
+        self.echo_canceller = None if args.no_aec else make_echo_canceller(args.aec_delay_ms)
+        try:
+            self.audio = DuplexAudio(
+                self._heard, args.input_device, args.output_device, max_queued=args.max_lag_frames + 3,
+                echo_canceller=self.echo_canceller, on_output=self._played,
+            )
+        except NoDefaultDevice as e:
+            if no_sound_hint is None:
+                raise
+            raise NoDefaultDevice(e.kind, f"{e}; or, {no_sound_hint}") from None
+        log(self.audio.describe() + (", echo cancellation on" if self.echo_canceller else ", echo cancellation off"))
+        self.record_dir: str | None = args.record
+        self.display = Display()
+        self.stopped_by: str | None = None  # "Ctrl-C" or "SIGTERM" when that ended the session
+        self.started = time.monotonic()
+        self._warned_drops = 0
+        self._last_warn = 0.0
+
+    # -- the devices' threads ---------------------------------------------------------------------
+    def _heard(self, frame: np.ndarray) -> None:  # PortAudio's thread: the mic
+        if self.far.listening:
+            if self.recorder is not None:  # only while the far end listens: both sides start together
+                self.recorder.add_user(frame)
+            self.far.push(frame)
+
+    def _played(self, frame: np.ndarray) -> None:  # PortAudio's thread: Moshi's side as it goes out
+        if self.recorder is not None and self.far.listening:
+            self.recorder.add_moshi(frame)
+
+    # -- for the far end ----------------------------------------------------------------------------
+    def begin(self) -> None:
+        """The summary's clock starts now (the local app: once the model is loaded)."""
+        self.started = time.monotonic()
+
+    def start_listening(self) -> None:
+        self.audio.start()
+        self.display.message("listening: speak to Moshi (Ctrl-C to quit)")
+
+    def play(self, pcm: np.ndarray) -> None:
+        self.audio.play(pcm)
+
+    def text(self, piece: str) -> None:
+        self.display.text(piece)
+        if self.recorder is not None:
+            self.recorder.add_text(piece)
+
+    def message(self, line: str) -> None:
+        self.display.message(line)
+
+    def check_devices(self) -> None:
+        if self.audio.callback_error is not None:
+            raise AudioDeviceError(f"audio callback failed: {self.audio.callback_error}")
+
+    def show_lag(self, latency_ms: float, dropped: int, warning: Callable[[int, float], str]) -> None:
+        """The status line; ``warning(dropped, lag_ms)`` at most every 2 s while frames are being dropped."""
+        now = time.monotonic()
+        lag_ms = latency_ms + self.audio.queued_frames * FRAME_S * 1e3  # the speaker's queue adds to it
+        self.display.set_status(lag_status(lag_ms, dropped, self.audio.stats.underruns), now)
+        if dropped > self._warned_drops and now - self._last_warn >= 2.0:
+            self.display.message(warning(dropped, lag_ms))
+            self._warned_drops, self._last_warn = dropped, now
+
+    # -- the whole session -------------------------------------------------------------------------
+    def run(self, loop: Callable[[], None], summary_on_error: bool) -> None:
+        """Run the far end's ``loop`` until it returns or Ctrl-C / SIGTERM, then close and sum up.
+
+        The recording is saved however the session ended; the summary comes after an error too only
+        with ``summary_on_error`` (the client's lost connection: what it managed matters).
+        """
+        failed = True
+        try:
+            loop()
+            failed = False
+        except KeyboardInterrupt as e:
+            self.stopped_by = shell.stopped_by(e)
+            failed = False
+        finally:
+            with shell.sigint_ignored():  # a second Ctrl-C must not break the cleanup
+                self._close(summary=not failed or summary_on_error)
+
+    def _close(self, summary: bool) -> None:
+        self.audio.close()
+        self.far.close()
+        self.display.finish()
+        if not self.far.reached:
+            return
+        if self.recorder is not None:
+            save_recording(self.recorder, self.record_dir, self.far.recording_info())
+        if not summary:
+            return
+        echo_line = echo_summary(self.echo_canceller)
+        if echo_line is not None:
+            log(echo_line)
+        log(self.summary())
+
+    def summary(self) -> str:
+        lat = self.far.latencies()
+        lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
+        stopped = f" (stopped by {self.stopped_by})" if self.stopped_by else ""
+        return (
+            f"session: {time.monotonic() - self.started:.1f} s, {self.far.counts()}, "
+            f"{self.audio.stats.underruns} underruns{lat_txt}{stopped}"
+        )
+
+
+class LocalMoshi:
+    """A far end: the model on this machine, run by an :class:`~moshi_mlx.engine.EngineRunner` (``moshi_mlx.local``)."""
+
+    def __init__(self) -> None:
+        self.runner = None  # set once the model is loaded: the mic is ignored until then
+        self.engine = None
+        self.description = "?"
+        self.texts: queue.SimpleQueue = queue.SimpleQueue()
+        self._latencies: deque[float] = deque(maxlen=100_000)
+        self._failure: list[BaseException] = []
+
+    @property
+    def listening(self) -> bool:
+        return self.runner is not None
+
+    reached = listening  # the model loaded: the session is summed up
+
+    def push(self, frame: np.ndarray) -> None:
+        self.runner.push(frame)
+
+    def start(self, engine, description: str, session: TerminalSession, max_pending: int) -> None:
+        from ..engine import EngineRunner
+
+        def on_result(res) -> None:  # the engine's decode thread: hand over, never wait
+            session.play(res.pcm)
+            self._latencies.append(self.runner.stats.last_latency_ms)
+            if res.text:
+                self.texts.put(res.text)
+
+        self.engine, self.description = engine, description
+        self.runner = EngineRunner(engine, on_result, max_pending=max_pending, on_error=self._failure.append)
+
+    def converse(self, session: TerminalSession) -> None:
+        """Until Ctrl-C or a failure: the transcript as it comes, the lag line."""
+        self.runner.start()
+        session.start_listening()
+        while True:
+            try:
+                session.text(self.texts.get(timeout=0.1))
+                while True:
+                    session.text(self.texts.get_nowait())
+            except queue.Empty:
+                pass
+            if self._failure or self.runner.error is not None:
+                raise self._failure[0] if self._failure else self.runner.error
+            session.check_devices()
+            st = self.runner.stats
+            session.show_lag(st.last_latency_ms, st.dropped, self._drop_warning)
+
+    @staticmethod
+    def _drop_warning(dropped: int, lag_ms: float) -> str:
+        return (
+            f"moshi is behind real time: skipped {dropped} of your frames so far "
+            f"({dropped * FRAME_S:.1f} s of audio); lag {lag_ms:.0f} ms"
+        )
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.stop(timeout=1.0)
+        if self.engine is not None:
+            self.engine.close()
+
+    def counts(self) -> str:
+        st = self.runner.stats
+        return f"{st.frames_in} frames in, {st.frames_out} answered, {st.dropped} dropped ({st.dropped * FRAME_S:.1f} s)"
+
+    def latencies(self) -> list[float]:
+        return list(self._latencies)
+
+    def recording_info(self) -> dict[str, Any]:
+        return {"model": self.description}
 
 
 def run_app(
@@ -194,6 +336,21 @@ def run_app(
             return converse(args)
 
     return shell.run(parser, body, argv)
+
+
+def entry_points(
+    build_parser: Callable[[], argparse.ArgumentParser], converse: Callable[[argparse.Namespace], int],
+    no_sound_hint: str,
+) -> tuple[Callable[[list[str] | None], int], Callable[[], None]]:
+    """A terminal command's ``main(argv)`` (:func:`run_app`) and ``console_main()`` (``main()`` then :func:`exit_now`)."""
+
+    def main(argv: list[str] | None = None) -> int:
+        return run_app(build_parser(), converse, no_sound_hint, argv)
+
+    def console_main() -> None:
+        exit_now(main())
+
+    return main, console_main
 
 
 def exit_now(rc: int) -> None:

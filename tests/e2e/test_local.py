@@ -224,13 +224,13 @@ def test_in_process_session_resampled_and_no_stray_threads(monkeypatch, capsys):
     import signal as _signal
 
     from moshi_mlx import cli, local
-    from moshi_mlx.audio import devices as audio
+    from moshi_mlx.audio import device_choice
     from tests.helpers.audio_env import FakeSD
 
     t = np.arange(3840 * 200) / 48000
     voice = (0.3 * np.sin(2 * np.pi * 220 * t) * (np.sin(2 * np.pi * 2 * t) > 0)).astype(np.float32)
     sd = FakeSD(clocked=True, mic=lambda i, n: np.resize(voice[i * n : (i + 1) * n], n))
-    monkeypatch.setattr(audio, "_sd", lambda: sd)
+    monkeypatch.setattr(device_choice, "sounddevice_module", lambda: sd)
     before = set(threading.enumerate())
     stop_after = 40  # callbacks (3.2 s of audio) once the stream runs
 
@@ -254,14 +254,14 @@ def test_in_process_session_resampled_and_no_stray_threads(monkeypatch, capsys):
     cap = capsys.readouterr()
     assert "(48000 Hz, resampled to 24 kHz)" in cap.err and "session:" in cap.err and "stopped by Ctrl-C" in cap.err
     assert len(cap.out.split()) >= 5  # transcript pieces
-    assert _signal.getsignal(_signal.SIGTERM) is not cli.raise_interrupt  # handler restored
+    assert _signal.getsignal(_signal.SIGTERM) is not cli.shell.raise_interrupt  # handler restored
 
 
 def test_tty_display(monkeypatch):
     """On a terminal: live words + lag indicator on one redrawn stderr line; full lines to stdout."""
     import io
 
-    from moshi_mlx.local import _Display
+    from moshi_mlx.cli.display import Display
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -271,7 +271,7 @@ def test_tty_display(monkeypatch):
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
     monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=None: os.terminal_size((60, 20)))
-    d = _Display()
+    d = Display()
     assert d.tty
     d.set_status("lag  120 ms | dropped 0 | underruns 0", 0.0)
     for w in [" hello"] + [" word"] * 12:
@@ -288,14 +288,14 @@ def test_engine_failure_mid_session_is_one_line(monkeypatch, capsys):
     """Mimi failing inside the engine thread (simulated: decode raises MimiError on its 5th frame)
     ends the session with one error line and exit code 1, streams and threads closed."""
     from moshi_mlx import local
-    from moshi_mlx.audio import devices as audio
+    from moshi_mlx.audio import device_choice
     from moshi_mlx.audio.mimi import MimiError
     from moshi_mlx.engine import ConversationEngine
     from tests.helpers.audio_env import FakeSD
 
     sd = FakeSD(clocked=True)
     sd.rates[2] = {24000}
-    monkeypatch.setattr(audio, "_sd", lambda: sd)
+    monkeypatch.setattr(device_choice, "sounddevice_module", lambda: sd)
     calls = {"n": 0}
     real_decode = ConversationEngine.decode
 

@@ -1,4 +1,4 @@
-"""moshi_mlx.audio.devices: resampling (soxr, through frames.Resampler), device selection, and the DuplexAudio data path.
+"""moshi_mlx.audio.devices and .device_choice: resampling (soxr, through frames.Resampler), device selection, and the DuplexAudio data path.
 
 Three levels:
 * pure numpy checks of the resampler;
@@ -18,8 +18,9 @@ import sys
 import numpy as np
 import pytest
 
-from moshi_mlx.audio import devices as audio
-from moshi_mlx.audio.devices import AudioDeviceError, DuplexAudio, find_device
+from moshi_mlx.audio import device_choice
+from moshi_mlx.audio.device_choice import AudioDeviceError, find_device
+from moshi_mlx.audio.devices import DuplexAudio
 from moshi_mlx.audio.frames import FRAME_SIZE, Resampler, resample
 from tests.helpers.audio_env import ROOT, FakeSD, alsa_file_env, portaudio_problem, rms
 
@@ -93,7 +94,7 @@ def test_resampler_passthrough_and_shapes():
 @pytest.fixture
 def fake_sd(monkeypatch):
     sd = FakeSD()
-    monkeypatch.setattr(audio, "_sd", lambda: sd)
+    monkeypatch.setattr(device_choice, "sounddevice_module", lambda: sd)
     return sd
 
 
@@ -132,7 +133,7 @@ def test_no_default_device(fake_sd):
 
 
 def test_list_devices_marks_defaults(fake_sd):
-    text = audio.list_devices()
+    text = device_choice.list_devices()
     assert "> " in text and " 0 Built-in Microphone" in text and "44100 Hz" in text
     lines = text.splitlines()
     assert lines[0].startswith(">") and lines[1].startswith(" <")

@@ -1,0 +1,61 @@
+"""Clips through the engine: a recording (in memory or streamed in blocks) answered frame by frame.
+
+No real-time pacing and no frame dropping, unlike :class:`~moshi_mlx.engine.EngineRunner`: every 80 ms
+frame is answered, in order, from a fresh conversation. The offline run (:mod:`moshi_mlx.run_inference`)
+and the terminal app's offline ``--demo`` (:mod:`moshi_mlx.local`) both use it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .audio.frames import FRAME_S, FRAME_SIZE, FrameChunker
+
+
+def converse_stream(
+    engine,
+    blocks: Iterable[np.ndarray],
+    sink: Callable[[np.ndarray], None],
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Feed 24 kHz mono ``blocks`` (any sizes) to the engine in 80 ms frames, from a fresh conversation.
+
+    ``sink`` receives Moshi's audio as it comes, exactly as many samples in all as came in;
+    ``progress`` the number of frames done. Returns the transcript pieces ``{"frame", "start",
+    "text"}``, where ``start`` is the piece's time in Moshi's audio.
+    """
+    pieces: list[dict] = []
+    chunker = FrameChunker()
+    done = 0
+    engine.reset()
+
+    def step(frame: np.ndarray, keep: int) -> None:
+        nonlocal done
+        res = engine.process(frame)
+        sink(np.asarray(res.pcm, np.float32).reshape(-1)[:keep])
+        if res.text:
+            pieces.append({"frame": done, "start": round(done * FRAME_S, 3), "text": res.text})
+        done += 1
+        if progress is not None:
+            progress(done)
+
+    for block in blocks:
+        for frame in chunker.push(block):
+            step(frame, FRAME_SIZE)
+    rest = chunker.rest()
+    if rest.size:  # the last frame padded with silence; only its real part of Moshi's answer is kept
+        step(np.concatenate([rest, np.zeros(FRAME_SIZE - rest.size, np.float32)]), rest.size)
+    return pieces
+
+
+def converse_offline(
+    engine, pcm: np.ndarray, progress: Callable[[int, int], None] | None = None
+) -> tuple[np.ndarray, list[dict]]:
+    """:func:`converse_stream` on a signal held in memory; returns Moshi's audio (same length) and the pieces."""
+    pcm = np.asarray(pcm, np.float32).reshape(-1)
+    total = -(-pcm.size // FRAME_SIZE)
+    out: list[np.ndarray] = []
+    pieces = converse_stream(engine, [pcm], out.append, None if progress is None else lambda d: progress(d, total))
+    return (np.concatenate(out) if out else np.zeros(0, np.float32)), pieces
