@@ -27,15 +27,9 @@ from .audio.frames import FRAME_S
 from .cli.async_signals import AsyncStop
 from .cli.terminal import TerminalSession, add_audio_args, add_record_arg, entry_points
 from .errors import error_line
-from .net.remote import (
-    DEFAULT_URL,
-    ClientError,
-    ConnectionLost,
-    RemoteConversation,
-    ServerRefused,
-    chat_url,
-    sampling_params,
-)
+from .net.address import DEFAULT_URL, chat_url, sampling_params
+from .net.failures import ClientError, ConnectionLost, ServerRefused
+from .net.remote import RemoteConversation
 
 #: Said when there is no sound card: the server's own page works from any browser with a microphone.
 NO_SOUND_HINT = (

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+#: The debug switch: tracebacks of unexpected errors, debug logging, and the C libraries' own chatter on stderr.
+DEBUG_ENV = "MOSHI_MLX_DEBUG"
+
 
 class MoshiError(Exception):
     """Something the user can fix, in one line written for them (shown without a traceback)."""

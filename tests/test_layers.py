@@ -149,3 +149,39 @@ def test_the_rules_catch_a_planted_upward_import(tmp_path, monkeypatch):
     for rel in planted:
         with pytest.raises(AssertionError, match="imports"):
             test_no_folder_imports_a_folder_above_it(tmp_path / "moshi_mlx" / rel)
+
+
+def _names_defined(path: Path) -> set[str]:
+    """What a module itself defines at its top level (functions, classes, assignments, also under if/try)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        for inner in ast.walk(node):
+            if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(inner.name)
+            elif isinstance(inner, (ast.Assign, ast.AnnAssign)):
+                targets = inner.targets if isinstance(inner, ast.Assign) else [inner.target]
+                names.update(t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name))
+    return names
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_names_come_from_the_module_that_defines_them(path):
+    """No import through a module that only passes a name on: a moved name is imported from its new home,
+    so a module's imports say where things live. Package faces (`__init__.py`) are the exception."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts[:-1])
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.ImportFrom) and node.level):
+            continue
+        base = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+        target = ".".join([*base, node.module] if node.module else base)
+        source = PACKAGE.joinpath(*target.split(".")).with_suffix(".py")
+        if not target or not source.is_file():
+            continue  # a package face, or `from . import module`
+        defined = _names_defined(source)
+        for alias in node.names:
+            if _is_module(f"{target}.{alias.name}"):
+                continue
+            assert alias.name in defined, (
+                f"moshi_mlx.{module_name(path)} imports {alias.name} through moshi_mlx.{target}, which does not "
+                f"define it: import it from its home"
+            )

@@ -13,7 +13,7 @@ import contextlib
 import os
 import sys
 
-from ..errors import MoshiError, first_line
+from ..errors import DEBUG_ENV, MoshiError, first_line
 from .frames import SAMPLE_RATE
 
 #: Rates tried, in order, when a device cannot run at 24 kHz (after its own default rate).
@@ -38,7 +38,7 @@ def _quiet_stderr():
 
     Set MOSHI_MLX_DEBUG=1 to see that output.
     """
-    if os.environ.get("MOSHI_MLX_DEBUG"):
+    if os.environ.get(DEBUG_ENV):
         yield
         return
     try:

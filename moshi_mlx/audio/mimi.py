@@ -22,18 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import first_line
+from .frames import FRAME_SIZE
 from .mimi_pool import SAFETY_FRAMES, Lane, MimiError, Pool
-from .frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (re-exported: the codec's format)
 
 __all__ = [
-    "SAMPLE_RATE",
-    "FRAME_SIZE",
-    "FRAME_RATE",
     "CODEBOOK_SIZE",
     "MAX_CODEBOOKS",
     "CONTEXT_FRAMES",
     "DEFAULT_OVERLAP_FRAMES",
-    "MimiError",
     "MimiInputError",
     "Mimi",
 ]

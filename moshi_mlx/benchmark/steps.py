@@ -8,11 +8,15 @@ from typing import Callable
 import numpy as np
 
 from ..cli import Progress
-from ..engine import EngineSettings
 from ..generate import LmGen, StepTimings
 from ..models.config import LmConfig
 from ..models.lm import Lm
-from ..settings import DEFAULT_AUDIO_SAMPLING, DEFAULT_TEXT_SAMPLING, SamplingParams
+from ..settings import (
+    DEFAULT_AUDIO_SAMPLING,
+    DEFAULT_TEXT_SAMPLING,
+    EngineSettings,
+    SamplingParams,
+)
 from .measure import Stats, gb, timed
 
 

@@ -20,7 +20,6 @@ from .flags import (
 )
 from .progress import Progress, pace
 from .shell import (
-    DEBUG_ENV,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -37,7 +36,6 @@ from .shell import (
 )
 
 __all__ = [
-    "DEBUG_ENV",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_OK",

@@ -9,8 +9,10 @@ import argparse
 import math
 from typing import Callable
 
-from ..model_files.assets import DTYPES, Assets, load
-from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME, ModelSource
+from ..model_files.assets import Assets, load
+from ..model_files.checkpoint import DTYPES
+from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME
+from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
 from ..settings import KNOBS, EngineSettings, Knob, with_knobs
 from .progress import Progress

@@ -23,10 +23,9 @@ import threading
 import traceback
 from typing import Callable, Iterator
 
-from ..errors import MoshiError, UsageError, error_line
+from ..errors import DEBUG_ENV, MoshiError, UsageError, error_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEBUG_ENV = "MOSHI_MLX_DEBUG"
 
 log = logging.getLogger("moshi_mlx")
 

@@ -20,8 +20,13 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
-from ..audio.device_choice import NoDefaultDevice, list_devices, release_portaudio
-from ..audio.devices import AudioDeviceError, DuplexAudio
+from ..audio.device_choice import (
+    AudioDeviceError,
+    NoDefaultDevice,
+    list_devices,
+    release_portaudio,
+)
+from ..audio.devices import DuplexAudio
 from ..audio.frames import FRAME_S
 from ..errors import first_line
 from ..outputs import OutputError, probe_writable

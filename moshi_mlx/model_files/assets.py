@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from ..engine import ConversationEngine, EngineSettings
+from ..engine import ConversationEngine
 from ..errors import MoshiError
 from ..models.lm import Lm
+from ..settings import EngineSettings
 from ..tokenizer import TextTokenizer
 from .budget import (
     GB,

@@ -21,7 +21,6 @@ from ..errors import MoshiError, first_line
 from ..models.config import LmConfig, config_v0_1
 from ..models.lm import Lm
 from .hub import (
-    FLAGS,
     TOKENIZER_NAME,
     ModelFiles,
     check_local_path,
@@ -30,7 +29,7 @@ from .hub import (
     quantize_hint,
     read_local_config,
 )
-from .source import ModelSource
+from .source import FLAGS, ModelSource
 
 
 class WeightsError(MoshiError, ValueError):

@@ -32,14 +32,11 @@ from yarl import URL
 from ..audio.frames import FRAME_S
 from ..errors import first_line
 from . import protocol
-from .address import DEFAULT_URL, chat_url, sampling_params
+from .address import chat_url
 from .failures import (
-    BadUrl,
-    ClientError,
     ConnectionLost,
     ProtocolFailure,
     ServerRefused,
-    ServerUnreachable,
     close_reason,
     connect_failure,
     message_text,
@@ -47,10 +44,7 @@ from .failures import (
 from .opus import OpusDecodeError, OpusFrames
 from .protocol import Kind, ProtocolError
 
-__all__ = [  # the failures are raised from here; callers import them with the conversation
-    "DEFAULT_URL", "RemoteConversation", "RemoteStats", "chat_url", "sampling_params",
-    "ClientError", "BadUrl", "ServerUnreachable", "ServerRefused", "ProtocolFailure", "ConnectionLost",
-]
+__all__ = ["RemoteConversation", "RemoteStats"]
 
 #: Bytes allowed to wait in the connection's send buffer before mic frames are held back (~6 frames).
 SEND_BACKLOG_BYTES = 2400

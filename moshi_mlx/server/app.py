@@ -22,10 +22,11 @@ from typing import Any
 from aiohttp import web
 
 from ..audio.frames import SAMPLE_RATE
-from ..engine import ConversationEngine, EngineSettings
+from ..engine import ConversationEngine
 from ..errors import MoshiError, first_line
 from ..net import protocol
 from ..net.protocol import ParamError
+from ..settings import EngineSettings
 from .info import knobs_info
 from .security import (
     FOREIGN_UI,

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from moshi_mlx import benchmark
-from moshi_mlx.benchmark.long import FRAMES_PER_MINUTE, long_session
+from moshi_mlx.audio.frames import FRAMES_PER_MINUTE
+from moshi_mlx.benchmark.long import long_session
 from moshi_mlx.generate import LmGen, StepTimings
 from moshi_mlx.model_files.stand_ins import demo_lm
 

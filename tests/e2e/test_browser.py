@@ -17,15 +17,13 @@ import json
 import time
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 
-aiohttp = pytest.importorskip("aiohttp")
-pytest_asyncio = pytest.importorskip("pytest_asyncio")
-
-from moshi_mlx.settings import KNOBS  # noqa: E402
-from tests.helpers.browser import ARTIFACTS, Browser  # noqa: E402
-from tests.helpers.web_server import (  # noqa: E402
+from moshi_mlx.settings import KNOBS
+from tests.helpers.browser import ARTIFACTS, Browser
+from tests.helpers.web_server import (
     expect_handshake,
     start_server,
     stop_server,

@@ -25,35 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aiohttp import web
 
-from tests.helpers.apps import App, no_traceback
-from tests.helpers.audio_env import (
-    ROOT,
-    JackServer,
-    active_fraction,
-    alsa_file_env,
-    base_env,
-    read_wav,
-    rms,
-    speech_wav,
-)
+from moshi_mlx.net import protocol
+from tests.helpers.apps import CLIENT_SUMMARY, App, no_traceback, session_summary
+from tests.helpers.audio_env import ROOT, JackServer, active_fraction, alsa_file_env, base_env, read_wav, rms
+from tests.helpers.audio_env import speech_wav  # isort: skip  (one line would pass 120 characters)
 from tests.helpers.ws_peer import start_peer
-
-aiohttp = pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
-
-from moshi_mlx.net import protocol  # noqa: E402
-
-
-def session_summary(stderr: str) -> dict:
-    m = re.search(
-        r"session: ([\d.]+) s, (\d+) connection\(s\), (\d+) frames sent, (\d+) received, (\d+) dropped here "
-        r"\([\d.]+ s\), (\d+) underruns(?:, latency median (\d+) ms / max (\d+) ms)?",
-        stderr,
-    )
-    assert m, stderr
-    keys = ["seconds", "connections", "sent", "received", "dropped", "underruns", "lat_median", "lat_max"]
-    return {k: float(v) if v is not None else None for k, v in zip(keys, m.groups())}
 
 
 class Server:
@@ -121,7 +99,7 @@ def _check_conversation(app: App, server_log: str, tmp_path: Path) -> dict:
     assert len(app.stdout.split()) >= 3, app.stdout  # Moshi's words, live
     out, rate = read_wav(tmp_path / "spk.wav")
     assert rate == 24000 and abs(out.size / rate - 6.0) < 0.5
-    s = session_summary(err)
+    s = session_summary(err, CLIENT_SUMMARY)
     # Moshi's frames reached the speaker: on a loaded CPU the demo server answers few of them, so the
     # bar is half of what was received (at least 5 blocks of 80 ms), not a share of the whole recording
     active_blocks = active_fraction(out, rate) * out.size / 1920

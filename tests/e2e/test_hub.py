@@ -42,8 +42,8 @@ from moshi_mlx.model_files.hub import (
     MIMI_NAME,
     MOSHI_NAMES,
     TOKENIZER_NAME,
-    ModelSource,
 )
+from moshi_mlx.model_files.source import ModelSource
 from moshi_mlx.models.config import LmConfig, TransformerConfig
 
 Resolved = namedtuple("Resolved", "moshi mimi tokenizer lm_config repo quantize")

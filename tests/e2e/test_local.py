@@ -26,14 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers.apps import (  # noqa: E402
-    FRAME_S,
-    App,
-    no_traceback,
-    session_summary,
-    status_lines,
-    talk,
-)
+from tests.helpers.apps import FRAME_S, App, no_traceback, session_summary, status_lines, talk  # noqa: E402
 from tests.helpers.audio_env import (
     ROOT,
     JackServer,
@@ -289,7 +282,7 @@ def test_engine_failure_mid_session_is_one_line(monkeypatch, capsys):
     ends the session with one error line and exit code 1, streams and threads closed."""
     from moshi_mlx import local
     from moshi_mlx.audio import device_choice
-    from moshi_mlx.audio.mimi import MimiError
+    from moshi_mlx.audio.mimi_pool import MimiError
     from moshi_mlx.engine import ConversationEngine
     from tests.helpers.audio_env import FakeSD
 

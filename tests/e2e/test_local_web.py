@@ -12,19 +12,16 @@ import os
 import threading
 import time
 
+import aiohttp
 import numpy as np
 import pytest
+import pytest_asyncio
+from aiohttp import web
 
-aiohttp = pytest.importorskip("aiohttp")
-sphn = pytest.importorskip("sphn")
-pytest_asyncio = pytest.importorskip("pytest_asyncio")
-
-from aiohttp import web  # noqa: E402
-
-from moshi_mlx.net import protocol  # noqa: E402
-from moshi_mlx.net.protocol import Kind  # noqa: E402
-from moshi_mlx.settings import KNOBS, TextControls  # noqa: E402
-from tests.helpers.web_server import (  # noqa: E402
+from moshi_mlx.net import protocol
+from moshi_mlx.net.protocol import Kind
+from moshi_mlx.settings import KNOBS, TextControls
+from tests.helpers.web_server import (
     SR,
     Collector,
     abort,

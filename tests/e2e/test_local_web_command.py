@@ -13,12 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-aiohttp = pytest.importorskip("aiohttp")
-pytest.importorskip("pytest_asyncio")
-
-from tests.helpers.web_server import expect_handshake  # noqa: E402
+from tests.helpers.web_server import expect_handshake
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,21 +18,19 @@ import os
 import re
 from pathlib import Path
 
+import aiohttp
 import pytest
+import pytest_asyncio
+from aiohttp import web
 
-aiohttp = pytest.importorskip("aiohttp")
-pytest_asyncio = pytest.importorskip("pytest_asyncio")
-
-from aiohttp import web  # noqa: E402
-
-from moshi_mlx.engine import EngineSettings  # noqa: E402
-from moshi_mlx.local_web import build_parser  # noqa: E402
-from moshi_mlx.net import protocol  # noqa: E402
-from moshi_mlx.server.app import ChatServer, create_app  # noqa: E402
-from moshi_mlx.server.security import HostPolicy  # noqa: E402
-from tests.helpers.browser import ARTIFACTS, Browser  # noqa: E402
-from tests.helpers.shared import shared_dir  # noqa: E402
-from tests.helpers.web_server import Running, expect_handshake, receive, stop_server  # noqa: E402
+from moshi_mlx.local_web import build_parser
+from moshi_mlx.net import protocol
+from moshi_mlx.server.app import ChatServer, create_app
+from moshi_mlx.server.security import HostPolicy
+from moshi_mlx.settings import EngineSettings
+from tests.helpers.browser import ARTIFACTS, Browser
+from tests.helpers.shared import shared_dir
+from tests.helpers.web_server import Running, expect_handshake, receive, stop_server
 
 pytestmark = pytest.mark.asyncio
 

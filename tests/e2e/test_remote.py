@@ -9,27 +9,22 @@ import socket
 
 import numpy as np
 import pytest
+import sphn
+from aiohttp import WSMsgType, web
 
-aiohttp = pytest.importorskip("aiohttp")
-sphn = pytest.importorskip("sphn")
-pytest.importorskip("pytest_asyncio")
-
-from aiohttp import WSMsgType, web  # noqa: E402
-
-from moshi_mlx.audio.frames import FrameChunker  # noqa: E402
-from moshi_mlx.net import protocol  # noqa: E402
-from moshi_mlx.net.protocol import Kind  # noqa: E402
-from moshi_mlx.net.remote import (
+from moshi_mlx.audio.frames import FrameChunker
+from moshi_mlx.net import protocol
+from moshi_mlx.net.address import chat_url, sampling_params
+from moshi_mlx.net.failures import (
     BadUrl,
     ConnectionLost,
     ProtocolFailure,
-    RemoteConversation,
     ServerRefused,
     ServerUnreachable,
-    chat_url,
-    sampling_params,
 )
-from tests.helpers.ws_peer import start_peer  # noqa: E402
+from moshi_mlx.net.protocol import Kind
+from moshi_mlx.net.remote import RemoteConversation
+from tests.helpers.ws_peer import start_peer
 
 SR, FRAME = 24000, 1920
 

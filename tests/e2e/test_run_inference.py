@@ -17,12 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moshi_mlx.run_inference import (
-    AudioFileError,
-    convert_file,
-    load_mono_24k,
-    read_audio,
-)
+from moshi_mlx.audio.files import AudioFileError, load_mono_24k, read_audio
+from moshi_mlx.run_inference import convert_file
 from tests.helpers.audio_env import (
     ROOT,
     SPEECH_TOOLS,

@@ -11,19 +11,17 @@ import re
 import shutil
 from pathlib import Path
 
+import aiohttp
 import pytest
+import pytest_asyncio
+from aiohttp import web
 
-aiohttp = pytest.importorskip("aiohttp")
-pytest_asyncio = pytest.importorskip("pytest_asyncio")
-
-from aiohttp import web  # noqa: E402
-
-from moshi_mlx.engine import EngineSettings  # noqa: E402
-from moshi_mlx.local_web import build_parser  # noqa: E402
-from moshi_mlx.net import protocol  # noqa: E402
-from moshi_mlx.server.app import ChatServer, create_app, find_web_dir  # noqa: E402
-from moshi_mlx.server.security import HostPolicy  # noqa: E402
-from tests.helpers.web_server import (  # noqa: E402
+from moshi_mlx.local_web import build_parser
+from moshi_mlx.net import protocol
+from moshi_mlx.server.app import ChatServer, create_app, find_web_dir
+from moshi_mlx.server.security import HostPolicy
+from moshi_mlx.settings import EngineSettings
+from tests.helpers.web_server import (
     Running,
     expect_handshake,
     stop_server,

@@ -70,15 +70,25 @@ class App:
             self.proc.wait(10)
 
 
-def session_summary(stderr: str) -> dict:
-    m = re.search(
-        r"session: ([\d.]+) s, (\d+) frames in, (\d+) answered, (\d+) dropped \(([\d.]+) s\), (\d+) underruns"
-        r"(?:, latency median (\d+) ms / max (\d+) ms)?",
-        stderr,
-    )
+#: The summary line each terminal command ends with, as (pattern, field names).
+LOCAL_SUMMARY = (
+    r"session: ([\d.]+) s, (\d+) frames in, (\d+) answered, (\d+) dropped \(([\d.]+) s\), (\d+) underruns",
+    ["seconds", "frames_in", "answered", "dropped", "dropped_s", "underruns"],
+)
+CLIENT_SUMMARY = (
+    r"session: ([\d.]+) s, (\d+) connection\(s\), (\d+) frames sent, (\d+) received, (\d+) dropped here "
+    r"\([\d.]+ s\), (\d+) underruns",
+    ["seconds", "connections", "sent", "received", "dropped", "underruns"],
+)
+LATENCY = r"(?:, latency median (\d+) ms / max (\d+) ms)?"
+
+
+def session_summary(stderr: str, summary: tuple[str, list[str]] = LOCAL_SUMMARY) -> dict:
+    """The numbers of the summary line (`local` by default, `CLIENT_SUMMARY` for the client), latency if given."""
+    pattern, keys = summary
+    m = re.search(pattern + LATENCY, stderr)
     assert m, stderr
-    keys = ["seconds", "frames_in", "answered", "dropped", "dropped_s", "underruns", "lat_median", "lat_max"]
-    return {k: float(v) if v is not None else None for k, v in zip(keys, m.groups())}
+    return {k: float(v) if v is not None else None for k, v in zip([*keys, "lat_median", "lat_max"], m.groups())}
 
 
 def status_lines(stderr: str) -> list[dict]:

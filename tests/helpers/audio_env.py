@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moshi_mlx.cli.shell import DEBUG_ENV
+from moshi_mlx.errors import DEBUG_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 JACK_TOOLS = ("jackd", "jack-play", "jack-record", "jack_lsp", "jack_connect", "jack_disconnect")
@@ -256,7 +256,7 @@ def speech_wav(
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """Mono float32 samples and the rate of a 16/32-bit int or 32-bit float WAV."""
-    from moshi_mlx.run_inference import read_audio
+    from moshi_mlx.audio.files import read_audio
 
     x, rate = read_audio(path)
     return x.mean(axis=0).astype(np.float32), rate

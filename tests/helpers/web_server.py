@@ -13,10 +13,10 @@ import numpy as np
 import sphn
 from aiohttp import WSMsgType, web  # noqa: E402
 
-from moshi_mlx.engine import EngineSettings  # noqa: E402
 from moshi_mlx.net import protocol  # noqa: E402
 from moshi_mlx.net.protocol import Kind  # noqa: E402
 from moshi_mlx.server.app import ChatServer, create_app  # noqa: E402
+from moshi_mlx.settings import EngineSettings  # noqa: E402
 
 SR = 24000
 

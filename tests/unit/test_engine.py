@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from moshi_mlx.audio.frames import FRAME_SIZE
-from moshi_mlx.engine import ConversationEngine, EngineRunner, EngineSettings
-from moshi_mlx.settings import GREEDY, SamplingParams
+from moshi_mlx.engine import ConversationEngine, EngineRunner
+from moshi_mlx.settings import GREEDY, EngineSettings, SamplingParams
 
 
 @pytest.fixture()

@@ -8,18 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rustymimi
 
-rustymimi = pytest.importorskip("rustymimi")
-
-from moshi_mlx.audio.mimi import (
-    CODEBOOK_SIZE,
-    FRAME_RATE,
-    FRAME_SIZE,
-    SAMPLE_RATE,
-    Mimi,
-    MimiError,
-    MimiInputError,
-)
+from moshi_mlx.audio.frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.audio.mimi import CODEBOOK_SIZE, Mimi, MimiInputError
+from moshi_mlx.audio.mimi_pool import MimiError
 from moshi_mlx.model_files import stand_ins as demo
 
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("sphn")
-
-from moshi_mlx.audio.frames import FRAME_SIZE, SAMPLE_RATE  # noqa: E402
-from moshi_mlx.net.opus import OpusDecodeError, OpusFrames  # noqa: E402
+from moshi_mlx.audio.frames import FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.net.opus import OpusDecodeError, OpusFrames
 
 TONE_HZ = 440.0
 

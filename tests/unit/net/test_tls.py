@@ -11,13 +11,11 @@ import sys
 import threading
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
-cryptography = pytest.importorskip("cryptography")
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-
-from moshi_mlx.net import tls  # noqa: E402
-from tests.helpers.audio_env import ROOT, base_env  # noqa: E402
+from moshi_mlx.net import tls
+from tests.helpers.audio_env import ROOT, base_env
 
 
 def _handshake(info: tls.CertInfo, ctx: ssl.SSLContext, server_hostname: str) -> bytes:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("aiohttp")
-
-from moshi_mlx.errors import MoshiError  # noqa: E402
-from moshi_mlx.server.app import WebUiMissing, find_web_dir  # noqa: E402
+from moshi_mlx.errors import MoshiError
+from moshi_mlx.server.app import WebUiMissing, find_web_dir
 
 
 def test_web_dir_missing_is_a_clear_error(tmp_path):

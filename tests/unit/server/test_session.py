@@ -9,15 +9,11 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("aiohttp")
-pytest.importorskip("sphn")
-pytest.importorskip("pytest_asyncio")
-
-from moshi_mlx.net import protocol  # noqa: E402
-from moshi_mlx.net.opus import OpusFrames  # noqa: E402
-from moshi_mlx.net.protocol import Kind  # noqa: E402
-from moshi_mlx.server.session import Conversation, OutQueue  # noqa: E402
-from moshi_mlx.settings import EngineSettings  # noqa: E402
+from moshi_mlx.net import protocol
+from moshi_mlx.net.opus import OpusFrames
+from moshi_mlx.net.protocol import Kind
+from moshi_mlx.server.session import Conversation, OutQueue
+from moshi_mlx.settings import EngineSettings
 
 pytestmark = pytest.mark.asyncio
 

@@ -9,14 +9,12 @@ import socket
 import ssl
 
 import pytest
+from aiohttp import web
 
-pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
-
-from moshi_mlx.errors import MoshiError, error_line  # noqa: E402
-from moshi_mlx.local_web import main  # noqa: E402
-from moshi_mlx.net import tls  # noqa: E402
-from moshi_mlx.server.startup import (  # noqa: E402
+from moshi_mlx.errors import MoshiError, error_line
+from moshi_mlx.local_web import main
+from moshi_mlx.net import tls
+from moshi_mlx.server.startup import (
     CannotListen,
     announce_lan,
     browser_url,
