@@ -326,7 +326,7 @@ def test_offline_demo_applies_the_sampling_flags(tmp_path):
 
 def test_bad_sampling_flag_is_rejected_before_loading(tmp_path):
     r = _run(["--demo", "--pad-mult", "inf"], base_env(HOME=str(tmp_path)), timeout=60)
-    assert r.returncode == 2 and "argument --pad-mult: expected a finite number" in r.stderr.splitlines()[-1]
+    assert r.returncode == 2 and "argument --pad-mult: pad_mult must be a finite number" in r.stderr.splitlines()[-1]
     assert "DEMO MODE" not in r.stderr
 
 
