@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from moshi_mlx.generate import LmGen  # noqa: E402
 from moshi_mlx.model_files.checkpoint import load_lm  # noqa: E402
 from moshi_mlx.settings import GREEDY  # noqa: E402
-from tests.test_reference_parity import fixture_config  # noqa: E402
+from tests.helpers.reference import fixture_config  # noqa: E402
 
 DTYPES = {"bf16": mx.bfloat16, "f32": mx.float32}
 

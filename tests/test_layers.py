@@ -12,6 +12,7 @@ Two rules, read from the source (AST, so imports inside functions count too):
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,30 @@ def test_names_come_from_the_module_that_defines_them(path):
                 f"moshi_mlx.{module_name(path)} imports {alias.name} through moshi_mlx.{target}, which does not "
                 f"define it: import it from its home"
             )
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _imported_test_modules(path: Path) -> set[str]:
+    """Test modules (`test_*`) a file imports, also as text inside strings (a subprocess's `-c` code)."""
+    source = path.read_text()
+    found = {m for m in _dotted_names(source) if m.split(".")[-1].startswith("test_")}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level and node.module and node.module.startswith("test_"):
+            found.add(node.module)
+    return found
+
+
+def _dotted_names(source: str) -> set[str]:
+    return set(re.findall(r"\b(?:from|import)\s+(tests(?:\.\w+)+)", source))
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted([*TESTS.rglob("*.py"), *(TESTS.parent / "benchmarks").glob("*.py")]),
+    ids=lambda p: str(p.relative_to(TESTS.parent)),
+)
+def test_no_test_module_imports_another(path):
+    """What tests share lives in tests/helpers/ (or a conftest's fixtures), never in another test module."""
+    assert not _imported_test_modules(path), f"{path.name} imports {sorted(_imported_test_modules(path))}"

@@ -30,6 +30,7 @@ from aiohttp import web
 from moshi_mlx.net import protocol
 from tests.helpers.apps import CLIENT_SUMMARY, App, no_traceback, session_summary
 from tests.helpers.audio_env import ROOT, JackServer, active_fraction, alsa_file_env, base_env, read_wav, rms
+
 from tests.helpers.audio_env import speech_wav  # isort: skip  (one line would pass 120 characters)
 from tests.helpers.ws_peer import start_peer
 

@@ -14,6 +14,7 @@ from moshi_mlx.audio.frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.audio.mimi import CODEBOOK_SIZE, Mimi, MimiInputError
 from moshi_mlx.audio.mimi_pool import MimiError
 from moshi_mlx.model_files import stand_ins as demo
+from tests.helpers.mimi_signals import speechy
 
 
 @pytest.fixture(scope="session")
@@ -29,17 +30,6 @@ def mimi(mimi_path):
     m.close()
 
 
-def speechy(n_frames: int, seed: int = 0) -> np.ndarray:
-    """A voice-like test signal: harmonic tone with gliding pitch, syllable-rate envelope and noise."""
-    rng = np.random.default_rng(seed)
-    n = n_frames * FRAME_SIZE
-    t = np.arange(n) / SAMPLE_RATE
-    f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
-    tone = sum(np.sin(k * phase) / k for k in range(1, 8))
-    env = np.clip(np.sin(2 * np.pi * 3.3 * t), 0, None) ** 2
-    x = 0.15 * env * tone + 0.01 * rng.standard_normal(n)
-    return x.astype(np.float32)
 
 
 def rel_rms(a, b) -> float:
@@ -295,10 +285,6 @@ def test_forced_handoffs_stay_continuous(mimi_path):
 # --------------------------------------------------------------------------------------------------
 
 
-def _rss_mb() -> float:
-    from moshi_mlx.memory import rss_bytes
-
-    return rss_bytes() / 2**20
 
 
 def test_handoffs_reuse_the_three_instances(mimi_path):
@@ -365,26 +351,6 @@ def test_too_few_instances_are_refused(mimi_path, instances):
         Mimi(mimi_path, instances=instances)
 
 
-def _growth_over_turns(mimi_path: str) -> dict:
-    """RSS growth over 280 frames: a bare rustymimi instance, then a Mimi direction with short turns."""
-    n, warm = 280, 40
-    x = speechy(1, seed=10)
-    bare = rustymimi.Tokenizer(str(mimi_path), max_seq_len=2 * (n + warm) + 70_000)
-    frame = x.reshape(1, 1, FRAME_SIZE)
-    for _ in range(warm):
-        bare.encode_step(frame)
-    r0 = _rss_mb()
-    for _ in range(n):
-        bare.encode_step(frame)
-    bare_growth = _rss_mb() - r0
-    del bare
-    m = Mimi(mimi_path, max_frames=30, overlap_frames=5)
-    for _ in range(warm):
-        m.encode_frame(x)
-    r0 = _rss_mb()
-    for _ in range(n):
-        m.encode_frame(x)
-    return {"bare": bare_growth, "mimi": _rss_mb() - r0, "handoffs": m.encoder_handoffs}
 
 
 @pytest.mark.skipif(
@@ -400,7 +366,7 @@ def test_memory_stays_flat_over_many_turns(mimi_path):
     import sys
 
     root = Path(__file__).resolve().parents[3]
-    code = f"import json; from tests.unit.audio.test_mimi import _growth_over_turns; print(json.dumps(_growth_over_turns({str(mimi_path)!r})))"
+    code = f"import json; from tests.helpers.mimi_signals import growth_over_turns; print(json.dumps(growth_over_turns({str(mimi_path)!r})))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
