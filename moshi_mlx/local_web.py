@@ -30,6 +30,7 @@ import sys
 import time
 
 from . import cli
+from .net.protocol import DEFAULT_PORT
 from .server.app import ChatServer, create_app, find_web_dir
 from .server.security import HostPolicy, parse_origin
 from .server.startup import check_port_free, serve, ssl_setup
@@ -37,7 +38,6 @@ from .server.startup import check_port_free, serve, ssl_setup
 log = logging.getLogger("moshi_mlx.web")
 
 DEFAULT_HOST = "localhost"
-DEFAULT_PORT = 8998
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,22 +24,12 @@ import time
 from typing import Callable
 
 from . import cli
-from .audio.files import (
-    AudioFileError,
-    AudioReader,
-    WavWriter,
-    load_mono_24k,
-    read_audio,
-    write_wav,
-)
+from .audio.files import AudioReader, WavWriter
 from .audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE
-from .clips import converse_offline, converse_stream
+from .clips import converse_stream
 from .outputs import atomic_output, check_outputs
 
-__all__ = [
-    "AudioFileError", "converse_stream", "converse_offline", "convert_file", "load_mono_24k", "read_audio",
-    "write_wav", "main",
-]
+__all__ = ["convert_file", "main"]
 
 # ------------------------------------------------------------------------------------------------
 # Running the engine

@@ -25,8 +25,7 @@ from .checkpoint import DTYPES, WeightsError, load_lm, resolve_model
 from .source import ModelSource
 from .stand_ins import demo_assets, demo_lm
 
-#: Re-exported: the app's --dtype reads its vocabulary here (one table, in checkpoint.py).
-__all__ = ["DEMO_BANNER", "DTYPES", "Assets", "load", "say"]
+__all__ = ["DEMO_BANNER", "Assets", "load", "say"]
 _log = logging.getLogger("moshi_mlx")
 #: The default `log`: status lines through the "moshi_mlx" logger (the CLI shell prints them on stderr).
 say = _log.info

@@ -13,8 +13,7 @@ from yarl import URL
 from . import protocol
 from .failures import BadUrl
 
-DEFAULT_URL = "ws://localhost:8998"
-CHAT_PATH = "/api/chat"
+DEFAULT_URL = f"ws://localhost:{protocol.DEFAULT_PORT}"
 
 
 def chat_url(url: str, params: Mapping[str, Any] | None = None) -> URL:
@@ -43,7 +42,7 @@ def chat_url(url: str, params: Mapping[str, Any] | None = None) -> URL:
         raise BadUrl(f"bad URL {url!r}: no host name")
     u = u.with_scheme(schemes[u.scheme])
     if u.path in ("", "/"):
-        u = u.with_path(CHAT_PATH)
+        u = u.with_path(protocol.CHAT_PATH)
     extra = {k: str(v) for k, v in (params or {}).items() if v is not None}
     return u.update_query(extra) if extra else u
 

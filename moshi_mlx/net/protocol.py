@@ -34,6 +34,9 @@ from ..errors import MoshiError
 from ..settings import KNOBS, EngineSettings, knob_values, with_knobs
 
 __all__ = [
+    "CHAT_PATH",
+    "INFO_PATH",
+    "DEFAULT_PORT",
     "Kind",
     "Control",
     "Message",
@@ -63,6 +66,11 @@ __all__ = [
 
 #: Largest message accepted from a peer (an 80 ms Opus page is a few hundred bytes).
 MAX_MESSAGE_BYTES = 256 * 1024
+
+#: Where Kyutai's servers (and ours) listen: the WebSocket endpoint, our JSON status, the usual port.
+CHAT_PATH = "/api/chat"
+INFO_PATH = "/api/info"
+DEFAULT_PORT = 8998
 
 
 class Kind(IntEnum):

@@ -315,8 +315,8 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
     app.on_response_prepare.append(no_cache)
     app.on_response_prepare.append(add_security_headers)
     app.on_shutdown.append(on_shutdown)
-    app.router.add_get("/api/chat", server.handle_chat)
-    app.router.add_get("/api/info", server.handle_info)
+    app.router.add_get(protocol.CHAT_PATH, server.handle_chat)
+    app.router.add_get(protocol.INFO_PATH, server.handle_info)
     app.router.add_get("/", handle_index)
     app.router.add_get("/{path:.+}", handle_file)  # only the UI's files (web_security.ui_file)
     app[CHAT_SERVER] = server
