@@ -38,6 +38,7 @@ from .checkpoint import (
     read_tensor_infos,
     save_lm,
 )
+from .hub import MOSHI_NAMES
 
 __all__ = [
     "MIMI_CONFIG",
@@ -389,7 +390,7 @@ def write_random_lm(
     quant = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits else None
     model = build_model(config, quant, mx.bfloat16)
     materialise(model, progress)  # layer by layer, so peak memory stays near the model's size
-    weights = folder / f"model.{f'q{bits}' if bits else 'bf16'}.safetensors"
+    weights = folder / MOSHI_NAMES[bits]  # the published names, as convert writes them
     save_lm(model, weights)
     del model
     gc.collect()
