@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import MoshiError, first_line
 from ..models.config import LmConfig, config_v0_1
-from ..models.lm import Lm
+from ..models.lm import Lm, quantize_predicate
 from .hub import (
     TOKENIZER_NAME,
     ModelFiles,
@@ -178,7 +178,7 @@ def build_model(config: LmConfig, quantization: Quantization | None = None, dtyp
     model.set_dtype(dtype)
     if quantization is not None:
         # Every Linear and Embedding, as in the published q8/q4 files; norms stay in `dtype`.
-        nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits)
+        nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits, class_predicate=quantize_predicate)
         for _, module in model.named_modules():
             if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
                 # Scales and biases stay bfloat16 as published, whatever the compute dtype.

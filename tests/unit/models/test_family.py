@@ -48,10 +48,13 @@ def pytorch_checkpoint(cfg: dict, rng: np.random.Generator) -> dict[str, np.ndar
     """Random float64 tensors named and shaped as Kyutai's LMModel.state_dict() for `cfg`."""
     d, D, dep_q, n_q = cfg["dim"], cfg["depformer_dim"], cfg["dep_q"], cfg["n_q"]
     gated = cfg["gating"] != "none"
-    ff = int(cfg["hidden_scale"] * d)
-    hidden = (11 * d // 4 if ff == int(4.125 * d) else 2 * ff // 3) if gated else ff
-    dep_ff = cfg["depformer_dim_feedforward"]
-    dep_hidden = (11 * D // 4 if dep_ff == 4 * D else 2 * dep_ff // 3) if gated else dep_ff
+    dep_gated = cfg.get("depformer_gating", cfg["gating"]) != "none"
+
+    def kyutai_hidden(n: int, ff: int, on: bool) -> int:  # modules/gating.py's rule
+        return (21 * n // 8 if ff == 4 * n else 2 * ff // 3) if on else ff
+
+    hidden = kyutai_hidden(d, int(cfg["hidden_scale"] * d), gated)
+    dep_hidden = kyutai_hidden(D, cfg["depformer_dim_feedforward"], dep_gated)
     schedule = cfg.get("depformer_weights_per_step_schedule")
     sets = (max(schedule) + 1 if schedule else dep_q) if cfg["depformer_weights_per_step"] else 1
     n_in = (max(schedule) + 1 if schedule else dep_q) if cfg["depformer_multi_linear"] else 1
