@@ -528,9 +528,24 @@ def _conditioners(data: Mapping[str, Any]) -> tuple[ConditionerConfig, ...]:
     return tuple(out)
 
 
+def check_kyutai_keys(raw: Mapping[str, Any]) -> None:
+    """Refuse (ConfigError naming the key) any key of a Kyutai config.json that moshi_mlx would not honour:
+    unknown keys, refused options, unsupported choices, conditioners other than summed look-up tables.
+    Needs no complete config, so a converter can check a partial --config before reading any weights."""
+    _check_keys(raw, KYUTAI_REFUSED_UNLESS, _KYUTAI_READ | KYUTAI_METADATA_KEYS, "")
+    choices: dict[str, Any] = {
+        "norm": KYUTAI_NORMS, "depformer_norm": KYUTAI_NORMS, "gating": GATINGS, "depformer_gating": GATINGS,
+        "positional_embedding": POSITIONAL_EMBEDDINGS, "depformer_pos_emb": POSITIONAL_EMBEDDINGS,
+    }
+    for key, allowed in choices.items():
+        if raw.get(key) is not None:
+            _choice(raw, key, allowed)
+    _conditioners(raw)
+
+
 def read_kyutai_config(raw: Mapping[str, Any]) -> LmConfig:
     """An LmConfig from Kyutai's flat config.json keys, as `LMModel(**config)` would read them."""
-    _check_keys(raw, KYUTAI_REFUSED_UNLESS, _KYUTAI_READ | KYUTAI_METADATA_KEYS, "")
+    check_kyutai_keys(raw)
     for key in ("num_layers", "delays"):
         if key not in raw:
             raise ConfigError(f"config.json lacks the required key {key}")
@@ -658,5 +673,5 @@ def preset(name: str) -> LmConfig:
 
 __all__ = [
     "ConditionerConfig", "ConfigError", "TransformerConfig", "LmConfig", "config_v0_1", "config_small",
-    "config_tiny", "preset", "PRESETS", "read_kyutai_config",
+    "config_tiny", "preset", "PRESETS", "check_kyutai_keys", "read_kyutai_config",
 ]
