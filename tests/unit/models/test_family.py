@@ -141,3 +141,18 @@ def test_shared_weight_sets_need_the_schedule(tmp_path):
     no_schedule = {k: v for k, v in cfg.items() if k != "depformer_weights_per_step_schedule"}
     with pytest.raises(ConvertError, match="depformer_weights_per_step_schedule"):
         convert(tmp_path / "pt.safetensors", tmp_path / "o", config=no_schedule, log=lambda m: None)
+
+
+@pytest.mark.parametrize("name", ["hibiki_conditioned_extra_heads", "gqa_rope_concat_layer_scale_dep_norm"])
+def test_the_mlx_layout_converts_again_to_the_same_model(tmp_path, name):
+    """An MLX checkpoint of every new option (conditioner tables, extra heads, layer scales, key/value heads,
+    depformer output norms) is read back by the plan and rewritten tensor for tensor."""
+    cfg = variant_config(name)
+    weights = pytorch_checkpoint(cfg, np.random.default_rng(5))
+    mx.save_safetensors(str(tmp_path / "pt.safetensors"), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()})
+    first = convert(tmp_path / "pt.safetensors", tmp_path / "a", config=cfg, dtype="f32", log=lambda m: None)
+    written = json.loads((tmp_path / "a" / "config.json").read_text())
+    again = convert(first, tmp_path / "b", config=written, dtype="f32", log=lambda m: None)
+    a, b = mx.load(str(first)), mx.load(str(again))
+    assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
+    assert LmConfig.from_dict(json.loads((tmp_path / "b" / "config.json").read_text())) == LmConfig.from_dict(written)
