@@ -223,6 +223,11 @@ class LmConfig:
         return max(self.audio_delays, default=0)
 
     @property
+    def mimi_codebooks(self) -> int:
+        """How many codebooks Mimi encodes and decodes for this model (Kyutai's loaders: max(dep_q, n_q - dep_q))."""
+        return max(self.generated_codebooks, self.user_codebooks)
+
+    @property
     def is_conditioned(self) -> bool:
         """True when every step needs a condition (Lm.condition) added to its input."""
         return bool(self.conditioners)

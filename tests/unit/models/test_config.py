@@ -82,7 +82,8 @@ def test_published_7b_config_reads_as_config_v0_1():
 def test_published_hibiki_2b_config_reads_every_option():
     cfg = LmConfig.from_dict({**HIBIKI_2B, "model_type": "hibiki", "mimi_name": "mimi.safetensors",
                               "lm_gen_config": {"temp": 0.8, "cfg_coef": 3.0}})
-    assert (cfg.audio_codebooks, cfg.generated_codebooks, cfg.user_codebooks) == (32, 16, 16)
+    assert (cfg.audio_codebooks, cfg.generated_codebooks, cfg.user_codebooks, cfg.mimi_codebooks) == (32, 16, 16, 16)
+    assert config_v0_1().mimi_codebooks == 8
     assert cfg.audio_delays == (0,) + (2,) * 15 + (0,) + (2,) * 15 and cfg.max_delay == 2
     assert cfg.transformer.max_period == 100000 and cfg.transformer.hidden_dim == 11 * 2560 // 4
     assert cfg.depformer.hidden_dim == 2816 and cfg.depformer.context == 16
