@@ -608,6 +608,8 @@ def read_kyutai_config(raw: Mapping[str, Any]) -> LmConfig:
     n_q = _int(data, "n_q")
     if not isinstance(delays, list) or len(delays) != n_q + 1:
         raise ConfigError(f"config key delays has {len(delays) if isinstance(delays, list) else delays!r} entries; expected n_q + 1 = {n_q + 1}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in delays):
+        raise ConfigError(f"config key delays={delays!r}: expected non-negative integers")
     schedule = data["depformer_weights_per_step_schedule"]
     low_rank = data["depformer_low_rank_embeddings"]
     lm_gen = raw.get("lm_gen_config") or {}

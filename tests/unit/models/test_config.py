@@ -166,6 +166,7 @@ REFUSALS = [
      "conditioners.d is not fused"),
     ({"fuser": {"sum": ["nobody"]}}, "fuser.sum names 'nobody'"),
     ({"kv_repeat": 3}, "kv_repeat 3 does not divide"),
+    ({"delays": [0, -1] + [1] * 15}, "expected non-negative integers"),
 ]
 
 
