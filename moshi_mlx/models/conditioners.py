@@ -10,7 +10,7 @@ value, which `condition` refuses, so it is loaded and kept but never added).
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn

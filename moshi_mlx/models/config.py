@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from ..errors import MoshiError
 
@@ -122,7 +123,7 @@ class TransformerConfig:
         return self.positional_embedding in ("sin", "sin_rope")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "transformer") -> "TransformerConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "transformer") -> TransformerConfig:
         """Our nested form, or Kyutai's MLX `TransformerConfig` (its extra keys only at their neutral values)."""
         _check_keys(data, _NESTED_TRANSFORMER_NEUTRAL, {f.name for f in dataclasses.fields(cls)}, f"{where}.")
         own = _known_fields(cls, data)
@@ -151,7 +152,7 @@ class ConditionerConfig:
             raise ConfigError(f"conditioners.{self.name}: {len(self.possible_values)} possible_values > n_bins")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ConditionerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ConditionerConfig:
         own = _known_fields(cls, data)
         if own.get("possible_values") is not None:
             own["possible_values"] = tuple(own["possible_values"])
@@ -242,7 +243,7 @@ class LmConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LmConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> LmConfig:
         """Build from our own `to_dict()` output, Kyutai's MLX nested form, or a Kyutai `config.json`.
 
         Raises ConfigError (one line naming the key) for anything that would change the maths and is not
@@ -254,7 +255,7 @@ class LmConfig:
         return cls._from_kyutai(data)
 
     @classmethod
-    def _from_nested(cls, data: dict[str, Any]) -> "LmConfig":
+    def _from_nested(cls, data: dict[str, Any]) -> LmConfig:
         _check_keys(data, _NESTED_LM_NEUTRAL, {f.name for f in dataclasses.fields(cls)} | KYUTAI_METADATA_KEYS, "")
         own = dict(_known_fields(cls, data))
         own["transformer"] = TransformerConfig.from_dict(data["transformer"])
@@ -278,7 +279,7 @@ class LmConfig:
         return cls(**own)
 
     @classmethod
-    def _from_kyutai(cls, data: dict[str, Any]) -> "LmConfig":
+    def _from_kyutai(cls, data: dict[str, Any]) -> LmConfig:
         return read_kyutai_config(data)
 
     def to_kyutai_dict(self) -> dict[str, Any]:
@@ -521,7 +522,7 @@ def _conditioners(data: Mapping[str, Any]) -> tuple[ConditionerConfig, ...]:
         unknown = set(lut) - {"n_bins", "dim", "tokenizer", "possible_values", "init_scale", "learn_padding",
                               "pad_empty", "output_bias", "force_linear"}
         if unknown:
-            raise ConfigError(f"config key conditioners.{name}.lut.{sorted(unknown)[0]} is not known to moshi_mlx")
+            raise ConfigError(f"config key conditioners.{name}.lut.{min(unknown)} is not known to moshi_mlx")
         if "n_bins" not in lut or "dim" not in lut:
             raise ConfigError(f"config key conditioners.{name}.lut needs n_bins and dim")
         values = lut.get("possible_values")

@@ -435,7 +435,7 @@ def test_cli_refuses_an_unsupported_config_key_before_reading_the_checkpoint(tmp
 
 def test_checkpoint_conditioners_must_match_the_config(tmp_path, tiny_sources):
     """Conditioner tables in the weights need their declaration (possible values) in --config, size for size."""
-    src, arrays = tiny_sources["current"]
+    _, arrays = tiny_sources["current"]
     with_table = dict(arrays)
     with_table["condition_provider.conditioners.description.embed.weight"] = mx.zeros((32, 16), dtype=mx.bfloat16)
     with_table["condition_provider.conditioners.description.output_proj.weight"] = mx.zeros((256, 16), dtype=mx.bfloat16)
