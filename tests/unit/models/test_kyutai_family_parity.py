@@ -24,6 +24,7 @@ FAMILIES = {  # fixture folder -> the Kyutai options it carries (what a failure 
     "kv_repeat": {"kv_repeat": 2},
     "rope_concat": {"positional_embedding": "rope_concat", "depformer_pos_emb": "rope_concat"},
     "depformer_norm": {"depformer_norm": "layer_norm", "extra_heads_num_heads": 2},
+    "depformer_rms_norm": {"depformer_norm": "rms_norm_f32"},
 }
 
 
