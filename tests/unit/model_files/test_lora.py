@@ -20,9 +20,12 @@ from moshi_mlx.convert import main
 from moshi_mlx.model_files.convert import convert
 from moshi_mlx.model_files.lora import DEFAULT_SCALING
 from moshi_mlx.models.pytorch import ConvertError
-from tests.helpers.kyutai import FIXTURES
+from moshi_mlx.model_files.checkpoint import load_lm
+from moshi_mlx.models.config import LmConfig
+from tests.helpers.kyutai import FIXTURES, delayed, max_gap, undelayed
 
 BASE = FIXTURES / "moshi_7b"
+KYUTAI_LORA = FIXTURES / "lora"  # an adapter in Kyutai's names, and the logits Kyutai's fine-tune loader gives
 RANK = 4
 # Linears Kyutai's replace_all_linear_with_lora wraps: attention, feed-forward, depformer in/out, text head.
 LINEAR = re.compile(r".*(in_projs\.\d+|out_projs\.\d+|linear_in|linear_out|depformer_in\.\d+|linears\.\d+|text_linear)\.weight")
@@ -175,3 +178,24 @@ def test_cli_merges_and_reports_the_adapter(files, tmp_path, capsys):
     assert main(args[:2] + ["--force"] + args[2:]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no such file" in err and "\n" not in err
+
+
+def test_kyutai_adapter_gives_kyutais_fine_tuned_logits(tmp_path):
+    """The fixture's adapter (names from Kyutai's replace_all_linear_with_lora), merged by us, scores the
+    fixture's codes as Kyutai's `get_moshi_lm(..., lora_weights=..., fuse_lora=True)` did, within 1e-4 (f32)."""
+    config = json.loads((KYUTAI_LORA / "config.json").read_text(encoding="utf-8"))
+    path = convert(BASE / "model.safetensors", tmp_path / "ft", config=KYUTAI_LORA / "config.json", dtype="f32",
+                   lora=KYUTAI_LORA / "adapter.safetensors", log=lambda m: None)
+    written = json.loads((tmp_path / "ft" / "config.json").read_text(encoding="utf-8"))
+    model = load_lm(path, LmConfig.from_dict(written))
+    expected = load_file(str(KYUTAI_LORA / "expected.safetensors"))
+    start = [config["text_card"]] + [config["card"]] * config["n_q"]
+    text, audio = model.forward(mx.array(delayed(expected["codes"], config["delays"], start).astype(np.int32)))
+    audio, mask = undelayed(np.array(audio), config["delays"][1 : 1 + config["dep_q"]])
+    text, text_mask = undelayed(np.array(text)[:, None], config["delays"][:1])
+    np.testing.assert_array_equal(mask, expected["mask"])
+    assert max_gap(text, expected["text_logits"], text_mask) <= 1e-4
+    assert max_gap(audio, expected["logits"], mask) <= 1e-4
+    # The adapter matters: the base model's logits (moshi_7b fixture) are far from these.
+    base = load_file(str(BASE / "expected.safetensors"))
+    assert max_gap(audio, base["logits"], mask) > 0.1
