@@ -23,6 +23,7 @@ import sys
 from . import cli
 from .model_files.convert import OUTPUT_DTYPES, convert
 from .model_files.hub import MOSHI_NAMES
+from .model_files.lora import DEFAULT_SCALING
 
 __all__ = ["build_parser", "main"]
 
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--lora", default=None, metavar="ADAPTER",
-        help="LoRA adapter .safetensors to merge into the weights (scaling: --config's lora_scaling, default 2)",
+        help=f"LoRA adapter .safetensors to merge into the weights "
+        f"(scaling: --config's lora_scaling, else Kyutai's default {DEFAULT_SCALING:g})",
     )
     ap.add_argument(
         "--max-out-n-q", type=cli.integer(low=1), default=None, metavar="N",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.pytorch import ConvertError
-from .checkpoint import TensorInfo, WeightsError, read_tensor_infos
+from .checkpoint import SAFETENSORS_DTYPES, TensorInfo, WeightsError, read_tensor_infos
 
 __all__ = ["CONFIG_KEYS", "DEFAULT_SCALING", "LoraAdapter", "config_without_lora", "read_adapter"]
 
@@ -28,7 +28,6 @@ CONFIG_KEYS = ("lora", "lora_rank", "lora_scaling", "lora_name")
 #: Kyutai's defaults (moshi.models.loaders.get_moshi_lm) when config.json leaves them out.
 DEFAULT_SCALING = 2.0
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
-_FLOATS = ("BF16", "F16", "F32")
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def _pairs(path: Path, tensors: dict[str, TensorInfo]) -> dict[str, tuple[Tensor
         suffix = next((s for s in (_DOWN, _UP) if name.endswith(s)), None)
         if suffix is None:
             raise ConvertError(f"{path}: tensor {name} is not a LoRA factor (NAME.lora_A.weight / NAME.lora_B.weight)")
-        if info.dtype not in _FLOATS or len(info.shape) != 2:
+        if info.dtype not in SAFETENSORS_DTYPES or len(info.shape) != 2:
             raise ConvertError(f"{path}: tensor {name} is {info.dtype} {list(info.shape)}; expected a 2-D float matrix")
         bases.setdefault(name.removesuffix(suffix), {})[suffix] = info
     if not bases:
