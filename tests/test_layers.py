@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"errors", "settings", "memory", "audio.frames", "models.config", "models.cache", "model_files.source"},
     # single-job libraries
     {"sampling", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
-     "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget",
+     "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget",
      "server.info", "models.pytorch"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
      "server.startup", "models.pytorch_config"},
