@@ -23,6 +23,8 @@ from ..errors import MoshiError, first_line
 from .frames import SAMPLE_RATE, Resampler
 
 BLOCK = 1 << 15  # input samples per read: ~0.7 s at 48 kHz, a few hundred KiB at most
+#: Sample rates read (Hz): below, a tiny file would resample into gigabytes (a 2 KB file "at 1 Hz" is 100 MB at 24 kHz).
+MIN_RATE, MAX_RATE = 4000, 768_000
 
 
 class AudioFileError(MoshiError, ValueError):
@@ -111,6 +113,9 @@ class AudioReader:
         if self.rate < 1 or self.channels < 1:
             self.close()
             raise AudioFileError(f"{p}: broken header ({self.channels} channels, {self.rate} Hz)")
+        if not MIN_RATE <= self.rate <= MAX_RATE:
+            self.close()
+            raise AudioFileError(f"{p}: sample rate {self.rate} Hz is outside what this tool reads ({MIN_RATE} to {MAX_RATE} Hz)")
 
     def _open(self) -> sf.SoundFile:
         p = self.path
@@ -142,11 +147,11 @@ class AudioReader:
 
     def blocks(self, size: int = BLOCK) -> Iterator[np.ndarray]:
         """float32 [samples, channels] blocks from the start; checks every sample is finite."""
-        if self._file.seekable():
-            self._file.seek(0)
         self.frames_read = 0
         while True:
-            try:
+            try:  # a broken stream can fail at the seek to its start as well as at any read
+                if self.frames_read == 0 and self._file.seekable():
+                    self._file.seek(0)
                 x = self._file.read(size, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as e:
                 raise AudioFileError(f"{self.path}: cannot be decoded ({first_line(e)})") from None
