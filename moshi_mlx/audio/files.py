@@ -48,9 +48,10 @@ def _unsized_wav(f: BinaryIO) -> tuple[int, int, str, int] | None:
             return None
         cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
         if cid == b"fmt ":
-            body = f.read(size + (size & 1))
+            body = f.read(min(size, 64))  # what the fields need: a header's size claim is never allocated
             if len(body) < 16:
                 return None
+            f.seek(size + (size & 1) - len(body), os.SEEK_CUR)
             tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
             if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the GUID
                 tag = struct.unpack("<H", body[24:26])[0]
@@ -128,7 +129,7 @@ class AudioReader:
                 rate, channels, subtype, offset = unsized
                 return sf.SoundFile(_Window(self._raw, offset), samplerate=rate, channels=channels, subtype=subtype, format="RAW")
             return sf.SoundFile(self._raw)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as e:  # Overflow: a rate > 2**31
             self._raw.seek(0)
             head = self._raw.read(12)
             if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
