@@ -225,7 +225,7 @@ class ConversationRecorder:
                 self._partial = _Partial(self.folder, started, self.sample_rate)
             self._partial.append(stereo, pieces)
         except (OSError, ValueError) as e:  # a full disk, a file-size limit, the folder gone
-            self.error = first_line(e)
+            self.error = getattr(e, "strerror", None) or first_line(e)
             if self._on_error is not None:
                 self._on_error(f"the recording stopped: {self.error}")
 
@@ -242,7 +242,12 @@ class ConversationRecorder:
         try:
             partial.close()
         except OSError as e:
-            self.error = self.error or first_line(e)
+            self.error = self.error or e.strerror or first_line(e)
+        if self.error is not None:  # no finished files from a recording that stopped half way; the next --record finishes it
+            raise RecordingError(
+                f"{self.folder}: the recording stopped after {partial.wav.committed / self.sample_rate:.1f} s "
+                f"({self.error}); what was recorded stays in {partial.wav.path.name}"
+            )
         with self._lock:
             pieces = list(self._all_pieces)
         return _finalise(self.folder, partial.stem, partial.paths, self.started_at, pieces, self.sample_rate, info)

@@ -51,10 +51,10 @@ class WavStream:
         self.channels, self.rate = channels, rate
         self.frames = 0  # written
         self.committed = 0  # counted by the header on disk
-        self._f: BinaryIO = open(self.path, "xb" if new else "wb")
+        self.block = 2 * channels  # bytes per frame
+        self._f: BinaryIO = open(self.path, "xb" if new else "wb", buffering=0)  # a failed write leaves no buffer
         try:
             self._f.write(_header(channels, rate, 0))
-            self._f.flush()
         except BaseException:
             self._f.close()
             raise
@@ -65,22 +65,28 @@ class WavStream:
 
     def write(self, pcm16: np.ndarray) -> None:
         data = np.ascontiguousarray(pcm16, "<i2").reshape(-1, self.channels)
-        if (self.frames + data.shape[0]) * 2 * self.channels > MAX_DATA_BYTES:
+        if (self.frames + data.shape[0]) * self.block > MAX_DATA_BYTES:
             raise WavFull(f"{self.path.name}: a WAV file cannot hold more than 4 GB")
-        self._f.write(data.tobytes())
+        start = HEADER_BYTES + self.frames * self.block
+        view = memoryview(data.tobytes())
+        try:
+            while view:
+                view = view[self._f.write(view) :]
+        except BaseException:  # a full disk, a file-size limit: the block is whole or absent
+            os.ftruncate(self._f.fileno(), start)
+            self._f.seek(start)
+            raise
         self.frames += data.shape[0]
 
     def commit(self, sync: bool = True) -> None:
         """Make the header count every frame written so far (data first, then the sizes)."""
-        data_bytes = self.frames * 2 * self.channels
-        self._f.flush()
+        data_bytes = self.frames * self.block
         end = self._f.tell()
         self._f.seek(RIFF_SIZE_AT)
         self._f.write(struct.pack("<I", HEADER_BYTES - 8 + data_bytes))
         self._f.seek(DATA_SIZE_AT)
         self._f.write(struct.pack("<I", data_bytes))
         self._f.seek(end)
-        self._f.flush()
         if sync:
             os.fsync(self._f.fileno())
         self.committed = self.frames

@@ -159,3 +159,39 @@ def test_unwritable_folder_is_one_line(tmp_path):
     rec.add_user(np.zeros(FRAME, np.float32))
     with pytest.raises(RecordingError, match=r"cannot write the recording \(.*Not a directory"):
         rec.finish()
+
+
+#: A child that records 3 s (0.4 s, a pause, then the rest at once) into a folder under a file-size limit, then finishes.
+LIMITED = textwrap.dedent("""
+    import resource, sys, time
+    import numpy as np
+    from moshi_mlx.audio.recording import ConversationRecorder, RecordingError
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+    rec = ConversationRecorder(sys.argv[1], on_error=lambda line: print("on_error:", line, flush=True))
+    for i in range(int(3 / 0.08)):
+        rec.add_user(np.full(1920, 0.2, np.float32))
+        rec.add_moshi(np.full(1920, -0.2, np.float32))
+        if i == 4:
+            time.sleep(1.0)  # the first 0.4 s go to disk in one block
+    try:
+        rec.finish()
+    except RecordingError as e:
+        print("finish:", e)
+""")
+
+
+def test_a_file_size_limit_stops_the_recording_with_one_line_and_keeps_what_fit(tmp_path):
+    """`ulimit -f` reached half way: one line, no finished files, the partial WAV readable up to the limit."""
+    limit = 100_000  # bytes: about half a second of 16-bit stereo
+    r = subprocess.run([sys.executable, "-c", LIMITED, str(tmp_path), str(limit)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("on_error: the recording stopped: ") and "File too large" in lines[0], lines
+    assert lines[1].startswith("finish: ") and "the recording stopped after" in lines[1], lines
+    assert "what was recorded stays in" in lines[1], lines
+    (wav_part,) = tmp_path.glob("*-stereo.partial.wav")
+    assert sorted(p.name for p in tmp_path.iterdir())[0].endswith("partial.wav")  # no finished file appeared
+    assert not list(tmp_path.glob("*-stereo.wav")) and not list(tmp_path.glob("*.json"))
+    data, _ = sf.read(wav_part, dtype="float32")
+    assert data.shape == (5 * FRAME, 2)  # the block that fit, readable; the one that did not is absent
