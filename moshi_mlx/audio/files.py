@@ -222,21 +222,27 @@ class WavWriter:
     Blocks are [samples] for mono or [samples, channels].
     """
 
-    def __init__(self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+    def __init__(
+        self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1, shown: str | os.PathLike | None = None
+    ) -> None:
         self.path = Path(path)
+        self.shown = shown or path  # the name errors give (the destination, when ``path`` is its temporary file)
         self.channels = channels
         try:
             self._file = sf.SoundFile(
                 self.path, "w", samplerate=rate, channels=channels, subtype="PCM_16", format="WAV"
             )
         except (sf.LibsndfileError, RuntimeError, OSError) as e:
-            raise AudioFileError(f"{self.path}: cannot be written ({first_line(e)})") from None
+            raise AudioFileError(f"{self.shown}: cannot be written ({first_line(e)})") from None
         self.samples = 0
 
     def write(self, pcm: np.ndarray) -> None:
         data = to_pcm16(pcm)
         data = data.reshape(-1) if self.channels == 1 else data.reshape(-1, self.channels)
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise AudioFileError(f"{self.shown}: cannot be written ({_why_write_failed(self.path, e)})") from None
         self.samples += data.shape[0]
 
     def close(self) -> None:
@@ -247,6 +253,22 @@ class WavWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _why_write_failed(path: Path, error: Exception) -> str:
+    """libsndfile says only "System error." when the system refused a write: name the usual two causes."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY and os.path.getsize(path) + (1 << 20) > soft:
+            return f"File too large: the file size limit (ulimit -f) is {soft} bytes"
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "No space left on device"
+    except (ImportError, OSError):
+        pass
+    return first_line(error)
 
 
 def write_wav(path: str | os.PathLike, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
