@@ -1,12 +1,19 @@
-"""Fuzzing a real `local_web --demo` process (hypothesis, bounded: see tests/helpers/fuzz.py): each example is
+"""A real `local_web --demo` process under abuse: fuzzing, 100 clients at once, slowloris.
+
+Fuzzing a real `local_web --demo` process (hypothesis, bounded: see tests/helpers/fuzz.py): each example is
 one client with a random query string sending random and mutated messages (every kind, any length, Ogg pages
 with bits flipped, text frames, a message over the size limits). The server must answer with the handshake or a
 one-line 0x05 error, never close as a server error, free itself for the next client within seconds, write no
-traceback in its log and not grow in memory; afterwards a clean client still has a conversation."""
+traceback in its log and not grow in memory; afterwards a clean client still has a conversation.
+
+Load: 100 clients connecting at once get one conversation and 99 one-line busy refusals while the page and
+/api/info still load. Slowloris: clients that open HTTP connections and never finish their request (or never
+send a byte) do not keep anyone else from the page or a conversation."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.parse import urlencode
 
 import aiohttp
@@ -134,3 +141,115 @@ async def a_clean_conversation(url: str) -> None:
                     break
                 kinds.add(protocol.decode(msg.data).kind)
             assert {Kind.METADATA, Kind.AUDIO} <= kinds, kinds
+
+
+# ------------------------------------------------------------------------------------------------
+# Load
+# ------------------------------------------------------------------------------------------------
+
+#: Clients that connect at once; the page is fetched this many times meanwhile.
+STORM_CLIENTS = 100
+PAGE_LOADS = 10
+
+
+async def storm(server: LocalWeb) -> dict:
+    loop = asyncio.get_running_loop()
+    results: list[tuple[str, float]] = []
+    pages: list[tuple[int, float]] = []
+    sockets = []
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        t0 = loop.time()
+        ws = await session.ws_connect(server.ws)
+        sockets.append(ws)
+        msg = await ws.receive(timeout=30)
+        m = protocol.decode(msg.data)
+        results.append(("handshake" if m.kind == Kind.HANDSHAKE else m.text, loop.time() - t0))
+
+    async def page(session: aiohttp.ClientSession, path: str) -> None:
+        t0 = loop.time()
+        async with session.get(server.http + path) as r:
+            await r.read()
+            pages.append((r.status, loop.time() - t0))
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [client(session) for _ in range(STORM_CLIENTS)]
+        tasks += [page(session, "/" if i % 2 else "/api/info") for i in range(PAGE_LOADS)]
+        t0 = loop.time()
+        await asyncio.gather(*tasks)
+        took = loop.time() - t0
+        for ws in sockets:
+            await ws.close()
+    return {"results": results, "pages": pages, "seconds": took}
+
+
+def test_a_hundred_clients_at_once_get_one_conversation_and_busy_refusals(server):
+    server.wait_idle()
+    out = asyncio.run(storm(server))
+    answers = [a for a, _ in out["results"]]
+    busy = [a for a in answers if a.startswith("busy: ")]
+    slowest = max(t for _, t in out["results"])
+    page_max = max(t for _, t in out["pages"])
+    print(f"\n{STORM_CLIENTS} clients at once: {answers.count('handshake')} conversation, {len(busy)} busy, all answered "
+          f"within {slowest:.2f} s; {PAGE_LOADS} page/info loads meanwhile, slowest {page_max:.2f} s; "
+          f"storm {out['seconds']:.2f} s")
+    assert answers.count("handshake") == 1 and len(busy) == STORM_CLIENTS - 1, answers
+    assert set(busy) == {"busy: another conversation is in progress; try again later"}
+    assert all(status == 200 for status, _ in out["pages"]) and page_max < 5.0, out["pages"]
+    server.wait_idle()
+    asyncio.run(a_clean_conversation(server.ws))  # and the next client has its conversation
+
+
+# ------------------------------------------------------------------------------------------------
+# Slowloris
+# ------------------------------------------------------------------------------------------------
+
+#: Connections that never finish a request, and those that never send a byte.
+SLOW_CLIENTS = 100
+SILENT_CLIENTS = 50
+
+
+async def slowloris(server: LocalWeb, seconds: float) -> dict:
+    host, port = server.http.split("//")[1].split(":")
+    writers = []
+    for i in range(SLOW_CLIENTS + SILENT_CLIENTS):
+        _, w = await asyncio.open_connection(host, int(port))
+        if i < SLOW_CLIENTS:
+            w.write(f"GET /?{i} HTTP/1.1\r\nHost: {host}:{port}\r\n".encode())
+        writers.append(w)
+
+    async def trickle() -> None:  # one more header line each, never the blank line that ends a request
+        for n in range(int(seconds / 0.5)):
+            for w in writers[:SLOW_CLIENTS]:
+                if not w.is_closing():
+                    w.write(f"X-{n}: {n}\r\n".encode())
+            await asyncio.sleep(0.5)
+
+    trickler = asyncio.ensure_future(trickle())
+    await asyncio.sleep(0.5)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.http + "/") as r:
+            status = r.status
+            await r.read()
+        page_s = loop.time() - t0
+    t0 = loop.time()
+    await a_clean_conversation(server.ws)
+    chat_s = loop.time() - t0
+    await trickler
+    still_open = sum(not w.is_closing() for w in writers)
+    for w in writers:
+        w.close()
+    return {"status": status, "page_s": page_s, "chat_s": chat_s, "open": still_open}
+
+
+def test_slowloris_does_not_block_others(server):
+    server.wait_idle()
+    out = asyncio.run(slowloris(server, seconds=3.0))
+    print(f"\nslowloris: {SLOW_CLIENTS} unfinished requests + {SILENT_CLIENTS} silent connections: page in "
+          f"{out['page_s']:.2f} s (HTTP {out['status']}), a conversation (handshake to Moshi's audio) in "
+          f"{out['chat_s']:.2f} s; {out['open']} of them still held open by the server after 3 s")
+    assert out["status"] == 200 and out["page_s"] < 2.0, out
+    assert out["chat_s"] < 20.0, out
+    assert "Traceback" not in server.log
