@@ -19,10 +19,10 @@ SCALE = max(1, int(os.environ.get("MOSHI_MLX_FUZZ_SCALE", "1")))
 
 #: Examples per test: in-process parsers (milliseconds each), the checkpoint loader (a tiny model per example),
 #: the audio-file reader, and a real server (a connection per example).
-PARSER_EXAMPLES = 300 * SCALE
+PARSER_EXAMPLES = 200 * SCALE
 CHECKPOINT_EXAMPLES = 200 * SCALE
 AUDIO_FILE_EXAMPLES = 150 * SCALE
-SERVER_EXAMPLES = 40 * SCALE
+SERVER_EXAMPLES = 30 * SCALE
 #: Slowest one example may take (a hang is a failure, not a slow test).
 DEADLINE_MS = 5000
 
