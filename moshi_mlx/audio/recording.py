@@ -231,7 +231,9 @@ class ConversationRecorder:
 
     # -- the end ---------------------------------------------------------------------------------------
     def finish(self, info: dict[str, Any] | None = None) -> RecordingFiles | None:
-        """Write what is still in memory, then the four files (None: nothing was ever recorded)."""
+        """Write what is still in memory, then the four files (None: nothing was ever recorded). Once only."""
+        if self._stop.is_set():
+            raise RuntimeError("the recording is already finished")
         self._stop.set()
         self._writer.join()
         partial = self._partial
