@@ -1,7 +1,7 @@
 """The web page keeps its recording in IndexedDB as it goes: headless Chromium records a conversation, is killed
 with SIGKILL mid-conversation (a crash, a dead battery), is started again on the same profile, and the page
 offers the unsaved conversation; the files downloaded then are what the page had recorded, all but the last
-half second, sample for sample."""
+half second, sample for sample (compared with the page's own WAV read just before the kill)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ pytestmark = pytest.mark.asyncio
 STATS = "window.moshi && window.moshi.stats"
 #: The page writes to IndexedDB every 0.5 s; a kill loses at most that, plus the flush in flight.
 MAX_LOST_S = 1.0
+#: At most this passes between reading what the page holds and the kill (a flush can land in between).
+SNAPSHOT_TO_KILL_S = 0.6
 
 
 def _pcm(wav_bytes: bytes) -> tuple[np.ndarray, int]:
@@ -86,10 +88,12 @@ async def test_a_killed_browser_offers_the_conversation_again(chromium, engine, 
         lost_s = (len(had) - len(got)) / rate
         print(f"\nbrowser killed with {len(had) / rate:.2f} s recorded in the page; {len(got) / rate:.2f} s offered "
               f"after the restart ({lost_s:.2f} s lost)")
-        assert got_rate == rate and 0 <= lost_s <= MAX_LOST_S, (len(had), len(got), rate)
-        assert np.array_equal(got, had[: len(got)])  # sample for sample what the page had
-        texts = [p["text"] for p in meta["pieces"]]
-        assert texts == [p["text"] for p in before["pieces"]][: len(texts)] and meta["seconds"] == round(len(got) / rate, 3)
+        # The kill comes a moment after the snapshot: a flush may land in between (then "lost" is negative).
+        assert got_rate == rate and -SNAPSHOT_TO_KILL_S <= lost_s <= MAX_LOST_S, (len(had), len(got), rate)
+        n = min(len(had), len(got))
+        assert np.array_equal(got[:n], had[:n])  # sample for sample what the page had
+        texts, said = [p["text"] for p in meta["pieces"]], [p["text"] for p in before["pieces"]]
+        assert texts[: len(said)] == said[: len(texts)] and meta["seconds"] == round(len(got) / rate, 3)
 
         # Saved: a reload no longer offers it.
         await browser.goto(page)
