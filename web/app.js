@@ -761,10 +761,14 @@ ui.save.addEventListener("click", (e) => {
 
 // A conversation a closed or crashed page did not save is offered again (the browser kept it).
 async function offerUnsaved() {
-  const rec = await lastUnsaved();
-  if (!rec || window.moshi.recording) return;
-  window.moshi.recording = rec;
-  renderSave();
+  try {
+    const rec = await lastUnsaved();
+    if (!rec || window.moshi.recording) return;
+    window.moshi.recording = rec;
+    renderSave();
+  } catch (e) {
+    console.warn(`could not read the recordings this browser kept: ${e && e.message}`); // the page works without
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -809,7 +813,7 @@ ui.resetSettings.addEventListener("click", () => {
 async function init() {
   loadSettings();
   setState("idle", "Not connected");
-  await offerUnsaved();
+  offerUnsaved();
   const info = await pollInfo();
   if (info) {
     applyKnobs(info.knobs);
