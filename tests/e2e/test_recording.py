@@ -5,12 +5,10 @@ The recorder itself is tested in tests/unit/audio/test_recording.py."""
 from __future__ import annotations
 
 import json
-import re
 import wave
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.helpers.apps import App, no_traceback, session_summary, talk
 from tests.helpers.audio_env import JackServer, active_fraction, rms, speech_wav
