@@ -116,7 +116,9 @@ class AudioReader:
             raise AudioFileError(f"{p}: broken header ({self.channels} channels, {self.rate} Hz)")
         if not MIN_RATE <= self.rate <= MAX_RATE:
             self.close()
-            raise AudioFileError(f"{p}: sample rate {self.rate} Hz is outside what this tool reads ({MIN_RATE} to {MAX_RATE} Hz)")
+            raise AudioFileError(
+                f"{p}: sample rate {self.rate} Hz is outside what this tool reads ({MIN_RATE} to {MAX_RATE} Hz)"
+            )
 
     def _open(self) -> sf.SoundFile:
         p = self.path
@@ -129,7 +131,7 @@ class AudioReader:
                 rate, channels, subtype, offset = unsized
                 return sf.SoundFile(_Window(self._raw, offset), samplerate=rate, channels=channels, subtype=subtype, format="RAW")
             return sf.SoundFile(self._raw)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as e:  # Overflow: a rate > 2**31
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as e:  # Overflow: rate > 2**31
             self._raw.seek(0)
             head = self._raw.read(12)
             if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
@@ -223,7 +225,8 @@ class WavWriter:
     """
 
     def __init__(
-        self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1, shown: str | os.PathLike | None = None
+        self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1,
+        shown: str | os.PathLike | None = None,
     ) -> None:
         self.path = Path(path)
         self.shown = shown or path  # the name errors give (the destination, when ``path`` is its temporary file)

@@ -245,7 +245,7 @@ class ConversationRecorder:
             partial.close()
         except OSError as e:
             self.error = self.error or e.strerror or first_line(e)
-        if self.error is not None:  # no finished files from a recording that stopped half way; the next --record finishes it
+        if self.error is not None:  # no finished files from a recording cut short; the next --record finishes it
             raise RecordingError(
                 f"{self.folder}: the recording stopped after {partial.wav.committed / self.sample_rate:.1f} s "
                 f"({self.error}); what was recorded stays in {partial.wav.path.name}"

@@ -57,8 +57,9 @@ async def test_a_killed_browser_offers_the_conversation_again(chromium, engine, 
         ), browser.console[-10:]
         # What the page holds at the moment of the kill: its stereo WAV, its words.
         before = json.loads(await browser.eval(
-            "(async () => { const r = window.moshi.recording; const b = new Uint8Array(await r.stereoWav().arrayBuffer());"
-            " let s = ''; for (let i = 0; i < b.length; i += 8192) s += String.fromCharCode(...b.subarray(i, i + 8192));"
+            "(async () => { const r = window.moshi.recording;"
+            " const b = new Uint8Array(await r.stereoWav().arrayBuffer()); let s = '';"
+            " for (let i = 0; i < b.length; i += 8192) s += String.fromCharCode(...b.subarray(i, i + 8192));"
             " return JSON.stringify({wav: btoa(s), pieces: r.pieces, seconds: r.seconds}); })()"
         ))
         profile = await browser.crash()

@@ -193,7 +193,8 @@ def test_a_hundred_clients_at_once_get_one_conversation_and_busy_refusals(server
     busy = [a for a in answers if a.startswith("busy: ")]
     slowest = max(t for _, t in out["results"])
     page_max = max(t for _, t in out["pages"])
-    print(f"\n{STORM_CLIENTS} clients at once: {answers.count('handshake')} conversation, {len(busy)} busy, all answered "
+    print(f"\n{STORM_CLIENTS} clients at once: {answers.count('handshake')} conversation, {len(busy)} busy, "
+          f"all answered "
           f"within {slowest:.2f} s; {PAGE_LOADS} page/info loads meanwhile, slowest {page_max:.2f} s; "
           f"storm {out['seconds']:.2f} s")
     assert answers.count("handshake") == 1 and len(busy) == STORM_CLIENTS - 1, answers

@@ -161,7 +161,7 @@ def test_unwritable_folder_is_one_line(tmp_path):
         rec.finish()
 
 
-#: A child that records 3 s (0.4 s, a pause, then the rest at once) into a folder under a file-size limit, then finishes.
+#: A child that records 3 s (0.4 s, a pause, then the rest at once) into a folder under a file-size limit.
 LIMITED = textwrap.dedent("""
     import resource, sys, time
     import numpy as np
@@ -187,7 +187,8 @@ def test_a_file_size_limit_stops_the_recording_with_one_line_and_keeps_what_fit(
                        text=True, timeout=60)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     lines = r.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("on_error: the recording stopped: ") and "File too large" in lines[0], lines
+    assert len(lines) == 2 and lines[0].startswith("on_error: the recording stopped: "), lines
+    assert "File too large" in lines[0], lines
     assert lines[1].startswith("finish: ") and "the recording stopped after" in lines[1], lines
     assert "what was recorded stays in" in lines[1], lines
     (wav_part,) = tmp_path.glob("*-stereo.partial.wav")
