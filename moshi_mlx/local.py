@@ -140,7 +140,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         recorder.add_moshi(out)
         for p in pieces:
             recorder.add_text(p["text"], p["start"])
-        save_recording(recorder, args.record, {"model": assets.description})
+        save_recording(recorder, {"model": assets.description})
     _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio written to {written}")
     return 0
 

@@ -51,7 +51,7 @@ def convert_file(
         start = time.perf_counter()
         total = -(-reader.frames_24k // FRAME_SIZE)  # an estimate for some compressed formats
         report = None if progress is None else (lambda done: progress(done, max(total, done)))
-        with WavWriter(tmp_out) as writer:
+        with WavWriter(tmp_out, shown=out_path) as writer:
             pieces = converse_stream(engine, reader.blocks_24k(), writer.write, report)
         samples = writer.samples
         if progress is not None and samples:

@@ -13,6 +13,7 @@
 // Counters for tests and curious people: window.moshi.stats.
 
 import { ConversationRecording } from "./recorder.js";
+import { RecordingJournal, lastUnsaved, markSaved } from "./recording-store.js";
 
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5, PING: 6 };
 const STORAGE_KEY = "moshi_mlx.settings";
@@ -410,6 +411,7 @@ class Session {
           // The recording starts now, on the audio clock shared by the mic and playback worklets.
           const rate = this.ctx.sampleRate;
           this.recording = new ConversationRecording(rate, Math.round(this.ctx.currentTime * rate));
+          this.journal = new RecordingJournal(this.recording); // kept in IndexedDB as it goes: survives a crash
           window.moshi.recording = this.recording;
           renderSave();
           startTurn();
@@ -597,6 +599,7 @@ class Session {
     stats.handshake = false;
     meterIn = meterOut = 0;
     if (this.recording && this.ctx) this.recording.stop(this.ctx.currentTime * this.ctx.sampleRate);
+    if (this.journal) this.journal.stop();
     ui.lag.textContent = ""; // the last conversation's figures would be stale
     ui.lag.classList.remove("behind");
     if (this.stream) for (const t of this.stream.getTracks()) t.stop();
@@ -724,8 +727,10 @@ function renderSave() {
   ui.save.hidden = !has;
   if (!has) return;
   const secs = rec.seconds.toFixed(1);
-  ui.saveNote.textContent =
-    rec.endFrame === null
+  ui.saveNote.textContent = rec.recovered
+    ? `Not saved last time: ${secs} s recorded ${rec.startedAt.toLocaleString()}, kept by this browser ` +
+      `(the page was closed, reloaded or crashed). Save it now; nothing is uploaded.`
+    : rec.endFrame === null
       ? `Recording: ${secs} s so far.`
       : `Recorded ${secs} s. Kept in this page until you connect again; nothing is uploaded.`;
 }
@@ -751,7 +756,20 @@ ui.save.addEventListener("click", (e) => {
   else if (kind === "mixed") download(rec.mixedWav(), `${stem}-mixed.wav`);
   else if (kind === "txt") download(rec.textBlob(), `${stem}-transcript.txt`);
   else if (kind === "json") download(rec.jsonBlob({ model: info.model, settings: info.settings }), `${stem}-transcript.json`);
+  markSaved(rec.storeId); // taken: not offered again after a reload
 });
+
+// A conversation a closed or crashed page did not save is offered again (the browser kept it).
+async function offerUnsaved() {
+  try {
+    const rec = await lastUnsaved();
+    if (!rec || window.moshi.recording) return;
+    window.moshi.recording = rec;
+    renderSave();
+  } catch (e) {
+    console.warn(`could not read the recordings this browser kept: ${e && e.message}`); // the page works without
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Is the server there and free? (asked while no conversation runs here)
@@ -795,6 +813,7 @@ ui.resetSettings.addEventListener("click", () => {
 async function init() {
   loadSettings();
   setState("idle", "Not connected");
+  offerUnsaved();
   const info = await pollInfo();
   if (info) {
     applyKnobs(info.knobs);

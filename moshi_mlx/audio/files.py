@@ -23,6 +23,8 @@ from ..errors import MoshiError, first_line
 from .frames import SAMPLE_RATE, Resampler
 
 BLOCK = 1 << 15  # input samples per read: ~0.7 s at 48 kHz, a few hundred KiB at most
+#: Sample rates read (Hz): below, a tiny file would resample into gigabytes (a 2 KB file "at 1 Hz" is 100 MB at 24 kHz).
+MIN_RATE, MAX_RATE = 4000, 768_000
 
 
 class AudioFileError(MoshiError, ValueError):
@@ -46,9 +48,10 @@ def _unsized_wav(f: BinaryIO) -> tuple[int, int, str, int] | None:
             return None
         cid, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
         if cid == b"fmt ":
-            body = f.read(size + (size & 1))
+            body = f.read(min(size, 64))  # what the fields need: a header's size claim is never allocated
             if len(body) < 16:
                 return None
+            f.seek(size + (size & 1) - len(body), os.SEEK_CUR)
             tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
             if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the real tag opens the GUID
                 tag = struct.unpack("<H", body[24:26])[0]
@@ -111,6 +114,11 @@ class AudioReader:
         if self.rate < 1 or self.channels < 1:
             self.close()
             raise AudioFileError(f"{p}: broken header ({self.channels} channels, {self.rate} Hz)")
+        if not MIN_RATE <= self.rate <= MAX_RATE:
+            self.close()
+            raise AudioFileError(
+                f"{p}: sample rate {self.rate} Hz is outside what this tool reads ({MIN_RATE} to {MAX_RATE} Hz)"
+            )
 
     def _open(self) -> sf.SoundFile:
         p = self.path
@@ -123,7 +131,7 @@ class AudioReader:
                 rate, channels, subtype, offset = unsized
                 return sf.SoundFile(_Window(self._raw, offset), samplerate=rate, channels=channels, subtype=subtype, format="RAW")
             return sf.SoundFile(self._raw)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as e:  # Overflow: rate > 2**31
             self._raw.seek(0)
             head = self._raw.read(12)
             if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
@@ -142,11 +150,11 @@ class AudioReader:
 
     def blocks(self, size: int = BLOCK) -> Iterator[np.ndarray]:
         """float32 [samples, channels] blocks from the start; checks every sample is finite."""
-        if self._file.seekable():
-            self._file.seek(0)
         self.frames_read = 0
         while True:
-            try:
+            try:  # a broken stream can fail at the seek to its start as well as at any read
+                if self.frames_read == 0 and self._file.seekable():
+                    self._file.seek(0)
                 x = self._file.read(size, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as e:
                 raise AudioFileError(f"{self.path}: cannot be decoded ({first_line(e)})") from None
@@ -216,21 +224,28 @@ class WavWriter:
     Blocks are [samples] for mono or [samples, channels].
     """
 
-    def __init__(self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+    def __init__(
+        self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1,
+        shown: str | os.PathLike | None = None,
+    ) -> None:
         self.path = Path(path)
+        self.shown = shown or path  # the name errors give (the destination, when ``path`` is its temporary file)
         self.channels = channels
         try:
             self._file = sf.SoundFile(
                 self.path, "w", samplerate=rate, channels=channels, subtype="PCM_16", format="WAV"
             )
         except (sf.LibsndfileError, RuntimeError, OSError) as e:
-            raise AudioFileError(f"{self.path}: cannot be written ({first_line(e)})") from None
+            raise AudioFileError(f"{self.shown}: cannot be written ({first_line(e)})") from None
         self.samples = 0
 
     def write(self, pcm: np.ndarray) -> None:
         data = to_pcm16(pcm)
         data = data.reshape(-1) if self.channels == 1 else data.reshape(-1, self.channels)
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except (sf.LibsndfileError, RuntimeError) as e:
+            raise AudioFileError(f"{self.shown}: cannot be written ({_why_write_failed(self.path, e)})") from None
         self.samples += data.shape[0]
 
     def close(self) -> None:
@@ -241,6 +256,22 @@ class WavWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _why_write_failed(path: Path, error: Exception) -> str:
+    """libsndfile says only "System error." when the system refused a write: name the usual two causes."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY and os.path.getsize(path) + (1 << 20) > soft:
+            return f"File too large: the file size limit (ulimit -f) is {soft} bytes"
+        st = os.statvfs(path.parent)
+        if st.f_bavail * st.f_frsize < (1 << 20):
+            return "No space left on device"
+    except (ImportError, OSError):
+        pass
+    return first_line(error)
 
 
 def write_wav(path: str | os.PathLike, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:

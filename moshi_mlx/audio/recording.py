@@ -1,22 +1,30 @@
-"""Save a conversation: both voices as heard and Moshi's timed transcript.
+"""Save a conversation as it happens: both voices as heard and Moshi's timed transcript.
 
-:class:`ConversationRecorder` collects 24 kHz mono frames of the user's microphone and of Moshi's
-voice (each side in the order it was heard; the front end feeds them from one audio clock) and the
-transcript pieces with their times, then :meth:`~ConversationRecorder.save` writes four files into a
-folder:
+:class:`ConversationRecorder` takes 24 kHz mono frames of the user's microphone and of Moshi's voice
+(each side in the order it was heard; the front end feeds them from one audio clock) and transcript
+pieces, from any thread, without waiting on the disk. A writer thread puts them into the folder every
+:data:`FLUSH_S`, into two files that are readable at every moment:
 
-* ``<stem>-stereo.wav``: 16-bit stereo, you on the left, Moshi on the right;
-* ``<stem>-mixed.wav``: both voices mixed to mono (what a listener in the room heard);
-* ``<stem>-transcript.txt``: Moshi's words;
-* ``<stem>-transcript.json``: the pieces with their start times, plus what the files hold.
+* ``<stem>-stereo.partial.wav``: 16-bit stereo, you on the left, Moshi on the right, its header kept
+  true (:mod:`.wav_stream`);
+* ``<stem>-transcript.partial.jsonl``: one ``{"t": seconds, "text": piece}`` line per piece.
 
-``<stem>`` is ``moshi-<date>-<time>`` with a counter appended when needed: a recording never replaces
-an earlier one. Each file is written to a temporary name in the same folder and then linked into place,
-so a crash leaves either the whole file or nothing.
+So a crash or ``kill -9`` loses at most the last second, and the next ``--record`` into that folder
+finishes what was left (:func:`recover_unfinished`; a live recording holds a lock on its partial WAV
+and is left alone). :meth:`~ConversationRecorder.finish` turns them into the four files of a
+recording, each put in place atomically (whole or absent), then removes the partial ones:
+
+* ``<stem>-stereo.wav``; ``<stem>-mixed.wav``: both voices mixed to mono (what a listener in the room heard);
+* ``<stem>-transcript.txt``: Moshi's words; ``<stem>-transcript.json``: the pieces with their start
+  times, plus what the files hold.
+
+``<stem>`` is ``moshi-<date>-<time>`` with a counter appended when needed: a recording never replaces a file.
+Memory stays bounded (the audio is on disk, not in a list), whatever the conversation's length.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -24,17 +32,23 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
-import soundfile as sf
 
 from ..errors import MoshiError, first_line
 from ..outputs import OutputError, atomic_output, fresh_paths
 from .files import to_pcm16
 from .frames import SAMPLE_RATE
+from .wav_stream import HEADER_BYTES, WavStream, read_frames, stereo_to_mixed
 
 SUFFIXES = ("stereo.wav", "mixed.wav", "transcript.txt", "transcript.json")
+PARTIAL_SUFFIXES = ("stereo.partial.wav", "transcript.partial.jsonl")
+STEM = "moshi"
+#: How often the writer thread puts what came in on disk: a crash loses at most this, plus one side's lead.
+FLUSH_S = 0.5
+#: One side may run ahead of the other (a stalled device) by this much before the other is taken as silence.
+MAX_SKEW_S = 1.0
 
 
 class RecordingError(MoshiError, OSError):
@@ -53,24 +67,81 @@ class RecordingFiles:
         return iter((self.stereo, self.mixed, self.text, self.json))
 
 
-class ConversationRecorder:
-    """Thread-safe collector of one conversation (the audio callback and the UI thread both feed it).
+class _Partial:
+    """The two growing files of one recording, the WAV locked while it lives (see :func:`recover_unfinished`)."""
 
-    Audio is kept as 16-bit samples: about 170 MB per hour for the two voices.
+    def __init__(self, folder: Path, started: datetime, rate: int) -> None:
+        for _ in range(1000):  # a name is only a proposal: another recording may take it meanwhile
+            *finals, wav_path, text_path = fresh_paths(
+                folder, STEM, [f"-{s}" for s in SUFFIXES + PARTIAL_SUFFIXES], started.timestamp()
+            )
+            try:
+                self.wav = WavStream(wav_path, 2, rate, new=True)
+            except FileExistsError:
+                continue
+            try:
+                fcntl.flock(self.wav.fileno, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.text: IO[str] = open(text_path, "x", encoding="utf-8")
+            except BaseException:
+                self.wav.close()
+                os.unlink(wav_path)
+                raise
+            self.stem = wav_path.name[: -len(PARTIAL_SUFFIXES[0]) - 1]
+            return
+        raise FileExistsError(f"no free file name for {STEM}-{started:%Y%m%d-%H%M%S}")
+
+    @property
+    def paths(self) -> tuple[Path, Path]:
+        return self.wav.path, Path(self.text.name)
+
+    def append(self, stereo: np.ndarray, pieces: list[dict[str, Any]]) -> None:
+        if len(stereo):
+            self.wav.write(stereo)
+            self.wav.commit()
+        if pieces:
+            self.text.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pieces))
+            self.text.flush()
+            os.fsync(self.text.fileno())
+
+    def close(self) -> None:
+        try:
+            self.wav.close()
+        finally:
+            self.text.close()
+
+
+class ConversationRecorder:
+    """Thread-safe recorder of one conversation into ``folder`` (the audio callback and the UI thread both feed it).
+
+    Nothing is created before the first frame or piece. ``on_error`` hears, once, why writing stopped
+    (a full disk): the files then keep what they had.
     """
 
-    def __init__(self, sample_rate: int = SAMPLE_RATE, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, sample_rate: int = SAMPLE_RATE, clock: Callable[[], float] = time.monotonic,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.folder = Path(folder).expanduser()
         self.sample_rate = sample_rate
         self._clock = clock
+        self._on_error = on_error
         self._lock = threading.Lock()
         self._user: list[np.ndarray] = []
         self._moshi: list[np.ndarray] = []
-        self._n_user = 0
-        self._n_moshi = 0
         self._pieces: list[dict[str, Any]] = []
+        self._all_pieces: list[dict[str, Any]] = []
+        self._n_user = self._n_moshi = 0
         self._t0: float | None = None
         self.started_at: datetime | None = None
+        # The writer thread's own state.
+        self._left = (np.zeros(0, "<i2"), np.zeros(0, "<i2"))  # what one side has that the other has not yet
+        self._partial: _Partial | None = None
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._run, name="recording-writer", daemon=True)
+        self._writer.start()
 
+    # -- feeding (any thread, never waits on the disk) -------------------------------------------
     def _start(self) -> None:
         if self._t0 is None:
             self._t0 = self._clock()
@@ -100,7 +171,9 @@ class ConversationRecorder:
             self._start()
             if t is None:
                 t = self._clock() - self._t0
-            self._pieces.append({"t": round(float(t), 3), "text": text})
+            piece = {"t": round(float(t), 3), "text": text}
+            self._pieces.append(piece)
+            self._all_pieces.append(piece)
 
     @property
     def seconds(self) -> float:
@@ -110,57 +183,192 @@ class ConversationRecorder:
     @property
     def empty(self) -> bool:
         with self._lock:
-            return not (self._n_user or self._n_moshi or self._pieces)
+            return not (self._n_user or self._n_moshi or self._all_pieces)
 
     def transcript(self) -> str:
         with self._lock:
-            return "".join(p["text"] for p in self._pieces).strip()
+            return "".join(p["text"] for p in self._all_pieces).strip()
 
-    def save(self, directory: str | os.PathLike, info: dict[str, Any] | None = None) -> RecordingFiles:
-        """Write the four files into ``directory`` (created if needed) under a fresh name."""
+    @property
+    def partial_paths(self) -> tuple[Path, Path] | None:
+        """The growing stereo WAV and transcript lines, once the first frame or piece came."""
+        return None if self._partial is None else self._partial.paths
+
+    # -- the writer thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.wait(FLUSH_S):
+            self._flush(last=False)
+        self._flush(last=True)
+
+    def _flush(self, last: bool) -> None:
         with self._lock:
-            user = np.concatenate(self._user) if self._user else np.zeros(0, "<i2")
-            moshi = np.concatenate(self._moshi) if self._moshi else np.zeros(0, "<i2")
-            pieces = list(self._pieces)
-            started = self.started_at or datetime.now().astimezone()
-        n = max(user.size, moshi.size)
+            users, self._user = self._user, []
+            moshis, self._moshi = self._moshi, []
+            pieces, self._pieces = self._pieces, []
+            started = self.started_at
+        if self.error is not None:
+            return  # writing stopped; what came in is dropped, memory stays bounded
+        user = np.concatenate([self._left[0], *users])
+        moshi = np.concatenate([self._left[1], *moshis])
+        longer = max(user.size, moshi.size)
+        # Both sides together, except a side that runs MAX_SKEW_S ahead (the other is then silent), and all at the end.
+        n = longer if last else max(min(user.size, moshi.size), longer - int(MAX_SKEW_S * self.sample_rate))
         stereo = np.zeros((n, 2), "<i2")
-        stereo[: user.size, 0] = user
-        stereo[: moshi.size, 1] = moshi
-        mixed = np.clip(stereo.astype(np.int32).sum(axis=1), -32767, 32767).astype("<i2")
-        text = "".join(p["text"] for p in pieces).strip()
-        seconds = n / self.sample_rate
-
-        folder = Path(directory).expanduser()
+        stereo[: min(n, user.size), 0] = user[:n]
+        stereo[: min(n, moshi.size), 1] = moshi[:n]
+        self._left = (user[n:], moshi[n:])
+        if not n and not pieces:
+            return
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            if self._partial is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._partial = _Partial(self.folder, started, self.sample_rate)
+            self._partial.append(stereo, pieces)
+        except (OSError, ValueError) as e:  # a full disk, a file-size limit, the folder gone
+            self.error = getattr(e, "strerror", None) or first_line(e)
+            if self._on_error is not None:
+                self._on_error(f"the recording stopped: {self.error}")
+
+    # -- the end ---------------------------------------------------------------------------------------
+    def finish(self, info: dict[str, Any] | None = None) -> RecordingFiles | None:
+        """Write what is still in memory, then the four files (None: nothing was ever recorded). Once only."""
+        if self._stop.is_set():
+            raise RuntimeError("the recording is already finished")
+        self._stop.set()
+        self._writer.join()
+        partial = self._partial
+        if partial is None:
+            if self.error is not None:
+                raise RecordingError(f"{self.folder}: cannot write the recording ({self.error})")
+            return None
+        try:
+            partial.close()
         except OSError as e:
-            raise RecordingError(f"--record {folder}: cannot create the folder ({e.strerror or e})") from None
-        for _ in range(1000):  # a name is only a proposal: another recording may take it meanwhile
-            paths = fresh_paths(folder, "moshi", [f"-{suffix}" for suffix in SUFFIXES], started.timestamp())
-            meta = {
-                "started_at": started.isoformat(timespec="seconds"),
-                "seconds": round(seconds, 3),
-                "sample_rate": self.sample_rate,
-                "channels": {"left": "you (microphone, after echo cancellation)", "right": "Moshi"},
-                "files": dict(zip(("stereo", "mixed", "text", "json"), (p.name for p in paths))),
-                "text": text,
-                "pieces": pieces,
-                **(info or {}),
-            }
+            self.error = self.error or e.strerror or first_line(e)
+        if self.error is not None:  # no finished files from a recording cut short; the next --record finishes it
+            raise RecordingError(
+                f"{self.folder}: the recording stopped after {partial.wav.committed / self.sample_rate:.1f} s "
+                f"({self.error}); what was recorded stays in {partial.wav.path.name}"
+            )
+        with self._lock:
+            pieces = list(self._all_pieces)
+        return _finalise(self.folder, partial.stem, partial.paths, self.started_at, pieces, self.sample_rate, info)
+
+
+def _finalise(
+    folder: Path, stem: str, partial: tuple[Path, Path], started: datetime, pieces: list[dict[str, Any]], rate: int,
+    info: dict[str, Any] | None,
+) -> RecordingFiles:
+    """The four files from a closed partial recording, each whole or absent; then the partial ones go."""
+    wav_part, text_part = partial
+    frames = sum(f.shape[0] for f in read_frames(wav_part, 1 << 20))
+    seconds = frames / rate
+    text = "".join(p["text"] for p in pieces).strip()
+    for attempt in range(1000):
+        paths = (
+            [folder / f"{stem}-{s}" for s in SUFFIXES] if attempt == 0
+            else fresh_paths(folder, STEM, [f"-{s}" for s in SUFFIXES], started.timestamp())
+        )
+        meta = {
+            "started_at": started.isoformat(timespec="seconds"),
+            "seconds": round(seconds, 3),
+            "sample_rate": rate,
+            "channels": {"left": "you (microphone, after echo cancellation)", "right": "Moshi"},
+            "files": dict(zip(("stereo", "mixed", "text", "json"), (p.name for p in paths))),
+            "text": text,
+            "pieces": pieces,
+            **(info or {}),
+        }
+        made: list[Path] = []
+        try:
+            _link_new(wav_part, paths[0])  # the closed partial WAV is complete: it becomes the stereo file
+            made.append(paths[0])
             writers = [
-                lambda tmp: sf.write(tmp, stereo, self.sample_rate, subtype="PCM_16", format="WAV"),
-                lambda tmp: sf.write(tmp, mixed, self.sample_rate, subtype="PCM_16", format="WAV"),
+                lambda tmp: stereo_to_mixed(wav_part, tmp, rate),
                 lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"),
                 lambda tmp: tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"),
             ]
+            for path, write in zip(paths[1:], writers):
+                with atomic_output(path, overwrite=False) as tmp:  # never replaces a file
+                    write(tmp)
+                made.append(path)
+        except FileExistsError:  # a file of that name appeared meanwhile: ours go, the next name is tried
+            for p in made:
+                p.unlink(missing_ok=True)
+            continue
+        except (OutputError, OSError) as e:
+            for p in made:
+                p.unlink(missing_ok=True)
+            raise RecordingError(
+                f"{folder}: cannot write the recording ({first_line(e)}); what was recorded stays in {wav_part.name}"
+            ) from None
+        for p in (wav_part, text_part):
+            p.unlink(missing_ok=True)
+        return RecordingFiles(*paths, seconds=seconds)
+    raise RecordingError(f"{folder}: no free file name for {stem}")
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """``src`` also under the new name ``dst`` (FileExistsError if taken), without copying where links exist."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: a copy, put in place atomically
+        with atomic_output(dst, overwrite=False) as tmp:
+            tmp.write_bytes(src.read_bytes())
+
+
+def recover_unfinished(folder: str | os.PathLike) -> list[RecordingFiles]:
+    """Finish the recordings a crash or ``kill -9`` left in ``folder`` (live ones, locked, are left alone).
+
+    Each partial WAV is cut to what its header counts, the transcript lines read up to the first broken
+    one, and the four files written as :meth:`ConversationRecorder.finish` would have.
+    """
+    folder = Path(folder).expanduser()
+    done = []
+    for wav_part in sorted(folder.glob(f"{STEM}-*-{PARTIAL_SUFFIXES[0]}")):
+        stem = wav_part.name[: -len(PARTIAL_SUFFIXES[0]) - 1]
+        text_part = folder / f"{stem}-{PARTIAL_SUFFIXES[1]}"
+        try:
+            f = open(wav_part, "r+b")
+        except OSError:
+            continue
+        with f:
             try:
-                for path, write in zip(paths, writers):
-                    with atomic_output(path, overwrite=False) as tmp:  # never replaces an earlier recording
-                        write(tmp)
-            except FileExistsError:  # another recording took this name meanwhile: use the next one
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # its recorder is alive
                 continue
-            except (OutputError, OSError, sf.LibsndfileError) as e:
-                raise RecordingError(f"{folder}: cannot write the recording ({first_line(e)})") from None
-            return RecordingFiles(*paths, seconds=seconds)
-        raise RecordingError(f"{folder}: no free file name for moshi-{started:%Y%m%d-%H%M%S}")
+            head = f.read(HEADER_BYTES)
+            if len(head) < HEADER_BYTES or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                continue  # not one of ours: not touched
+            f.truncate(HEADER_BYTES + int.from_bytes(head[40:44], "little"))  # a write the kill cut short
+            pieces = _read_pieces(text_part)
+            started = _stem_time(stem) or datetime.fromtimestamp(wav_part.stat().st_mtime).astimezone()
+            done.append(_finalise(
+                folder, stem, (wav_part, text_part), started, pieces, int.from_bytes(head[24:28], "little"),
+                {"recovered": "finished after the recording process ended without closing it (crash or kill)"},
+            ))
+    return done
+
+
+def _read_pieces(path: Path) -> list[dict[str, Any]]:
+    pieces = []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return pieces
+    for line in lines:
+        try:
+            piece = json.loads(line)
+            pieces.append({"t": float(piece["t"]), "text": str(piece["text"])})
+        except (ValueError, KeyError, TypeError):
+            break  # the last line, cut short by the kill
+    return pieces
+
+
+def _stem_time(stem: str) -> datetime | None:
+    try:
+        return datetime.strptime(stem[len(STEM) + 1 : len(STEM) + 16], "%Y%m%d-%H%M%S").astimezone()
+    except ValueError:
+        return None

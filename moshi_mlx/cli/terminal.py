@@ -64,8 +64,9 @@ def add_audio_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 def add_record_arg(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--record", metavar="DIR", default=None,
-        help="save the conversation into DIR when it ends (also on Ctrl-C): stereo WAV (you left, Moshi right), "
-        "mixed mono WAV, transcript .txt and .json; never overwrites an earlier recording",
+        help="record the conversation into DIR as it goes (a crash loses at most the last second; the next "
+        "--record DIR finishes such a recording): stereo WAV (you left, Moshi right), mixed mono WAV, transcript "
+        ".txt and .json; never overwrites a file",
     )
 
 
@@ -73,7 +74,7 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
     """A recorder for --record DIR, after checking DIR can be written (before any slow loading or connecting)."""
     if directory is None:
         return None
-    from ..audio.recording import ConversationRecorder, RecordingError
+    from ..audio.recording import ConversationRecorder, RecordingError, recover_unfinished
 
     folder = Path(directory).expanduser()
     try:
@@ -84,18 +85,23 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
         probe_writable(folder, directory)
     except OutputError:
         raise RecordingError(f"--record {directory}: the folder is not writable") from None
-    return ConversationRecorder()
-
-
-def save_recording(recorder: ConversationRecorder, directory: str, info: dict[str, Any]) -> None:
-    """Write the files and say where; a failure is one line, never an exception (the summary still comes)."""
-    if recorder.empty:
-        log("recording: nothing was recorded")
-        return
     try:
-        files = recorder.save(directory, info)
+        for files in recover_unfinished(folder):  # what a crash or kill -9 left there
+            log(f"recording: finished one an earlier session left unfinished ({files.seconds:.1f} s): {files.stereo}")
+    except RecordingError as e:
+        log(f"warning: an unfinished recording could not be finished: {first_line(e)}")
+    return ConversationRecorder(folder, on_error=lambda line: log(f"error: {line}"))
+
+
+def save_recording(recorder: ConversationRecorder, info: dict[str, Any]) -> None:
+    """Finish the files and say where; a failure is one line, never an exception (the summary still comes)."""
+    try:
+        files = recorder.finish(info)
     except Exception as e:  # never lose the session summary over a full disk
         log(f"error: the recording could not be saved: {first_line(e)}")
+        return
+    if files is None:
+        log("recording: nothing was recorded")
         return
     log(f"recording saved ({files.seconds:.1f} s): " + ", ".join(str(p) for p in files))
 
@@ -160,7 +166,6 @@ class TerminalSession:
                 raise
             raise NoDefaultDevice(e.kind, f"{e}; or, {no_sound_hint}") from None
         log(self.audio.describe() + (", echo cancellation on" if self.echo_canceller else ", echo cancellation off"))
-        self.record_dir: str | None = args.record
         self.display = Display()
         self.stopped_by: str | None = None  # "Ctrl-C" or "SIGTERM" when that ended the session
         self.started = time.monotonic()
@@ -236,7 +241,7 @@ class TerminalSession:
         if not self.far.reached:
             return
         if self.recorder is not None:
-            save_recording(self.recorder, self.record_dir, self.far.recording_info())
+            save_recording(self.recorder, self.far.recording_info())
         if not summary:
             return
         echo_line = echo_summary(self.echo_canceller)

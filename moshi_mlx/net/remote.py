@@ -17,6 +17,7 @@ codec is :class:`~moshi_mlx.net.opus.OpusFrames`.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import ssl
 import threading
@@ -76,7 +77,15 @@ class RemoteStats:
     @property
     def server_dropped(self) -> int:
         """Frames the server skipped or did not send (only servers that report it, like ours)."""
-        return int(self.server.get("dropped_in", 0)) + int(self.server.get("dropped_out", 0))
+        return _count(self.server.get("dropped_in")) + _count(self.server.get("dropped_out"))
+
+
+def _count(value: Any) -> int:
+    """A count from a server's JSON; anything but a non-negative finite number reads as 0 (a server's stats are
+    its own: a null or a string there must not end the conversation)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
 
 
 class RemoteConversation:

@@ -43,6 +43,9 @@ from .session import Conversation
 log = logging.getLogger("moshi_mlx.web.app")
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the moshi_mlx package
+#: An HTTP connection with no complete request for this long is closed (aiohttp's keep-alive timer, which also
+#: runs before the first request; its default of an hour let unfinished requests hold sockets, slowloris-style).
+IDLE_CONNECTION_S = 10.0
 
 
 class WebUiMissing(MoshiError, RuntimeError):
@@ -287,7 +290,9 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
     hide_server_version()
     app = web.Application(
         middlewares=[host_guard(server.policy)],
-        handler_args={"logger": QuietHttpErrors(logging.getLogger("aiohttp.server"), {})},
+        handler_args={
+            "logger": QuietHttpErrors(logging.getLogger("aiohttp.server"), {}), "keepalive_timeout": IDLE_CONNECTION_S,
+        },
     )
     ours = {(PACKAGE_DIR / "web").resolve(), (PACKAGE_DIR.parent / "web").resolve()}
     app[FOREIGN_UI] = root not in ours

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-UI_FILES = ("", "app.js", "recorder.js", "audio-worklets.js", "style.css", "favicon.ico", "favicon.svg",
+UI_FILES = ("", "app.js", "recorder.js", "recording-store.js", "audio-worklets.js", "style.css", "favicon.ico", "favicon.svg",
             "vendor/encoderWorker.min.js", "vendor/ogg-opus-decoder.min.js")
 
 

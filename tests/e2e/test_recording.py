@@ -1,16 +1,15 @@
-"""Conversation recording: the recorder's files, and `local --record DIR` ended by Ctrl-C (a real SIGINT)."""
+"""Conversation recording with the terminal app: `local --record DIR` ended by Ctrl-C (a real SIGINT) and by kill -9.
+
+The recorder itself is tested in tests/unit/audio/test_recording.py."""
 
 from __future__ import annotations
 
 import json
-import re
 import wave
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from moshi_mlx.audio.recording import ConversationRecorder, RecordingError
 from tests.helpers.apps import App, no_traceback, session_summary, talk
 from tests.helpers.audio_env import JackServer, active_fraction, rms, speech_wav
 
@@ -24,51 +23,6 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         ch = w.getnchannels()
         data = np.frombuffer(w.readframes(w.getnframes()), "<i2")
     return data.reshape(-1, ch).astype(np.float32) / 32767.0, ch
-
-
-def test_recorder_writes_four_files_without_overwriting(tmp_path):
-    clock = iter([100.0, 100.5, 101.25, 102.0])
-    rec = ConversationRecorder(clock=lambda: next(clock))
-    you = (0.25 * np.sin(np.arange(3 * 1920) / 7.0)).astype(np.float32)
-    moshi = np.full(2 * 1920, -0.5, np.float32)
-    rec.add_user(you[:1920])
-    rec.add_text(" Hello")           # 0.5 s after the first frame
-    rec.add_moshi(moshi)
-    rec.add_user(you[1920:])
-    rec.add_text(" there.", t=0.16)  # an explicit time wins
-    rec.add_text("")                 # nothing to record
-    assert rec.seconds == pytest.approx(3 * 1920 / SR)
-
-    first = rec.save(tmp_path / "rec", {"model": "demo"})
-    second = rec.save(tmp_path / "rec")
-    names = sorted(p.name for p in (tmp_path / "rec").iterdir())
-    assert len(names) == 8 and not any(n.endswith(".tmp") for n in names), names  # nothing replaced or left over
-    assert set(first).isdisjoint(second)
-    assert re.fullmatch(r"moshi-\d{8}-\d{6}-stereo\.wav", first.stereo.name)
-
-    stereo, ch = read_wav(first.stereo)
-    assert ch == 2 and stereo.shape == (3 * 1920, 2)
-    np.testing.assert_allclose(stereo[:, 0], you, atol=1 / 32767)                 # you: left
-    np.testing.assert_allclose(stereo[: 2 * 1920, 1], -0.5, atol=1 / 32767)      # Moshi: right
-    assert not stereo[2 * 1920 :, 1].any()                                        # then silence
-    mixed, ch = read_wav(first.mixed)
-    assert ch == 1
-    np.testing.assert_allclose(mixed[:, 0], np.clip(stereo.sum(axis=1), -1, 1), atol=2 / 32767)
-
-    assert first.text.read_text() == "Hello there.\n"
-    meta = json.loads(first.json.read_text())
-    assert meta["pieces"] == [{"t": 0.5, "text": " Hello"}, {"t": 0.16, "text": " there."}]
-    assert meta["text"] == "Hello there." and meta["model"] == "demo" and meta["seconds"] == 0.24
-    assert meta["files"]["stereo"] == first.stereo.name
-
-
-def test_unwritable_folder_is_a_clear_error(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    rec = ConversationRecorder()
-    rec.add_user(np.zeros(1920, np.float32))
-    with pytest.raises(RecordingError, match="cannot create the folder"):
-        rec.save(blocker / "sub")
 
 
 def test_record_flag_with_a_bad_folder_fails_before_loading(tmp_path):

@@ -34,9 +34,10 @@ def chromium_path() -> str | None:
 class Browser:
     """Headless Chromium with a fake microphone, driven over the DevTools protocol."""
 
-    def __init__(self, binary: str, mic_wav: Path, allow_mic: bool = True):
+    def __init__(self, binary: str, mic_wav: Path, allow_mic: bool = True, profile: str | None = None):
+        """``profile``: a user-data folder to reuse (what a crashed browser left, its IndexedDB included)."""
         self.binary, self.mic_wav, self.allow_mic = binary, mic_wav, allow_mic
-        self.profile = tempfile.mkdtemp(prefix="moshi-chromium-")
+        self.profile = profile or tempfile.mkdtemp(prefix="moshi-chromium-")
         self.proc: subprocess.Popen | None = None
         self.http: aiohttp.ClientSession | None = None
         self.ws = None
@@ -132,6 +133,19 @@ class Browser:
         shot = await self.call("Page.captureScreenshot", format="png")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(shot["data"]))
+
+    async def crash(self) -> str:
+        """SIGKILL the browser, as a crash or a dead battery would; returns its profile folder (kept)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.http is not None:
+            await self.http.close()
+        self.proc = self.ws = self.http = self._reader = None
+        (Path(self.profile) / "DevToolsActivePort").unlink(missing_ok=True)  # the next start waits for a fresh one
+        return self.profile
 
     async def close(self) -> None:
         if self._reader is not None:
