@@ -83,8 +83,7 @@ def converse(args: argparse.Namespace) -> int:
     _log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description}")
     moshi.start(engine, assets.description, session, max_pending=args.max_lag_frames)
     session.begin()
-    session.run(lambda: moshi.converse(session), summary_on_error=False)
-    return 0
+    return session.run(lambda: moshi.converse(session), summary_on_error=False)
 
 
 def _check_demo_output(args: argparse.Namespace) -> None:

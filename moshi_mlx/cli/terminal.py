@@ -212,11 +212,12 @@ class TerminalSession:
             self._warned_drops, self._last_warn = dropped, now
 
     # -- the whole session -------------------------------------------------------------------------
-    def run(self, loop: Callable[[], None], summary_on_error: bool) -> None:
+    def run(self, loop: Callable[[], None], summary_on_error: bool) -> int:
         """Run the far end's ``loop`` until it returns or Ctrl-C / SIGTERM, then close and sum up.
 
         The recording is saved however the session ended; the summary comes after an error too only
-        with ``summary_on_error`` (the client's lost connection: what it managed matters).
+        with ``summary_on_error`` (the client's lost connection: what it managed matters). Returns the
+        exit code: 130 when Ctrl-C / SIGTERM ended it (the shell's policy, after a clean close), else 0.
         """
         failed = True
         try:
@@ -228,6 +229,7 @@ class TerminalSession:
         finally:
             with shell.sigint_ignored():  # a second Ctrl-C must not break the cleanup
                 self._close(summary=not failed or summary_on_error)
+        return shell.EXIT_INTERRUPTED if self.stopped_by else shell.EXIT_OK
 
     def _close(self, summary: bool) -> None:
         self.audio.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..engine import ConversationEngine
-from ..errors import MoshiError
+from ..errors import UsageError
 from ..models.lm import Lm
 from ..settings import EngineSettings
 from ..tokenizer import TextTokenizer
@@ -86,7 +86,7 @@ def load(
     start = time.perf_counter()
     if demo:
         if source.given_flags:
-            raise MoshiError(
+            raise UsageError(
                 f"--demo runs built-in stand-ins and cannot use {', '.join(source.given_flags)}: drop one or the other"
             )
         log(DEMO_BANNER)

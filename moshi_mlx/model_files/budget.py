@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from ..errors import MoshiError
 from ..models.cache import DEFAULT_KV_BITS, LENGTH_BUCKET, kv_cache_bytes
 
 GB = 1e9
@@ -20,7 +21,7 @@ DEFAULT_RESERVE_BYTES = 256 * 2**20
 MIN_CONTEXT = 250
 
 
-class BudgetError(ValueError):
+class BudgetError(MoshiError, ValueError):
     """The model cannot fit the memory budget at any setting we allow."""
 
 

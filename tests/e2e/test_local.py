@@ -388,7 +388,7 @@ def test_offline_demo_writes_a_fresh_audible_file_and_never_overwrites(portaudio
 
 
 def test_sigterm_is_named_and_a_silent_mic_claims_no_echo_removed(alsa_env):
-    """SIGTERM ends a session like Ctrl-C (cleanly, exit 0) and the summary says it was SIGTERM. On ALSA
+    """SIGTERM ends a session like Ctrl-C (cleanly, exit 130: the README's "interrupted") and the summary says it was SIGTERM. On ALSA
     file devices the mic is a silent file with no acoustic path: there is no echo to measure, and the
     summary says so (it once claimed "116.1 dB removed")."""
     app = App(["--demo", "--input-device", "fakemic_raw", "--output-device", "fakespk_raw"], alsa_env)
@@ -399,7 +399,7 @@ def test_sigterm_is_named_and_a_silent_mic_claims_no_echo_removed(alsa_env):
         assert "listening" in app.stderr, app.stderr
         time.sleep(3.0)
         app.proc.send_signal(signal.SIGTERM)
-        assert app.proc.wait(30) == 0, app.stderr
+        assert app.proc.wait(30) == 130, app.stderr
         for t in app._threads:
             t.join(5)
     finally:

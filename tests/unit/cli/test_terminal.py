@@ -89,7 +89,7 @@ def test_a_session_records_both_sides_and_sums_up(sd, said, tmp_path, capsys):
     session = _open(tmp_path, far)
     assert said[0].startswith("mic: 0 'Built-in Microphone' (44100 Hz, resampled to 24 kHz)")
     assert said[0].endswith(", echo cancellation off")
-    session.run(far.loop, summary_on_error=False)
+    assert session.run(far.loop, summary_on_error=False) == 0
 
     assert far.closed and not session.audio.active and all(not s.active for s in sd.streams)
     out, err = capsys.readouterr()
@@ -103,10 +103,10 @@ def test_a_session_records_both_sides_and_sums_up(sd, said, tmp_path, capsys):
     assert "hello there" in text
 
 
-def test_ctrl_c_is_a_normal_end(sd, said, tmp_path):
+def test_ctrl_c_is_a_normal_end_with_the_interrupted_exit_code(sd, said, tmp_path):
     far = EchoFarEnd(frames=3, fail=KeyboardInterrupt())
     session = _open(tmp_path, far, record=None, max_lag_frames=2)
-    session.run(far.loop, summary_on_error=False)
+    assert session.run(far.loop, summary_on_error=False) == 130  # the README's policy: interrupted
     assert said[-1].endswith("(stopped by Ctrl-C)") and far.closed
     assert not any("recording" in line for line in said)
 
