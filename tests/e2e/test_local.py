@@ -196,8 +196,7 @@ def test_model_file_error_is_one_line(alsa_env, tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "nope" in lines[-1], r.stderr
-    assert lines[0].startswith("mic: ")  # the device line, then only the error
-    assert len(lines) == 2 and "Traceback" not in r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr  # only the error: checked before the devices open
 
 
 def test_bad_max_lag_frames(alsa_env):
@@ -340,12 +339,22 @@ NO_SOUND_HINT = (
 )
 
 
-def test_no_sound_card_says_what_to_do_instead(portaudio, tmp_path):
-    """A HOME without an ALSA setup on a machine without a sound card: PortAudio sees no device."""
-    env = base_env(HOME=str(tmp_path))
-    r = _run(["-q", "4"], env, timeout=60)
+def test_no_sound_card_says_what_to_do_instead(portaudio, tmp_path, demo_files):
+    """A HOME without an ALSA setup on a machine without a sound card: PortAudio sees no device. The model
+    files are checked first (they are, here: a tiny random LM), so the devices' error is the one left."""
+    from moshi_mlx.model_files.stand_ins import write_random_lm
+    from moshi_mlx.models.config import config_tiny
+
+    weights, config = write_random_lm(config_tiny(), None, tmp_path)
+    env = base_env(HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    files = ["--moshi-weights", str(weights), "--lm-config", str(config), "--mimi-weights", str(demo_files.mimi_path),
+             "--tokenizer", str(demo_files.tokenizer_path)]
+    r = _run(files, env, timeout=60)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: no microphone found (no default input device)") and NO_SOUND_HINT in r.stderr
+    r = _run(["-q", "4"], env, timeout=60)  # offline, not cached: the model is the problem, said before devices
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "model.q4.safetensors" in r.stderr, r.stderr
+    assert "--demo" in r.stderr and "microphone" not in r.stderr, r.stderr
     r = _run(["--list-devices"], env, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == f"no sound devices found (PortAudio sees none); {NO_SOUND_HINT}"
 
