@@ -90,8 +90,23 @@ def weights_bytes(model) -> int:
     return int(sum(p.nbytes for _, p in tree_flatten(model.parameters())))
 
 
+#: Share of a CUDA GPU's own memory the default budget takes: CUDA reports no recommended working set, and MLX's
+#: CUDA allocator stops at 95% of it; the rest is for the CUDA context and other users of the GPU.
+CUDA_MEMORY_SHARE = 0.9
+
+
+def on_cuda() -> bool:
+    """Whether MLX computes on an NVIDIA GPU here (a CUDA build, the GPU as the default device)."""
+    cuda = getattr(mx, "cuda", None)
+    try:
+        return bool(cuda is not None and cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu)
+    except Exception:  # an MLX without these calls has no CUDA backend
+        return False
+
+
 def machine_budget_bytes() -> int:
-    """Default budget: Metal's recommended working set where MLX reports one, else 2/3 of RAM (Metal's rule)."""
+    """Default budget: Metal's recommended working set where MLX reports one; on CUDA a share of the GPU's
+    own memory (MLX >= 0.30.6 reports it); else 2/3 of RAM (Metal's rule)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     info = {}
     for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
@@ -102,7 +117,10 @@ def machine_budget_bytes() -> int:
         if info:
             break
     recommended = int(info.get("max_recommended_working_set_size", 0) or 0)
-    return min(recommended, ram) if recommended else ram * 2 // 3
+    if recommended:
+        return min(recommended, ram)
+    gpu_memory = int(info.get("total_memory", 0) or 0) if on_cuda() else 0
+    return int(gpu_memory * CUDA_MEMORY_SHARE) if gpu_memory else ram * 2 // 3
 
 
 def apply_limits(plan: MemoryPlan) -> None:
