@@ -76,8 +76,10 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
     from ..audio.recording import ConversationRecorder, RecordingError
 
     folder = Path(directory).expanduser()
+    if not folder.parent.is_dir():  # as --demo-output: a typo in the path is refused, not made into folders
+        raise RecordingError(f"--record {directory}: folder {folder.parent} does not exist")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
     except OSError as e:
         raise RecordingError(f"--record {directory}: cannot create the folder ({e.strerror or e})") from None
     try:

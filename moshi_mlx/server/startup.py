@@ -7,6 +7,7 @@ line (a :class:`~moshi_mlx.errors.MoshiError`) within a second instead of after 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -26,7 +27,6 @@ log = logging.getLogger("moshi_mlx.web.startup")
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = ("", "0.0.0.0", "::")
-_NO_ADDRESS_FAMILY = (97, 99)  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here (aiohttp skips it too)
 
 #: What to tell the user once the port is known (the LAN addresses of an --ssl auto server).
 Announce = Callable[[int], None]
@@ -61,7 +61,8 @@ def check_port_free(host: str, port: int) -> None:
             try:
                 sock.bind(addr)
             except OSError as e:
-                if family == socket.AF_INET6 and e.errno in _NO_ADDRESS_FAMILY:
+                # No IPv6 here (aiohttp skips it too); by name: the numbers differ (Linux 97/99, macOS 47/49)
+                if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     continue
                 raise _cannot_listen(host, port, e.strerror or e) from None
 

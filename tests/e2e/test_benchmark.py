@@ -195,6 +195,25 @@ def test_unreadable_weights_fail_with_one_line(tmp_path, demo_files, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "notes.safetensors" in err[0]
 
 
+def test_no_progress_also_silences_the_hubs_download_bars(monkeypatch, capsys):
+    """--no-progress reaches the file finding, where the hub's download bars live (they showed anyway).
+    The finding itself is stood in (no hub here): it records what it was asked and stops the run."""
+    from moshi_mlx.benchmark import loaded
+    from moshi_mlx.model_files.hub import HubError
+
+    asked = []
+
+    def finding(source, progress=True):
+        asked.append(progress)
+        raise HubError("stopped here by the test")
+
+    monkeypatch.setattr(loaded, "resolve_model", finding)
+    assert benchmark.main(["-q", "4", "--no-progress"]) == 1
+    assert benchmark.main(["-q", "4"]) == 1
+    assert asked == [False, True]
+    assert capsys.readouterr().err.count("error: stopped here by the test") == 2
+
+
 def test_device_gpu_without_a_gpu_fails_with_one_line(monkeypatch, capsys):
     """A machine without a GPU backend is the user's fact, not a crash: exit 1, one line, no type name."""
     import mlx.core as mx

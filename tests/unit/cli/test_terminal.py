@@ -129,6 +129,16 @@ def test_a_far_end_never_reached_is_not_summed_up(sd, said, tmp_path):
     assert far.closed and len(said) == 1  # only the devices' line: no recording, no summary
 
 
+def test_record_into_a_missing_folder_is_refused_not_created(tmp_path):
+    """--record nodir/rec refuses as --demo-output does (it made nodir/ and nodir/rec/ for a typo)."""
+    from moshi_mlx.audio.recording import RecordingError
+
+    with pytest.raises(RecordingError, match=r"^--record .*nodir/rec: folder .*nodir does not exist$"):
+        terminal.make_recorder(str(tmp_path / "nodir" / "rec"))
+    assert not (tmp_path / "nodir").exists()
+    assert terminal.make_recorder(str(tmp_path / "rec")) is not None and (tmp_path / "rec").is_dir()
+
+
 def test_no_sound_card_gets_the_command_hint(sd, tmp_path):
     sd.default.device = [-1, -1]
     with pytest.raises(NoDefaultDevice, match=r"no default input device.*; or, try --demo$"):
