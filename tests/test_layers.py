@@ -28,7 +28,7 @@ NO_CLI = ("models", "model_files", "audio", "net", "server")
 
 LAYERS: list[set[str]] = [
     # facts: errors, the knobs, the audio format, the model's configuration, RSS readings
-    {"errors", "settings", "memory", "places", "audio.frames", "models.config", "models.cache", "model_files.source"},
+    {"errors", "settings", "memory", "places", "audio.frames", "audio.silence", "models.config", "models.cache", "model_files.source"},
     # single-job libraries
     {"sampling", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
      "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget",

@@ -27,6 +27,7 @@ from ..audio.device_choice import (
     release_portaudio,
 )
 from ..audio.devices import DuplexAudio
+from ..audio.silence import silent_microphone_line
 from ..audio.frames import FRAME_S
 from ..errors import first_line
 from ..outputs import OutputError, probe_writable
@@ -168,6 +169,7 @@ class TerminalSession:
         self.started = time.monotonic()
         self._warned_drops = 0
         self._last_warn = 0.0
+        self._told_silent = False
 
     # -- the devices' threads ---------------------------------------------------------------------
     def _heard(self, frame: np.ndarray) -> None:  # PortAudio's thread: the mic
@@ -207,6 +209,9 @@ class TerminalSession:
     def show_lag(self, latency_ms: float, dropped: int, warning: Callable[[int, float], str]) -> None:
         """The status line; ``warning(dropped, lag_ms)`` at most every 2 s while frames are being dropped."""
         now = time.monotonic()
+        if self.audio.silence.silent and not self._told_silent:  # e.g. macOS before the permission is granted
+            self._told_silent = True
+            self.display.message(silent_microphone_line())
         lag_ms = latency_ms + self.audio.queued_frames * FRAME_S * 1e3  # the speaker's queue adds to it
         self.display.set_status(lag_status(lag_ms, dropped, self.audio.stats.underruns), now)
         if dropped > self._warned_drops and now - self._last_warn >= 2.0:

@@ -420,3 +420,27 @@ def test_sigterm_is_named_and_a_silent_mic_claims_no_echo_removed(alsa_env):
     assert session_summary(err)["frames_in"] > 0
     if "echo cancellation on" in err:
         assert "echo cancellation: no echo to measure" in err and "dB removed" not in err, err
+
+
+def test_a_silent_virtual_microphone_is_said_with_the_fix(jack_tools, tmp_path):
+    """JACK's dummy capture gives exact zeros, as macOS does before the terminal may use the microphone: after
+    3 s one warning line names the fix (this platform's words), and the session goes on."""
+    with JackServer(24000, 1920, log_dir=tmp_path) as jack:
+        app = App(["--demo", "--no-aec", "--input-device", "system", "--output-device", "system"], jack.env)
+        try:
+            deadline = time.monotonic() + 180
+            while "listening" not in app.stderr and app.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            listening_at = time.monotonic()
+            while "gives only silence" not in app.stderr and time.monotonic() - listening_at < 20:
+                time.sleep(0.2)
+            said_after = time.monotonic() - listening_at
+            app.interrupt()
+        finally:
+            app.kill()
+    err = app.stderr
+    no_traceback(err)
+    assert err.count("warning: the microphone gives only silence (exact zeros for 3 s): check that the input is not "
+                     "muted (alsamixer or pavucontrol)") == 1, err
+    assert 2.5 < said_after < 10, said_after
+    assert app.proc.returncode == 130, err

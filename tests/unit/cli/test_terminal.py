@@ -146,3 +146,25 @@ def test_no_sound_card_gets_the_command_hint(sd, tmp_path):
     with pytest.raises(NoDefaultDevice) as e:
         TerminalSession(_args(tmp_path), EchoFarEnd(), no_sound_hint=None)
     assert "try --demo" not in str(e.value)
+
+
+def test_a_microphone_of_exact_zeros_is_said_once_with_the_fix(monkeypatch, said, tmp_path, capsys):
+    """macOS gives exact zeros until the terminal may use the microphone: one line names the fix (per platform)."""
+    import sys
+
+    fake = FakeSD(clocked=True)  # its microphone gives zeros
+    monkeypatch.setattr(device_choice, "sounddevice_module", lambda: fake)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    far = EchoFarEnd(frames=int(3.5 / 0.08))
+    session = _open(tmp_path, far, record=None)
+    session.run(far.loop, summary_on_error=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: the microphone gives only silence (exact zeros for 3 s): allow the microphone for "
+                     "your terminal app in System Settings → Privacy & Security → Microphone") == 1, err
+
+
+def test_a_live_microphone_is_never_called_silent(sd, said, tmp_path, capsys):
+    far = EchoFarEnd(frames=int(3.5 / 0.08))
+    session = _open(tmp_path, far, record=None)
+    session.run(far.loop, summary_on_error=False)
+    assert "silence" not in capsys.readouterr().err and not session.audio.silence.silent
