@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from ..errors import MoshiError
-from ..models.cache import DEFAULT_KV_BITS, LENGTH_BUCKET, kv_cache_bytes
+from ..models.cache import DEFAULT_KV_BITS, LENGTH_BUCKET, kv_cache_bytes, on_cuda
 
 GB = 1e9
 #: Activations of one step plus MLX's allocator cache (measured: a 7B q4 step needs well under 100 MB).
@@ -93,15 +93,6 @@ def weights_bytes(model) -> int:
 #: Share of a CUDA GPU's own memory the default budget takes: CUDA reports no recommended working set, and MLX's
 #: CUDA allocator stops at 95% of it; the rest is for the CUDA context and other users of the GPU.
 CUDA_MEMORY_SHARE = 0.9
-
-
-def on_cuda() -> bool:
-    """Whether MLX computes on an NVIDIA GPU here (a CUDA build, the GPU as the default device)."""
-    cuda = getattr(mx, "cuda", None)
-    try:
-        return bool(cuda is not None and cuda.is_available() and mx.default_device().type == mx.DeviceType.gpu)
-    except Exception:  # an MLX without these calls has no CUDA backend
-        return False
 
 
 def machine_budget_bytes() -> int:

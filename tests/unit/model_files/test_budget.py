@@ -67,7 +67,7 @@ def test_on_cuda_the_default_budget_is_the_gpus_own_memory(monkeypatch):
 
     from moshi_mlx.model_files import budget
 
-    monkeypatch.setattr(budget, "on_cuda", lambda: True)
+    monkeypatch.setattr(budget, "on_cuda", lambda: True)  # budget's own name for models.cache.on_cuda
     monkeypatch.setattr(mx, "device_info", lambda *a: {"device_name": "NVIDIA H100", "total_memory": 80 * 10**9,
                                                         "free_memory": 79 * 10**9}, raising=False)
     assert machine_budget_bytes() == int(80 * 10**9 * budget.CUDA_MEMORY_SHARE)
