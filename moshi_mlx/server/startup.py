@@ -69,8 +69,10 @@ def check_port_free(host: str, port: int) -> None:
 
 def ssl_setup(option: str | None, host: str) -> tuple[ssl.SSLContext | None, Announce | None]:
     """--ssl auto|DIR: the server's SSL context, and what to tell the user once the port is known."""
-    if not option:
-        return None, None
+    if not option:  # plain http: on the LAN, the page loads but its browser refuses the microphone
+        if host in LOOPBACK_HOSTS:
+            return None, None
+        return None, lambda port: announce_lan(host, port, tuple(tls.machine_addresses()), secure=False)
     if option != "auto":
         return folder_context(option), None
     info = tls.ensure_certificate()
@@ -97,17 +99,24 @@ def folder_context(directory: str | os.PathLike) -> ssl.SSLContext:
         raise tls.TlsError(f"--ssl {d}: {e}") from None
 
 
-def announce_lan(host: str, port: int, addresses: tuple[str, ...]) -> None:
-    """Where other devices reach an --ssl auto server (or why they cannot)."""
+def announce_lan(host: str, port: int, addresses: tuple[str, ...], secure: bool = True) -> None:
+    """Where other devices reach the server (or why they cannot); over plain http, that their browsers will
+    refuse the microphone."""
     if host in LOOPBACK_HOSTS:
         log.info("other devices cannot reach %s; add --host 0.0.0.0 to serve the LAN", host)
         return
     lan = [a for a in addresses if not a.startswith("127.") and a != "::1"]
     if host == "0.0.0.0":  # IPv4 only
         lan = [a for a in lan if ":" not in a]
+    if not secure:
+        log.info("other devices' browsers allow the microphone only over https: restart with --ssl auto to talk "
+                 "from them")
     for addr in lan if host in ANY_HOST else [host]:
-        log.info("from another device: %s  (accept the certificate warning after checking the fingerprint)",
-                 browser_url(addr, port, True))
+        if secure:
+            log.info("from another device: %s  (accept the certificate warning after checking the fingerprint)",
+                     browser_url(addr, port, True))
+        else:
+            log.info("from another device: %s  (the page only, no microphone)", browser_url(addr, port, False))
 
 
 def browser_url(host: str, port: int, secure: bool) -> str:

@@ -129,6 +129,27 @@ def test_announce_lan(host, shown):
         assert "cannot reach localhost" in handler.lines[0]
 
 
+def test_a_plain_http_lan_server_says_where_and_that_browsers_refuse_the_microphone():
+    """--host 0.0.0.0 without --ssl: the LAN addresses, and why talking from them needs --ssl auto."""
+    assert ssl_setup(None, "127.0.0.1") == (None, None)
+    ctx, announce = ssl_setup(None, "0.0.0.0")
+    assert ctx is None and announce is not None
+    handler, logger = Lines(), logging.getLogger("moshi_mlx.web")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        announce_lan("0.0.0.0", 8998, ("127.0.0.1", "192.168.1.5"), secure=False)
+        announce(8998)  # this machine's own addresses: whatever they are, no error
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert handler.lines[:2] == [
+        "other devices' browsers allow the microphone only over https: restart with --ssl auto to talk from them",
+        "from another device: http://192.168.1.5:8998/  (the page only, no microphone)",
+    ]
+
+
 def test_no_ipv6_is_skipped_by_errno_name_whatever_the_platforms_numbers(monkeypatch):
     """macOS says "no IPv6 here" with errno 49 (EADDRNOTAVAIL) where Linux says 99: the check must read the names.
     The socket layer is stood in (this Linux has its own numbers); macOS's values are put into `errno`."""
