@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]        # from the repository's root; results in OUT_DIR (default gpu-check/)
 #
+# Time limits (s): tests 210, each benchmark 110, so that the whole stays under 10 minutes.
 # 1. MLX on CUDA, the documented way: a venv ($GPU_CHECK_VENV, default /tmp/moshi-gpu-venv) and
 #    `MOSHI_MLX_BACKEND=cuda12|cuda13 pip install -e ".[dev]"` (the major version from nvidia-smi; hatch_build.py
 #    keeps mlx-cpu out). Offline, GPU_CHECK_WHEELS names a folder of wheels for this machine's python3, installed
@@ -75,7 +76,7 @@ fi
 
 # -- 2. tests on the GPU -------------------------------------------------------------------------------------------
 step "tests (GPU as MLX's default device)"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts= --timeout 200 \
+timeout 210 "$PY" -m pytest -q -p no:cacheprovider -o addopts= --timeout 180 \
   tests/unit/models tests/unit/test_generate.py tests/unit/test_sampling.py tests/unit/test_engine.py \
   tests/unit/model_files/test_budget.py tests/unit/model_files/test_checkpoint.py tests/test_reference_parity.py \
   --junitxml "$OUT/tests.xml" > "$OUT/tests.log" 2>&1
@@ -86,7 +87,7 @@ tail -3 "$OUT/tests.log"
 for q in q4 q8 bf16; do
   case $q in q4) flags=(-q 4);; q8) flags=(-q 8);; bf16) flags=(--dtype bfloat16);; esac
   step "benchmark $CONFIG $q (random weights, full window)"
-  timeout 150 "$PY" -m moshi_mlx.benchmark --config $CONFIG "${flags[@]}" --steps 100 --warmup 10 --realtime-frames 50 \
+  timeout 110 "$PY" -m moshi_mlx.benchmark --config $CONFIG "${flags[@]}" --steps 100 --warmup 10 --realtime-frames 50 \
     --no-progress --json "$OUT/bench-$q.json" > "$OUT/bench-$q.log" 2>&1
   echo "exit $?" >> "$OUT/bench-$q.log"
   tail -2 "$OUT/bench-$q.log"
@@ -119,7 +120,8 @@ errors = counts.get("error", 0) + counts.get("errors", 0)
 ok = tests_rc == 0 and all("error" not in b for b in bench.values())
 device = mx.device_info().get("device_name", str(mx.default_device()))
 verdict = (f"GPU check {'PASSED' if ok else 'FAILED'} on {device} (MLX {mx.__version__}, {seconds} s): tests "
-           f"{counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, {errors} errors; "
+           f"{counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, {errors} errors"
+           f"{' (stopped at 210 s)' if tests_rc == 124 else ''}; "
            + "; ".join(parts))
 summary = {"verdict": verdict, "ok": ok, "seconds": seconds, "mlx": mx.__version__, "device": str(mx.default_device()),
            "device_info": {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in mx.device_info().items()},

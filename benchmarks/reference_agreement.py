@@ -94,7 +94,7 @@ def main() -> int:
         for dtype in ("q8", "q4"):
             out = Path(tmp) / dtype
             script = REPO / "tests" / "fixtures" / "make_reference_fixture.py"
-            run = subprocess.run([args.ref_python, str(script), "--dtype", dtype, "--out", str(out)], cwd=tmp)
+            run = subprocess.run([args.ref_python, str(script), "--dtype", dtype, "--out", str(out)], cwd=tmp, check=False)
             if run.returncode:
                 raise SystemExit(f"error: the reference run ({args.ref_python}) failed with exit status {run.returncode}")
             for compute in ("bf16", "f32"):

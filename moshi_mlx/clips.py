@@ -24,8 +24,8 @@ def converse_stream(
     """Feed 24 kHz mono ``blocks`` (any sizes) to the engine in 80 ms frames, from a fresh conversation.
 
     ``sink`` receives Moshi's audio as it comes, exactly as many samples in all as came in;
-    ``progress`` the number of frames done, ``on_text`` each transcript piece as it comes. Returns the transcript pieces ``{"frame", "start",
-    "text"}``, where ``start`` is the piece's time in Moshi's audio.
+    ``progress`` the number of frames done, ``on_text`` each transcript piece as it comes. Returns the
+    transcript pieces ``{"frame", "start", "text"}``, where ``start`` is the piece's time in Moshi's audio.
     """
     pieces: list[dict] = []
     chunker = FrameChunker()

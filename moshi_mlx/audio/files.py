@@ -269,7 +269,9 @@ class WavWriter:
     Blocks are [samples] for mono or [samples, channels].
     """
 
-    def __init__(self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1, format: str = "WAV") -> None:
+    def __init__(
+        self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1, format: str = "WAV"
+    ) -> None:
         self.path = Path(path)
         self.channels = channels
         try:

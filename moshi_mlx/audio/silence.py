@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 
-
 #: Seconds of exact zeros, from the first microphone frame on, before the microphone is called silent.
 SILENT_SECONDS = 3.0
 #: CoreAudio's status when the app may not use the microphone (the open fails instead of giving zeros).
@@ -32,7 +31,8 @@ def microphone_fix(platform: str | None = None) -> str:
 
 
 def silent_microphone_line(platform: str | None = None) -> str:
-    return f"warning: the microphone gives only silence (exact zeros for {SILENT_SECONDS:.0f} s): {microphone_fix(platform)}"
+    return (f"warning: the microphone gives only silence (exact zeros for {SILENT_SECONDS:.0f} s): "
+            f"{microphone_fix(platform)}")
 
 
 def microphone_refused(error: BaseException | None) -> str | None:

@@ -27,8 +27,8 @@ from ..audio.device_choice import (
     release_portaudio,
 )
 from ..audio.devices import DuplexAudio
-from ..audio.silence import silent_microphone_line
 from ..audio.frames import FRAME_S
+from ..audio.silence import silent_microphone_line
 from ..errors import first_line
 from ..outputs import OutputError, probe_writable
 from . import shell

@@ -269,7 +269,7 @@ def _bits_from_name(name: str) -> int | None | str:
 
 
 def _bits_from_repo_name(repo_id: str) -> int | None | str:
-    """4 / 8 / None by the published repos' naming (``...-mlx-q4``, ``-q8``, ``-bf16``); "?" when the name does not say."""
+    """4 / 8 / None by the published repos' naming (``...-mlx-q4``, ``-q8``, ``-bf16``); "?" when it does not say."""
     m = re.search(r"-(q4|q8|bf16)$", repo_id)
     return "?" if m is None else {"q4": 4, "q8": 8, "bf16": None}[m.group(1)]
 

@@ -127,7 +127,7 @@ def on_cuda() -> bool:
     cuda = getattr(mx, "cuda", None)
     try:
         return bool(cuda is not None and cuda.is_available() and mx.default_device() == mx.gpu)
-    except Exception:  # an MLX without these calls has no CUDA backend
+    except (AttributeError, RuntimeError, ValueError):  # an MLX without these calls has no CUDA backend
         return False
 
 

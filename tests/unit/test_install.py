@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("hatchling", reason="hatchling comes with the dev extra")
-from hatchling.metadata.core import ProjectMetadata  # noqa: E402
-from hatchling.plugin.manager import PluginManager  # noqa: E402
+from hatchling.metadata.core import ProjectMetadata
+from hatchling.plugin.manager import PluginManager
 
 ROOT = Path(__file__).resolve().parents[2]
 
