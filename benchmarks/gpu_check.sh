@@ -95,10 +95,10 @@ done
 
 # -- 4. one file, one line -----------------------------------------------------------------------------------------
 step "summary"
-"$PY" - "$OUT" "$tests_rc" "$(( $(date +%s) - START ))" <<'EOF'
+"$PY" - "$OUT" "$tests_rc" "$(( $(date +%s) - START ))" "$CONFIG" <<'EOF'
 import json, pathlib, re, sys
 import mlx.core as mx
-out, tests_rc, seconds = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+out, tests_rc, seconds, config = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].upper()
 log = (out / "tests.log").read_text(errors="replace")
 counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", log.splitlines()[-1] if log else "")}
 bench, parts = {}, []
@@ -107,15 +107,15 @@ for q in ("q4", "q8", "bf16"):
     if not path.is_file():
         tail = (out / f"bench-{q}.log").read_text(errors="replace").strip().splitlines()[-3:]
         bench[q] = {"error": " | ".join(tail)}
-        parts.append(f"7B {q} FAILED")
+        parts.append(f"{config} {q} FAILED")
         continue
     r = json.loads(path.read_text())
     v, lm = r["verdict"], r.get("lm") or {}
     step = (lm.get("step") or {}).get("median_ms")
     bench[q] = {"verdict": v["line"], "keeps_up": v["keeps_up"], "ms_per_frame": v["ms_per_frame"], "basis": v["basis"],
                 "lm_step_median_ms": step, "mlx_peak_gb": r["memory"]["mlx_peak_gb"], "load_s": r["load"]}
-    parts.append(f"7B {q} {'keeps up' if v['keeps_up'] else 'falls behind'} ({v['ms_per_frame']:.1f} ms/frame, "
-                 f"LM step {step:.1f} ms)" if step is not None else f"7B {q}: {v['line']}")
+    parts.append(f"{config} {q} {'keeps up' if v['keeps_up'] else 'falls behind'} ({v['ms_per_frame']:.1f} ms/frame, "
+                 f"LM step {step:.1f} ms)" if step is not None else f"{config} {q}: {v['line']}")
 errors = counts.get("error", 0) + counts.get("errors", 0)
 ok = tests_rc == 0 and all("error" not in b for b in bench.values())
 device = mx.device_info().get("device_name", str(mx.default_device()))
