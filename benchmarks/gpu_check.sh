@@ -8,7 +8,8 @@
 #    `MOSHI_MLX_BACKEND=cuda12|cuda13 pip install -e ".[dev]"` (the major version from nvidia-smi; hatch_build.py
 #    keeps mlx-cpu out). Offline, GPU_CHECK_WHEELS names a folder of wheels for this machine's python3, installed
 #    beside its own packages (pip --target, no index). The mlx-cuda wheel (~90 MB) may come as NAME-nolib.whl
-#    plus libmlx.so.xz (its library), put back together here.
+#    plus its library as libmlx.so.xz (xz -9e: 67 MiB for mlx-cuda-13 0.32.4), or that file split into
+#    libmlx.so.xz.part1, .part2, ... for hosts that carry less per transfer; put back together here.
 #    Skipped when GPU_CHECK_PYTHON names an interpreter that already runs MLX on CUDA.
 # 2. Tests with the GPU as MLX's default device (checked first): models, generation, sampling, engine, KV cache,
 #    memory budget, checkpoints, reference parity. Log: OUT_DIR/tests.log.
@@ -48,10 +49,11 @@ for w in sorted(folder.glob("*.whl")):
     if not w.name.endswith("-nolib.whl"):
         print(w)
 for thin in folder.glob("*-nolib.whl"):  # the mlx-cuda wheel without its library, which came as libmlx.so.xz
+    parts = sorted(folder.glob("libmlx.so.xz.part*")) or [folder / "libmlx.so.xz"]  # split: 67 MiB compressed
     full = pathlib.Path("/tmp") / thin.name.replace("-nolib.whl", ".whl")
     shutil.copy(thin, full)
-    with zipfile.ZipFile(full, "a", zipfile.ZIP_DEFLATED) as z, lzma.open(folder / "libmlx.so.xz") as lib:
-        z.writestr("mlx/lib/libmlx.so", lib.read())
+    with zipfile.ZipFile(full, "a", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("mlx/lib/libmlx.so", lzma.decompress(b"".join(p.read_bytes() for p in parts)))
     print(full)
 EOF
   ) || exit 1
