@@ -77,7 +77,7 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
     from ..audio.recording import ConversationRecorder, RecordingError
 
     folder = Path(directory).expanduser()
-    if not folder.parent.is_dir():  # as --demo-output: a typo in the path is refused, not made into folders
+    if not folder.parent.exists():  # as --demo-output: a typo in the path is refused, not made into folders
         raise RecordingError(f"--record {directory}: folder {folder.parent} does not exist")
     try:
         folder.mkdir(exist_ok=True)
