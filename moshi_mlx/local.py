@@ -131,7 +131,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     signal_in = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
     shown: list[str] = []
 
-    def show(piece: dict) -> None:  # the transcript as it comes: the run takes ~10-20 s on a CPU
+    def show(piece: dict) -> None:  # the transcript as it comes: the 125 frames take tens of seconds on a CPU
         text = piece["text"] if shown else piece["text"].lstrip()
         shown.append(text)
         print(text, end="", flush=True)
