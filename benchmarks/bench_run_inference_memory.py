@@ -4,7 +4,8 @@
 
 For each length, writes a speech-like test signal (block by block, so the generator stays small),
 runs ``python -m moshi_mlx.run_inference IN OUT --demo`` and samples the child's RSS every second
-(/proc, Linux); the peak is the kernel's high-water mark (VmHWM), read until the child exits. With ``--max-seconds`` a run
+(psutil: Linux and macOS alike); the peak is the kernel's high-water mark of the child (its rusage at exit,
+from os.wait4), or the highest sample if that is larger. With ``--max-seconds`` a run
 still going is interrupted (Ctrl-C) at that point: on CPU the demo model is slower than real time,
 so a 60-minute file is measured over its first minutes, which shows whether RSS stays flat.
 Prints one JSON line per run.
@@ -23,9 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moshi_mlx.memory import maxrss_bytes  # noqa: E402
 
 
 def write_input(path: Path, minutes: float, rate: int) -> None:
@@ -40,13 +45,21 @@ def write_input(path: Path, minutes: float, rate: int) -> None:
             f.write((0.3 * x).astype(np.float32))
 
 
-def rss_mb(pid: int) -> tuple[float, float] | None:
-    """(current RSS, peak RSS so far) in MiB."""
+def rss_mb(pid: int) -> float | None:
+    """The child's resident set now, in MiB (None once it is gone)."""
     try:
-        fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
-        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except psutil.Error:
         return None
+
+
+def reaped(proc: subprocess.Popen) -> float | None:
+    """If the child has exited: reap it, set its return code, and give its peak RSS in MiB (else None)."""
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return maxrss_bytes(usage.ru_maxrss) / 2**20
 
 
 def measure(minutes: float, rate: int, max_seconds: float | None, workdir: Path) -> dict:
@@ -61,17 +74,18 @@ def measure(minutes: float, rate: int, max_seconds: float | None, workdir: Path)
     peak = 0.0
     progress = ""
     interrupted = False
-    while proc.poll() is None:
+    while (exit_peak := reaped(proc)) is None:
         r = rss_mb(proc.pid)
         if r is not None:
-            samples.append((round(time.monotonic() - start, 1), round(r[0], 1)))
-            peak = max(peak, r[1])
+            samples.append((round(time.monotonic() - start, 1), round(r, 1)))
+            peak = max(peak, r)
         lines = [ln for ln in log.read_text().splitlines() if ln.startswith("moshi: ")]
         progress = lines[-1] if lines else progress
         if max_seconds is not None and time.monotonic() - start > max_seconds and not interrupted:
             proc.send_signal(signal.SIGINT)
             interrupted = True
         time.sleep(1.0)
+    peak = max(peak, exit_peak)
     tail = log.read_text().strip().splitlines()
     after_load = [r for t, r in samples if t >= 20]  # model loaded, frames flowing
     return {

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,9 +70,23 @@ def measure(folder: Path, compute: str) -> dict:
     }
 
 
+def ref_python(text: str) -> str:
+    """The reference interpreter as the caller meant it: a path from the caller's folder (the runs happen in a
+    temporary one), or a command name looked up on PATH."""
+    if os.sep in text or (os.altsep and os.altsep in text):
+        path = Path(text).expanduser().absolute()
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"{text}: no such file ({path})")
+        return str(path)
+    found = shutil.which(text)
+    if found is None:
+        raise argparse.ArgumentTypeError(f"{text}: not found on PATH")
+    return found
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ref-python", required=True, help="python of a venv with moshi-mlx 0.3.0")
+    ap.add_argument("--ref-python", required=True, type=ref_python, help="python of a venv with moshi-mlx 0.3.0")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
     rows = []
@@ -78,7 +94,9 @@ def main() -> int:
         for dtype in ("q8", "q4"):
             out = Path(tmp) / dtype
             script = REPO / "tests" / "fixtures" / "make_reference_fixture.py"
-            subprocess.run([args.ref_python, str(script), "--dtype", dtype, "--out", str(out)], check=True, cwd=tmp)
+            run = subprocess.run([args.ref_python, str(script), "--dtype", dtype, "--out", str(out)], cwd=tmp, check=False)
+            if run.returncode:
+                raise SystemExit(f"error: the reference run ({args.ref_python}) failed with exit status {run.returncode}")
             for compute in ("bf16", "f32"):
                 rows.append(measure(out, compute))
                 print(json.dumps(rows[-1]), flush=True)

@@ -246,8 +246,7 @@ def converse(args: argparse.Namespace) -> int:
     server = _Server(args, url, ssl_ctx)
     server.session = TerminalSession(args, server, NO_SOUND_HINT)
     # also on a lost connection: what was said until then is saved, and summed up
-    server.session.run(lambda: asyncio.run(server.run()), summary_on_error=True)
-    return 0
+    return server.session.run(lambda: asyncio.run(server.run()), summary_on_error=True)
 
 
 #: ``main(argv) -> exit code``; ``console_main()``: the command line's entry (``main()``, then a quick exit).

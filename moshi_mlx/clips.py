@@ -19,12 +19,13 @@ def converse_stream(
     blocks: Iterable[np.ndarray],
     sink: Callable[[np.ndarray], None],
     progress: Callable[[int], None] | None = None,
+    on_text: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Feed 24 kHz mono ``blocks`` (any sizes) to the engine in 80 ms frames, from a fresh conversation.
 
     ``sink`` receives Moshi's audio as it comes, exactly as many samples in all as came in;
-    ``progress`` the number of frames done. Returns the transcript pieces ``{"frame", "start",
-    "text"}``, where ``start`` is the piece's time in Moshi's audio.
+    ``progress`` the number of frames done, ``on_text`` each transcript piece as it comes. Returns the
+    transcript pieces ``{"frame", "start", "text"}``, where ``start`` is the piece's time in Moshi's audio.
     """
     pieces: list[dict] = []
     chunker = FrameChunker()
@@ -37,6 +38,8 @@ def converse_stream(
         sink(np.asarray(res.pcm, np.float32).reshape(-1)[:keep])
         if res.text:
             pieces.append({"frame": done, "start": round(done * FRAME_S, 3), "text": res.text})
+            if on_text is not None:
+                on_text(pieces[-1])
         done += 1
         if progress is not None:
             progress(done)
@@ -51,11 +54,13 @@ def converse_stream(
 
 
 def converse_offline(
-    engine, pcm: np.ndarray, progress: Callable[[int, int], None] | None = None
+    engine, pcm: np.ndarray, progress: Callable[[int, int], None] | None = None,
+    on_text: Callable[[dict], None] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """:func:`converse_stream` on a signal held in memory; returns Moshi's audio (same length) and the pieces."""
     pcm = np.asarray(pcm, np.float32).reshape(-1)
     total = -(-pcm.size // FRAME_SIZE)
     out: list[np.ndarray] = []
-    pieces = converse_stream(engine, [pcm], out.append, None if progress is None else lambda d: progress(d, total))
+    pieces = converse_stream(engine, [pcm], out.append, None if progress is None else lambda d: progress(d, total),
+                             on_text)
     return (np.concatenate(out) if out else np.zeros(0, np.float32)), pieces

@@ -72,7 +72,8 @@ class MlxThread:
                         future.set_exception(e)
         finally:
             mx.synchronize()
-            mx.clear_streams()
+            if hasattr(mx, "clear_streams"):  # MLX >= 0.31.2 (macOS 13 stops at 0.29.3): frees this thread's stream
+                mx.clear_streams()
 
     def submit(self, fn: Callable, *args: object) -> Future:
         future: Future = Future()

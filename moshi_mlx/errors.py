@@ -22,10 +22,13 @@ def first_line(exc: BaseException) -> str:
 
 
 def error_line(exc: BaseException) -> str:
-    """`error: ...`: a MoshiError's own line; the OS's words for OS errors; else the type and first line."""
+    """`error: ...`: a MoshiError's own line; the OS's words for OS errors; else the type and first line
+    (an unexpected error: its type is what a bug report needs)."""
     if isinstance(exc, MoshiError):
         return f"error: {first_line(exc)}"
     if isinstance(exc, OSError) and exc.strerror:  # disk full, permission denied, ...
         where = f"{exc.filename}: " if exc.filename else ""
         return f"error: {where}{exc.strerror}"
+    if isinstance(exc, OSError) and str(exc).strip():  # libraries' own words ("PortAudio library not found")
+        return f"error: {first_line(exc)}"
     return f"error: {type(exc).__name__}: {first_line(exc)}"

@@ -62,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def converse(args: argparse.Namespace) -> int:
-    from .cli.flags import load_from_args, settings_from_args
+    from .cli.flags import load_from_args, resolve_from_args, settings_from_args
 
     _check_demo_output(args)
-    # Devices first: a wrong --input-device should not cost a model load.
+    # Model files first (a missing or undownloadable file is the real problem, not the sound card), then the
+    # devices: a wrong --input-device should not cost a model load.
+    resolved = resolve_from_args(args)
     can_demo = args.demo and args.input_device is None and args.output_device is None
     moshi = LocalMoshi()
     try:
@@ -76,15 +78,14 @@ def converse(args: argparse.Namespace) -> int:
         raise
 
     t0 = time.perf_counter()
-    assets = load_from_args(args, log=_log)
+    assets = load_from_args(args, log=_log, resolved=resolved)
     engine = assets.engine(settings_from_args(args))
     load_s = time.perf_counter() - t0
     warm_s = engine.warmup()
     _log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description}")
     moshi.start(engine, assets.description, session, max_pending=args.max_lag_frames)
     session.begin()
-    session.run(lambda: moshi.converse(session), summary_on_error=False)
-    return 0
+    return session.run(lambda: moshi.converse(session), summary_on_error=False)
 
 
 def _check_demo_output(args: argparse.Namespace) -> None:
@@ -128,12 +129,19 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
     # A gliding tone with a syllable-like envelope stands in for a voice.
     signal_in = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
+    shown: list[str] = []
+
+    def show(piece: dict) -> None:  # the transcript as it comes: the 125 frames take tens of seconds on a CPU
+        text = piece["text"] if shown else piece["text"].lstrip()
+        shown.append(text)
+        print(text, end="", flush=True)
+
     try:
-        out, pieces = converse_offline(engine, signal_in.astype(np.float32))
+        out, pieces = converse_offline(engine, signal_in.astype(np.float32), on_text=show)
     finally:
         engine.close()
+    print(flush=True)
     written = _write_demo_wav(out, args.demo_output)
-    print("".join(p["text"] for p in pieces).strip())
     recorder = make_recorder(args.record)
     if recorder is not None:
         recorder.add_user(signal_in)

@@ -16,5 +16,9 @@ def rss_bytes() -> int:
 
 def rss_peak_bytes() -> int:
     """The process's peak resident set since it started (ru_maxrss: bytes on macOS, KiB on Linux)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def maxrss_bytes(ru_maxrss: int) -> int:
+    """A rusage's ru_maxrss in bytes (macOS counts bytes, Linux KiB); also for a child's rusage from os.wait4."""
+    return int(ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024)

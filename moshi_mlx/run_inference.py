@@ -24,7 +24,7 @@ import time
 from typing import Callable
 
 from . import cli
-from .audio.files import AudioReader, WavWriter
+from .audio.files import AudioReader, WavWriter, output_format
 from .audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 from .clips import converse_stream
 from .outputs import atomic_output, check_outputs
@@ -45,13 +45,14 @@ def convert_file(
 ) -> dict:
     """Stream ``in_path`` through a conversation into ``out_path`` (and the transcript JSON, if a path
     is given); both appear only when complete. Returns the transcript."""
+    out_format = output_format(out_path)  # by the name the user gave: out.flac is FLAC
     out_real, *rest = check_outputs(inputs=[in_path], outputs=[out_path, transcript_path])
     transcript_real = rest[0] if rest else None
     with AudioReader(in_path) as reader, atomic_output(out_real) as tmp_out:
         start = time.perf_counter()
         total = -(-reader.frames_24k // FRAME_SIZE)  # an estimate for some compressed formats
         report = None if progress is None else (lambda done: progress(done, max(total, done)))
-        with WavWriter(tmp_out, shown=out_path) as writer:
+        with WavWriter(tmp_out, format=out_format, shown=out_path) as writer:
             pieces = converse_stream(engine, reader.blocks_24k(), writer.write, report)
         samples = writer.samples
         if progress is not None and samples:
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Let Moshi answer a recorded audio file: file in, Moshi's audio (and transcript) out.",
     )
     p.add_argument("input", help="audio file (WAV, FLAC, MP3, Ogg, AIFF; any rate and channel count)")
-    p.add_argument("output", help="where to write Moshi's audio (24 kHz mono 16-bit WAV)")
+    p.add_argument("output", help="where to write Moshi's audio (24 kHz mono 16-bit; .wav, .flac or .aiff by its name)")
     p.add_argument(
         "--transcript", metavar="JSON", default=None,
         help="write Moshi's text pieces with timestamps as JSON (default: print the text to stdout)",
@@ -111,6 +112,7 @@ def _answer(args: argparse.Namespace) -> int:
 
     # Open the input and check the outputs before paying for a model load.
     AudioReader(args.input).close()
+    output_format(args.output)
     check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])
     assets = load_from_args(args)
     cli.say(f"loaded in {assets.load_seconds:.1f} s: {assets.description}")

@@ -11,7 +11,7 @@ MANIFESTS = find_manifests()
 @pytest.fixture(scope="session")
 def manifests_dir() -> Path:
     if not (MANIFESTS / "moshi-7b-mlx-bf16.json").is_file():
-        pytest.skip(f"published-layout manifests not found in {MANIFESTS} (set MOSHI_MLX_MANIFESTS)")
+        pytest.skip(f"published-layout manifests not found in {MANIFESTS} (MOSHI_MLX_MANIFESTS points elsewhere)")
     return MANIFESTS
 
 

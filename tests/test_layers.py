@@ -28,8 +28,9 @@ NO_CLI = ("models", "model_files", "audio", "net", "server")
 
 LAYERS: list[set[str]] = [
     {"errors"},  # the error base every layer raises
-    # facts: the knobs, the audio format, the model's configuration, RSS readings
-    {"settings", "memory", "audio.frames", "models.config", "models.cache", "model_files.source"},
+    # facts: the knobs, the audio format, the model's configuration, RSS readings, the user's folders
+    {"settings", "memory", "places", "audio.frames", "audio.silence", "models.config", "models.cache",
+     "model_files.source"},
     # single-job libraries
     {"sampling", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
      "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",

@@ -87,6 +87,8 @@ const stats = {
   serverBusy: false,
   serverDown: false,
   micOptions: MIC_OPTIONS,
+  micZeroSeconds: 0, // exact zeros since the microphone opened, while it has given nothing else
+  micSilent: false, // it gave only exact zeros for SILENT_MIC_SECONDS: blocked by the system, or muted
 };
 const FRESH = JSON.stringify(stats); // every connect starts from these counters
 window.moshi = { stats, recording: null };
@@ -506,6 +508,7 @@ class Session {
 
   onMicChunk(data) {
     if (data.type !== "audio" || this.closed) return;
+    this.checkSilentMic(data);
     stats.inputRms = data.rms;
     stats.maxInputRms = Math.max(stats.maxInputRms, data.rms);
     meterIn = level(data.rms);
@@ -513,6 +516,21 @@ class Session {
     if (this.recording) this.recording.addMic(data.samples, data.frame); // copied before the transfer
     stats.micChunks++;
     this.encoder.postMessage({ command: "encode", buffers: [data.samples] }, [data.samples.buffer]);
+  }
+
+  // A microphone the system blocks gives exact zeros, with no error (macOS: the browser not allowed in
+  // System Settings); a real one never does (its noise floor). Said once, as the terminal app says it.
+  checkSilentMic(data) {
+    if (stats.micSilent || stats.micZeroSeconds < 0) return;
+    if (data.rms > 0) {
+      stats.micZeroSeconds = -1; // heard something: the check is over
+      return;
+    }
+    stats.micZeroSeconds += data.samples.length / this.ctx.sampleRate;
+    if (stats.micZeroSeconds >= SILENT_MIC_SECONDS) {
+      stats.micSilent = true;
+      showMessage(SILENT_MIC_TEXT, "info");
+    }
   }
 
   sendPage(page) {
@@ -627,6 +645,14 @@ class Session {
 
 class UserError extends Error {}
 
+const SILENT_MIC_SECONDS = 3;
+const SYSTEM_MIC_SETTINGS =
+  "on a Mac, System Settings → Privacy & Security → Microphone must allow the browser; on Windows, " +
+  "Settings → Privacy & security → Microphone";
+const SILENT_MIC_TEXT =
+  `Your microphone gives only silence (exact zeros for ${SILENT_MIC_SECONDS} s): the system may be blocking it ` +
+  `(${SYSTEM_MIC_SETTINGS}), or it is muted. Fix that, then disconnect and connect again.`;
+
 const BUSY_TEXT = "Moshi is busy with another conversation (another tab or person). Connect becomes available when it ends.";
 function serverDownText() {
   return `The Moshi server at ${location.host} does not answer. Is it still running? (python -m moshi_mlx.local_web)`;
@@ -645,7 +671,8 @@ function micError(e) {
   const name = e && e.name;
   if (name === "NotAllowedError" || name === "SecurityError" || name === "PermissionDeniedError") {
     return new UserError(
-      "Microphone access was denied. Allow it for this page (the icon in the address bar, or the browser's site settings) and connect again.",
+      "Microphone access was denied. Allow it for this page (the icon in the address bar, or the browser's site " +
+        `settings) and for the browser itself (${SYSTEM_MIC_SETTINGS}), then connect again.`,
     );
   }
   if (name === "NotFoundError" || name === "DevicesNotFoundError" || name === "OverconstrainedError") {

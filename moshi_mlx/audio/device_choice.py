@@ -188,6 +188,11 @@ def pick_rate(device: int, kind: str) -> int:
             return rate
         except Exception as e:  # PortAudioError / ValueError: "Invalid sample rate", ...
             last_err = e
+    from .silence import microphone_refused  # macOS's permission refusal reads as a format problem otherwise
+
+    refused = microphone_refused(last_err) if kind == "input" else None
+    if refused is not None:
+        raise AudioDeviceError(refused)
     raise AudioDeviceError(
         f"{kind} device {device} '{info['name']}' accepts no usable mono float32 format ({first_line(last_err)})"
     )

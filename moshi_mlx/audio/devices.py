@@ -22,6 +22,7 @@ from ..errors import first_line
 from . import device_choice
 from .device_choice import AudioDeviceError, find_device, pick_rate
 from .frames import FRAME_SIZE, SAMPLE_RATE, FrameChunker, Resampler
+from .silence import SilentMicCheck, microphone_refused
 
 
 @dataclass
@@ -88,6 +89,7 @@ class DuplexAudio:
         self._queue: deque[np.ndarray] = deque(maxlen=max(1, max_queued))
         self._queue_lock = threading.Lock()
         self._mic = _FrameAssembler(self.input_rate)
+        self.silence = SilentMicCheck(self.input_rate)  # the raw input, before resampling and echo cancelling
         self._spk_resampler = Resampler(SAMPLE_RATE, self.output_rate)
         self._spk_buf = np.zeros(0, np.float32)  # device-rate samples waiting to be played
         self._silence = np.zeros(FRAME_SIZE, np.float32)
@@ -155,6 +157,7 @@ class DuplexAudio:
         self._spk_buf = self._spk_buf[n:]
 
     def _take_input(self, indata: np.ndarray) -> None:
+        self.silence.feed(indata[:, 0])
         for frame in self._mic.push(indata[:, 0]):
             if self.echo_canceller is not None:
                 frame = self.echo_canceller.process_near(frame)
@@ -212,6 +215,9 @@ class DuplexAudio:
                 s.start()
         except Exception as e:  # sd.PortAudioError, ValueError from sounddevice's checks
             self.close()
+            refused = microphone_refused(e)
+            if refused is not None:
+                raise AudioDeviceError(refused) from None
             raise AudioDeviceError(f"cannot open the sound devices: {first_line(e)}") from None
         return self
 

@@ -35,9 +35,58 @@ class AudioFileError(MoshiError, ValueError):
 _RAW_SUBTYPES = {(1, 8): "PCM_U8", (1, 16): "PCM_16", (1, 24): "PCM_24", (1, 32): "PCM_32", (3, 32): "FLOAT", (3, 64): "DOUBLE"}
 
 
+#: Output formats by file extension (libsndfile writes them all as a stream, 16-bit); no extension: WAV.
+OUTPUT_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".aiff": "AIFF", ".aif": "AIFF", "": "WAV"}
+#: An unset RIFF data size: a recorder that never finished its header, or one writing to a pipe.
+_UNSET_SIZES = (0, 0xFFFFFFFF)
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """libsndfile's format for an output file, by its extension; an extension it would misname is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        known = ", ".join(s for s in OUTPUT_FORMATS if s)
+        raise AudioFileError(f"{path}: cannot write {suffix} files; name the output {known}")
+    return OUTPUT_FORMATS[suffix]
+
+
+def _not_readable(p: Path, head: bytes) -> AudioFileError:
+    """The line for a file libsndfile cannot open: an MP4/M4A (Voice Memos, AAC) gets the command that converts it."""
+    if head[4:8] == b"ftyp":
+        wav = p.with_suffix(".wav").name
+        return AudioFileError(
+            f"{p}: an MP4/M4A (AAC) file, which this tool cannot decode; convert it to WAV first: "
+            f"`afconvert -f WAVE -d LEI16 {p.name} {wav}` (macOS) or `ffmpeg -i {p.name} {wav}`"
+        )
+    return AudioFileError(f"{p}: not an audio file this tool can read (WAV, FLAC, MP3, Ogg, AIFF)")
+
+
+def _truncated_wav(f: BinaryIO) -> tuple[int, int] | None:
+    """(bytes the data chunk promises, bytes the file holds) for a WAV cut short; ``None`` otherwise."""
+    found = _wav_data(f)
+    if found is None or found[1] in _UNSET_SIZES:
+        return None
+    _, size, offset = found
+    have = f.seek(0, os.SEEK_END) - offset
+    return (size, have) if have < size else None
+
+
 def _unsized_wav(f: BinaryIO) -> tuple[int, int, str, int] | None:
     """For a WAV whose data chunk says 0 bytes but has data after it (a recorder that never updated
     its header): (rate, channels, subtype, data offset). ``None`` for every other file."""
+    found = _wav_data(f)
+    if found is None:
+        return None
+    fmt, size, offset = found
+    has_data = f.read(1) != b""
+    if size != 0 or not has_data or fmt is None or (fmt[0], fmt[3]) not in _RAW_SUBTYPES:
+        return None
+    return fmt[2], fmt[1], _RAW_SUBTYPES[(fmt[0], fmt[3])], offset
+
+
+def _wav_data(f: BinaryIO) -> tuple[tuple[int, int, int, int] | None, int, int] | None:
+    """A RIFF/WAVE file's format (tag, channels, rate, bits; None if no fmt chunk came first), its data chunk's
+    declared size and the data's offset; ``None`` for every other file."""
     head = f.read(12)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
@@ -57,11 +106,7 @@ def _unsized_wav(f: BinaryIO) -> tuple[int, int, str, int] | None:
                 tag = struct.unpack("<H", body[24:26])[0]
             fmt = (tag, channels, rate, bits)
         elif cid == b"data":
-            offset = f.tell()
-            has_data = f.read(1) != b""
-            if size != 0 or not has_data or fmt is None or (fmt[0], fmt[3]) not in _RAW_SUBTYPES:
-                return None
-            return fmt[2], fmt[1], _RAW_SUBTYPES[(fmt[0], fmt[3])], offset
+            return fmt, size, f.tell()
         else:
             f.seek(size + (size & 1), os.SEEK_CUR)
 
@@ -124,6 +169,13 @@ class AudioReader:
         p = self.path
         if os.fstat(self._raw.fileno()).st_size == 0:
             raise AudioFileError(f"{p}: file is empty")
+        truncated = _truncated_wav(self._raw)
+        if truncated is not None:  # libsndfile would read what is there and say nothing
+            raise AudioFileError(
+                f"{p}: truncated WAV: its header promises {truncated[0]} bytes of audio, the file holds "
+                f"{truncated[1]} (an interrupted copy or recording?)"
+            )
+        self._raw.seek(0)
         unsized = _unsized_wav(self._raw)
         self._raw.seek(0)
         try:
@@ -137,7 +189,7 @@ class AudioReader:
             if head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE":
                 reason = first_line(e).split(": ", 1)[-1]  # libsndfile's "Error opening <obj>: ..." prefix
                 raise AudioFileError(f"{p}: unsupported or broken WAV file ({reason})") from None
-            raise AudioFileError(f"{p}: not an audio file this tool can read (WAV, FLAC, MP3, Ogg, AIFF)") from None
+            raise _not_readable(p, head) from None
 
     @property
     def duration(self) -> float:
@@ -219,13 +271,14 @@ def to_pcm16(pcm: np.ndarray) -> np.ndarray:
 
 
 class WavWriter:
-    """24 kHz (or ``rate``) 16-bit WAV written block by block (the header is finalised on close).
+    """24 kHz (or ``rate``) 16-bit WAV (or ``format``: see :func:`output_format`) written block by block
+    (the header is finalised on close).
 
     Blocks are [samples] for mono or [samples, channels].
     """
 
     def __init__(
-        self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1,
+        self, path: str | os.PathLike, rate: int = SAMPLE_RATE, channels: int = 1, format: str = "WAV",
         shown: str | os.PathLike | None = None,
     ) -> None:
         self.path = Path(path)
@@ -233,7 +286,7 @@ class WavWriter:
         self.channels = channels
         try:
             self._file = sf.SoundFile(
-                self.path, "w", samplerate=rate, channels=channels, subtype="PCM_16", format="WAV"
+                self.path, "w", samplerate=rate, channels=channels, subtype="PCM_16", format=format
             )
         except (sf.LibsndfileError, RuntimeError, OSError) as e:
             raise AudioFileError(f"{self.shown}: cannot be written ({first_line(e)})") from None

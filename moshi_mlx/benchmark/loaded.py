@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from ..model_files.assets import Assets, load
 from ..model_files.budget import weights_bytes
-from ..model_files.checkpoint import SHORT_DTYPES
+from ..model_files.checkpoint import SHORT_DTYPES, resolve_model
 from ..model_files.source import ModelSource
 from ..model_files.stand_ins import demo_assets, write_random_lm
 from ..models.config import LmConfig, config_v0_1, preset
@@ -95,9 +95,11 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
         )
     else:
         kind, config_name = "file", None
+    # The files found first (a download is not load time), with the hub's bars only if progress is shown.
+    resolved = None if args.demo else resolve_model(source, progress=bool(getattr(args, "progress", True)))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    assets = load(source, demo=args.demo, dtype=args.dtype, log=log)  # the app's one front door
+    assets = load(source, demo=args.demo, dtype=args.dtype, log=log, resolved=resolved)
     assets.plan_memory(args.max_memory, args.kv_bits, log)  # as the app does: --max-memory, --kv-bits
     times = LoadTimes(round(time.perf_counter() - t0, 3), gb(mx.get_peak_memory()), write_s, file_gb)
     info = describe(assets.lm, kind, config_name)

@@ -9,8 +9,8 @@ import argparse
 import math
 from typing import Callable
 
-from ..model_files.assets import Assets, load
-from ..model_files.checkpoint import DTYPES
+from ..model_files.assets import Assets, load, refuse_demo_flags
+from ..model_files.checkpoint import DTYPES, ResolvedModel, resolve_model
 from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME
 from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
@@ -152,9 +152,23 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
     return with_knobs(EngineSettings(kv_bits=getattr(args, "kv_bits", None)), knobs)
 
 
-def load_from_args(args: argparse.Namespace, log: Callable[[str], None] = say) -> Assets:
-    """load() from the shared flags, then fit the memory budget (one line says what it chose)."""
+def resolve_from_args(args: argparse.Namespace) -> ResolvedModel | None:
+    """The model flags checked and the files found (downloaded if need be), before any device opens;
+    None for --demo (after refusing model flags beside it)."""
+    source = ModelSource.from_args(args)
+    if args.demo:
+        refuse_demo_flags(source)
+        return None
+    return resolve_model(source)
+
+
+def load_from_args(
+    args: argparse.Namespace, log: Callable[[str], None] = say, resolved: ResolvedModel | None = None
+) -> Assets:
+    """load() from the shared flags (`resolved`: :func:`resolve_from_args`'s answer), then fit the memory
+    budget (one line says what it chose)."""
     progress = Progress().callback("loading Moshi") if log is say else None  # a caller with its own log draws no bar
-    assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log, progress=progress)
+    assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log, progress=progress,
+                  resolved=resolved)
     assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
     return assets

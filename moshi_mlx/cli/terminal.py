@@ -28,6 +28,7 @@ from ..audio.device_choice import (
 )
 from ..audio.devices import DuplexAudio
 from ..audio.frames import FRAME_S
+from ..audio.silence import silent_microphone_line
 from ..errors import first_line
 from ..outputs import OutputError, probe_writable
 from . import shell
@@ -77,8 +78,10 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
     from ..audio.recording import ConversationRecorder, RecordingError, recover_unfinished
 
     folder = Path(directory).expanduser()
+    if not folder.parent.exists():  # as --demo-output: a typo in the path is refused, not made into folders
+        raise RecordingError(f"--record {directory}: folder {folder.parent} does not exist")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)
     except OSError as e:
         raise RecordingError(f"--record {directory}: cannot create the folder ({e.strerror or e})") from None
     try:
@@ -171,6 +174,7 @@ class TerminalSession:
         self.started = time.monotonic()
         self._warned_drops = 0
         self._last_warn = 0.0
+        self._told_silent = False
 
     # -- the devices' threads ---------------------------------------------------------------------
     def _heard(self, frame: np.ndarray) -> None:  # PortAudio's thread: the mic
@@ -210,6 +214,9 @@ class TerminalSession:
     def show_lag(self, latency_ms: float, dropped: int, warning: Callable[[int, float], str]) -> None:
         """The status line; ``warning(dropped, lag_ms)`` at most every 2 s while frames are being dropped."""
         now = time.monotonic()
+        if self.audio.silence.silent and not self._told_silent:  # e.g. macOS before the permission is granted
+            self._told_silent = True
+            self.display.message(silent_microphone_line())
         lag_ms = latency_ms + self.audio.queued_frames * FRAME_S * 1e3  # the speaker's queue adds to it
         self.display.set_status(lag_status(lag_ms, dropped, self.audio.stats.underruns), now)
         if dropped > self._warned_drops and now - self._last_warn >= 2.0:
@@ -217,11 +224,12 @@ class TerminalSession:
             self._warned_drops, self._last_warn = dropped, now
 
     # -- the whole session -------------------------------------------------------------------------
-    def run(self, loop: Callable[[], None], summary_on_error: bool) -> None:
+    def run(self, loop: Callable[[], None], summary_on_error: bool) -> int:
         """Run the far end's ``loop`` until it returns or Ctrl-C / SIGTERM, then close and sum up.
 
         The recording is saved however the session ended; the summary comes after an error too only
-        with ``summary_on_error`` (the client's lost connection: what it managed matters).
+        with ``summary_on_error`` (the client's lost connection: what it managed matters). Returns the
+        exit code: 130 when Ctrl-C / SIGTERM ended it (the shell's policy, after a clean close), else 0.
         """
         failed = True
         try:
@@ -233,6 +241,7 @@ class TerminalSession:
         finally:
             with shell.sigint_ignored():  # a second Ctrl-C must not break the cleanup
                 self._close(summary=not failed or summary_on_error)
+        return shell.EXIT_INTERRUPTED if self.stopped_by else shell.EXIT_OK
 
     def _close(self, summary: bool) -> None:
         self.audio.close()

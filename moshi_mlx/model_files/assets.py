@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..engine import ConversationEngine
-from ..errors import MoshiError
+from ..errors import UsageError
 from ..models.lm import Lm
 from ..settings import EngineSettings
 from ..tokenizer import TextTokenizer
@@ -21,7 +21,7 @@ from .budget import (
     plan_memory,
     weights_bytes,
 )
-from .checkpoint import DTYPES, WeightsError, load_lm, resolve_model
+from .checkpoint import DTYPES, ResolvedModel, WeightsError, load_lm, resolve_model
 from .source import ModelSource
 from .stand_ins import demo_assets, demo_lm
 
@@ -69,26 +69,33 @@ class Assets:
         return plan
 
 
+def refuse_demo_flags(source: ModelSource) -> None:
+    """--demo with a model flag is a usage error (the demo would silently ignore it)."""
+    if source.given_flags:
+        raise UsageError(
+            f"--demo runs built-in stand-ins and cannot use {', '.join(source.given_flags)}: drop one or the other"
+        )
+
+
 def load(
     source: ModelSource = ModelSource(),
     demo: bool = False,
     dtype: str | None = None,
     log: Callable[[str], None] = say,
     progress: Callable[[int, int], None] | None = None,
+    resolved: ResolvedModel | None = None,
 ) -> Assets:
     """The one front door: the LM, Mimi and the text tokenizer for `source` (or the demo stand-ins).
 
-    `log` takes status lines and `progress(done, total)` the loading of the LM's layers.
+    `log` takes status lines and `progress(done, total)` the loading of the LM's layers; `resolved`:
+    `resolve_model(source)`'s answer when the caller found the files already (before opening devices).
     Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
     """
     from ..audio.mimi import Mimi  # rustymimi is only needed once we really load
 
     start = time.perf_counter()
     if demo:
-        if source.given_flags:
-            raise MoshiError(
-                f"--demo runs built-in stand-ins and cannot use {', '.join(source.given_flags)}: drop one or the other"
-            )
+        refuse_demo_flags(source)
         log(DEMO_BANNER)
         files = demo_assets()
         lm = demo_lm()
@@ -99,7 +106,7 @@ def load(
             lm_file="none: random demo weights",
         )
 
-    resolved = resolve_model(source)
+    resolved = resolved or resolve_model(source)
     files, config = resolved.files, resolved.config
     log(f"loading Moshi weights from {files.moshi}")
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from ..models.cache import DEFAULT_KV_BITS, LENGTH_BUCKET, kv_cache_bytes
+from ..errors import MoshiError
+from ..models.cache import DEFAULT_KV_BITS, LENGTH_BUCKET, kv_cache_bytes, on_cuda
 
 GB = 1e9
 #: Activations of one step plus MLX's allocator cache (measured: a 7B q4 step needs well under 100 MB).
@@ -20,7 +21,7 @@ DEFAULT_RESERVE_BYTES = 256 * 2**20
 MIN_CONTEXT = 250
 
 
-class BudgetError(ValueError):
+class BudgetError(MoshiError, ValueError):
     """The model cannot fit the memory budget at any setting we allow."""
 
 
@@ -89,8 +90,14 @@ def weights_bytes(model) -> int:
     return int(sum(p.nbytes for _, p in tree_flatten(model.parameters())))
 
 
+#: Share of a CUDA GPU's own memory the default budget takes: CUDA reports no recommended working set, and MLX's
+#: CUDA allocator stops at 95% of it; the rest is for the CUDA context and other users of the GPU.
+CUDA_MEMORY_SHARE = 0.9
+
+
 def machine_budget_bytes() -> int:
-    """Default budget: Metal's recommended working set where MLX reports one, else 2/3 of RAM (Metal's rule)."""
+    """Default budget: Metal's recommended working set where MLX reports one; on CUDA a share of the GPU's
+    own memory (MLX >= 0.30.6 reports it); else 2/3 of RAM (Metal's rule)."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     info = {}
     for get in (getattr(mx, "device_info", None), getattr(getattr(mx, "metal", None), "device_info", None)):
@@ -101,7 +108,10 @@ def machine_budget_bytes() -> int:
         if info:
             break
     recommended = int(info.get("max_recommended_working_set_size", 0) or 0)
-    return min(recommended, ram) if recommended else ram * 2 // 3
+    if recommended:
+        return min(recommended, ram)
+    gpu_memory = int(info.get("total_memory", 0) or 0) if on_cuda() else 0
+    return int(gpu_memory * CUDA_MEMORY_SHARE) if gpu_memory else ram * 2 // 3
 
 
 def apply_limits(plan: MemoryPlan) -> None:

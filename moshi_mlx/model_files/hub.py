@@ -37,6 +37,9 @@ TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 CONFIG_NAME = "config.json"
 _DEFAULT_NAMES = frozenset({*MOSHI_NAMES.values(), MIMI_NAME, TOKENIZER_NAME, CONFIG_NAME})
 
+#: Ends every "could not be had" line: the way to see the app work with no download at all.
+DEMO_HINT = "or try --demo (a tiny random model, no download)"
+
 # Seconds to wait for the hub to answer before treating it as unreachable (falls back to the cache).
 TIMEOUT_ENV = "MOSHI_MLX_HUB_TIMEOUT"
 DEFAULT_TIMEOUT = 5.0
@@ -156,14 +159,24 @@ class _Repo:
 
     def _unavailable(self, filename: str | None, kind: str) -> HubError:
         """Not cached and no hub: say which repo/file, why, and which flag gives it locally."""
+        return self.not_cached({kind: filename} if filename else {}, kind)
+
+    def not_cached(self, missing: dict[str, str], kind: str = "moshi") -> HubError:
+        """Not cached and no hub, for every file of `missing` (kind -> name) at once: the repo, why, the flags."""
+        it = "them" if len(missing) > 1 else "it"
         if self.offline_reason == "HF_HUB_OFFLINE is set":
-            how = "unset HF_HUB_OFFLINE to download it"
+            how = f"unset HF_HUB_OFFLINE to download {it}"
         else:
-            how = "connect to the internet to download it"
-        what = f"{filename} is not" if filename else "nothing of this repo is"
+            how = f"connect to the internet to download {it}"
+        names = list(missing.values())
+        if not names:
+            what = "nothing of this repo is"
+        else:
+            what = f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} not"
+        flags = " and ".join(f"{FLAGS[k]} PATH" for k in (missing or {kind: ""}))
         return HubError(
             f"{self.label}: {what} in the Hugging Face cache ({self.cache_dir}) and "
-            f"{self.offline_reason}; {how}, or pass {FLAGS[kind]} PATH"
+            f"{self.offline_reason}; {how}, or pass {flags}; {DEMO_HINT}"
         )
 
     def list_files(self) -> set[str] | None:
@@ -233,13 +246,13 @@ class _Repo:
                 cause = e.__cause__ or e
                 raise HubError(
                     f"{self.label}: could not get {filename} from {self.endpoint} ({first_line(cause)}) and it is not "
-                    f"in the Hugging Face cache ({self.cache_dir}); pass {FLAGS[kind]} PATH"
+                    f"in the Hugging Face cache ({self.cache_dir}); pass {FLAGS[kind]} PATH, {DEMO_HINT}"
                 ) from None
             raise self._unavailable(filename, kind) from None
         except Exception as e:
             self._raise_known(e, filename, kind)
             raise HubError(
-                f"{self.label}: could not get {filename} ({first_line(e)}); pass {FLAGS[kind]} PATH"
+                f"{self.label}: could not get {filename} ({first_line(e)}); pass {FLAGS[kind]} PATH, {DEMO_HINT}"
             ) from None
         return Path(path)
 
@@ -253,6 +266,22 @@ def _bits_from_name(name: str) -> int | None | str:
     if m:
         return int(m.group(1))
     return "?"
+
+
+def _bits_from_repo_name(repo_id: str) -> int | None | str:
+    """4 / 8 / None by the published repos' naming (``...-mlx-q4``, ``-q8``, ``-bf16``); "?" when it does not say."""
+    m = re.search(r"-(q4|q8|bf16)$", repo_id)
+    return "?" if m is None else {"q4": 4, "q8": 8, "bf16": None}[m.group(1)]
+
+
+def _refuse_by_repo_name(repo: _Repo, quantize: int | None) -> None:
+    """Offline, with no listing: a -q the repo's own name contradicts is said as such (no download would help)."""
+    bits = _bits_from_repo_name(repo.repo_id)
+    if quantize is not None and bits != "?" and bits != quantize:
+        raise HubError(
+            f"{repo.label} holds {describe_bits(bits)} weights (by its name), so it has no "  # type: ignore[arg-type]
+            f"{MOSHI_NAMES[quantize]}: {quantize_hint(bits)}, or choose another --hf-repo"  # type: ignore[arg-type]
+        )
 
 
 def describe_bits(bits: int | None) -> str:
@@ -275,6 +304,7 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
             )
         return named
     if files is None:  # offline with nothing cached for this revision
+        _refuse_by_repo_name(repo, quantize)
         if quantize is not None:
             return MOSHI_NAMES[quantize]  # fails on the expected name, with the flag to use instead
         raise repo._unavailable(None, "moshi")
@@ -299,6 +329,7 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
         raise HubError(f"{repo.label} holds several quantizations ({', '.join(present)}): pass {choices}")
     want = MOSHI_NAMES[quantize]
     if repo.offline_reason is not None:
+        _refuse_by_repo_name(repo, quantize)
         raise repo._unavailable(want, "moshi")
     raise HubError(f"{repo.label} has no Moshi weights ({want}); check --hf-repo or pass --moshi-weights PATH")
 
@@ -357,10 +388,13 @@ def find_model_files(source: ModelSource, local_bits: int | None = None, progres
             needed["mimi"] = str(repo_config.get("mimi_name") or MIMI_NAME)
         if "tokenizer" not in local:
             needed["tokenizer"] = str(repo_config.get("tokenizer_name") or TOKENIZER_NAME)
+        # Every missing file in one line (Mimi and the tokenizer together), not one per run.
+        if repo.offline_reason is not None:
+            missing = {kind: name for kind, name in needed.items() if files is None or name not in files}
+            if missing:
+                raise repo.not_cached(missing)
         for kind, name in needed.items():
             if files is not None and name not in files:
-                if repo.offline_reason is not None:
-                    raise repo._unavailable(name, kind)
                 raise HubError(f"{repo.label} has no file {name}; pass {FLAGS[kind]} PATH")
         for kind, name in needed.items():
             local[kind] = repo.download(name, kind)

@@ -29,6 +29,7 @@ import numpy as np
 from ..models.config import LmConfig, config_tiny
 from ..models.lm import Lm
 from ..outputs import atomic_output
+from ..places import demo_dir
 from .checkpoint import (
     GROUP_SIZE_FOR_BITS,
     Quantization,
@@ -348,10 +349,8 @@ TOKENIZER_FILE = "tokenizer-stand-in.model"
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("MOSHI_MLX_DEMO_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.cache/moshi_mlx/demo").expanduser()
+    """The demo's folder (moshi_mlx/places.py decides it: the platform's user cache, or $MOSHI_MLX_DEMO_DIR)."""
+    return demo_dir()
 
 
 def demo_assets(cache_dir: str | os.PathLike | None = None) -> DemoAssets:

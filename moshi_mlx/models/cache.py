@@ -112,14 +112,30 @@ class QuantizedRotatingKVCache:
         self.values = self._write(self.values, values, ctx.slot)
         length = ctx.mask.shape[-1]
         return (
-            tuple(a[:, :, :length] for a in self.keys),
-            tuple(a[:, :, :length] for a in self.values),
+            tuple(_window(a, length) for a in self.keys),
+            tuple(_window(a, length) for a in self.values),
             ctx.mask,
         )
 
     @property
     def state(self) -> list[mx.array]:
         return [*self.keys, *self.values]
+
+
+def on_cuda() -> bool:
+    """Whether MLX computes on an NVIDIA GPU here (a CUDA build, the GPU as the default device)."""
+    cuda = getattr(mx, "cuda", None)
+    try:
+        return bool(cuda is not None and cuda.is_available() and mx.default_device() == mx.gpu)
+    except (AttributeError, RuntimeError, ValueError):  # an MLX without these calls has no CUDA backend
+        return False
+
+
+def _window(packed: mx.array, length: int) -> mx.array:
+    """The first `length` steps of a packed buffer, for mx.quantized_matmul. MLX's CUDA kernels take no strided
+    operand ("No implementation for problem shape"), so there the slice is copied while the window fills."""
+    part = packed[:, :, :length]
+    return mx.contiguous(part) if length < packed.shape[2] and on_cuda() else part
 
 
 class FrameCache:

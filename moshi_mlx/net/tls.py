@@ -20,16 +20,15 @@ import ipaddress
 import os
 import socket
 import ssl
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MoshiError
+from ..places import config_dir
 
 __all__ = [
     "CertInfo",
     "TlsError",
-    "config_dir",
     "default_cert_dir",
     "machine_names",
     "machine_addresses",
@@ -72,17 +71,8 @@ class CertInfo:
 # ------------------------------------------------------------------------------------------------
 
 
-def config_dir() -> Path:
-    """The user's moshi_mlx config folder (not created here)."""
-    if os.environ.get("MOSHI_MLX_CONFIG_DIR"):
-        return Path(os.environ["MOSHI_MLX_CONFIG_DIR"]).expanduser()
-    if sys.platform == "darwin":
-        return Path("~/Library/Application Support/moshi_mlx").expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or "~/.config"
-    return Path(base).expanduser() / "moshi_mlx"
-
-
 def default_cert_dir() -> Path:
+    """The certificate's folder: ``tls/`` in the user's config folder (moshi_mlx/places.py decides where)."""
     return config_dir() / "tls"
 
 

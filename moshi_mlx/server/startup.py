@@ -7,6 +7,7 @@ line (a :class:`~moshi_mlx.errors.MoshiError`) within a second instead of after 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -26,7 +27,6 @@ log = logging.getLogger("moshi_mlx.web.startup")
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 ANY_HOST = ("", "0.0.0.0", "::")
-_NO_ADDRESS_FAMILY = (97, 99)  # EAFNOSUPPORT, EADDRNOTAVAIL: no IPv6 here (aiohttp skips it too)
 
 #: What to tell the user once the port is known (the LAN addresses of an --ssl auto server).
 Announce = Callable[[int], None]
@@ -61,15 +61,18 @@ def check_port_free(host: str, port: int) -> None:
             try:
                 sock.bind(addr)
             except OSError as e:
-                if family == socket.AF_INET6 and e.errno in _NO_ADDRESS_FAMILY:
+                # No IPv6 here (aiohttp skips it too); by name: the numbers differ (Linux 97/99, macOS 47/49)
+                if family == socket.AF_INET6 and e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                     continue
                 raise _cannot_listen(host, port, e.strerror or e) from None
 
 
 def ssl_setup(option: str | None, host: str) -> tuple[ssl.SSLContext | None, Announce | None]:
     """--ssl auto|DIR: the server's SSL context, and what to tell the user once the port is known."""
-    if not option:
-        return None, None
+    if not option:  # plain http: on the LAN, the page loads but its browser refuses the microphone
+        if host in LOOPBACK_HOSTS:
+            return None, None
+        return None, lambda port: announce_lan(host, port, tuple(tls.machine_addresses()), secure=False)
     if option != "auto":
         return folder_context(option), None
     info = tls.ensure_certificate()
@@ -96,17 +99,24 @@ def folder_context(directory: str | os.PathLike) -> ssl.SSLContext:
         raise tls.TlsError(f"--ssl {d}: {e}") from None
 
 
-def announce_lan(host: str, port: int, addresses: tuple[str, ...]) -> None:
-    """Where other devices reach an --ssl auto server (or why they cannot)."""
+def announce_lan(host: str, port: int, addresses: tuple[str, ...], secure: bool = True) -> None:
+    """Where other devices reach the server (or why they cannot); over plain http, that their browsers will
+    refuse the microphone."""
     if host in LOOPBACK_HOSTS:
         log.info("other devices cannot reach %s; add --host 0.0.0.0 to serve the LAN", host)
         return
     lan = [a for a in addresses if not a.startswith("127.") and a != "::1"]
     if host == "0.0.0.0":  # IPv4 only
         lan = [a for a in lan if ":" not in a]
+    if not secure:
+        log.info("other devices' browsers allow the microphone only over https: restart with --ssl auto to talk "
+                 "from them")
     for addr in lan if host in ANY_HOST else [host]:
-        log.info("from another device: %s  (accept the certificate warning after checking the fingerprint)",
-                 browser_url(addr, port, True))
+        if secure:
+            log.info("from another device: %s  (accept the certificate warning after checking the fingerprint)",
+                     browser_url(addr, port, True))
+        else:
+            log.info("from another device: %s  (the page only, no microphone)", browser_url(addr, port, False))
 
 
 def browser_url(host: str, port: int, secure: bool) -> str:

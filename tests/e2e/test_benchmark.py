@@ -195,6 +195,25 @@ def test_unreadable_weights_fail_with_one_line(tmp_path, demo_files, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "notes.safetensors" in err[0]
 
 
+def test_no_progress_also_silences_the_hubs_download_bars(monkeypatch, capsys):
+    """--no-progress reaches the file finding, where the hub's download bars live (they showed anyway).
+    The finding itself is stood in (no hub here): it records what it was asked and stops the run."""
+    from moshi_mlx.benchmark import loaded
+    from moshi_mlx.model_files.hub import HubError
+
+    asked = []
+
+    def finding(source, progress=True):
+        asked.append(progress)
+        raise HubError("stopped here by the test")
+
+    monkeypatch.setattr(loaded, "resolve_model", finding)
+    assert benchmark.main(["-q", "4", "--no-progress"]) == 1
+    assert benchmark.main(["-q", "4"]) == 1
+    assert asked == [False, True]
+    assert capsys.readouterr().err.count("error: stopped here by the test") == 2
+
+
 def test_device_gpu_without_a_gpu_fails_with_one_line(monkeypatch, capsys):
     """A machine without a GPU backend is the user's fact, not a crash: exit 1, one line, no type name."""
     import mlx.core as mx
@@ -228,3 +247,25 @@ def test_memory_budget_is_applied_as_in_the_app(tmp_path, demo_files):
     assert "; Mimi " in line and "GB on top (3 rustymimi instances)" in line  # the rest of the picture
     s = json.loads(path.read_text())["settings"]
     assert s["kv_bits"] == 4 and s["context"] < 3000 and s["start_position"] == s["context"]
+
+
+def test_reference_agreement_finds_ref_python_from_the_callers_folder(tmp_path):
+    """`--ref-python ../refvenv/bin/python`, as the README writes it, is the caller's path (it was looked up from
+    the script's temporary folder). A stand-in interpreter records that it ran; a missing one is a usage error."""
+    fake = tmp_path / "refvenv" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\nexit 3\n")
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    script = str(ROOT / "benchmarks" / "reference_agreement.py")
+
+    def agreement(ref: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, script, "--ref-python", ref], cwd=work, capture_output=True, text=True,
+                              timeout=120, check=False)
+
+    r = agreement("../refvenv/bin/python")
+    assert (tmp_path / "ran").exists() and r.returncode == 1, r.stderr
+    assert r.stderr.strip().endswith("failed with exit status 3"), r.stderr
+    r = agreement("../nope/bin/python")
+    assert r.returncode == 2 and f"--ref-python: ../nope/bin/python: no such file ({work}/../nope/bin/python)" in r.stderr

@@ -281,3 +281,24 @@ async def test_denied_microphone_is_explained(chromium, engine, mic_wav):
     finally:
         await browser.close()
         await stop_server(running)
+
+
+async def test_silent_microphone_is_explained(chromium, engine, tmp_path):
+    """A microphone track of exact zeros (what a system-blocked microphone gives, with no error): after 3 s the
+    page says so and names the system settings, while the conversation goes on."""
+    from tests.helpers.web_server import write_wav
+
+    zeros = write_wav(tmp_path / "zeros48k.wav", np.zeros(48000 * 2, np.float32), 48000)
+    running = await start_server(engine)
+    browser = await Browser(chromium, zeros).start()
+    try:
+        await browser.goto(f"http://127.0.0.1:{running.port}/?autoconnect=1")
+        shown = await browser.wait_for(f"{STATS}.micSilent", timeout=60)
+        message = await browser.eval("document.getElementById('message').textContent")
+        assert shown, f"stats {await browser.eval(f'JSON.stringify({STATS})')}; console: {browser.console[-5:]}"
+        assert message.startswith("Your microphone gives only silence (exact zeros for 3 s)"), message
+        assert "System Settings → Privacy & Security → Microphone" in message
+        assert await browser.eval(f"{STATS}.state") == "live"  # a warning, not a failure
+    finally:
+        await browser.close()
+        await stop_server(running)

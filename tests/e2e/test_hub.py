@@ -458,6 +458,26 @@ def test_offline_not_cached_names_repo_file_and_flag_fast(hub_env, fake_hub, mon
     assert "someone/custom" in _one_line(e) and "--moshi-weights" in str(e.value)
 
 
+def test_offline_names_every_missing_file_at_once_and_the_demo(hub_env, local_files, monkeypatch):
+    """With only --moshi-weights given, Mimi and the tokenizer are named together (it took one run each)."""
+    _offline(monkeypatch)
+    with pytest.raises(MoshiError) as e:
+        resolve_model_files(moshi_weights=local_files["moshi"], progress=False)
+    msg = _one_line(e)
+    assert f"{MIMI_NAME} and {TOKENIZER_NAME} are not in the Hugging Face cache" in msg
+    assert "download them, or pass --mimi-weights PATH and --tokenizer PATH; or try --demo" in msg
+
+
+def test_offline_q_the_repo_name_contradicts_is_not_a_download_problem(hub_env, monkeypatch):
+    """`-q 4 --hf-repo kyutai/moshika-mlx-q8` offline: no download would give a q4 file, so none is suggested."""
+    _offline(monkeypatch)
+    with pytest.raises(MoshiError) as e:
+        resolve_model_files(quantize=4, hf_repo="kyutai/moshika-mlx-q8", progress=False)
+    msg = _one_line(e)
+    assert msg == ("kyutai/moshika-mlx-q8 holds 8-bit weights (by its name), so it has no model.q4.safetensors: "
+                   "use -q 8 (or drop -q), or choose another --hf-repo")
+
+
 def test_cache_serves_everything_offline(hub_env, fake_hub, monkeypatch):
     online = {q: resolve_model_files(quantize=q, progress=False) for q in (4, None)}
     custom = resolve_model_files(hf_repo="someone/custom", progress=False)

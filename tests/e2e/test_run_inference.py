@@ -171,10 +171,11 @@ def _wav_header(n_data: int, tag: int = 1, channels: int = 1, rate: int = 16000,
     return b"RIFF" + riff + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", n_data)
 
 
-@pytest.mark.parametrize("declared", [1_000_000, 0, 0xFFFFFFFF])
+@pytest.mark.parametrize("declared", [0, 0xFFFFFFFF])
 @pytest.mark.parametrize("bits", [16, 32])
 def test_unfinished_recording_is_read(tmp_path, declared, bits):
-    """A recorder that never finalised its header: the data size is too large, 0 or 0xFFFFFFFF."""
+    """A recorder that never finalised its header: the data size is 0 or 0xFFFFFFFF (a size larger than the
+    file is a file cut short: refused, see test_bad_inputs)."""
     p = tmp_path / "trunc.wav"
     p.write_bytes(_wav_header(declared, bits=bits) + np.arange(100, dtype=f"<i{bits // 8}").tobytes())
     x, rate = read_audio(p)
@@ -192,6 +193,12 @@ def test_unfinished_recording_is_read(tmp_path, declared, bits):
         (lambda p: p.write_bytes(_wav_header(64, tag=0x55) + bytes(64)), "unsupported or broken WAV file"),
         (lambda p: p.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk\x00\x00\x00\x00"), "unsupported or broken WAV file"),
         (lambda p: p.mkdir(), "is a directory"),
+        # a copy cut short: libsndfile read the 0.02 s that were there and said nothing
+        (lambda p: p.write_bytes(_wav_header(1_000_000) + bytes(200)),
+         "truncated WAV: its header promises 1000000 bytes of audio, the file holds 200"),
+        # Voice Memos' .m4a (AAC in MP4): libsndfile cannot; the line names the conversion
+        (lambda p: p.write_bytes(b"\x00\x00\x00\x1cftypM4A \x00\x00\x02\x00M4A isommp42" + bytes(256)),
+         "an MP4/M4A (AAC) file, which this tool cannot decode; convert it to WAV first: `afconvert -f WAVE -d LEI16"),
     ],
 )
 def test_bad_inputs(tmp_path, make, needle):
@@ -214,6 +221,26 @@ def test_cli_bad_input_is_one_line(tmp_path, kind):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {p}: "), r.stderr
     assert not (tmp_path / "out.wav").exists()
+
+
+def test_output_format_follows_the_name(demo, tmp_path):
+    """out.flac is FLAC (it was a WAV under a .flac name); an extension it cannot write is refused up front."""
+    import soundfile as sf
+
+    from moshi_mlx.audio.files import output_format
+
+    src = _tone_wav(tmp_path / "in.wav", seconds=0.4)
+    engine = demo.engine()
+    try:
+        convert_file(engine, src, tmp_path / "out.flac")
+    finally:
+        engine.close()
+    info = sf.info(str(tmp_path / "out.flac"))
+    assert info.format == "FLAC" and info.samplerate == 24000 and info.frames == round(0.4 * 24000)
+    with pytest.raises(AudioFileError, match=r"out\.mp3: cannot write \.mp3 files; name the output \.wav, \.flac"):
+        output_format(tmp_path / "out.mp3")
+    r = _run([str(src), str(tmp_path / "out.mp3"), "--demo"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "cannot write .mp3" in r.stderr, r.stderr
 
 
 def test_cli_output_directory_missing(speech_tools, tmp_path):

@@ -1,5 +1,6 @@
-"""The team's shared test material (published-layout manifests, Kyutai's built client), found without
-machine paths: $MOSHI_MLX_SHARED, else a `shared/` folder beside the checkout or beside any folder above it."""
+"""Test material found without machine paths: the published-layout manifests (committed under
+tests/fixtures/manifests/), and the team's shared material (Kyutai's built client): $MOSHI_MLX_SHARED, else a
+`shared/` folder beside the checkout or beside any folder above it."""
 
 from __future__ import annotations
 
@@ -20,8 +21,13 @@ def shared_dir(*parts: str) -> Path | None:
     return None
 
 
+#: The 7B layout's manifests (tensor names, shapes, dtypes of the published checkpoints; Mimi's too): facts,
+#: committed so that a fresh clone checks the 7B layout (each file's "source" says how it was derived).
+MANIFESTS = REPO / "tests" / "fixtures" / "manifests"
+
+
 def find_manifests() -> Path:
-    """Published-layout manifests: $MOSHI_MLX_MANIFESTS, else the team's shared folder."""
+    """Published-layout manifests: $MOSHI_MLX_MANIFESTS, else the repository's own (tests/fixtures/manifests/)."""
     if os.environ.get("MOSHI_MLX_MANIFESTS"):
         return Path(os.environ["MOSHI_MLX_MANIFESTS"])
-    return shared_dir("manifests") or Path("shared/manifests")
+    return MANIFESTS

@@ -243,6 +243,23 @@ def test_device_without_any_usable_rate(fake_sd):
         DuplexAudio(lambda f: None, 0, 1)
 
 
+def test_macos_refusing_the_microphone_is_said_as_such(fake_sd):
+    """CoreAudio's -66748 (no permission) read as "accepts no usable mono float32 format": now the fix is named.
+    The refusal is stood in (no Mac here): PortAudio's words as sounddevice raises them."""
+
+    def refuse(device, samplerate, **kw):
+        raise fake_sd.PortAudioError(
+            "Error opening InputStream: Unanticipated host error [PaErrorCode -9999]: "
+            "'AUHAL component not found or unusable' [Core Audio error -66748]")
+
+    fake_sd.check_input_settings = refuse
+    with pytest.raises(AudioDeviceError) as e:
+        DuplexAudio(lambda f: None, 0, 1)
+    assert str(e.value) == (
+        "the microphone cannot be opened: macOS refuses it (CoreAudio error -66748); allow the microphone for your "
+        "terminal app in System Settings → Privacy & Security → Microphone, then restart the terminal")
+
+
 # ------------------------------------------------------------------------------------------------
 # Real PortAudio, ALSA file devices
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 
 from moshi_mlx import cli
 from moshi_mlx.errors import MoshiError, UsageError
+from moshi_mlx.model_files.budget import BudgetError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         (UsageError("--demo cannot use -q"), 2, "error: --demo cannot use -q"),
         (FileNotFoundError(2, "No such file or directory", "x.wav"), 1, "error: x.wav: No such file or directory"),
         (ZeroDivisionError("division by zero"), 1, "error: ZeroDivisionError: division by zero"),
+        (OSError("PortAudio library not found"), 1, "error: PortAudio library not found"),  # no class name
+        (BudgetError("the model needs 9 GB"), 1, "error: the model needs 9 GB"),
         (KeyboardInterrupt(), 130, "interrupted"),
     ],
 )

@@ -89,7 +89,7 @@ def test_a_session_records_both_sides_and_sums_up(sd, said, tmp_path, capsys):
     session = _open(tmp_path, far)
     assert said[0].startswith("mic: 0 'Built-in Microphone' (44100 Hz, resampled to 24 kHz)")
     assert said[0].endswith(", echo cancellation off")
-    session.run(far.loop, summary_on_error=False)
+    assert session.run(far.loop, summary_on_error=False) == 0
 
     assert far.closed and not session.audio.active and all(not s.active for s in sd.streams)
     out, err = capsys.readouterr()
@@ -103,10 +103,10 @@ def test_a_session_records_both_sides_and_sums_up(sd, said, tmp_path, capsys):
     assert "hello there" in text
 
 
-def test_ctrl_c_is_a_normal_end(sd, said, tmp_path):
+def test_ctrl_c_is_a_normal_end_with_the_interrupted_exit_code(sd, said, tmp_path):
     far = EchoFarEnd(frames=3, fail=KeyboardInterrupt())
     session = _open(tmp_path, far, record=None, max_lag_frames=2)
-    session.run(far.loop, summary_on_error=False)
+    assert session.run(far.loop, summary_on_error=False) == 130  # the README's policy: interrupted
     assert said[-1].endswith("(stopped by Ctrl-C)") and far.closed
     assert not any("recording" in line for line in said)
 
@@ -129,6 +129,16 @@ def test_a_far_end_never_reached_is_not_summed_up(sd, said, tmp_path):
     assert far.closed and len(said) == 1  # only the devices' line: no recording, no summary
 
 
+def test_record_into_a_missing_folder_is_refused_not_created(tmp_path):
+    """--record nodir/rec refuses as --demo-output does (it made nodir/ and nodir/rec/ for a typo)."""
+    from moshi_mlx.audio.recording import RecordingError
+
+    with pytest.raises(RecordingError, match=r"^--record .*nodir/rec: folder .*nodir does not exist$"):
+        terminal.make_recorder(str(tmp_path / "nodir" / "rec"))
+    assert not (tmp_path / "nodir").exists()
+    assert terminal.make_recorder(str(tmp_path / "rec")) is not None and (tmp_path / "rec").is_dir()
+
+
 def test_no_sound_card_gets_the_command_hint(sd, tmp_path):
     sd.default.device = [-1, -1]
     with pytest.raises(NoDefaultDevice, match=r"no default input device.*; or, try --demo$"):
@@ -136,3 +146,25 @@ def test_no_sound_card_gets_the_command_hint(sd, tmp_path):
     with pytest.raises(NoDefaultDevice) as e:
         TerminalSession(_args(tmp_path), EchoFarEnd(), no_sound_hint=None)
     assert "try --demo" not in str(e.value)
+
+
+def test_a_microphone_of_exact_zeros_is_said_once_with_the_fix(monkeypatch, said, tmp_path, capsys):
+    """macOS gives exact zeros until the terminal may use the microphone: one line names the fix (per platform)."""
+    import sys
+
+    fake = FakeSD(clocked=True)  # its microphone gives zeros
+    monkeypatch.setattr(device_choice, "sounddevice_module", lambda: fake)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    far = EchoFarEnd(frames=int(3.5 / 0.08))
+    session = _open(tmp_path, far, record=None)
+    session.run(far.loop, summary_on_error=False)
+    err = capsys.readouterr().err
+    assert err.count("warning: the microphone gives only silence (exact zeros for 3 s): allow the microphone for "
+                     "your terminal app in System Settings → Privacy & Security → Microphone") == 1, err
+
+
+def test_a_live_microphone_is_never_called_silent(sd, said, tmp_path, capsys):
+    far = EchoFarEnd(frames=int(3.5 / 0.08))
+    session = _open(tmp_path, far, record=None)
+    session.run(far.loop, summary_on_error=False)
+    assert "silence" not in capsys.readouterr().err and not session.audio.silence.silent

@@ -7,7 +7,7 @@ import pytest
 
 from moshi_mlx import ModelSource, load
 from moshi_mlx.cli.flags import add_model_args
-from moshi_mlx.errors import MoshiError
+from moshi_mlx.errors import UsageError
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,7 @@ from moshi_mlx.errors import MoshiError
      (ModelSource(hf_repo="kyutai/moshika-mlx-q4"), "--hf-repo")],
 )
 def test_demo_refuses_model_flags_instead_of_ignoring_them(source, flag):
-    with pytest.raises(MoshiError, match=f"--demo .*cannot use {flag}") as e:
+    with pytest.raises(UsageError, match=f"--demo .*cannot use {flag}") as e:
         load(source, demo=True, log=lambda m: None)
     assert "\n" not in str(e.value)
 

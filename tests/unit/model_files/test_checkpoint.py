@@ -161,3 +161,14 @@ def test_quantization_written_in_config_wins_and_is_checked(tmp_path):
     wrong = inspect_checkpoint(path, {"quantization": {"bits": 8, "group_size": 64}})
     with pytest.raises(WeightsError, match="has shape"):  # a config that lies about the file is caught by the layout check
         load_lm(wrong, config_tiny())
+
+
+def test_the_7b_manifests_come_with_the_repository(monkeypatch):
+    """A fresh clone checks the 7B layout too: the manifests are test fixtures, not the team's shared folder."""
+    from tests.helpers.shared import REPO, find_manifests
+
+    monkeypatch.delenv("MOSHI_MLX_MANIFESTS", raising=False)
+    folder = find_manifests()
+    assert folder.is_relative_to(REPO), folder
+    for name in ("moshi-7b-mlx-bf16", "moshi-7b-mlx-q4", "moshi-7b-mlx-q8", "moshi-7b-pytorch-bf16", "mimi"):
+        assert json.loads((folder / f"{name}.json").read_text())["tensors"], name

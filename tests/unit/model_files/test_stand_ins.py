@@ -148,6 +148,8 @@ def test_demo_assets_create_reuse_repair(tmp_path, monkeypatch, capsys, random_m
 
 def test_default_cache_dir(monkeypatch):
     monkeypatch.delenv("MOSHI_MLX_DEMO_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
     assert demo.default_cache_dir() == Path("~/.cache/moshi_mlx/demo").expanduser()
 
 

@@ -72,3 +72,31 @@ def test_kv_bits_flag_reaches_the_engine_settings():
     assert settings_from_args(parser.parse_args(["--kv-bits", "16"])).kv_bits == 16
     with pytest.raises(SystemExit):
         parser.parse_args(["--kv-bits", "6"])
+
+
+def test_on_cuda_the_filling_quantized_window_is_handed_out_contiguous(monkeypatch):
+    """MLX's CUDA quantized_matmul has no kernel for a strided operand: while the window fills (a slice of the
+    buffer), the cache hands out a contiguous copy there; full, the buffer itself. No GPU here: `on_cuda` is
+    stood in and the copies counted; benchmarks/gpu_check.sh runs these tests on a real GPU."""
+    from moshi_mlx.models import cache
+
+    copies = []
+    real = mx.contiguous
+    monkeypatch.setattr(cache, "on_cuda", lambda: True)
+    monkeypatch.setattr(mx, "contiguous", lambda a, *args: copies.append(a.shape) or real(a, *args))
+    capacity = 2 * cache.LENGTH_BUCKET
+    kv = cache.QuantizedRotatingKVCache.allocate(1, 2, 64, capacity, mx.float32, bits=8)
+    rng = np.random.default_rng(0)
+    for position, want_copies in ((0, 6), (capacity - 1, 0)):
+        copies.clear()
+        new = mx.array(rng.standard_normal((1, 2, 1, 64)).astype(np.float32))
+        ctx = cache.StepContext.for_position(position, capacity)
+        keys, values, _ = kv.update(new, new, ctx)
+        length = ctx.mask.shape[-1]
+        assert len(copies) == want_copies and all(a.shape[2] == length for a in (*keys, *values))
+        for got, stored in zip((*keys, *values), (*kv.keys, *kv.values)):
+            assert mx.array_equal(got, stored[:, :, :length]).item()
+    monkeypatch.setattr(cache, "on_cuda", lambda: False)
+    copies.clear()
+    kv.update(new, new, cache.StepContext.for_position(1, capacity))
+    assert copies == []  # Metal and CPU read the slice as it is

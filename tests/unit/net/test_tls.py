@@ -74,15 +74,9 @@ def test_contexts_trust_only_what_they_should(tmp_path):
         tls.client_context(cafile=tmp_path / "nope.pem")
 
 
-def test_config_dir(monkeypatch, tmp_path):
+def test_cert_dir_is_tls_in_the_config_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MOSHI_MLX_CONFIG_DIR", str(tmp_path / "explicit"))
     assert tls.default_cert_dir() == tmp_path / "explicit" / "tls"
-    monkeypatch.delenv("MOSHI_MLX_CONFIG_DIR")
-    monkeypatch.setattr(sys, "platform", "linux")
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    assert tls.config_dir() == tmp_path / "xdg" / "moshi_mlx"
-    monkeypatch.setattr(sys, "platform", "darwin")
-    assert str(tls.config_dir()).endswith("Library/Application Support/moshi_mlx")
 
 
 def test_machine_addresses_are_addresses():

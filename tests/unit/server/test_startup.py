@@ -127,3 +127,64 @@ def test_announce_lan(host, shown):
     assert urls == shown
     if not shown:
         assert "cannot reach localhost" in handler.lines[0]
+
+
+def test_a_plain_http_lan_server_says_where_and_that_browsers_refuse_the_microphone():
+    """--host 0.0.0.0 without --ssl: the LAN addresses, and why talking from them needs --ssl auto."""
+    assert ssl_setup(None, "127.0.0.1") == (None, None)
+    ctx, announce = ssl_setup(None, "0.0.0.0")
+    assert ctx is None and announce is not None
+    handler, logger = Lines(), logging.getLogger("moshi_mlx.web")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        announce_lan("0.0.0.0", 8998, ("127.0.0.1", "192.168.1.5"), secure=False)
+        announce(8998)  # this machine's own addresses: whatever they are, no error
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    assert handler.lines[:2] == [
+        "other devices' browsers allow the microphone only over https: restart with --ssl auto to talk from them",
+        "from another device: http://192.168.1.5:8998/  (the page only, no microphone)",
+    ]
+
+
+def test_no_ipv6_is_skipped_by_errno_name_whatever_the_platforms_numbers(monkeypatch):
+    """macOS says "no IPv6 here" with errno 49 (EADDRNOTAVAIL) where Linux says 99: the check must read the names.
+    The socket layer is stood in (this Linux has its own numbers); macOS's values are put into `errno`."""
+    import errno
+    import types
+
+    from moshi_mlx.server import startup
+
+    monkeypatch.setattr(errno, "EADDRNOTAVAIL", 49)
+    monkeypatch.setattr(errno, "EAFNOSUPPORT", 47)
+    bound = []
+
+    class Sock:
+        def __init__(self, family, kind, proto):
+            self.family = family
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def setsockopt(self, *a):
+            pass
+
+        def bind(self, addr):
+            if self.family == socket.AF_INET6:
+                raise OSError(49, "Can't assign requested address")
+            bound.append(addr)
+
+    infos = [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::", 8998, 0, 0)),
+             (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("0.0.0.0", 8998))]
+    fake = types.SimpleNamespace(**{k: getattr(socket, k) for k in dir(socket) if k.isupper() or k == "gaierror"})
+    fake.getaddrinfo = lambda *a, **k: infos
+    fake.socket = Sock
+    monkeypatch.setattr(startup, "socket", fake)
+    check_port_free("", 8998)
+    assert bound == [("0.0.0.0", 8998)]
