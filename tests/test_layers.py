@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     # facts: errors, the knobs, the audio format, the model's configuration, RSS readings
     {"errors", "settings", "memory", "audio.frames", "models.config", "models.cache", "model_files.source"},
     # single-job libraries
-    {"sampling", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
+    {"sampling", "conditioning", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
      "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget",
      "server.info", "models.pytorch"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",

@@ -70,7 +70,7 @@ def _settings(args: argparse.Namespace, context: int, position: int, kv_bits: in
 def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress: cli.Progress, machine: Machine) -> dict:
     """LM alone, then Mimi and the pipeline, each phase with its own memory peaks."""
     assets, (kv, window) = loaded.assets, kv_cache(loaded)
-    sampling = settings_from_args(args)
+    sampling = settings_from_args(args, assets.lm.config)
     probe = MemoryProbe()
     lm = time_lm(assets.lm, args.steps, args.warmup, position, args.seed, kv, not args.no_split, progress,
                  probe.sample, sampling.text, sampling.audio, window)
@@ -105,7 +105,7 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
 
 def _long_run(args: argparse.Namespace, loaded: Loaded, progress: cli.Progress, machine: Machine) -> dict:
     assets, (kv, window) = loaded.assets, kv_cache(loaded)
-    sampling = settings_from_args(args)
+    sampling = settings_from_args(args, assets.lm.config)
     probe = MemoryProbe()
     engine = None
     if args.long_pipeline:

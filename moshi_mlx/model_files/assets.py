@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..engine import ConversationEngine
 from ..errors import MoshiError
+from ..models.config import LmConfig
 from ..models.lm import Lm
 from ..settings import EngineSettings
 from ..tokenizer import TextTokenizer
@@ -75,10 +76,12 @@ def load(
     dtype: str | None = None,
     log: Callable[[str], None] = say,
     progress: Callable[[int, int], None] | None = None,
+    check: Callable[[LmConfig], None] | None = None,
 ) -> Assets:
     """The one front door: the LM, Mimi and the text tokenizer for `source` (or the demo stand-ins).
 
-    `log` takes status lines and `progress(done, total)` the loading of the LM's layers.
+    `log` takes status lines and `progress(done, total)` the loading of the LM's layers. `check(config)` runs
+    once the LM's config is known and before any weight loads (e.g. a condition the model cannot take).
     Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
     """
     from ..audio.mimi import Mimi  # rustymimi is only needed once we really load
@@ -89,9 +92,11 @@ def load(
             raise MoshiError(
                 f"--demo runs built-in stand-ins and cannot use {', '.join(source.given_flags)}: drop one or the other"
             )
+        lm = demo_lm()
+        if check is not None:
+            check(lm.config)
         log(DEMO_BANNER)
         files = demo_assets()
-        lm = demo_lm()
         mimi = Mimi(files.mimi_path)
         tok = TextTokenizer(files.tokenizer_path)
         return Assets(
@@ -101,6 +106,8 @@ def load(
 
     resolved = resolve_model(source)
     files, config = resolved.files, resolved.config
+    if check is not None:
+        check(config)
     log(f"loading Moshi weights from {files.moshi}")
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress)
     mimi = Mimi(files.mimi)
