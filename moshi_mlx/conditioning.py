@@ -53,7 +53,7 @@ def default_condition(config: LmConfig) -> str | None:
     name, values = found
     if DEFAULT_CONDITION not in values:
         raise ConditioningError(
-            f"conditioner {name} has no {DEFAULT_CONDITION} value ({', '.join(values)}): pass --condition"
+            f"conditioner {name} has no {DEFAULT_CONDITION} value ({', '.join(values)}): choose a condition"
         )
     return DEFAULT_CONDITION
 
@@ -64,11 +64,9 @@ def check_conditioning(config: LmConfig, condition: str | None, cfg_coef: float 
     guided = cfg_coef is not None and cfg_coef != 1.0
     if found is None:
         if condition is not None:
-            raise ConditioningError(f"condition {condition!r}: this model has no conditioners (drop --condition)")
+            raise ConditioningError(f"condition {condition!r}: this model has no conditioners")
         if guided:
-            raise ConditioningError(
-                f"cfg_coef {cfg_coef:g}: classifier-free guidance needs a model with conditioners (drop --cfg-coef)"
-            )
+            raise ConditioningError(f"cfg_coef {cfg_coef:g}: classifier-free guidance needs a model with conditioners")
         return
     name, values = found
     if condition is not None and condition not in values:

@@ -158,3 +158,18 @@ def test_client_refuses_an_out_of_range_flag_before_connecting():
             listener.accept()
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines()[-1].endswith(f"argument --text-temperature: {server_says}"), run.stderr
+
+
+def test_client_sends_guidance_and_the_new_sampling_knobs():
+    """The remote client's flags become the query a server parses back into the same settings."""
+    from moshi_mlx import client
+    from moshi_mlx.cli.flags import SAMPLING_PARAMS
+    from moshi_mlx.net.address import chat_url, sampling_params
+
+    args = client.build_parser().parse_args(
+        ["--cfg-coef", "3", "--condition", "good", "--text-top-p", "0.9", "--audio-min-p", "0.05", "ws://h:1"])
+    url = chat_url(args.url, sampling_params(**{name: getattr(args, name) for name in SAMPLING_PARAMS}))
+    query = dict(url.query)
+    assert query == {"cfg_coef": "3.0", "condition": "good", "text_top_p": "0.9", "audio_min_p": "0.05"}
+    settings = protocol.parse_query(query).settings
+    assert (settings.cfg_coef, settings.condition, settings.text.top_p, settings.audio.min_p) == (3.0, "good", 0.9, 0.05)
