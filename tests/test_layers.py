@@ -27,12 +27,13 @@ FOLDERS = {"models": 0, "audio": 1, "net": 2, "model_files": 3, "server": 4, "cl
 NO_CLI = ("models", "model_files", "audio", "net", "server")
 
 LAYERS: list[set[str]] = [
-    # facts: errors, the knobs, the audio format, the model's configuration, RSS readings
-    {"errors", "settings", "memory", "audio.frames", "models.config", "models.cache", "model_files.source"},
+    {"errors"},  # the error base every layer raises
+    # facts: the knobs, the audio format, the model's configuration, RSS readings
+    {"settings", "memory", "audio.frames", "models.config", "models.cache", "model_files.source"},
     # single-job libraries
     {"sampling", "conditioning", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
      "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget",
-     "server.info", "models.pytorch"},
+     "server.info", "models.pytorch", "models.conditioners"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
      "server.startup", "models.pytorch_config"},
     {"generate", "model_files.checkpoint", "net.address"},

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import MoshiError, first_line
 from ..models.config import LmConfig, config_v0_1
-from ..models.lm import Lm
+from ..models.lm import Lm, quantize_predicate
 from .hub import (
     KNOWN_REPOS,
     TOKENIZER_NAME,
@@ -175,11 +175,12 @@ def inspect_checkpoint(
 
 
 def quantize_model(model: nn.Module, quantization: Quantization) -> None:
-    """Every Linear and Embedding, as in the published q8/q4 files; norms stay in the model's dtype.
+    """Every Linear and Embedding, as in the published q8/q4 files (but the conditioners' tiny tables: see
+    `quantize_predicate`); norms stay in the model's dtype.
 
     Used to build a quantized checkpoint's model and to quantize a bf16 one while it loads.
     """
-    nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits)
+    nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits, class_predicate=quantize_predicate)
     for _, module in model.named_modules():
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             # Scales and biases stay bfloat16 as published, whatever the compute dtype.

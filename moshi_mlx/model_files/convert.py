@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..models.config import LmConfig
+from ..models.lm import quantizes
 from ..models.pytorch import ConvertError, Piece, Plan, plan_conversion
 from ..models.pytorch_config import build_config
 from ..outputs import OutputError, atomic_output, check_outputs
@@ -51,7 +52,7 @@ def quantized_parts(
     name: str, shape: tuple[int, ...], bits: int | None, float_dtype: str = "BF16"
 ) -> list[tuple[str, tuple[int, ...], str]]:
     """The stored tensors for one MLX parameter: [(name, shape, safetensors dtype)]."""
-    if bits is None or len(shape) != 2:
+    if bits is None or len(shape) != 2 or not quantizes(name):
         return [(name, shape, float_dtype)]
     gs = GROUP_SIZE_FOR_BITS[bits]
     rows, cols = shape
@@ -82,12 +83,12 @@ def expected_specs(cfg: LmConfig, bits: int | None, float_dtype: str = "BF16") -
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
-    from ..models.lm import Lm
+    from ..models.lm import Lm, quantize_predicate
 
     model = Lm(cfg)
     model.set_dtype(mx.float32 if float_dtype == "F32" else mx.bfloat16)
     if bits is not None:
-        nn.quantize(model, bits=bits, group_size=GROUP_SIZE_FOR_BITS[bits])
+        nn.quantize(model, bits=bits, group_size=GROUP_SIZE_FOR_BITS[bits], class_predicate=quantize_predicate)
     names = {mx.bfloat16: "BF16", mx.uint32: "U32", mx.float32: "F32", mx.float16: "F16"}
     return {k: (tuple(v.shape), names.get(v.dtype, str(v.dtype))) for k, v in tree_flatten(model.parameters())}
 
@@ -302,7 +303,7 @@ def _stored(x: Any, shape: tuple[int, ...], p: Piece, bits: int | None, float_dt
         rows = shape[0] // n
         y = y[i * rows : (i + 1) * rows]
     y = y.reshape(p.shape)
-    parts = [y] if bits is None or len(p.shape) != 2 else list(
+    parts = [y] if bits is None or len(p.shape) != 2 or not quantizes(p.name) else list(
         mx.quantize(y, group_size=GROUP_SIZE_FOR_BITS[bits], bits=bits)
     )
     mx.eval(parts)

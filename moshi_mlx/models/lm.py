@@ -5,12 +5,15 @@ Parameter names match the published MLX checkpoints (kyutai/moshi{ko,ka}-mlx-*) 
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..sampling import Sampler
 from .cache import FrameCache, RotatingKVCache, StepContext, TemporalCache
-from .config import LmConfig
+from .conditioners import ConditionError, ConditionProvider
+from .config import KYUTAI_NORMS, LmConfig, TransformerConfig
 from .transformer import Transformer, make_norm
 
 # Token id meaning "this stream has no token here yet": it embeds to exact zeros.
@@ -40,6 +43,33 @@ class LowRankEmbedding(nn.Module):
         return self.low_rank(self.weight[tokens])
 
 
+def cfg_combine(logits: mx.array, coef: float) -> mx.array:
+    """Classifier-free guidance: rows [:B] scored with the chosen condition, rows [B:] with the `very_bad` one.
+
+    Returns B rows of `coef * good - (coef - 1) * bad`, computed as Kyutai's PyTorch LMGen writes it,
+    `bad + (good - bad) * coef` (same value, same rounding as the reference).
+    """
+    good, bad = mx.split(logits, 2, axis=0)
+    return bad + (good - bad) * coef
+
+
+def quantizes(name: str) -> bool:
+    """Whether the parameter `name` is quantized with the model: all but the conditioners' tiny tables, which
+    Kyutai keeps in float (their width, e.g. 16, is below any group size)."""
+    return not name.startswith("condition_provider.")
+
+
+def quantize_predicate(path: str, module: nn.Module) -> bool:
+    """For nn.quantize's class_predicate: the modules `quantizes` allows."""
+    return hasattr(module, "to_quantized") and quantizes(path)
+
+
+def _norm_from_kyutai(name: str, dims: int) -> nn.Module:
+    kind, eps = KYUTAI_NORMS[name]
+    return make_norm(TransformerConfig(d_model=dims, num_heads=1, num_layers=0, dim_feedforward=0, context=1,
+                                       norm=kind, norm_eps=eps))
+
+
 class DepformerSlice(nn.Module):
     """Weights for one generated codebook of the depth transformer."""
 
@@ -50,7 +80,14 @@ class DepformerSlice(nn.Module):
         self.emb = nn.Embedding(in_vocab_size, dep.d_model) if rank is None else LowRankEmbedding(in_vocab_size, rank, dep.d_model)
         self.linear_in = nn.Linear(cfg.transformer.d_model, dep.d_model, bias=False)
         self.transformer = Transformer(dep)
+        if cfg.depformer_out_norm is not None:  # Kyutai's depformer_norms.{k}
+            self.out_norm = _norm_from_kyutai(cfg.depformer_out_norm, dep.d_model)
         self.linear_out = nn.Linear(dep.d_model, cfg.audio_card, bias=False)
+        self._normed = cfg.depformer_out_norm is not None
+
+    def head(self, x: mx.array) -> mx.array:
+        """Logits of this step from the depformer's output."""
+        return self.linear_out(self.out_norm(x) if self._normed else x)
 
 
 class Depformer(nn.Module):
@@ -70,18 +107,26 @@ class Depformer(nn.Module):
         index = mx.array(k, dtype=mx.int32)
         return StepContext(position=index, slot=index[None], mask=mx.ones((1, 1, 1, k + 1), dtype=mx.bool_))
 
-    def sample(self, hidden: mx.array, text_token: mx.array, sampler: Sampler, keys: mx.array) -> mx.array:
+    def sample(
+        self, hidden: mx.array, text_token: mx.array, sampler: Sampler, keys: mx.array, cfg_coef: float | None = None
+    ) -> mx.array:
         """Sample the generated codebooks one after another; returns [B, K] int32.
 
+        With `cfg_coef`, `hidden` has 2B rows (the chosen condition, then `very_bad`) and `text_token` B rows:
+        each step scores both halves, samples B codes from `cfg_combine` of their logits, and feeds the same
+        code back to both halves, as Kyutai's PyTorch LMGen does.
         Stays on device: each sampled code feeds the next slice without a host sync.
         """
         caches = [FrameCache() for _ in self.slices[0].transformer.layers]
         previous = text_token
         codes = []
         for k, piece in enumerate(self.slices):
-            x = piece.linear_in(hidden) + embed(piece.emb, previous[:, None])
+            fed = previous if cfg_coef is None else mx.concatenate([previous, previous], axis=0)
+            x = piece.linear_in(hidden) + embed(piece.emb, fed[:, None])
             x = piece.transformer(x, caches, self._context(k))
-            logits = piece.linear_out(x)[:, 0, :]
+            logits = piece.head(x)[:, 0, :]
+            if cfg_coef is not None:
+                logits = cfg_combine(logits, cfg_coef)
             previous = sampler(logits, keys[k])
             codes.append(previous)
         return mx.stack(codes, axis=1)
@@ -99,7 +144,7 @@ class Depformer(nn.Module):
         for k, piece in enumerate(self.slices):
             x = piece.linear_in(flat) + embed(piece.emb, tokens[:, k, :].reshape(batch * steps, 1))
             x = piece.transformer(x, caches, self._context(k))
-            logits.append(piece.linear_out(x).reshape(batch, steps, -1))
+            logits.append(piece.head(x).reshape(batch, steps, -1))
         return mx.stack(logits, axis=1)
 
 
@@ -126,6 +171,10 @@ class Lm(nn.Module):
         self.out_norm = make_norm(cfg.transformer)
         self.text_linear = nn.Linear(dim, cfg.text_out_vocab_size, bias=False)
         self.depformer = Depformer(cfg)
+        # Kyutai's extra_heads: linear maps of the temporal output, read with `extra_head_probs`.
+        self.extra_heads = [nn.Linear(dim, cfg.extra_heads_dim, bias=False) for _ in range(cfg.extra_heads_num_heads)]
+        if cfg.is_conditioned:
+            self.condition_provider = ConditionProvider(cfg.conditioners, dim)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -139,28 +188,53 @@ class Lm(nn.Module):
         """
         t = self.config.transformer
         window = t.context if context is None else min(int(context), t.context)
-        return TemporalCache(t.num_layers, batch, t.num_heads, t.head_dim, window, self.dtype, kv_bits)
+        # Only the key/value heads are stored (fewer than the query heads under kv_repeat).
+        return TemporalCache(t.num_layers, batch, t.num_kv_heads, t.head_dim, window, self.dtype, kv_bits)
+
+    def condition(self, values: Mapping[str, str]) -> mx.array:
+        """The summed conditioning [1, 1, D] for `values` ({conditioner name: value}), in the model's dtype.
+
+        Kyutai adds it to the temporal transformer's input at every step (fuser `sum`). Raises ConditionError
+        for an unknown name or value, or for a model without conditioners.
+        """
+        if not self.config.is_conditioned:
+            raise ConditionError("this model takes no condition")
+        return self.condition_provider(values).astype(self.dtype)
+
+    def _check_condition(self, condition: mx.array | None) -> None:
+        if self.config.is_conditioned and condition is None:
+            raise ConditionError("this model needs a condition (Lm.condition) at every step")
+        if not self.config.is_conditioned and condition is not None:
+            raise ConditionError("this model takes no condition")
 
     def temporal(
-        self, tokens: mx.array, caches: list[RotatingKVCache], ctx: StepContext
+        self, tokens: mx.array, caches: list[RotatingKVCache], ctx: StepContext, condition: mx.array | None = None
     ) -> tuple[mx.array, mx.array]:
         """One step of the temporal transformer.
 
         tokens: [B, 1 + audio_codebooks] int32 (text first), NO_TOKEN where a stream is empty.
+        condition: [B or 1, 1, D] added to the input embedding (a conditioned model needs one).
         Returns (normalised hidden state [B, 1, D], text logits [B, text_out_vocab]).
         """
+        self._check_condition(condition)
         x = embed(self.text_emb, tokens[:, :1])
         for k, table in enumerate(self.audio_embs):
             x = x + embed(table, tokens[:, k + 1 : k + 2])
+        if condition is not None:
+            x = x + condition.astype(x.dtype)
         hidden = self.out_norm(self.transformer(x, caches, ctx))
         return hidden, self.text_linear(hidden)[:, 0, :]
+
+    def extra_head_probs(self, hidden: mx.array) -> list[mx.array]:
+        """Each extra head's softmax over the temporal output `hidden` (as Kyutai's step_with_extra_heads)."""
+        return [mx.softmax(head(hidden).astype(mx.float32), axis=-1) for head in self.extra_heads]
 
     def start_tokens(self) -> mx.array:
         """The learned start token of every stream: text `text_card`, audio `card` ([1 + audio_codebooks])."""
         cfg = self.config
         return mx.array([cfg.text_out_vocab_size] + [cfg.audio_card] * cfg.audio_codebooks, dtype=mx.int32)
 
-    def forward(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+    def forward(self, tokens: mx.array, condition: mx.array | None = None) -> tuple[mx.array, mx.array]:
         """Score a whole delayed token sequence in one call (teacher forcing).
 
         tokens: [B, 1 + audio_codebooks, T] int32 in the delayed layout LmGen steps through: column t
@@ -169,7 +243,9 @@ class Lm(nn.Module):
         wherever a stream has no frame yet (t - 1 < its delay), exactly as in streaming.
         Returns text logits [B, T, text_out_vocab] and audio logits [B, generated_codebooks, T, audio_card]
         (the depformer reads the given text and codebook tokens), equal to stepping LmGen on the same tokens.
+        condition: [B or 1, 1, D] added at every position, as in `temporal`.
         """
+        self._check_condition(condition)
         cfg = self.config
         batch, streams, steps = tokens.shape
         if streams != 1 + cfg.audio_codebooks:
@@ -181,6 +257,8 @@ class Lm(nn.Module):
         x = self.text_emb(inputs[:, 0])
         for k, table in enumerate(self.audio_embs):
             x = x + table(inputs[:, k + 1])
+        if condition is not None:
+            x = x + condition.astype(x.dtype)
         t = cfg.transformer
         window = _WholeSequence(steps, t.context)
         ctx = StepContext(position=mx.array(0, dtype=mx.int32), slot=mx.array([0], dtype=mx.int32), mask=window.mask)

@@ -27,6 +27,14 @@ Name mapping (PyTorch -> MLX), k = depformer step / slice, l = layer:
                                 -> depformer.slices.{k}.transformer.layers.{l}.gating.linear_{in,out}.weight
     depformer.layers.{l}.norm{1,2}.alpha (shared by all steps)
                                 -> depformer.slices.{k}.transformer.layers.{l}.norm{1,2}.weight, every k
+    {transformer,depformer}.layers.{l}.linear{1,2}.weight (gating "none": a plain MLP)
+                                -> ....gating.linear{1,2}.weight (depformer: copied to every slice)
+    {transformer,depformer}.layers.{l}.layer_scale_{1,2}.scale  -> same names (depformer: every slice)
+    depformer_norms.{k}.{alpha | weight, bias}      -> depformer.slices.{k}.out_norm.{weight, bias}
+    extra_heads.{i}.weight                          -> same names
+    condition_provider.conditioners.{name}.{embed.weight, output_proj.weight, learnt_padding} -> same names
+LayerNorm weights and biases keep their names. With kv_repeat, in_proj has dim + 2 * kv_dim rows (queries, then
+the key/value heads' keys and values), as in PyTorch.
 """
 
 from __future__ import annotations
@@ -66,6 +74,23 @@ class Dims:
     low_rank: int | None = None  # depformer embedding rank, when low-rank
     dep_in: int = 0  # depformer_in projections stored (dep_q, or fewer when steps share them)
     dep_sets: int = 0  # depformer weight sets stored per layer (dep_q, 1, or a shared schedule's count)
+    dep_gating: bool = True  # the depformer's own FFN kind (Kyutai's depformer_gating)
+    kv_dim: int | None = None  # width of the keys (and of the values) when smaller than dim: kv_repeat
+    dep_kv_dim: int | None = None
+    layer_scale: bool = False  # layer_scale_{1,2}.scale tensors in the temporal layers
+    dep_layer_scale: bool = False
+    dep_out_norm: str | None = None  # "rms_norm" / "layer_norm": Kyutai's depformer_norms.{k}
+    extra_heads: int = 0
+    extra_heads_dim: int = 0
+    conditioners: tuple[tuple[str, int, int, bool], ...] = ()  # (name, table rows, table width, learnt padding)
+
+    @property
+    def kv_repeat(self) -> int:
+        return self.dim // (self.kv_dim or self.dim)
+
+    @property
+    def dep_kv_repeat(self) -> int:
+        return self.dep_dim // (self.dep_kv_dim or self.dep_dim)
 
 
 @dataclass(frozen=True)
@@ -130,6 +155,9 @@ class _Names:
     dep_out: tuple[str, ...]  # candidates for the depformer FFN's output weight (its hidden size)
     text_emb_dep: str
     plain_ffn_out: str  # a non-gated FFN's second linear, in layer 0
+    dep_layer0: str  # prefix of the depformer's first layer (of its first slice, in the MLX layout)
+    dep_attn0: str  # the depformer's first in_proj (one weight set)
+    dep_out_norm: str  # the first step's output norm prefix
     n_q: int
     dep_q: int
     dep_in: int
@@ -143,14 +171,15 @@ def _pytorch_names(shapes: Shapes) -> _Names:
         _count(shapes, r"depformer\.layers\.0\.self_attn\.in_projs\.(\d+)\.weight$"),
         _count(shapes, r"depformer\.layers\.0\.gating\.(\d+)\.linear_in\.weight$"),
     )
-    stacked = "depformer.layers.0.self_attn.in_proj_weight"
+    stacked = "depformer.layers.0.self_attn.out_proj.weight"
     if not dep_sets and stacked in shapes:  # the older stacked form: rows of all sets in one tensor
-        dep_sets = shapes[stacked][0] // (3 * shapes[dep_in0][0]) if dep_in0 in shapes else 0
+        dep_sets = shapes[stacked][0] // shapes[dep_in0][0] if dep_in0 in shapes else 0
     return _Names(
         "emb.{}.weight", dep_in0,
         ("depformer.layers.0.gating.0.linear_out.weight", "depformer.layers.0.gating.linear_out.weight",
          "depformer.layers.0.linear2.weight"),
         "depformer_text_emb.weight", "transformer.layers.0.linear2.weight",
+        "depformer.layers.0.", "depformer.layers.0.self_attn.in_projs.0.weight", "depformer_norms.0",
         n_q=_count(shapes, r"emb\.(\d+)\.weight$"),
         dep_q=_count(shapes, r"linears\.(\d+)\.weight$"),
         dep_in=_count(shapes, r"depformer_in\.(\d+)\.weight$"),
@@ -166,10 +195,34 @@ def _mlx_names(shapes: Shapes) -> _Names:
         ("depformer.slices.0.transformer.layers.0.gating.linear_out.weight",
          "depformer.slices.0.transformer.layers.0.gating.linear2.weight"),
         "depformer.slices.0.emb.weight", "transformer.layers.0.gating.linear2.weight",
+        "depformer.slices.0.transformer.layers.0.", "depformer.slices.0.transformer.layers.0.self_attn.in_proj.weight",
+        "depformer.slices.0.out_norm",
         n_q=_count(shapes, r"audio_embs\.(\d+)\.weight$"),
         dep_q=slices, dep_in=slices, dep_sets=slices,
         dep_layers=_count(shapes, r"depformer\.slices\.0\.transformer\.layers\.(\d+)\."),
     )
+
+
+def _kv_dim(shapes: Shapes, names: tuple[str, ...], dim: int, sets: int = 1) -> int | None:
+    """The key width read off an in_proj (dim + 2 * kv rows per weight set), None when it is dim."""
+    name = next((n for n in names if n in shapes), None)
+    if name is None:
+        return None
+    rows = shapes[name][0] // (sets if name.endswith("in_proj_weight") else 1)
+    kv, odd = divmod(rows - dim, 2)
+    if odd or kv <= 0 or dim % kv:
+        raise ConvertError(f"tensor {name} has {shapes[name][0]} rows: not queries, keys and values for width {dim}")
+    return None if kv == dim else kv
+
+
+def _conditioners(shapes: Shapes) -> tuple[tuple[str, int, int, bool], ...]:
+    prefix = "condition_provider.conditioners."
+    found = sorted({n[len(prefix):].split(".")[0] for n in shapes if n.startswith(prefix)})
+    out = []
+    for name in found:
+        rows, width = _need(shapes, f"{prefix}{name}.embed.weight", 2)
+        out.append((name, rows, width, f"{prefix}{name}.learnt_padding" in shapes))
+    return tuple(out)
 
 
 def read_dims(shapes: Shapes, layout: str) -> Dims:
@@ -188,12 +241,33 @@ def read_dims(shapes: Shapes, layout: str) -> Dims:
     if names.dep_q == 0 or names.dep_layers == 0:
         raise ConvertError("no depformer tensors: only Moshi checkpoints with a depformer can be converted")
     dep_dim = _need(shapes, names.dep_in0, 2)[0]
+    dep_gating = not any(n.startswith(names.dep_layer0 + "linear1.") or n.startswith(names.dep_layer0 + "gating.linear1.")
+                         for n in shapes)
     dep_hidden = _need(shapes, next((n for n in names.dep_out if n in shapes), names.dep_out[0]), 2)[1]
     rank = _need(shapes, names.text_emb_dep, 2)[1]
+    sets = max(names.dep_sets, 1)
+    dep_norm = names.dep_out_norm
+    if f"{dep_norm}.bias" in shapes:
+        dep_out_norm: str | None = "layer_norm"
+    elif f"{dep_norm}.alpha" in shapes or f"{dep_norm}.weight" in shapes:
+        dep_out_norm = "rms_norm"
+    else:
+        dep_out_norm = None
+    extra = _count(shapes, r"extra_heads\.(\d+)\.weight$")
     return Dims(
         dim, num_layers, hidden, text_in, text_out, audio_vocab, names.n_q, names.dep_q, dep_dim,
-        names.dep_layers, dep_hidden, norm, gating, rank if rank != dep_dim else None, names.dep_in,
-        max(names.dep_sets, 1),
+        names.dep_layers, dep_hidden, norm, gating, rank if rank != dep_dim else None, names.dep_in, sets,
+        dep_gating=dep_gating,
+        kv_dim=_kv_dim(shapes, (layer0 + "self_attn.in_projs.0.weight", layer0 + "self_attn.in_proj_weight",
+                                layer0 + "self_attn.in_proj.weight"), dim),
+        dep_kv_dim=_kv_dim(shapes, (names.dep_attn0, names.dep_layer0 + "self_attn.in_proj_weight"), dep_dim,
+                           sets),
+        layer_scale=layer0 + "layer_scale_1.scale" in shapes,
+        dep_layer_scale=names.dep_layer0 + "layer_scale_1.scale" in shapes,
+        dep_out_norm=dep_out_norm,
+        extra_heads=extra,
+        extra_heads_dim=_need(shapes, "extra_heads.0.weight", 2)[0] if extra else 0,
+        conditioners=_conditioners(shapes),
     )
 
 
@@ -241,23 +315,27 @@ class _Planner:
     def same(self, name: str, shape: tuple[int, ...], source: str | None = None) -> None:
         self.add(name, shape, (source or name, shape))
 
-    def norm(self, name: str, source: str, n: int) -> None:
+    def norm(self, name: str, source: str, n: int, kind: str | None = None) -> None:
         """RMSNorm alpha [1, 1, n] -> weight [n]; LayerNorm weight and bias keep their names."""
-        if self.d.norm == "layer_norm":
+        if (kind or self.d.norm) == "layer_norm":
             self.same(f"{name}.weight", (n,), f"{source}.weight")
             self.same(f"{name}.bias", (n,), f"{source}.bias")
         else:
             self.add(f"{name}.weight", (n,), (f"{source}.alpha", (1, 1, n)))
 
-    def ffn(self, name: str, source: str, n: int, h: int) -> None:
+    def ffn(self, name: str, source: str, n: int, h: int, gated: bool) -> None:
         """Gated: gating.linear_in/out; plain: PyTorch linear1/linear2 -> gating.linear1/linear2."""
-        if self.d.gating:
+        if gated:
             self.same(f"{name}.gating.linear_in.weight", (2 * h, n), f"{source}.linear_in.weight")
             self.same(f"{name}.gating.linear_out.weight", (n, h), f"{source}.linear_out.weight")
         else:
-            plain = source.removesuffix(".gating")
+            plain = re.sub(r"\.gating(\.\d+)?$", "", source)
             self.same(f"{name}.gating.linear1.weight", (h, n), f"{plain}.linear1.weight")
             self.same(f"{name}.gating.linear2.weight", (n, h), f"{plain}.linear2.weight")
+
+    def layer_scale(self, name: str, source: str, n: int) -> None:
+        for i in (1, 2):
+            self.same(f"{name}.layer_scale_{i}.scale", (n,), f"{source}.layer_scale_{i}.scale")
 
     def emb(self, name: str, source: str, vocab: int) -> None:
         d = self.d
@@ -267,14 +345,15 @@ class _Planner:
             self.same(f"{name}.weight", (vocab, d.low_rank), f"{source}.weight")
             self.same(f"{name}.low_rank.weight", (d.dep_dim, d.low_rank), f"{source}.low_rank.weight")
 
-    def attention(self, name: str, source: str, n: int, j: int = 0, sets: int | None = None) -> None:
+    def attention(self, name: str, source: str, n: int, kv: int, j: int = 0, sets: int | None = None) -> None:
         """in_projs.{j} / out_projs.{j}, or the older stacked tensors: whole, or row block j of `sets`."""
         chunk = () if sets is None else ((j, sets),)
         rows = sets or 1
+        in_rows = n + 2 * kv
         self.add(
-            f"{name}.self_attn.in_proj.weight", (3 * n, n),
-            (f"{source}.self_attn.in_projs.{j}.weight", (3 * n, n)),
-            (f"{source}.self_attn.in_proj_weight", (rows * 3 * n, n), *chunk),
+            f"{name}.self_attn.in_proj.weight", (in_rows, n),
+            (f"{source}.self_attn.in_projs.{j}.weight", (in_rows, n)),
+            (f"{source}.self_attn.in_proj_weight", (rows * in_rows, n), *chunk),
         )
         self.add(
             f"{name}.self_attn.out_proj.weight", (n, n),
@@ -289,12 +368,22 @@ class _Planner:
             self.same(f"audio_embs.{i}.weight", (d.audio_vocab, d.dim), f"emb.{i}.weight")
         for l in range(d.num_layers):
             p = f"transformer.layers.{l}"
-            self.attention(p, p, d.dim)
+            self.attention(p, p, d.dim, d.kv_dim or d.dim)
             for n in ("norm1", "norm2"):
                 self.norm(f"{p}.{n}", f"{p}.{n}", d.dim)
-            self.ffn(p, f"{p}.gating", d.dim, d.hidden)
+            self.ffn(p, f"{p}.gating", d.dim, d.hidden, d.gating)
+            if d.layer_scale:
+                self.layer_scale(p, p, d.dim)
         self.norm("out_norm", "out_norm", d.dim)
         self.same("text_linear.weight", (d.text_out, d.dim))
+        for i in range(d.extra_heads):
+            self.same(f"extra_heads.{i}.weight", (d.extra_heads_dim, d.dim))
+        for name, rows, width, padding in d.conditioners:
+            p = f"condition_provider.conditioners.{name}"
+            self.same(f"{p}.embed.weight", (rows, width))
+            self.same(f"{p}.output_proj.weight", (d.dim, width))
+            if padding:
+                self.same(f"{p}.learnt_padding", (1, 1, d.dim))
 
     def depformer_step(self, k: int, in_src: int, j: int) -> None:
         """Slice k: its embedding, projections in and out, and its layers from weight set j."""
@@ -305,14 +394,18 @@ class _Planner:
         else:
             self.emb(f"{s}.emb", f"depformer_emb.{k - 1}", d.audio_vocab)
         self.same(f"{s}.linear_in.weight", (D, d.dim), f"depformer_in.{in_src}.weight")
+        if d.dep_out_norm is not None:
+            self.norm(f"{s}.out_norm", f"depformer_norms.{k}", D, d.dep_out_norm)
         self.same(f"{s}.linear_out.weight", (d.audio_vocab - 1, D), f"linears.{k}.weight")
         for l in range(d.dep_layers):
             q, t = f"depformer.layers.{l}", f"{s}.transformer.layers.{l}"
-            self.attention(t, q, D, j, d.dep_sets)
+            self.attention(t, q, D, d.dep_kv_dim or D, j, d.dep_sets)
             for n in ("norm1", "norm2"):
                 self.norm(f"{t}.{n}", f"{q}.{n}", D)
             per_step = f"{q}.gating.{j}.linear_in.weight" in self.shapes
-            self.ffn(t, f"{q}.gating.{j}" if per_step else f"{q}.gating", D, d.dep_hidden)
+            self.ffn(t, f"{q}.gating.{j}" if per_step else f"{q}.gating", D, d.dep_hidden, d.dep_gating)
+            if d.dep_layer_scale:
+                self.layer_scale(t, q, D)
 
     def check_complete(self) -> None:
         if self.missing:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import LmConfig, ffn_hidden_dim, ffn_nominal_size
+from .config import KYUTAI_DEFAULTS, ConfigError, LmConfig, kyutai_feedforward, kyutai_ffn_hidden, kyutai_hidden_scale
 from .pytorch import ConvertError, Dims
 
 __all__ = ["SHAPE_KEYS", "build_config"]
@@ -19,25 +19,59 @@ SHAPE_KEYS = ("dim", "num_layers", "text_card", "card", "n_q", "dep_q", "depform
 
 
 def _ffn_sizes(d: Dims) -> tuple[float, int]:
-    """(hidden_scale, depformer_dim_feedforward) as config.json describes the two FFNs."""
-    if d.gating:
-        ff = ffn_nominal_size(d.dim, d.hidden)
-        if ff is None:
-            raise ConvertError(f"temporal FFN hidden size {d.hidden} cannot be described in config.json")
-        hidden_scale = 4.125 if ff == 4 * d.dim else ff / d.dim
-        dep_ff = ffn_nominal_size(d.dep_dim, d.dep_hidden)
-    else:
-        hidden_scale, dep_ff = d.hidden / d.dim, d.dep_hidden  # a plain MLP's hidden size is the feed-forward size
-    if dep_ff is None:
-        raise ConvertError(f"depformer FFN hidden size {d.dep_hidden} cannot be described in config.json")
-    return hidden_scale, dep_ff
+    """(hidden_scale, depformer_dim_feedforward) as Kyutai's config.json describes the two FFNs."""
+    try:
+        return (kyutai_hidden_scale(d.dim, d.hidden, d.gating),
+                kyutai_feedforward(d.dep_dim, d.dep_hidden, d.dep_gating))
+    except ConfigError as e:
+        raise ConvertError(f"the feed-forward sizes cannot be described in config.json: {e}") from None
 
 
-def _derived(d: Dims, user_norm: Any) -> dict[str, Any]:
-    """The keys the shapes fix (a user's norm only refines their kind, e.g. rms_norm_f32)."""
+def _refined_norm(d_kind: str, user: Any, key: str) -> str:
+    """The Kyutai norm name for a kind the shapes show (a user's name may refine it, e.g. rms_norm_f32)."""
+    if user is not None:
+        if not str(user).startswith(d_kind):
+            raise ConvertError(f"--config has {key}={user!r} but the checkpoint's norms are {d_kind}")
+        return str(user)
+    return "rms_norm_f32" if d_kind == "rms_norm" else "layer_norm"
+
+
+def _agree(user: dict, key: str, value: Any, shown: str) -> None:
+    if key in user and user[key] != value:
+        raise ConvertError(f"--config has {key}={user[key]!r} but the checkpoint's tensors give {shown}")
+
+
+def _derived(d: Dims, user: dict) -> dict[str, Any]:
+    """The keys the shapes fix, each checked against the user's value (which may only refine it)."""
     hidden_scale, dep_ff = _ffn_sizes(d)
-    if user_norm is not None and not str(user_norm).startswith(d.norm):
-        raise ConvertError(f"--config has norm={user_norm!r} but the checkpoint's norms are {d.norm}")
+    gating, dep_gating = ("silu" if d.gating else "none"), ("silu" if d.dep_gating else "none")
+    _agree(user, "gating", gating, f"gating={gating!r}")
+    _agree({"depformer_gating": user.get("depformer_gating", user.get("gating", gating))}, "depformer_gating",
+           dep_gating, f"depformer_gating={dep_gating!r}")
+    _agree(user, "kv_repeat", d.kv_repeat, f"kv_repeat={d.kv_repeat}")
+    _agree({"depformer_kv_repeat": user.get("depformer_kv_repeat", user.get("kv_repeat", d.dep_kv_repeat))},
+           "depformer_kv_repeat", d.dep_kv_repeat, f"depformer_kv_repeat={d.dep_kv_repeat}")
+
+    def scale(key: str, present: bool, inherited: Any = None) -> Any:
+        given = user.get(key, inherited)
+        if present:
+            return given if given is not None else 0.01  # the value is only the initial scale; weights hold it
+        if given is not None:
+            raise ConvertError(f"--config has {key}={given!r} but the checkpoint has no layer_scale tensors")
+        return None
+
+    layer_scale = scale("layer_scale", d.layer_scale)
+    dep_inherited = user.get("layer_scale") if "depformer_layer_scale" not in user else None
+    dep_norm = None
+    if d.dep_out_norm is not None:
+        dep_norm = _refined_norm(d.dep_out_norm, user.get("depformer_norm"), "depformer_norm")
+    elif user.get("depformer_norm") is not None:
+        raise ConvertError(f"--config has depformer_norm={user['depformer_norm']!r} but the checkpoint has no depformer_norms")
+    if d.extra_heads:
+        _agree(user, "extra_heads_num_heads", d.extra_heads, f"{d.extra_heads} extra heads")
+        _agree(user, "extra_heads_dim", d.extra_heads_dim, f"extra heads of size {d.extra_heads_dim}")
+    elif user.get("extra_heads_num_heads"):
+        raise ConvertError(f"--config has extra_heads_num_heads={user['extra_heads_num_heads']!r} but the checkpoint has no extra_heads")
     return {
         "dim": d.dim,
         "num_layers": d.num_layers,
@@ -49,10 +83,36 @@ def _derived(d: Dims, user_norm: Any) -> dict[str, Any]:
         "depformer_num_layers": d.dep_layers,
         "depformer_dim_feedforward": dep_ff,
         "hidden_scale": hidden_scale,
-        "gating": "silu" if d.gating else "none",
-        "norm": user_norm or ("rms_norm_f32" if d.norm == "rms_norm" else "layer_norm"),
+        "gating": gating,
+        "depformer_gating": dep_gating,
+        "kv_repeat": d.kv_repeat,
+        "depformer_kv_repeat": d.dep_kv_repeat,
+        "layer_scale": layer_scale,
+        "depformer_layer_scale": scale("depformer_layer_scale", d.dep_layer_scale, dep_inherited),
+        "norm": _refined_norm(d.norm, user.get("norm"), "norm"),
+        "depformer_norm": dep_norm,
         "depformer_low_rank_embeddings": d.low_rank,
+        "extra_heads_num_heads": d.extra_heads,
+        "extra_heads_dim": d.extra_heads_dim if d.extra_heads else user.get("extra_heads_dim", 6),
     }
+
+
+def _check_conditioners(d: Dims, cfg: LmConfig) -> None:
+    """The declared conditioners must be exactly the checkpoint's tables, row for row."""
+    stored = {name: (rows, width, padding) for name, rows, width, padding in d.conditioners}
+    declared = {c.name: (c.n_bins + 1, c.dim, c.learn_padding) for c in cfg.conditioners}
+    for name in stored.keys() - declared.keys():
+        raise ConvertError(
+            f"the checkpoint has conditioner {name!r}: pass --config with its conditioners and fuser (Kyutai's config.json)"
+        )
+    for name in declared.keys() - stored.keys():
+        raise ConvertError(f"--config declares conditioner {name!r} but the checkpoint has no tensors for it")
+    for name, (rows, width, padding) in stored.items():
+        if declared[name] != (rows, width, padding):
+            raise ConvertError(
+                f"conditioners.{name}: the checkpoint's table is {rows} x {width} (learnt padding {padding}), "
+                f"--config gives n_bins + 1 = {declared[name][0]}, dim {declared[name][1]}"
+            )
 
 
 def _kyutai_form(user: dict) -> dict:
@@ -74,9 +134,9 @@ def _check_user(d: Dims, user: dict, derived: dict[str, Any]) -> None:
     for key in SHAPE_KEYS:
         if key in user and user[key] != derived[key]:
             raise ConvertError(f"--config has {key}={user[key]} but the checkpoint's tensors give {derived[key]}")
-    if "depformer_dim_feedforward" in user:
+    if user.get("depformer_dim_feedforward") is not None:
         ff = user["depformer_dim_feedforward"]
-        got = ffn_hidden_dim(d.dep_dim, ff, d.gating)
+        got = kyutai_ffn_hidden(d.dep_dim, ff, d.dep_gating)
         if got != d.dep_hidden:
             raise ConvertError(
                 f"--config has depformer_dim_feedforward={ff} (hidden {got}) but the checkpoint's is {d.dep_hidden}"
@@ -122,25 +182,37 @@ def _assumed_notes(d: Dims, defaults: dict[str, Any], assumed: list[str]) -> lis
     return notes
 
 
+#: Keys whose LMModel default a --config that leaves them out gets, said in a note.
+_NOTED_DEFAULTS = ("num_heads", "context", "max_period", "positional_embedding", "depformer_pos_emb")
+
+
 def build_config(d: Dims, user: dict | None = None) -> tuple[LmConfig, dict, list[str]]:
     """LmConfig + Kyutai config.json dict for the checkpoint; user values fill what the shapes don't show.
 
-    Returns (LmConfig, config_json_dict, notes about assumed values).
+    Without a user config the checkpoint is taken for a Moshi 7B release and the weights' blanks get its values
+    (as Kyutai's loader does for a repository without config.json); with one, a key it leaves out means
+    LMModel's default, as in Kyutai's code. Returns (LmConfig, config_json_dict, notes about assumed values).
     """
     if d.text_in != d.text_out + 1:
         raise ConvertError(f"text_emb has {d.text_in} rows but text_linear {d.text_out}: expected text_card + 1")
-    derived = _derived(d, (user or {}).get("norm"))
+    given = user is not None
     user = _kyutai_form(dict(user or {}))
+    derived = _derived(d, user)
     _check_user(d, user, derived)
-    defaults = _defaults(d)
-    notes = _assumed_notes(d, defaults, [k for k in defaults if k not in user])
+    if given:
+        defaults: dict[str, Any] = {}
+        notes = [f"{k}={KYUTAI_DEFAULTS[k]!r} (LMModel's default)" for k in _NOTED_DEFAULTS if k not in user]
+    else:
+        defaults = _defaults(d)
+        notes = _assumed_notes(d, defaults, [k for k in defaults if k not in user])
     merged = {**defaults, **user, **derived}
-    if len(merged["delays"]) != d.n_q + 1:
+    if "delays" in merged and len(merged["delays"]) != d.n_q + 1:
         raise ConvertError(f"delays has {len(merged['delays'])} entries; expected n_q + 1 = {d.n_q + 1}")
     try:
         cfg = LmConfig.from_dict(merged)
-    except Exception as e:
-        raise ConvertError(f"cannot build the LM config: {e}") from None
+    except ConfigError as e:
+        raise ConvertError(f"--config: {e}" if given else str(e)) from None
+    _check_conditioners(d, cfg)
     out = dict(cfg.to_kyutai_dict())
     for k, v in merged.items():
         out.setdefault(k, v)

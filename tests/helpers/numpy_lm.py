@@ -2,17 +2,37 @@
 
 It reads a checkpoint in Kyutai's PyTorch layout (names as in `LMModel.state_dict()`) and a Kyutai
 `config.json` dict, and scores a whole sequence the way `LMModel.forward` does during training: the
-start tokens prepended, every stream read one position late, the depformer fed the given tokens. Nothing
-here imports our model code, so it checks the converter, the config reader and `Lm` together.
+start tokens prepended, every stream read one position late, the depformer fed the given tokens. A key the
+config leaves out takes LMModel's default (the table below, read off moshi/models/lm.py and
+modules/transformer.py); the depformer inherits the unprefixed keys unless a `depformer_` key says otherwise.
+Nothing here imports our model code, so it checks the converter, the config reader and `Lm` together.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 
 Weights = dict[str, np.ndarray]
+
+#: LMModel / StreamingTransformer defaults for the keys this reference reads.
+DEFAULTS = {
+    "norm": "layer_norm", "positional_embedding": "sin", "gating": "none", "max_period": 10_000,
+    "kv_repeat": 1, "layer_scale": None, "positional_scale": 1.0, "depformer_pos_emb": "sin",
+    "depformer_multi_linear": False, "depformer_weights_per_step": False, "context": None,
+}
+INHERITED = ("gating", "max_period", "kv_repeat", "layer_scale", "positional_scale", "num_layers")
+
+
+def get(cfg: dict, key: str):
+    """A config value as LMModel sees it: given, inherited by the depformer, or LMModel's default."""
+    if key in cfg:
+        return cfg[key]
+    if key.startswith("depformer_") and key.removeprefix("depformer_") in INHERITED:
+        return get(cfg, key.removeprefix("depformer_"))
+    return DEFAULTS[key]
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -43,28 +63,47 @@ def sin_positions(t: int, dim: int, max_period: float) -> np.ndarray:
     return np.concatenate([np.cos(phase), np.sin(phase)], axis=-1)
 
 
-def rope(x: np.ndarray, max_period: float) -> np.ndarray:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of [H, T, D] by position * max_period^(-2i/D)."""
+def rope(x: np.ndarray, max_period: float, interleave: bool = True) -> np.ndarray:
+    """Rotate [H, T, D] by position * max_period^(-2i/D): pairs (x[2i], x[2i+1]), or (x[i], x[i + D/2])."""
     _, t, d = x.shape
     freqs = np.exp(np.arange(d // 2) * (-math.log(max_period) * 2 / d))
     angle = np.arange(t)[:, None] * freqs[None, :]
-    re, im = x[..., 0::2], x[..., 1::2]
+    if interleave:
+        re, im = x[..., 0::2], x[..., 1::2]
+    else:
+        re, im = x[..., : d // 2], x[..., d // 2 :]
+    out_re = re * np.cos(angle) - im * np.sin(angle)
+    out_im = re * np.sin(angle) + im * np.cos(angle)
     out = np.empty_like(x)
-    out[..., 0::2] = re * np.cos(angle) - im * np.sin(angle)
-    out[..., 1::2] = re * np.sin(angle) + im * np.cos(angle)
+    if interleave:
+        out[..., 0::2], out[..., 1::2] = out_re, out_im
+    else:
+        out[..., : d // 2], out[..., d // 2 :] = out_re, out_im
     return out
 
 
-def attention(
-    x: np.ndarray, in_proj: np.ndarray, out_proj: np.ndarray, heads: int, context: int | None,
-    rope_period: float | None,
-) -> np.ndarray:
-    t, d = x.shape
-    qkv = (x @ in_proj.T).reshape(t, 3, heads, d // heads).transpose(1, 2, 0, 3)  # [3, H, T, hd]
-    q, k, v = qkv
-    if rope_period is not None:
-        q, k = rope(q, rope_period), rope(k, rope_period)
-    scores = q @ k.transpose(0, 2, 1) / math.sqrt(d // heads)
+def rotate(q: np.ndarray, k: np.ndarray, pos_emb: str, max_period: float) -> tuple[np.ndarray, np.ndarray]:
+    if pos_emb in ("rope", "sin_rope", "rope_concat"):
+        interleave = pos_emb != "rope_concat"
+        return rope(q, max_period, interleave), rope(k, max_period, interleave)
+    return q, k
+
+
+def split_qkv(qkv: np.ndarray, d: int, heads: int, kv_repeat: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[T, d + 2 kv] -> q [H, T, hd], k and v [H, T, hd] with each key/value head repeated kv_repeat times
+    (PyTorch's expand_repeated_kv: query head i reads key/value head i // kv_repeat)."""
+    t, _ = qkv.shape
+    kv_heads = heads // kv_repeat
+    hd = d // heads
+    q = qkv[:, :d].reshape(t, heads, hd).transpose(1, 0, 2)
+    k = qkv[:, d : d + kv_heads * hd].reshape(t, kv_heads, hd).transpose(1, 0, 2)
+    v = qkv[:, d + kv_heads * hd :].reshape(t, kv_heads, hd).transpose(1, 0, 2)
+    return q, np.repeat(k, kv_repeat, axis=0), np.repeat(v, kv_repeat, axis=0)
+
+
+def softmax_attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, context: int | None) -> np.ndarray:
+    h, t, hd = q.shape
+    scores = q @ k.transpose(0, 2, 1) / math.sqrt(hd)
     delta = np.arange(t)[:, None] - np.arange(t)[None, :]
     allowed = delta >= 0
     if context is not None:
@@ -72,7 +111,7 @@ def attention(
     scores = np.where(allowed, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    return (probs @ v).transpose(1, 0, 2).reshape(t, d) @ out_proj.T
+    return (probs @ v).transpose(1, 0, 2).reshape(t, h * hd)
 
 
 def ffn(w: Weights, prefix: str, x: np.ndarray, gated: bool) -> np.ndarray:
@@ -83,26 +122,33 @@ def ffn(w: Weights, prefix: str, x: np.ndarray, gated: bool) -> np.ndarray:
     return (silu(gate) * up) @ w[f"{prefix}.linear_out.weight"].T
 
 
-def _in_proj(w: Weights, prefix: str, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    if f"{prefix}.in_projs.{index}.weight" in w:
-        return w[f"{prefix}.in_projs.{index}.weight"], w[f"{prefix}.out_projs.{index}.weight"]
-    return np.split(w[f"{prefix}.in_proj_weight"], count)[index], np.split(w[f"{prefix}.out_proj.weight"], count)[index]
+def _proj(w: Weights, prefix: str, kind: str, index: int, count: int) -> np.ndarray:
+    if f"{prefix}.{kind}_projs.{index}.weight" in w:
+        return w[f"{prefix}.{kind}_projs.{index}.weight"]
+    stacked = w[f"{prefix}.in_proj_weight" if kind == "in" else f"{prefix}.out_proj.weight"]
+    return np.split(stacked, count)[index]
+
+
+def _scaled(w: Weights, name: str, update: np.ndarray) -> np.ndarray:
+    return update * w[name] if name in w else update
 
 
 def temporal(w: Weights, cfg: dict, x: np.ndarray) -> np.ndarray:
-    pos = cfg.get("positional_embedding", "rope")
-    if pos == "sin":
-        x = x + sin_positions(x.shape[0], x.shape[1], cfg["max_period"])
-    gated = cfg.get("gating", "silu") != "none"
+    pos = get(cfg, "positional_embedding")
+    if pos in ("sin", "sin_rope"):
+        x = x + get(cfg, "positional_scale") * sin_positions(x.shape[0], x.shape[1], get(cfg, "max_period"))
+    gated = get(cfg, "gating") != "none"
+    kind = get(cfg, "norm")
     for l in range(cfg["num_layers"]):
         p = f"transformer.layers.{l}"
-        inp, outp = _in_proj(w, f"{p}.self_attn", 0, 1)
-        x = x + attention(
-            norm(w, f"{p}.norm1", cfg["norm"], x), inp, outp, cfg["num_heads"], cfg.get("context"),
-            cfg["max_period"] if pos == "rope" else None,
-        )
-        x = x + ffn(w, f"{p}.gating" if gated else p, norm(w, f"{p}.norm2", cfg["norm"], x), gated)
-    return norm(w, "out_norm", cfg["norm"], x)
+        q, k, v = split_qkv(norm(w, f"{p}.norm1", kind, x) @ _proj(w, f"{p}.self_attn", "in", 0, 1).T,
+                            x.shape[1], cfg["num_heads"], get(cfg, "kv_repeat"))
+        q, k = rotate(q, k, pos, get(cfg, "max_period"))
+        update = softmax_attend(q, k, v, get(cfg, "context")) @ _proj(w, f"{p}.self_attn", "out", 0, 1).T
+        x = x + _scaled(w, f"{p}.layer_scale_1.scale", update)
+        update = ffn(w, f"{p}.gating" if gated else p, norm(w, f"{p}.norm2", kind, x), gated)
+        x = x + _scaled(w, f"{p}.layer_scale_2.scale", update)
+    return norm(w, "out_norm", kind, x)
 
 
 def embed(w: Weights, name: str, tokens: np.ndarray) -> np.ndarray:
@@ -116,55 +162,87 @@ def depformer(w: Weights, cfg: dict, hidden: np.ndarray, seq: np.ndarray) -> np.
     """hidden [T, dim]; seq [1 + n_q, T] (the positions' own tokens). Returns [dep_q, T, card]."""
     dep_q, dim = cfg["dep_q"], cfg["depformer_dim"]
     schedule = cfg.get("depformer_weights_per_step_schedule")
-    per_step = cfg.get("depformer_weights_per_step", False)
+    per_step = get(cfg, "depformer_weights_per_step")
     sets = (max(schedule) + 1 if schedule else dep_q) if per_step else 1
-    pos = cfg.get("depformer_pos_emb", "sin")
-    gated = cfg.get("gating", "silu") != "none"
+    steps = [schedule[k] if schedule else k for k in range(dep_q)] if per_step else [0] * dep_q
+    pos = get(cfg, "depformer_pos_emb")
+    period = get(cfg, "depformer_max_period")
+    gated = get(cfg, "depformer_gating") != "none"
+    kind = get(cfg, "norm")
+    heads, kv_repeat = cfg["depformer_num_heads"], get(cfg, "depformer_kv_repeat")
+    out_norm = cfg.get("depformer_norm")
     logits = []
     for t in range(hidden.shape[0]):
         xs = []
         for k in range(dep_q):
-            i = (schedule[k] if schedule else k) if cfg.get("depformer_multi_linear", False) else 0
+            i = (schedule[k] if schedule else k) if get(cfg, "depformer_multi_linear") else 0
             token = embed(w, "depformer_text_emb", seq[0, t]) if k == 0 else embed(w, f"depformer_emb.{k - 1}", seq[k, t])
             xs.append(hidden[t] @ w[f"depformer_in.{i}.weight"].T + token)
         x = np.stack(xs)  # [dep_q, D]: the frame's steps form the depformer's sequence
-        if pos == "sin":
-            x = x + sin_positions(dep_q, dim, cfg.get("depformer_max_period", 10_000))
-        for l in range(cfg["depformer_num_layers"]):
+        if pos in ("sin", "sin_rope"):
+            x = x + get(cfg, "depformer_positional_scale") * sin_positions(dep_q, dim, period)
+        for l in range(get(cfg, "depformer_num_layers")):
             p = f"depformer.layers.{l}"
-            n1 = norm(w, f"{p}.norm1", cfg["norm"], x)
-            # Each step attends with its own weight set: project every step with every set, keep its own.
-            steps = [schedule[k] if schedule else k for k in range(dep_q)] if per_step else [0] * dep_q
-            qkv_rows = []
-            for k in range(dep_q):
-                inp, _ = _in_proj(w, f"{p}.self_attn", steps[k], sets)
-                qkv_rows.append(n1[k] @ inp.T)
-            qkv = np.stack(qkv_rows).reshape(dep_q, 3, cfg["depformer_num_heads"], -1).transpose(1, 2, 0, 3)
-            q, kk, v = qkv
-            if pos == "rope":
-                q, kk = rope(q, cfg.get("depformer_max_period", 10_000)), rope(kk, cfg.get("depformer_max_period", 10_000))
-            scores = q @ kk.transpose(0, 2, 1) / math.sqrt(q.shape[-1])
-            scores = np.where(np.tril(np.ones((dep_q, dep_q), bool)), scores, -np.inf)
-            probs = np.exp(scores - scores.max(-1, keepdims=True))
-            probs /= probs.sum(-1, keepdims=True)
-            att = (probs @ v).transpose(1, 0, 2).reshape(dep_q, -1)
-            x = x + np.stack([att[k] @ _in_proj(w, f"{p}.self_attn", steps[k], sets)[1].T for k in range(dep_q)])
-            n2 = norm(w, f"{p}.norm2", cfg["norm"], x)
+            n1 = norm(w, f"{p}.norm1", kind, x)
+            # Each step attends with its own weight set: project each step with its set.
+            qkv = np.stack([n1[k] @ _proj(w, f"{p}.self_attn", "in", steps[k], sets).T for k in range(dep_q)])
+            q, kk, v = split_qkv(qkv, dim, heads, kv_repeat)
+            q, kk = rotate(q, kk, pos, period)
+            att = softmax_attend(q, kk, v, None)  # the depformer's context is forced to None
+            update = np.stack([att[k] @ _proj(w, f"{p}.self_attn", "out", steps[k], sets).T for k in range(dep_q)])
+            x = x + _scaled(w, f"{p}.layer_scale_1.scale", update)
+            n2 = norm(w, f"{p}.norm2", kind, x)
             if gated and per_step:
-                x = x + np.stack([ffn(w, f"{p}.gating.{steps[k]}", n2[k : k + 1], True)[0] for k in range(dep_q)])
+                update = np.stack([ffn(w, f"{p}.gating.{steps[k]}", n2[k : k + 1], True)[0] for k in range(dep_q)])
             else:
-                x = x + ffn(w, f"{p}.gating" if gated else p, n2, gated)
-        logits.append(np.stack([x[k] @ w[f"linears.{k}.weight"].T for k in range(dep_q)]))
+                update = ffn(w, f"{p}.gating" if gated else p, n2, gated)
+            x = x + _scaled(w, f"{p}.layer_scale_2.scale", update)
+        outs = [norm(w, f"depformer_norms.{k}", out_norm, x[k : k + 1])[0] if out_norm else x[k] for k in range(dep_q)]
+        logits.append(np.stack([outs[k] @ w[f"linears.{k}.weight"].T for k in range(dep_q)]))
     return np.stack(logits, axis=1)
 
 
-def forward(w: Weights, cfg: dict, seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """seq: [1 + n_q, T] delayed sequence (start tokens where a stream has no frame). Returns text logits
-    [T, text_card] and audio logits [dep_q, T, card] for every position."""
+def condition(w: Weights, cfg: dict, values: dict[str, str]) -> np.ndarray:
+    """The fuser's sum of the look-up-table conditioners for `values`: [dim]."""
+    total = np.zeros(cfg["dim"])
+    for name in cfg["fuser"]["sum"]:
+        lut = cfg["conditioners"][name]["lut"]
+        possible = lut.get("possible_values")
+        if possible is None:
+            row = int(hashlib.sha256(values[name].encode()).hexdigest(), 16) % lut["n_bins"]
+        else:
+            row = possible.index(values[name])
+        p = f"condition_provider.conditioners.{name}"
+        total = total + w[f"{p}.embed.weight"][row] @ w[f"{p}.output_proj.weight"].T
+    return total
+
+
+def temporal_hidden(w: Weights, cfg: dict, seq: np.ndarray, values: dict[str, str] | None = None) -> np.ndarray:
+    """The normalised temporal output [T, dim] for a delayed sequence [1 + n_q, T]."""
     initial = np.array([cfg["text_card"]] + [cfg["card"]] * cfg["n_q"])
     inputs = np.concatenate([initial[:, None], seq[:, :-1]], axis=1)
     x = w["text_emb.weight"][inputs[0]]
     for i in range(cfg["n_q"]):
         x = x + w[f"emb.{i}.weight"][inputs[1 + i]]
-    hidden = temporal(w, cfg, x)
+    if values is not None:
+        x = x + condition(w, cfg, values)[None, :]
+    return temporal(w, cfg, x)
+
+
+def forward(
+    w: Weights, cfg: dict, seq: np.ndarray, values: dict[str, str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """seq: [1 + n_q, T] delayed sequence (start tokens where a stream has no frame). Returns text logits
+    [T, text_card] and audio logits [dep_q, T, card] for every position."""
+    hidden = temporal_hidden(w, cfg, seq, values)
     return hidden @ w["text_linear.weight"].T, depformer(w, cfg, hidden, seq)
+
+
+def extra_heads(w: Weights, cfg: dict, hidden: np.ndarray) -> list[np.ndarray]:
+    """Softmax of each extra head over the temporal output, as LMGen.step_with_extra_heads."""
+    out = []
+    for i in range(cfg.get("extra_heads_num_heads", 0)):
+        z = hidden @ w[f"extra_heads.{i}.weight"].T
+        z = np.exp(z - z.max(-1, keepdims=True))
+        out.append(z / z.sum(-1, keepdims=True))
+    return out

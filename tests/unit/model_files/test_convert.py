@@ -318,10 +318,11 @@ def test_output_never_overwrites_the_input(tmp_path, tiny_sources):
         convert(src, folder, log=lambda m: None, force=True)
     assert "\n" not in str(e.value) and src.read_bytes() == before
     cfg = folder / "config.json"
-    cfg.write_text("{}")
+    text = json.dumps({"num_heads": 4, "depformer_num_heads": 4, "context": 100, "delays": [0, 0, 2, 0, 2]})
+    cfg.write_text(text)
     with pytest.raises(ConvertError, match="is the input file"):
         convert(src, folder, bits=4, config=cfg, log=lambda m: None, force=True)
-    assert cfg.read_text() == "{}" and src.read_bytes() == before and not (folder / "model.q4.safetensors").exists()
+    assert cfg.read_text() == text and src.read_bytes() == before and not (folder / "model.q4.safetensors").exists()
 
 
 def test_cli_refuses_a_non_empty_folder_unless_forced(tmp_path, tiny_sources, capsys):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from moshi_mlx.models.config import LmConfig, config_v0_1, preset
+from moshi_mlx.models.config import ConfigError, LmConfig, config_v0_1, preset
 
 
 def test_7b_derived_sizes():
@@ -12,12 +12,15 @@ def test_7b_derived_sizes():
     assert cfg.user_codebooks == 8 and cfg.max_delay == 1 and cfg.audio_card == 2048
 
 
-def test_from_dict_ignores_unknown_keys_and_round_trips():
+def test_from_dict_round_trips_and_refuses_unknown_keys():
     cfg = preset("small")
     data = json.loads(json.dumps(cfg.to_dict()))
-    data["something_new"] = 1
-    data["transformer"]["unknown"] = "x"
     assert LmConfig.from_dict(data) == cfg
+    with pytest.raises(ConfigError, match="'something_new' is not known"):
+        LmConfig.from_dict({**data, "something_new": 1})
+    data["transformer"]["unknown"] = "x"
+    with pytest.raises(ConfigError, match="transformer.'unknown'"):
+        LmConfig.from_dict(data)
 
 
 def test_kyutai_config_json_round_trip():
@@ -38,7 +41,7 @@ def test_pytorch_style_feedforward_sizes():
 
 
 def test_bad_configs_are_clear():
-    with pytest.raises(ValueError, match="lacks required"):
+    with pytest.raises(ConfigError, match="lacks the required key num_layers"):
         LmConfig.from_dict({"dim": 16})
     with pytest.raises(ValueError, match="unknown model config"):
         preset("huge")
