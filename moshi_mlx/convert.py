@@ -1,12 +1,15 @@
 """Convert a PyTorch Moshi checkpoint into the MLX layout, optionally quantized.
 
     python -m moshi_mlx.convert IN.safetensors OUT_DIR [-q 4|8] [--config config.json]
+        [--lora ADAPTER.safetensors] [--max-out-n-q N]
 
 IN is laid out like `model.safetensors` of kyutai/moshiko-pytorch-bf16 (attention weights either as
 `in_projs.{i}` / `out_projs.{i}` or as the older stacked `in_proj_weight` / `out_proj.weight`). An MLX bf16
 checkpoint is accepted too, which only re-quantizes it. OUT_DIR receives `model.safetensors`,
 `model.q8.safetensors` or `model.q4.safetensors` (same names, shapes and dtypes as the published MLX files)
-and a `config.json` with the Kyutai LM config keys.
+and a `config.json` with the Kyutai LM config keys. Fine-tunes: `--lora` merges a LoRA adapter of Kyutai's
+moshi fine-tuning into the weights (`lora_rank` / `lora_scaling` from --config; `moshi_mlx.model_files.lora`),
+`--max-out-n-q N` keeps the first N depformer steps (`moshi_mlx.model_files.depformer_steps`).
 
 This is the command: its flags and the shell. The name mapping is `moshi_mlx.models.pytorch`, the streaming
 conversion `moshi_mlx.model_files.convert`.
@@ -20,6 +23,7 @@ import sys
 from . import cli
 from .model_files.convert import OUTPUT_DTYPES, convert
 from .model_files.hub import MOSHI_NAMES
+from .model_files.lora import DEFAULT_SCALING
 
 __all__ = ["build_parser", "main"]
 
@@ -41,6 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=sorted(OUTPUT_DTYPES), default="bf16",
         help="precision of the unquantized output (default bf16, as published)",
     )
+    ap.add_argument(
+        "--lora", default=None, metavar="ADAPTER",
+        help=f"LoRA adapter .safetensors to merge into the weights "
+        f"(scaling: --config's lora_scaling, else Kyutai's default {DEFAULT_SCALING:g})",
+    )
+    ap.add_argument(
+        "--max-out-n-q", type=cli.integer(low=1), default=None, metavar="N",
+        help="keep only the first N depformer steps (codebooks generated per frame), e.g. 8 of 16",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--force", action="store_true", help="write into a non-empty OUT_DIR (never over an input)")
     cli.add_verbose_arg(ap)
@@ -56,7 +69,7 @@ def _main(args: argparse.Namespace) -> int:
     progress = bar.callback(MOSHI_NAMES[args.quantize], unit="B", unit_scale=True, unit_divisor=1024)
     convert(
         args.input, args.out_dir, bits=args.quantize, config=args.config, progress=progress,
-        force=args.force, dtype=args.dtype, log=cli.say,
+        force=args.force, dtype=args.dtype, log=cli.say, lora=args.lora, max_out_n_q=args.max_out_n_q,
     )
     return 0
 

@@ -35,10 +35,10 @@ LAYERS: list[set[str]] = [
      "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub", "model_files.budget",
      "server.info", "models.pytorch", "models.conditioners"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
-     "server.startup", "models.pytorch_config"},
+     "server.startup", "models.pytorch_config", "model_files.depformer_steps"},
     {"generate", "model_files.checkpoint", "net.address"},
-    {"engine", "clips", "model_files.stand_ins", "model_files.convert", "net.remote"},
-    {"model_files.assets", "server.session"},  # load(): the one front door; one client around the engine
+    {"engine", "clips", "model_files.stand_ins", "model_files.lora", "net.remote"},
+    {"model_files.assets", "model_files.convert", "server.session"},  # load(): the one front door; one client around the engine
     {"server.app"},
     {"cli.shell", "cli.progress", "cli.display"},
     {"cli.async_signals"},

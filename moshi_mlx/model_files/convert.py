@@ -31,7 +31,9 @@ from .checkpoint import (
     WeightsError,
     read_tensor_infos,
 )
+from .depformer_steps import check_count, keep_steps, trimmed_config
 from .hub import MOSHI_NAMES
+from .lora import LoraAdapter, config_without_lora, read_adapter
 
 __all__ = ["OUTPUT_DTYPES", "convert", "expected_specs", "output_specs", "quantized_parts"]
 
@@ -197,11 +199,11 @@ def _plan(src: Path, tensors: dict, schedule: list[int] | None) -> Plan:
     return plan
 
 
-def _outputs(src: Path, config: Any, out_dir: Path, out_path: Path) -> tuple[Path, Path]:
+def _outputs(src: Path, config: Any, out_dir: Path, out_path: Path, lora: Any = None) -> tuple[Path, Path]:
     """Create OUT_DIR and check that neither output is an input (even with --force)."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        inputs = [src] + ([config] if isinstance(config, (str, os.PathLike)) else [])
+        inputs = [src] + [p for p in (config, lora) if isinstance(p, (str, os.PathLike))]
         out_real, cfg_real = check_outputs(inputs=inputs, outputs=[out_path, out_dir / "config.json"])
     except OutputError as e:
         raise ConvertError(str(e)) from None
@@ -219,6 +221,8 @@ def convert(
     log: Callable[[str], None] | None = None,
     force: bool = False,
     dtype: str = "bf16",
+    lora: str | os.PathLike | None = None,
+    max_out_n_q: int | None = None,
 ) -> Path:
     """Convert `src` into OUT_DIR/model[.qN].safetensors + OUT_DIR/config.json; returns the weights path.
 
@@ -226,10 +230,13 @@ def convert(
     OUT_DIR is created if missing; an existing one must be empty unless ``force``. Neither output may
     be an input file (checked even with ``force``); both appear only once complete.
     `log` takes status lines (default: the "moshi_mlx" logger), `progress(done, total)` the bytes written.
+    `lora`: a LoRA adapter merged into the weights (`moshi_mlx.model_files.lora`); `max_out_n_q`: keep only
+    the first depformer steps (`moshi_mlx.model_files.depformer_steps`).
     """
     say = log or logging.getLogger("moshi_mlx").info
     src, out_dir = Path(src), Path(out_dir)
     _check_request(src, out_dir, bits, dtype, force)
+    check_count(max_out_n_q)
     float_dtype = _code(dtype)
     try:
         tensors, _ = read_tensor_infos(src)
@@ -237,19 +244,27 @@ def convert(
         raise ConvertError(str(e)) from None
     user_config = _user_config(config)
     plan = _plan(src, tensors, (user_config or {}).get("depformer_weights_per_step_schedule"))
+    adapter = None if lora is None else _adapter(src, lora, plan.layout, user_config, tensors)
+    user_config = trimmed_config(config_without_lora(user_config, lora is not None), max_out_n_q, plan.dims.dep_q)
+    plan = keep_steps(plan, max_out_n_q)
     cfg, cfg_json, notes = build_config(plan.dims, user_config)
     specs = output_specs(plan.pieces, bits, float_dtype)
     _check_against_model(cfg, specs, bits, float_dtype)
 
     out_name = MOSHI_NAMES[bits]
     out_path = out_dir / out_name
-    out_real, cfg_real = _outputs(src, config, out_dir, out_path)
+    out_real, cfg_real = _outputs(src, config, out_dir, out_path, lora)
     kind = dtype if bits is None else f"{bits}-bit (group size {GROUP_SIZE_FOR_BITS[bits]})"
     say(f"converting {src} ({plan.layout} layout, {len(tensors)} tensors) -> {out_path} [{kind}]")
     if notes:
         say("not recorded in the weights, assumed (set with --config): " + "; ".join(notes))
+    if adapter is not None:
+        say(f"merging LoRA {adapter.path} (rank {adapter.rank}, scaling {adapter.scaling:g}) into "
+            f"{len(adapter.targets)} weights")
+    if max_out_n_q is not None:
+        say(f"keeping the first {max_out_n_q} depformer steps")
     with atomic_output(out_real) as partial:  # the file appears only once complete
-        _write_weights(partial, src, tensors, plan.pieces, specs, bits, float_dtype, progress)
+        _write_weights(partial, src, tensors, plan.pieces, specs, bits, float_dtype, progress, adapter)
     cfg_json = {"moshi_name": out_name, **{k: v for k, v in cfg_json.items() if k != "moshi_name"}}
     if bits is not None:  # written down, as mlx-lm does, so loading need not infer it from shapes
         cfg_json["quantization"] = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]).to_dict()
@@ -259,9 +274,17 @@ def convert(
     return out_path
 
 
+def _adapter(src: Path, lora: str | os.PathLike, layout: str, user_config: dict | None, tensors: dict) -> LoraAdapter:
+    """The checked LoRA adapter; its names are PyTorch's, so the input must be in that layout."""
+    if layout != "pytorch":
+        raise ConvertError(f"--lora needs the PyTorch checkpoint the adapter was trained on; {src} is in the MLX layout")
+    return read_adapter(lora, user_config or {}, tensors)
+
+
 def _write_weights(
     partial: Path, src: Path, tensors: dict, pieces: list[Piece], specs: Specs,
     bits: int | None, float_dtype: str, progress: Callable[[int, int], None] | None,
+    adapter: LoraAdapter | None = None,
 ) -> None:
     """Stream the converted tensors into ``partial``, one source tensor at a time."""
     import mlx.core as mx
@@ -277,9 +300,13 @@ def _write_weights(
     report(done, writer.total)
     try:
         source_arrays = mx.load(str(src))  # lazy: each tensor is read from the file when first evaluated
+        factors = {} if adapter is None else mx.load(str(adapter.path))
         cast = mx.float32 if float_dtype == "F32" else mx.bfloat16
         for source, group in groups.items():
-            x = source_arrays.pop(source).astype(cast)  # popped so each tensor's data is freed once converted
+            x = source_arrays.pop(source)  # popped so each tensor's data is freed once converted
+            if adapter is not None:
+                x = adapter.merged(source, x, factors)
+            x = x.astype(cast)
             for p in group:
                 for name, data in _stored(x, tensors[source].shape, p, bits, float_dtype):
                     done += writer.write(name, data)
