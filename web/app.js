@@ -89,7 +89,8 @@ const stats = {
   micOptions: MIC_OPTIONS,
 };
 const FRESH = JSON.stringify(stats); // every connect starts from these counters
-window.moshi = { stats, recording: null };
+// settingsQuery: the query the next connection sends (tests check what the form turns into).
+window.moshi = { stats, recording: null, settingsQuery: () => settingsQuery().toString() };
 
 // ---------------------------------------------------------------------------------------------
 // Small UI helpers

@@ -190,3 +190,37 @@ async def test_web_server_of_an_unconditioned_model_refuses_guidance(engine):
         assert seen[0].text == "bad parameter: cfg_coef 3: classifier-free guidance needs a model with conditioners"
     finally:
         await stop_server(srv)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("conditioned", [True, False], ids=["hibiki", "moshi"])
+async def test_the_page_offers_guidance_only_for_a_conditioned_model(chromium, mic_wav, hibiki_engine, engine,
+                                                                     conditioned):
+    """Hibiki: the form shows guidance and the model's conditions, and sends them; Moshi: neither is shown or sent."""
+    from tests.helpers.browser import Browser
+
+    srv = await start_server(hibiki_engine if conditioned else engine)
+    browser = await Browser(chromium, mic_wav).start()
+    try:
+        await browser.goto(f"http://127.0.0.1:{srv.port}/")
+        assert await browser.wait_for("document.getElementById('model').textContent.length > 0", timeout=20)
+        assert await browser.wait_for("document.querySelector('#settings input[name=text_top_p]').max === '1'", 10)
+        shown = await browser.eval("!document.getElementById('conditioning').hidden")
+        kind = await browser.eval("document.getElementById('model').textContent")
+        options = await browser.eval("Array.from(document.querySelector('select[name=condition]').options, o => o.value)")
+        await browser.eval("document.querySelector('input[name=cfg_coef]').value = '3';"
+                           "document.querySelector('input[name=text_min_p]').value = '0.05'")
+        if conditioned:
+            await browser.eval("document.querySelector('select[name=condition]').value = 'good'")
+        query = await browser.eval("window.moshi.settingsQuery()")
+        if conditioned:
+            assert shown and kind.endswith("translation model"), kind
+            assert options == ["", "very_bad", "bad", "neutral", "good", "very_good"]
+            assert query == "text_min_p=0.05&cfg_coef=3&condition=good"
+        else:
+            assert not shown and kind.endswith("conversation model"), kind
+            assert query == "text_min_p=0.05"  # a hidden field is never sent
+        assert browser.errors == [], browser.errors
+    finally:
+        await browser.close()
+        await stop_server(srv)
