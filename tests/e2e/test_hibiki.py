@@ -224,3 +224,46 @@ async def test_the_page_offers_guidance_only_for_a_conditioned_model(chromium, m
     finally:
         await browser.close()
         await stop_server(srv)
+
+
+@pytest.mark.asyncio
+async def test_local_web_serves_hibiki_quantized_with_guidance(hf_home):
+    """`local_web --hf-repo kyutai/hibiki-1b-mlx-bf16 -q 4 --cfg-coef 3`: the server's defaults are the flags'."""
+    import asyncio
+    import re
+    import signal
+    import time
+
+    env = {**_env(hf_home), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moshi_mlx.local_web", "--hf-repo", REPO_1B, "-q", "4", "--cfg-coef", "3", "--no-browser",
+         "--host", "127.0.0.1", "--port", "0"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+    )
+    lines: list[str] = []
+    try:
+        url, deadline = None, time.monotonic() + 180
+        while url is None and time.monotonic() < deadline:
+            line = await asyncio.to_thread(proc.stderr.readline)
+            if not line:
+                break
+            lines.append(line)
+            if m := re.search(r"open (http://\S+/) in your browser", line):
+                url = m.group(1)
+        assert url, "".join(lines)
+        assert any("quantizing them to 4 bits" in ln for ln in lines), "".join(lines)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "api/info") as r:
+                info = await r.json()
+            assert info["model_kind"] == "translation model" and info["defaults"]["cfg_coef"] == 3.0
+            async with s.ws_connect(url.replace("http", "ws") + "api/chat?condition=neutral") as ws:
+                await expect_handshake(ws)
+                msg = protocol.decode((await receive(ws)).data)
+                assert msg.json()["settings"]["condition"] == "neutral" and msg.json()["settings"]["cfg_coef"] == 3.0
+        proc.send_signal(signal.SIGTERM)
+        rest = (await asyncio.to_thread(proc.communicate, timeout=30))[1]
+        assert proc.returncode == 0 and "Traceback" not in rest, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
