@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Callable
-
-import math
 
 import mlx.core as mx
 

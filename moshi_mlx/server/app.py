@@ -22,11 +22,11 @@ from typing import Any
 from aiohttp import web
 
 from ..audio.frames import SAMPLE_RATE
+from ..conditioning import ConditioningError, check_conditioning, conditioner_values, default_condition, model_kind
 from ..engine import ConversationEngine
 from ..errors import MoshiError, first_line
-from ..net import protocol
-from ..conditioning import ConditioningError, check_conditioning, conditioner_values, default_condition, model_kind
 from ..models.config import LmConfig
+from ..net import protocol
 from ..net.protocol import ParamError
 from ..settings import EngineSettings
 from .info import knobs_info

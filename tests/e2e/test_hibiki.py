@@ -9,7 +9,6 @@ web server's info and query), never a translation.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import wave
@@ -94,6 +93,14 @@ def test_what_the_model_cannot_take_is_refused_before_its_weights_load(hf_home, 
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == message, r.stderr
     assert "loading Moshi weights" not in r.stderr and "DEMO MODE" not in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out.wav").exists()
+
+
+def test_the_terminal_demo_refuses_guidance_before_loading(tmp_path):
+    r = _run("moshi_mlx.local", ["--demo", "--cfg-coef", "2.5"], base_env(HOME=str(tmp_path)), timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: cfg_coef 2.5: classifier-free guidance needs a model with conditioners"), r.stderr
+    assert "DEMO MODE" not in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("flag,value", [("--cfg-coef", "-1"), ("--condition", "two words"), ("--text-top-p", "0")])
