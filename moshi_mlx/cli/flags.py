@@ -16,7 +16,7 @@ from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
 from ..conditioning import check_conditioning, model_settings
 from ..models.config import LmConfig
-from ..settings import KNOBS, EngineSettings, Knob
+from ..settings import KNOBS, LM_GEN_KNOBS, EngineSettings, Knob
 from .progress import Progress
 from .shell import say
 
@@ -82,7 +82,8 @@ SAMPLING_PARAMS = tuple(KNOBS)
 def _knob_help(knob: Knob, server_defaults: bool) -> str:
     if knob.bounds is None or knob.kind == "seed":  # a seed's bounds are just "a 64-bit seed"; left out: random
         return knob.help
-    where = "" if server_defaults else f"; default {knob.default} unless the model's config.json says otherwise"
+    model_says = ", or the model's config.json lm_gen_config" if knob.name in LM_GEN_KNOBS.values() else ""
+    where = "" if server_defaults else f"; default {knob.default}{model_says}"
     return f"{knob.help} ({knob.bounds.describe()}{where})"
 
 
