@@ -80,7 +80,7 @@ async def test_serves_ui_and_info(srv, session):
     assert "text_temperature" in info["defaults"]
     # the knob table, for the UI's form limits: the same bounds the query parser checks
     assert [(k["name"], k["low"], k["high"]) for k in info["knobs"]] == [
-        (k.name, k.bounds.low, k.bounds.high) for k in KNOBS.values()]
+        (k.name, k.bounds.low, k.bounds.high) if k.bounds else (k.name, None, None) for k in KNOBS.values()]
 
 
 async def test_cross_origin_websocket_refused(srv, session):
