@@ -57,7 +57,7 @@ class Assets:
         t = self.lm.config.transformer
         budget = int(max_memory_gb * GB) if max_memory_gb is not None else machine_budget_bytes()
         plan = plan_memory(
-            weights_bytes(self.lm), t.num_layers, t.num_heads, t.head_dim, t.context, budget, kv_bits,
+            weights_bytes(self.lm), t.num_layers, t.num_kv_heads, t.head_dim, t.context, budget, kv_bits,
             dtype_bytes=self.lm.dtype.size,
         )
         apply_limits(plan)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from ..models.config import LmConfig
+from ..models.config import ConfigError, LmConfig, check_kyutai_keys
 from ..models.lm import quantizes
 from ..models.pytorch import ConvertError, Piece, Plan, plan_conversion
 from ..models.pytorch_config import build_config
@@ -178,6 +178,11 @@ def _user_config(config: str | os.PathLike | dict | None) -> dict | None:
             raise ConvertError(f"--config {config}: cannot read JSON ({e.__class__.__name__})") from None
         if not isinstance(user, dict):
             raise ConvertError(f"--config {config}: expected a JSON object")
+    if user is not None and not isinstance(user.get("transformer"), dict):  # Kyutai's flat keys: refuse early
+        try:
+            check_kyutai_keys(user)
+        except ConfigError as e:
+            raise ConvertError(f"--config: {e}") from None
     schedule = (user or {}).get("depformer_weights_per_step_schedule")
     if schedule is not None and not (isinstance(schedule, list) and all(isinstance(i, int) and i >= 0 for i in schedule)):
         raise ConvertError(f"--config has depformer_weights_per_step_schedule={schedule!r}; expected a list of indices")
@@ -238,11 +243,11 @@ def convert(
     _check_request(src, out_dir, bits, dtype, force)
     check_count(max_out_n_q)
     float_dtype = _code(dtype)
+    user_config = _user_config(config)  # a refused key stops here, before the checkpoint is opened
     try:
         tensors, _ = read_tensor_infos(src)
     except WeightsError as e:
         raise ConvertError(str(e)) from None
-    user_config = _user_config(config)
     plan = _plan(src, tensors, (user_config or {}).get("depformer_weights_per_step_schedule"))
     adapter = None if lora is None else _adapter(src, lora, plan.layout, user_config, tensors)
     user_config = trimmed_config(config_without_lora(user_config, lora is not None), max_out_n_q, plan.dims.dep_q)

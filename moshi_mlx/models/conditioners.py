@@ -10,7 +10,7 @@ value, which `condition` refuses, so it is loaded and kept but never added).
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,9 +46,12 @@ class LutConditioner(nn.Module):
         return values.index(value)
 
     def __call__(self, value: str) -> mx.array:
-        """[1, 1, d_model]: the projected row of `value`."""
-        row = self.embed(mx.array([[self.index(value)]], dtype=mx.int32))
-        return self.output_proj(row)
+        """[1, 1, d_model] float32: the projected row of `value`.
+
+        Computed in float32 whatever the model's dtype, as Kyutai keeps its condition provider in float32
+        (its loader upcasts these tensors) and casts only the sum."""
+        row = self.embed.weight[self.index(value)].astype(mx.float32)
+        return (row @ self.output_proj.weight.astype(mx.float32).T)[None, None, :]
 
 
 class ConditionProvider(nn.Module):

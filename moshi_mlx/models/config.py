@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from ..errors import MoshiError
 
@@ -122,7 +123,7 @@ class TransformerConfig:
         return self.positional_embedding in ("sin", "sin_rope")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "transformer") -> "TransformerConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "transformer") -> TransformerConfig:
         """Our nested form, or Kyutai's MLX `TransformerConfig` (its extra keys only at their neutral values)."""
         _check_keys(data, _NESTED_TRANSFORMER_NEUTRAL, {f.name for f in dataclasses.fields(cls)}, f"{where}.")
         own = _known_fields(cls, data)
@@ -151,7 +152,7 @@ class ConditionerConfig:
             raise ConfigError(f"conditioners.{self.name}: {len(self.possible_values)} possible_values > n_bins")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ConditionerConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ConditionerConfig:
         own = _known_fields(cls, data)
         if own.get("possible_values") is not None:
             own["possible_values"] = tuple(own["possible_values"])
@@ -223,6 +224,11 @@ class LmConfig:
         return max(self.audio_delays, default=0)
 
     @property
+    def mimi_codebooks(self) -> int:
+        """How many codebooks Mimi encodes and decodes for this model (Kyutai's loaders: max(dep_q, n_q - dep_q))."""
+        return max(self.generated_codebooks, self.user_codebooks)
+
+    @property
     def is_conditioned(self) -> bool:
         """True when every step needs a condition (Lm.condition) added to its input."""
         return bool(self.conditioners)
@@ -237,7 +243,7 @@ class LmConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LmConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> LmConfig:
         """Build from our own `to_dict()` output, Kyutai's MLX nested form, or a Kyutai `config.json`.
 
         Raises ConfigError (one line naming the key) for anything that would change the maths and is not
@@ -249,7 +255,7 @@ class LmConfig:
         return cls._from_kyutai(data)
 
     @classmethod
-    def _from_nested(cls, data: dict[str, Any]) -> "LmConfig":
+    def _from_nested(cls, data: dict[str, Any]) -> LmConfig:
         _check_keys(data, _NESTED_LM_NEUTRAL, {f.name for f in dataclasses.fields(cls)} | KYUTAI_METADATA_KEYS, "")
         own = dict(_known_fields(cls, data))
         own["transformer"] = TransformerConfig.from_dict(data["transformer"])
@@ -273,7 +279,7 @@ class LmConfig:
         return cls(**own)
 
     @classmethod
-    def _from_kyutai(cls, data: dict[str, Any]) -> "LmConfig":
+    def _from_kyutai(cls, data: dict[str, Any]) -> LmConfig:
         return read_kyutai_config(data)
 
     def to_kyutai_dict(self) -> dict[str, Any]:
@@ -516,7 +522,7 @@ def _conditioners(data: Mapping[str, Any]) -> tuple[ConditionerConfig, ...]:
         unknown = set(lut) - {"n_bins", "dim", "tokenizer", "possible_values", "init_scale", "learn_padding",
                               "pad_empty", "output_bias", "force_linear"}
         if unknown:
-            raise ConfigError(f"config key conditioners.{name}.lut.{sorted(unknown)[0]} is not known to moshi_mlx")
+            raise ConfigError(f"config key conditioners.{name}.lut.{min(unknown)} is not known to moshi_mlx")
         if "n_bins" not in lut or "dim" not in lut:
             raise ConfigError(f"config key conditioners.{name}.lut needs n_bins and dim")
         values = lut.get("possible_values")
@@ -528,9 +534,24 @@ def _conditioners(data: Mapping[str, Any]) -> tuple[ConditionerConfig, ...]:
     return tuple(out)
 
 
+def check_kyutai_keys(raw: Mapping[str, Any]) -> None:
+    """Refuse (ConfigError naming the key) any key of a Kyutai config.json that moshi_mlx would not honour:
+    unknown keys, refused options, unsupported choices, conditioners other than summed look-up tables.
+    Needs no complete config, so a converter can check a partial --config before reading any weights."""
+    _check_keys(raw, KYUTAI_REFUSED_UNLESS, _KYUTAI_READ | KYUTAI_METADATA_KEYS, "")
+    choices: dict[str, Any] = {
+        "norm": KYUTAI_NORMS, "depformer_norm": KYUTAI_NORMS, "gating": GATINGS, "depformer_gating": GATINGS,
+        "positional_embedding": POSITIONAL_EMBEDDINGS, "depformer_pos_emb": POSITIONAL_EMBEDDINGS,
+    }
+    for key, allowed in choices.items():
+        if raw.get(key) is not None:
+            _choice(raw, key, allowed)
+    _conditioners(raw)
+
+
 def read_kyutai_config(raw: Mapping[str, Any]) -> LmConfig:
     """An LmConfig from Kyutai's flat config.json keys, as `LMModel(**config)` would read them."""
-    _check_keys(raw, KYUTAI_REFUSED_UNLESS, _KYUTAI_READ | KYUTAI_METADATA_KEYS, "")
+    check_kyutai_keys(raw)
     for key in ("num_layers", "delays"):
         if key not in raw:
             raise ConfigError(f"config.json lacks the required key {key}")
@@ -588,6 +609,8 @@ def read_kyutai_config(raw: Mapping[str, Any]) -> LmConfig:
     n_q = _int(data, "n_q")
     if not isinstance(delays, list) or len(delays) != n_q + 1:
         raise ConfigError(f"config key delays has {len(delays) if isinstance(delays, list) else delays!r} entries; expected n_q + 1 = {n_q + 1}")
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in delays):
+        raise ConfigError(f"config key delays={delays!r}: expected non-negative integers")
     schedule = data["depformer_weights_per_step_schedule"]
     low_rank = data["depformer_low_rank_embeddings"]
     lm_gen = raw.get("lm_gen_config") or {}
@@ -658,5 +681,5 @@ def preset(name: str) -> LmConfig:
 
 __all__ = [
     "ConditionerConfig", "ConfigError", "TransformerConfig", "LmConfig", "config_v0_1", "config_small",
-    "config_tiny", "preset", "PRESETS", "read_kyutai_config",
+    "config_tiny", "preset", "PRESETS", "check_kyutai_keys", "read_kyutai_config",
 ]

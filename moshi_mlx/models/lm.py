@@ -5,7 +5,7 @@ Parameter names match the published MLX checkpoints (kyutai/moshi{ko,ka}-mlx-*) 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -241,8 +241,7 @@ def read_dims(shapes: Shapes, layout: str) -> Dims:
     if names.dep_q == 0 or names.dep_layers == 0:
         raise ConvertError("no depformer tensors: only Moshi checkpoints with a depformer can be converted")
     dep_dim = _need(shapes, names.dep_in0, 2)[0]
-    dep_gating = not any(n.startswith(names.dep_layer0 + "linear1.") or n.startswith(names.dep_layer0 + "gating.linear1.")
-                         for n in shapes)
+    dep_gating = not any(n.startswith((names.dep_layer0 + "linear1.", names.dep_layer0 + "gating.linear1.")) for n in shapes)
     dep_hidden = _need(shapes, next((n for n in names.dep_out if n in shapes), names.dep_out[0]), 2)[1]
     rank = _need(shapes, names.text_emb_dep, 2)[1]
     sets = max(names.dep_sets, 1)

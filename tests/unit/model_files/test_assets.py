@@ -1,6 +1,7 @@
 """The one front door: `load(ModelSource(...), demo=...)`."""
 
 import argparse
+import json
 
 import pytest
 
@@ -40,3 +41,22 @@ def test_one_door_lists_and_dispatches_every_command():
     run = subprocess.run([sys.executable, "-m", "moshi_mlx", "run", "in.wav", "out.wav", "--text-topk", "-3"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--text-topk" in run.stderr and "must be >= 0" in run.stderr
+
+
+@pytest.mark.parametrize("extra,words", [
+    ({"cross_attention": True}, "cross_attention=True"),
+    ({"fuser": {"cross": ["description"]}}, "fuser.cross"),
+    ({"conditioners": {"d": {"type": "tensor", "tensor": {"dim": 4}}}, "fuser": {"sum": ["d"]}}, "conditioners.d.type"),
+    ({"brand_new_knob": 1}, "'brand_new_knob' is not known"),
+])
+def test_load_refuses_an_unsupported_config_key_before_any_weights(tmp_path, extra, words):
+    """The LM config is read first: a refused key is one line naming it, and no weights file is even opened."""
+    from moshi_mlx.models.config import config_tiny
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**config_tiny().to_kyutai_dict(), **extra}))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"never read")
+    with pytest.raises(MoshiError) as e:
+        load(ModelSource(lm_config=config, moshi_weights=weights), log=lambda m: None)
+    assert words in str(e.value) and str(config) in str(e.value) and "\n" not in str(e.value)

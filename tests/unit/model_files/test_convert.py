@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -19,6 +21,8 @@ from moshi_mlx.model_files.checkpoint import load_lm
 from moshi_mlx.model_files.convert import convert, expected_specs
 from moshi_mlx.models.config import LmConfig
 from moshi_mlx.models.pytorch import ConvertError, Dims
+from tests.helpers import numpy_lm
+from tests.helpers.family import delayed_sequence, pytorch_checkpoint, variant_config
 from tests.helpers.pytorch_names import legacy as _legacy
 
 # Tiny but quantizable (every input dim divides 64): see the stand-ins doc.
@@ -381,3 +385,77 @@ def test_f32_conversion_keeps_full_precision_and_loads_as_f32(tmp_path):
     assert load_lm(tmp_path / "o" / "model.safetensors", cfg, mx.bfloat16).dtype == mx.bfloat16
     with pytest.raises(ConvertError, match="unquantized"):
         convert(tmp_path / "f32.safetensors", tmp_path / "q", bits=4, dtype="f32", log=lambda m: None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kyutai's config.json through the command
+
+
+def test_cli_converts_kyutais_test_lm_model_and_it_scores_like_the_reference(tmp_path):
+    """moshi/tests/test_lm.py's arguments written as Kyutai's config.json (LayerNorm with bias, sin positions, a
+    plain GELU temporal FFN, depformer_gating silu, low-rank depformer embeddings, schedule [0, 1, 1]): the issue's
+    `missing tensor depformer.layers.0.gating.0.linear1.weight` case. Converted by the command, loaded by load_lm,
+    scored against the float64 NumPy reference."""
+    cfg = variant_config("kyutai_test_lm")
+    rng = np.random.default_rng(7)
+    weights = pytorch_checkpoint(cfg, rng)
+    assert "depformer.layers.0.gating.0.linear_in.weight" in weights and "transformer.layers.0.linear1.weight" in weights
+    src, cfg_path, out = tmp_path / "test_lm_model.safetensors", tmp_path / "config.json", tmp_path / "mlx"
+    mx.save_safetensors(str(src), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()})
+    cfg_path.write_text(json.dumps(cfg))
+    assert main([str(src), str(out), "--config", str(cfg_path), "--dtype", "f32", "--no-progress"]) == 0
+    model = load_lm(out / "model.safetensors", LmConfig.from_dict(json.loads((out / "config.json").read_text())))
+    c = model.config
+    assert (c.transformer.norm, c.transformer.positional_embedding, c.transformer.gating) == ("layer_norm", "sin", False)
+    assert c.depformer.gating and c.depformer.hidden_dim == 2 * 16 // 3 and c.depformer_low_rank_embeddings == 8
+    seq = delayed_sequence(cfg, rng)
+    f32 = {k: v.astype(np.float32).astype(np.float64) for k, v in weights.items()}
+    want_text, want_audio = numpy_lm.forward(f32, cfg, seq)
+    text, audio = model.forward(mx.array(seq)[None])
+    assert np.abs(np.array(text[0]) - want_text).max() <= 1e-5
+    assert np.abs(np.array(audio[0]) - want_audio).max() <= 1e-5
+
+
+@pytest.mark.parametrize("extra,words", [
+    ({"cross_attention": True}, "cross_attention=True"),
+    ({"conditioners": {"d": {"type": "tensor", "tensor": {"dim": 4}}}, "fuser": {"sum": ["d"]}}, "conditioners.d.type"),
+    ({"fuser": {"prepend": ["d"]}}, "fuser.prepend"),
+    ({"some_new_option": 2}, "'some_new_option' is not known"),
+])
+def test_cli_refuses_an_unsupported_config_key_before_reading_the_checkpoint(tmp_path, capsys, extra, words):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"num_heads": 4, "depformer_num_heads": 4, "context": 100, **extra}))
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(b"not a checkpoint: the config is refused before this file is opened")
+    assert main([str(src), str(tmp_path / "o"), "--config", str(cfg), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --config: ") and words in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_conditioners_must_match_the_config(tmp_path, tiny_sources):
+    """Conditioner tables in the weights need their declaration (possible values) in --config, size for size."""
+    _, arrays = tiny_sources["current"]
+    with_table = dict(arrays)
+    with_table["condition_provider.conditioners.description.embed.weight"] = mx.zeros((32, 16), dtype=mx.bfloat16)
+    with_table["condition_provider.conditioners.description.output_proj.weight"] = mx.zeros((256, 16), dtype=mx.bfloat16)
+    path = tmp_path / "cond.safetensors"
+    mx.save_safetensors(str(path), with_table)
+    with pytest.raises(ConvertError, match="the checkpoint has conditioner 'description': pass --config"):
+        convert(path, tmp_path / "a", log=lambda m: None)
+    lut = {"n_bins": 31, "dim": 16, "tokenizer": "noop", "possible_values": ["very_bad", "very_good"],
+           "learn_padding": False}
+    base = {"num_heads": 4, "depformer_num_heads": 4, "context": 100, "delays": [0, 0, 2, 0, 2], "gating": "silu",
+            "positional_embedding": "rope", "depformer_pos_emb": "none", "fuser": {"sum": ["description"]}}
+    wrong = {**base, "conditioners": {"description": {"type": "lut", "lut": {**lut, "n_bins": 5}}}}
+    with pytest.raises(ConvertError, match=r"conditioners.description: the checkpoint's table is 32 x 16"):
+        convert(path, tmp_path / "b", config=wrong, log=lambda m: None)
+    good = {**base, "conditioners": {"description": {"type": "lut", "lut": lut}}}
+    out = convert(path, tmp_path / "c", config=good, bits=4, log=lambda m: None)
+    model = load_lm(out, LmConfig.from_dict(json.loads((tmp_path / "c" / "config.json").read_text())))
+    assert model.config.is_conditioned
+    # The tiny tables stay unquantized (their width is below any group size), as Kyutai keeps them in float.
+    table = model.condition_provider.conditioners["description"]
+    assert type(table.embed) is nn.Embedding and type(table.output_proj) is nn.Linear
+    assert isinstance(model.text_linear, nn.QuantizedLinear)
+    assert model.condition({"description": "very_good"}).shape == (1, 1, 256)
