@@ -70,12 +70,6 @@ class Assets:
         return plan
 
 
-def mimi_codebooks(config: LmConfig) -> int:
-    """How many codebooks Mimi encodes and decodes for this model: the more of its two streams' (8 for Moshi and
-    Hibiki 1B, 16 for Hibiki 2B). The engine gives the LM the user's share of what Mimi encodes."""
-    return max(config.generated_codebooks, config.user_codebooks)
-
-
 def load(
     source: ModelSource = ModelSource(),
     demo: bool = False,
@@ -103,7 +97,7 @@ def load(
             check(lm.config)
         log(DEMO_BANNER)
         files = demo_assets()
-        mimi = Mimi(files.mimi_path, num_codebooks=mimi_codebooks(lm.config))
+        mimi = Mimi(files.mimi_path, num_codebooks=lm.config.mimi_codebooks)
         tok = TextTokenizer(files.tokenizer_path)
         return Assets(
             lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start,
@@ -117,7 +111,7 @@ def load(
     at_load = resolved.quantize_at_load
     log(f"loading Moshi weights from {files.moshi}" + (f", quantizing them to {at_load} bits" if at_load else ""))
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress, quantize=at_load)
-    mimi = Mimi(files.mimi, num_codebooks=mimi_codebooks(config))
+    mimi = Mimi(files.mimi, num_codebooks=config.mimi_codebooks)
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:
         raise WeightsError(
