@@ -56,8 +56,11 @@ class Assets:
         """Fit the LM into ``max_memory_gb`` (default: the machine's), set MLX's limits, say what was chosen."""
         t = self.lm.config.transformer
         budget = int(max_memory_gb * GB) if max_memory_gb is not None else machine_budget_bytes()
+        # A conditioned model may run guided (two batch rows: any client may ask for it): room for both rows'
+        # keys and values, whose bytes scale with heads x rows.
+        rows = 2 if self.lm.config.is_conditioned else 1
         plan = plan_memory(
-            weights_bytes(self.lm), t.num_layers, t.num_kv_heads, t.head_dim, t.context, budget, kv_bits,
+            weights_bytes(self.lm), t.num_layers, t.num_kv_heads * rows, t.head_dim, t.context, budget, kv_bits,
             dtype_bytes=self.lm.dtype.size,
         )
         apply_limits(plan)
