@@ -274,3 +274,29 @@ async def test_local_web_serves_hibiki_quantized_with_guidance(hf_home):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_terminal_translates_the_microphone_live(hf_home, jack_tools, tmp_path):
+    """`local --hf-repo kyutai/hibiki-1b-mlx-bf16 --cfg-coef 3` on virtual JACK devices: speech in at the real
+    pace, the stand-in's babble out and on the speaker, a clean Ctrl-C. (CPU is scarce: frames drop.)"""
+    from tests.helpers.apps import App, no_traceback, session_summary, talk
+    from tests.helpers.audio_env import JackServer, read_wav, speech_wav
+
+    speech = speech_wav(tmp_path / "speech.wav", rate=24000, pad=(0.5, 0.5))
+    with JackServer(24000, 1920, log_dir=tmp_path) as jack:
+        env = {**jack.env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+        app = App(["--hf-repo", REPO_1B, "--cfg-coef", "3", "--input-device", "system", "--output-device", "system"],
+                  env)
+        try:
+            talk(jack, app, speech, tmp_path / "spk.wav", 5, 24000)
+            app.interrupt()
+        finally:
+            app.kill()
+    err = app.stderr
+    assert app.proc.returncode in (0, 130), err
+    no_traceback(err)
+    assert f": {REPO_1B}" in err and "DEMO MODE" not in err, err
+    summary = session_summary(err)
+    assert summary["answered"] > 5, summary
+    out, rate = read_wav(tmp_path / "spk.wav")
+    assert rate == 24000 and np.isfinite(out).all() and np.abs(out).max() > 0
