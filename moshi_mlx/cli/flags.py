@@ -9,12 +9,12 @@ import argparse
 import math
 from typing import Callable
 
+from ..conditioning import check_conditioning, model_settings
 from ..model_files.assets import Assets, load
 from ..model_files.checkpoint import DTYPES
 from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME
 from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
-from ..conditioning import check_conditioning, model_settings
 from ..models.config import LmConfig
 from ..settings import KNOBS, LM_GEN_KNOBS, EngineSettings, Knob
 from .progress import Progress
