@@ -180,6 +180,11 @@ class LmGen:
         self._text_key = self._stream_key(self.text_seed, 0)
         self._audio_key = self._stream_key(self.audio_seed, 1)
 
+    @property
+    def rows(self) -> int:
+        """Batch rows each step runs: 2 under classifier-free guidance (cfg_coef != 1), else 1."""
+        return self._rows
+
     @staticmethod
     def _stream_key(seed: int | None, stream: int) -> mx.array:
         # Text and audio take different halves of their seed's key: equal seeds give unrelated draws.

@@ -175,7 +175,7 @@ async def test_web_server_says_translation_model_and_takes_guidance(hibiki_engin
                 data = msg.json()
                 assert data["model_kind"] == "translation model"
                 assert (data["settings"]["cfg_coef"], data["settings"]["condition"]) == (3.0, "good")
-                assert hibiki_engine.gen._rows == 2  # the conversation runs guided
+                assert hibiki_engine.gen.rows == 2  # the conversation runs guided
             async with session.ws_connect(srv.url(query="condition=excellent")) as ws:
                 seen = await until_closed(ws)
             assert seen[0].kind == Kind.ERROR and "not one of description's values" in seen[0].text

@@ -67,7 +67,7 @@ def test_the_condition_matters_and_guidance_at_one_is_one_row(hibiki):
     assert not np.array_equal(greedy_raw(hibiki, 1.0, "very_bad"), greedy_raw(hibiki, 1.0, "very_good"))
     assert np.array_equal(greedy_raw(hibiki, 1.0, "very_good"), greedy_raw(hibiki, 1.0))  # Hibiki's default
     one, two = LmGen(hibiki, cfg_coef=1.0), LmGen(hibiki, cfg_coef=3.0)
-    assert (one._rows, two._rows) == (1, 2)  # C = 1 costs one row, not two
+    assert (one.rows, two.rows) == (1, 2)  # C = 1 costs one row, not two
     assert two._cache.nbytes == 2 * one._cache.nbytes
 
 
@@ -80,7 +80,7 @@ def test_reconfiguring_guidance_resizes_the_step(hibiki):
         pending = gen.submit(f)
         run.append(pending.raw_tokens)
         pending.result()
-    assert gen._rows == 2 and np.array_equal(np.stack(run), greedy_raw(hibiki, 3.0))
+    assert gen.rows == 2 and np.array_equal(np.stack(run), greedy_raw(hibiki, 3.0))
 
 
 def test_guided_stepping_equals_the_guided_whole_sequence(hibiki):
