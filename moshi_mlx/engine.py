@@ -136,7 +136,8 @@ class ConversationEngine:
         self.gen = self.mlx.run(
             lambda: LmGen(lm, settings.text, settings.audio, settings.seed, text_controls=settings.text_controls,
                           text_seed=settings.text_seed, audio_seed=settings.audio_seed,
-                          kv_bits=settings.kv_bits or DEFAULT_KV_BITS, context=settings.context)
+                          kv_bits=settings.kv_bits or DEFAULT_KV_BITS, context=settings.context,
+                          condition=settings.condition, cfg_coef=settings.cfg_coef)
         )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0
@@ -152,7 +153,7 @@ class ConversationEngine:
             self.settings = settings
             self.mlx.run(
                 self.gen.configure, settings.text, settings.audio, settings.seed, settings.text_controls,
-                settings.text_seed, settings.audio_seed,
+                settings.text_seed, settings.audio_seed, settings.condition, settings.cfg_coef,
             )
         s = self.settings
         self.mlx.run(self.gen.reset, s.seed, s.text_seed, s.audio_seed)
@@ -175,7 +176,8 @@ class ConversationEngine:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if pcm.shape[0] != FRAME_SIZE:
             raise ValueError(f"expected a frame of {FRAME_SIZE} samples, got {pcm.shape[0]}")
-        return self.mimi.encode_frame(pcm)
+        # Mimi runs as many codebooks as the larger stream needs; the user's stream takes its own share.
+        return self.mimi.encode_frame(pcm)[: self.lm.config.user_codebooks]
 
     def step(self, codes: np.ndarray) -> StepOutput | None:
         self.frames_in += 1

@@ -6,6 +6,11 @@ t - 1 of every stream (Moshi's own tokens sampled at the previous step, the user
 t - 1 - delay), with the learned start tokens (text `text_card`, audio `card`) where a stream has
 nothing yet. This is how Kyutai's MLX and Rust implementations and its training-time forward align
 the streams. A complete output frame is known `max_delay` steps after its first codebook was sampled.
+
+A conditioned model (Hibiki) adds its condition to every step's input. With classifier-free guidance
+(cfg_coef C != 1) each step runs a batch of two, the chosen condition and `very_bad`, on the same tokens, and
+samples text and every audio codebook from C * l_good - (C - 1) * l_bad, as Kyutai's PyTorch LMGen does; the
+sampled tokens feed both rows. With C == 1 the step is a single row: guidance off costs nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .models.lm import Lm
+from .conditioning import conditions_for
+from .models.lm import Lm, cfg_combine
 from .sampling import make_sampler, make_text_sampler
 from .settings import (
     DEFAULT_AUDIO_SAMPLING,
@@ -98,6 +104,8 @@ class LmGen:
         audio_seed: int | None = None,
         kv_bits: int = 16,
         context: int | None = None,
+        condition: str | None = None,
+        cfg_coef: float = 1.0,
     ) -> None:
         if batch != 1:
             raise NotImplementedError("streaming generation runs one conversation (batch 1)")
@@ -114,9 +122,11 @@ class LmGen:
         self._not_words = mx.array(
             [self.config.text_padding_id, self.config.end_of_text_padding_id, self.config.text_out_vocab_size]
         )
-        self._cache = model.make_cache(batch, kv_bits=kv_bits, context=context)
+        self._kv_bits, self._context = kv_bits, context
+        self._cache = None
+        self._rows = 0  # batch rows each step runs: 2 under guidance, else 1
         self.timings: StepTimings | None = None  # attach one to have each step time its two halves
-        self.configure(text_sampling, audio_sampling, seed, text_controls, text_seed, audio_seed)
+        self.configure(text_sampling, audio_sampling, seed, text_controls, text_seed, audio_seed, condition, cfg_coef)
         self.reset()
 
     def configure(
@@ -127,8 +137,27 @@ class LmGen:
         text_controls: TextControls = DEFAULT_TEXT_CONTROLS,
         text_seed: int | None = None,
         audio_seed: int | None = None,
+        condition: str | None = None,
+        cfg_coef: float = 1.0,
     ) -> None:
-        """New sampling settings. `seed` seeds both streams; `text_seed` / `audio_seed` take precedence."""
+        """New sampling settings. `seed` seeds both streams; `text_seed` / `audio_seed` take precedence.
+
+        `condition` (None: the model's default) and `cfg_coef` apply to a conditioned model only; anything
+        else is a one-line ConditioningError. Call `reset()` before the next step.
+        """
+        rows = conditions_for(self.config, condition, cfg_coef)
+        self.condition = rows[0] if rows else None  # {conditioner: value} of the row that is sampled
+        self.cfg_coef = float(cfg_coef)
+        guided = len(rows) > 1
+        # [rows, 1, D]: each row's condition, computed once per setting (a look-up and a projection).
+        self._condition = mx.concatenate([self.model.condition(r) for r in rows], axis=0) if rows else None
+        if self._condition is not None:
+            mx.eval(self._condition)
+        batch = max(len(rows), 1)
+        if self._cache is None or self._rows != batch:
+            self._cache = None  # the old rows' windows go before the new ones are allocated
+            self._cache = self.model.make_cache(batch, kv_bits=self._kv_bits, context=self._context)
+            self._rows = batch
         self.text_sampling = text_sampling
         self.audio_sampling = audio_sampling
         self.text_controls = text_controls
@@ -141,12 +170,20 @@ class LmGen:
         # The closure must not hold `self`: that cycle kept a finished LmGen (and its KV cache, up to GBs)
         # alive until the next garbage collection.
         depformer = self.model.depformer
-        self._depformer = mx.compile(lambda hidden, text, keys: depformer.sample(hidden, text, audio_sampler, keys))
+        coef = self.cfg_coef if guided else None
+        self._depformer = mx.compile(
+            lambda hidden, text, keys: depformer.sample(hidden, text, audio_sampler, keys, cfg_coef=coef)
+        )
         self.seed = seed
         self.text_seed = text_seed if text_seed is not None else seed
         self.audio_seed = audio_seed if audio_seed is not None else seed
         self._text_key = self._stream_key(self.text_seed, 0)
         self._audio_key = self._stream_key(self.audio_seed, 1)
+
+    @property
+    def rows(self) -> int:
+        """Batch rows each step runs: 2 under classifier-free guidance (cfg_coef != 1), else 1."""
+        return self._rows
 
     @staticmethod
     def _stream_key(seed: int | None, stream: int) -> mx.array:
@@ -220,7 +257,12 @@ class LmGen:
         timings = self.timings
         if timings is not None:
             timings.start()
-        hidden, text_logits = self.model.temporal(tokens, self._cache.layers, self._cache.context())
+        rows = self._rows
+        if rows > 1:  # guidance: the same tokens under each row's condition
+            tokens = mx.broadcast_to(tokens, (rows, tokens.shape[1]))
+        hidden, text_logits = self.model.temporal(tokens, self._cache.layers, self._cache.context(), self._condition)
+        if rows > 1:
+            text_logits = cfg_combine(text_logits, self.cfg_coef)
         text_token = self._text_sampler(text_logits, self._recent, text_keys[1])
         if self.text_controls.penalises:
             word = mx.where((text_token[:, None] == self._not_words).any(axis=-1), -1, text_token)

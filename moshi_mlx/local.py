@@ -79,7 +79,7 @@ def converse(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     assets = load_from_args(args, log=_log, resolved=resolved)
-    engine = assets.engine(settings_from_args(args))
+    engine = assets.engine(settings_from_args(args, assets.lm.config))
     load_s = time.perf_counter() - t0
     warm_s = engine.warmup()
     _log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description}")
@@ -125,7 +125,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         check_outputs(inputs=[], outputs=[fresh_path(".", "moshi-demo", ".wav")])
     _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {where}")
     assets = load_from_args(args, log=_log)
-    engine = assets.engine(settings_from_args(args))
+    engine = assets.engine(settings_from_args(args, assets.lm.config))
     t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
     # A gliding tone with a syllable-like envelope stands in for a voice.
     signal_in = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)

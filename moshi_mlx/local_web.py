@@ -90,7 +90,7 @@ def _main(args: argparse.Namespace) -> int:
         check_port_free(args.host, args.port)
         t0 = time.perf_counter()
         assets = load_from_args(args)
-        engine = assets.engine(settings_from_args(args))
+        engine = assets.engine(settings_from_args(args, assets.lm.config))
         load_s = time.perf_counter() - t0
         warm_s = engine.warmup()
         log.info("ready in %.1f s (load %.1f s, warm-up %.1f s): %s", load_s + warm_s, load_s, warm_s, assets.description)

@@ -116,7 +116,7 @@ def _answer(args: argparse.Namespace) -> int:
     check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])
     assets = load_from_args(args)
     cli.say(f"loaded in {assets.load_seconds:.1f} s: {assets.description}")
-    engine = assets.engine(settings_from_args(args))
+    engine = assets.engine(settings_from_args(args, assets.lm.config))
     try:
         t = convert_file(engine, args.input, args.output, args.transcript, cli.Progress(interval_s=30).callback("moshi", unit="frame"))
     finally:

@@ -1,7 +1,8 @@
-"""Pure token samplers (temperature + top-k), compiled once per setting."""
+"""Pure token samplers (temperature, top-k, top-p, min-p), compiled once per setting."""
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Callable
 
@@ -26,22 +27,47 @@ def _top_k_mask(logits: mx.array, k: int) -> mx.array:
     return mx.where(logits >= kth, logits, -mx.inf)
 
 
+def _top_p_mask(logits: mx.array, top_p: float) -> mx.array:
+    """Keep the likeliest tokens until their probabilities sum to at least `top_p` (the nucleus)."""
+    order = mx.argsort(-logits, axis=-1)  # likeliest first
+    probs = mx.take_along_axis(mx.softmax(logits, axis=-1), order, axis=-1)
+    before = mx.cumsum(probs, axis=-1) - probs  # mass of the strictly likelier tokens
+    keep = mx.put_along_axis(mx.zeros(logits.shape, dtype=mx.bool_), order, before < top_p, axis=-1)
+    return mx.where(keep, logits, -mx.inf)
+
+
+def _min_p_mask(logits: mx.array, min_p: float) -> mx.array:
+    # p >= min_p * p_max, in log space: no softmax needed.
+    floor = mx.max(logits, axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logits >= floor, logits, -mx.inf)
+
+
+def filter_logits(logits: mx.array, params: SamplingParams, vocab_size: int | None = None) -> mx.array:
+    """Tempered float32 logits with every token the filters drop set to -inf (what sampling draws from).
+
+    Order: temperature, top-k, top-p, min-p. Not for greedy (temperature 0).
+    """
+    logits = logits.astype(mx.float32)
+    top_k = params.top_k
+    if top_k and (vocab_size is None or top_k < vocab_size):
+        logits = _top_k_mask(logits, top_k)  # before tempering, as ever: the same draws as before top-p existed
+    logits = logits * (1.0 / params.temperature)
+    if params.top_p < 1.0:
+        logits = _top_p_mask(logits, params.top_p)
+    if params.min_p > 0.0:
+        logits = _min_p_mask(logits, params.min_p)
+    return logits
+
+
 # Bounded: web clients choose their own settings, and each distinct pair compiles a function.
 @lru_cache(maxsize=64)
 def make_sampler(params: SamplingParams, vocab_size: int | None = None) -> Sampler:
     """Return a compiled sampler for `params`; top-k larger than the vocabulary is clamped."""
     if params.temperature == 0.0:
         return mx.compile(_greedy)
-    top_k = params.top_k
-    if vocab_size is not None and top_k >= vocab_size:
-        top_k = 0
-    inv_temp = 1.0 / params.temperature
 
     def sample(logits: mx.array, key: mx.array) -> mx.array:
-        logits = logits.astype(mx.float32)
-        if top_k:
-            logits = _top_k_mask(logits, top_k)
-        return mx.random.categorical(logits * inv_temp, axis=-1, key=key).astype(mx.int32)
+        return mx.random.categorical(filter_logits(logits, params, vocab_size), axis=-1, key=key).astype(mx.int32)
 
     return mx.compile(sample)
 

@@ -1,7 +1,7 @@
 """What a conversation's sampling is set to: plain dataclasses, no MLX.
 
 The wire protocol, the command line and the engine all speak these, so parsing a client's query
-or a flag never needs the model's framework. :data:`KNOBS` is the one table of the ten sampling
+or a flag never needs the model's framework. :data:`KNOBS` is the one table of the sampling
 knobs: every flag, query parameter, metadata field and web form derives from it, so their names,
 bounds, defaults and error messages cannot drift apart.
 """
@@ -9,6 +9,7 @@ bounds, defaults and error messages cannot drift apart.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -44,10 +45,20 @@ class Bounds:
 # The server's bounds: generous, but they keep a client from sending values the sampler cannot use.
 TEMPERATURE = Bounds(0.0, 100.0)
 TOP_K = Bounds(0, 1_000_000)
+TOP_P = Bounds(0.0, 1.0, open_low=True)  # 1 = off; 0 would keep nothing
+MIN_P = Bounds(0.0, 1.0)  # 0 = off; 1 keeps only the likeliest token(s)
 PENALTY = Bounds(0.0, 100.0, open_low=True)
 PENALTY_CONTEXT = Bounds(0, 100_000)
 PAD_MULT = Bounds(-100.0, 100.0)
 SEED = Bounds(0, 2**63 - 1)
+CFG_COEF = Bounds(0.0, 100.0)  # 1 = no guidance; Hibiki's README suggests 3 for voice transfer
+#: What a condition value may look like (the models' own lists, e.g. very_bad ... very_good, are checked at load).
+CONDITION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def check_condition_name(name: str, value: object) -> None:
+    if not isinstance(value, str) or not CONDITION_NAME.fullmatch(value):
+        raise ValueError(f"{name} must be a condition name such as very_good, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -56,9 +67,9 @@ class Knob:
 
     name: str
     field: str  # where it lives in EngineSettings: "text.temperature", "seed", ...
-    kind: str  # "float", "int" or "seed" (an int whose default None means random)
-    bounds: Bounds
-    default: Number | None
+    kind: str  # "float", "int", "seed" (an int whose default None means random) or "name" (a word)
+    bounds: Bounds | None  # None for a name
+    default: Number | str | None
     label: str  # a few words for forms
     help: str
 
@@ -66,17 +77,20 @@ class Knob:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def parse(self, raw: str) -> Number:
+    def parse(self, raw: str) -> Number | str:
         """The value a flag or query parameter spells, or ValueError with the message users see."""
+        if self.bounds is None:
+            check_condition_name(self.name, raw.strip())
+            return raw.strip()
         value = _parse_float(self.name, raw) if self.kind == "float" else _parse_int(self.name, raw)
         self.bounds.check(self.name, value, repr(raw))
         return value
 
-    def cast(self, value: Any) -> Number | None:
-        """`value` as this knob's JSON type (None stays None: a seed left random)."""
+    def cast(self, value: Any) -> Number | str | None:
+        """`value` as this knob's JSON type (None stays None: a seed left random, the model's condition)."""
         if value is None:
             return None
-        return float(value) if self.kind == "float" else int(value)
+        return {"float": float, "name": str}.get(self.kind, int)(value)
 
     def read(self, settings: EngineSettings) -> Any:
         value: Any = settings
@@ -87,8 +101,9 @@ class Knob:
     def as_json(self) -> dict[str, Any]:
         """What a web form needs to check and explain the field."""
         b = self.bounds
-        return {"name": self.name, "kind": self.kind, "low": b.low, "high": b.high, "open_low": b.open_low,
-                "default": self.default, "label": self.label, "help": self.help}
+        limits = {"low": b.low, "high": b.high, "open_low": b.open_low} if b else {"low": None, "high": None, "open_low": False}
+        return {"name": self.name, "kind": self.kind, **limits, "default": self.default, "label": self.label,
+                "help": self.help}
 
 
 def _parse_float(name: str, raw: str) -> float:
@@ -121,16 +136,24 @@ def _knobs(*knobs: Knob) -> dict[str, Knob]:
     return {k.name: k for k in knobs}
 
 
-#: The ten sampling knobs, in the order flags and forms list them.
+#: The sampling knobs, in the order flags and forms list them.
 KNOBS: dict[str, Knob] = _knobs(
     Knob("text_temperature", "text.temperature", "float", TEMPERATURE, 0.7, "Text temperature",
          "text sampling temperature, 0 = greedy"),
     Knob("text_topk", "text.top_k", "int", TOP_K, 25, "Text top-k",
          "sample among the K likeliest text tokens, 0 = all"),
+    Knob("text_top_p", "text.top_p", "float", TOP_P, 1.0, "Text top-p",
+         "sample among the likeliest text tokens whose probabilities sum to P, 1 = all"),
+    Knob("text_min_p", "text.min_p", "float", MIN_P, 0.0, "Text min-p",
+         "drop text tokens less likely than P times the likeliest one, 0 = none"),
     Knob("audio_temperature", "audio.temperature", "float", TEMPERATURE, 0.8, "Audio temperature",
          "audio sampling temperature, 0 = greedy"),
     Knob("audio_topk", "audio.top_k", "int", TOP_K, 250, "Audio top-k",
          "sample among the K likeliest audio codes, 0 = all"),
+    Knob("audio_top_p", "audio.top_p", "float", TOP_P, 1.0, "Audio top-p",
+         "sample among the likeliest audio codes whose probabilities sum to P, 1 = all"),
+    Knob("audio_min_p", "audio.min_p", "float", MIN_P, 0.0, "Audio min-p",
+         "drop audio codes less likely than P times the likeliest one, 0 = none"),
     Knob("repetition_penalty", "text_controls.repetition_penalty", "float", PENALTY, 1.0, "Repetition penalty",
          "penalise text tokens Moshi used recently (> 1 penalises, 1 = off)"),
     Knob("repetition_penalty_context", "text_controls.repetition_penalty_context", "int", PENALTY_CONTEXT, 64,
@@ -140,7 +163,14 @@ KNOBS: dict[str, Knob] = _knobs(
     Knob("seed", "seed", "seed", SEED, None, "Seed", "seed for reproducible sampling (both streams)"),
     Knob("text_seed", "text_seed", "seed", SEED, None, "Text seed", "seed of the text stream (overrides --seed)"),
     Knob("audio_seed", "audio_seed", "seed", SEED, None, "Audio seed", "seed of the audio stream (overrides --seed)"),
+    Knob("cfg_coef", "cfg_coef", "float", CFG_COEF, 1.0, "Guidance (CFG)",
+         "classifier-free guidance for a conditioned model such as Hibiki: C*good - (C-1)*very_bad logits, "
+         "1 = off (twice the work otherwise); Hibiki suggests 3"),
+    Knob("condition", "condition", "name", None, None, "Condition",
+         "the condition of a conditioned model such as Hibiki (default: the model's, very_good for Hibiki)"),
 )
+#: The knobs that only a model with conditioners takes (the web form shows them only for such a model).
+CONDITIONING_KNOBS = ("cfg_coef", "condition")
 
 
 def knob_table() -> list[dict[str, Any]]:
@@ -170,16 +200,31 @@ def with_knobs(settings: EngineSettings, values: Mapping[str, Any]) -> EngineSet
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """One stream's sampling: temperature, then the top-k, top-p (nucleus) and min-p filters in that order.
+
+    top_p keeps the likeliest tokens until their probabilities (after temperature and top-k) sum to
+    at least `top_p`; min_p keeps the tokens at least `min_p` times as likely as the likeliest one.
+    Temperature 0 is greedy and ignores the filters.
+    """
+
     temperature: float = 0.8
     top_k: int = 250
+    top_p: float = 1.0
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         TEMPERATURE.check("temperature", self.temperature)
         TOP_K.check("top_k", self.top_k)
+        TOP_P.check("top_p", self.top_p)
+        MIN_P.check("min_p", self.min_p)
 
 
-DEFAULT_TEXT_SAMPLING = SamplingParams(KNOBS["text_temperature"].default, KNOBS["text_topk"].default)
-DEFAULT_AUDIO_SAMPLING = SamplingParams(KNOBS["audio_temperature"].default, KNOBS["audio_topk"].default)
+def _stream_defaults(stream: str) -> SamplingParams:
+    return SamplingParams(*(KNOBS[f"{stream}_{name}"].default for name in ("temperature", "topk", "top_p", "min_p")))
+
+
+DEFAULT_TEXT_SAMPLING = _stream_defaults("text")
+DEFAULT_AUDIO_SAMPLING = _stream_defaults("audio")
 GREEDY = SamplingParams(temperature=0.0, top_k=0)
 
 
@@ -226,11 +271,16 @@ class EngineSettings:
     audio_seed: int | None = None
     kv_bits: int | None = None  # LM key/value precision 16/8/4; None: the memory plan's, else the default (8)
     context: int | None = None  # LM attention window; None = the checkpoint's
+    cfg_coef: float = 1.0  # classifier-free guidance (a conditioned model only); 1 = off
+    condition: str | None = None  # a conditioned model's condition; None = the model's default
 
     def __post_init__(self) -> None:
         for name in ("seed", "text_seed", "audio_seed"):
             if getattr(self, name) is not None:
                 SEED.check(name, getattr(self, name))
+        CFG_COEF.check("cfg_coef", self.cfg_coef)
+        if self.condition is not None:
+            check_condition_name("condition", self.condition)
 
     @property
     def seeds(self) -> tuple[int | None, int | None]:
@@ -239,3 +289,29 @@ class EngineSettings:
             self.text_seed if self.text_seed is not None else self.seed,
             self.audio_seed if self.audio_seed is not None else self.seed,
         )
+
+
+#: Kyutai's `lm_gen_config` (config.json: its LMGen's keyword arguments) -> our knobs.
+LM_GEN_KNOBS = {
+    "temp": "audio_temperature",
+    "temp_text": "text_temperature",
+    "top_k": "audio_topk",
+    "top_k_text": "text_topk",
+    "cfg_coef": "cfg_coef",
+}
+
+
+def lm_gen_knobs(lm_gen_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The knob values a model's `lm_gen_config` sets (its default sampling), checked like any flag.
+
+    `use_sampling: false` means greedy (both temperatures 0). Keys that are not about sampling
+    (e.g. `check`) set nothing. ValueError for a value out of bounds.
+    """
+    values: dict[str, Any] = {}
+    for key, value in (lm_gen_config or {}).items():
+        name = LM_GEN_KNOBS.get(key)
+        if name is not None:
+            values[name] = KNOBS[name].parse(str(value))
+    if (lm_gen_config or {}).get("use_sampling") is False:
+        values["text_temperature"] = values["audio_temperature"] = 0.0
+    return values

@@ -32,8 +32,8 @@ LAYERS: list[set[str]] = [
     {"settings", "memory", "places", "audio.frames", "audio.silence", "models.config", "models.cache",
      "model_files.source"},
     # single-job libraries
-    {"sampling", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo", "audio.files",
-     "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
+    {"sampling", "conditioning", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo",
+     "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
      "model_files.budget", "server.info", "models.pytorch", "models.conditioners"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
      "server.startup", "models.pytorch_config", "model_files.depformer_steps"},

@@ -52,12 +52,13 @@ const ui = {
   save: $("save"),
   saveNote: $("save-note"),
   form: $("settings"),
+  conditioning: $("conditioning"),
   resetSettings: $("reset-settings"),
 };
 // Query parameters: the settings form's inputs, named as Kyutai's client sends them. Their limits,
 // kinds and help come from the server's knob table (/api/info), the one its own checks use.
-const PARAMS = Array.from(ui.form.querySelectorAll("input[name]"), (input) => input.name);
-for (const name of PARAMS) ui.form.elements[name].step = "any"; // until the server says which are whole
+const PARAMS = Array.from(ui.form.querySelectorAll("input[name], select[name]"), (input) => input.name);
+for (const name of PARAMS) if (ui.form.elements[name].type === "number") ui.form.elements[name].step = "any"; // until the server says which are whole
 const knobs = {}; // name -> the server's knob (low, high, open_low, kind, default, help)
 
 const stats = {
@@ -91,7 +92,8 @@ const stats = {
   micSilent: false, // it gave only exact zeros for SILENT_MIC_SECONDS: blocked by the system, or muted
 };
 const FRESH = JSON.stringify(stats); // every connect starts from these counters
-window.moshi = { stats, recording: null };
+// settingsQuery: the query the next connection sends (tests check what the form turns into).
+window.moshi = { stats, recording: null, settingsQuery: () => settingsQuery().toString() };
 
 // ---------------------------------------------------------------------------------------------
 // Small UI helpers
@@ -191,6 +193,13 @@ function loadSettings() {
     /* storage unavailable or corrupt: keep the blanks */
   }
 }
+function savedSetting(name) {
+  try {
+    return JSON.parse(localStorage.getItem(STORAGE_KEY) || "{}")[name] || "";
+  } catch (e) {
+    return "";
+  }
+}
 function saveSettings() {
   const values = {};
   for (const name of PARAMS) values[name] = ui.form.elements[name].value;
@@ -205,7 +214,7 @@ function settingsQuery() {
   for (const name of PARAMS) {
     const input = ui.form.elements[name];
     const value = input.value.trim();
-    if (value === "") continue;
+    if (value === "" || input.closest("[hidden]")) continue; // blank, or not for this model (guidance)
     if (!input.checkValidity()) {
       throw new UserError(`Setting "${input.parentElement.firstChild.textContent.trim()}" is not valid: ${input.validationMessage}`);
     }
@@ -216,7 +225,7 @@ function settingsQuery() {
 function applyKnobs(table) {
   for (const knob of table || []) {
     const input = ui.form.elements[knob.name];
-    if (!input) continue; // a knob this form does not offer (e.g. seed: both streams)
+    if (!input || input.type !== "number") continue; // a knob this form does not offer as a number (seed, condition)
     knobs[knob.name] = knob;
     input.min = String(knob.low);
     input.max = String(knob.high);
@@ -457,8 +466,7 @@ class Session {
   onMetadata(meta) {
     if (meta.type === "info") {
       stats.serverInfo = meta;
-      ui.model.textContent = meta.model || "";
-      ui.demoNote.hidden = !meta.demo;
+      showModel(meta);
       const ignored = Object.keys(meta.ignored_params || {});
       if (ignored.length) console.info("server ignored parameters:", meta.ignored_params);
     } else if (meta.type === "stats") {
@@ -808,16 +816,29 @@ function schedulePoll(ms = INFO_POLL_MS) {
   clearTimeout(pollTimer);
   pollTimer = setTimeout(pollInfo, ms);
 }
+// The model's name and kind ("translation model" for Hibiki), from /api/info or the 0x04 info message.
+function showModel(info) {
+  ui.model.textContent = [info.model, info.model_kind].filter(Boolean).join(" · ");
+  ui.demoNote.hidden = !info.demo;
+}
+// Guidance and condition exist only for a model with conditioners: the fieldset shows only then.
+function applyConditioning(conditioning) {
+  ui.conditioning.hidden = !conditioning;
+  if (!conditioning) return;
+  const select = ui.form.elements.condition;
+  const chosen = select.value || savedSetting("condition");
+  const options = [new Option(`model default (${conditioning.default})`, "")];
+  for (const value of conditioning.values) options.push(new Option(value, value));
+  select.replaceChildren(...options);
+  select.value = conditioning.values.includes(chosen) ? chosen : "";
+}
 async function pollInfo() {
   if (session) return; // our own conversation: the server is ours
   const info = await fetchInfo();
   if (session) return;
   stats.serverDown = !info;
   stats.serverBusy = Boolean(info && info.busy);
-  if (info) {
-    ui.model.textContent = info.model || "";
-    ui.demoNote.hidden = !info.demo;
-  }
+  if (info) showModel(info);
   serverNote.hidden = !(stats.serverDown || stats.serverBusy);
   serverNote.textContent = stats.serverDown ? serverDownText() : stats.serverBusy ? BUSY_TEXT : "";
   updateConnectButton();
@@ -844,6 +865,7 @@ async function init() {
   const info = await pollInfo();
   if (info) {
     applyKnobs(info.knobs);
+    applyConditioning(info.conditioning);
     showDefaults(info.defaults);
   }
   if (flag("autoconnect", false) && !ui.connect.disabled) connect();

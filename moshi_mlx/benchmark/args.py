@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli.flags import add_engine_args
-from ..models.config import PRESETS
+from .loaded import RANDOM_CONFIGS
 from .long import DEFAULT_LONG_STEPS
 
 DEFAULT_STEPS = 200
@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(p)  # -q, --hf-repo, --moshi-weights, ..., --demo, --dtype, sampling, --seed: as the app
     g = p.add_argument_group("random weights (nothing downloaded; precision from -q and --dtype)")
-    g.add_argument("--config", choices=sorted(PRESETS), help="random weights in the published layout of this config")
+    g.add_argument("--config", choices=sorted(RANDOM_CONFIGS),
+                   help="random weights in the published layout of this config (hibiki-*: conditioned, so the step is "
+                   "also timed with classifier-free guidance off and on)")
     g.add_argument("--context", type=int, default=None, metavar="N",
                    help="with --config: attention window of N steps instead of 3000 (e.g. a quick --long wrap-around)")
     r = p.add_argument_group("run")

@@ -22,8 +22,14 @@ from ..model_files.assets import Assets, load
 from ..model_files.budget import weights_bytes
 from ..model_files.checkpoint import SHORT_DTYPES, resolve_model
 from ..model_files.source import ModelSource
-from ..model_files.stand_ins import demo_assets, write_random_lm
-from ..models.config import LmConfig, config_v0_1, preset
+from ..model_files.stand_ins import (
+    HIBIKI_CONFIGS,
+    demo_assets,
+    tiny_hibiki_config,
+    write_random_lm,
+    write_stand_in_tokenizer,
+)
+from ..models.config import PRESETS, LmConfig, config_v0_1, preset
 from ..models.lm import Lm
 from .measure import gb
 
@@ -64,8 +70,15 @@ class Loaded:
     load: LoadTimes
 
 
+#: Hibiki's published configs (conditioned: the benchmark also times guidance), and one shrunk to test size.
+HIBIKI_BENCH_CONFIGS = {**{f"hibiki-{size}": HIBIKI_CONFIGS[size] for size in HIBIKI_CONFIGS},
+                        "hibiki-tiny": tiny_hibiki_config()}
+#: Every --config name: the presets, then Hibiki's.
+RANDOM_CONFIGS = (*PRESETS, *HIBIKI_BENCH_CONFIGS)
+
+
 def random_config(name: str, context: int | None) -> LmConfig:
-    config = preset(name)
+    config = LmConfig.from_dict(HIBIKI_BENCH_CONFIGS[name]) if name in HIBIKI_BENCH_CONFIGS else preset(name)
     if context is not None:
         config = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, context=context))
     return config
@@ -86,12 +99,16 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
         write_s = round(time.perf_counter() - t0, 3)
         file_gb = gb(weights.stat().st_size)
         stand_ins = demo_assets()
+        tokenizer = stand_ins.tokenizer_path
+        vocab = random_config(args.config, args.context).text_out_vocab_size
+        if vocab != 32000:  # the demo's tokenizer has Moshi's 32000 pieces; Hibiki's vocabulary is its own
+            tokenizer = write_stand_in_tokenizer(scratch / "tokenizer.model", vocab)
         source = dataclasses.replace(
             source,
             moshi_weights=str(weights),
             lm_config=str(config_path),
             mimi_weights=args.mimi_weights or str(stand_ins.mimi_path),
-            tokenizer=args.tokenizer or str(stand_ins.tokenizer_path),
+            tokenizer=args.tokenizer or str(tokenizer),
         )
     else:
         kind, config_name = "file", None

@@ -75,6 +75,10 @@ def format_table(res: BenchResult) -> str:
         if res.lm.temporal is not None:
             lines.append(_row("  temporal transformer + text (timed halves)", res.lm.temporal))
             lines.append(_row(f"  depformer ({res.lm.depformer_share:.0%} of the timed halves)", res.lm.depformer))
+    g = res.guidance
+    if g is not None:
+        lines.append(_row("LM step, CFG off (cfg_coef 1: one row)", g.off))
+        lines.append(_row(f"LM step, CFG on (cfg_coef {g.coef:g}: two rows, x{g.cost:.2f})", g.on))
     if res.mimi is not None:
         lines.append(_row("Mimi encode", res.mimi.encode))
         lines.append(_row("Mimi decode", res.mimi.decode))

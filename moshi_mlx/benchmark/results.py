@@ -11,7 +11,7 @@ from .long import LongRun
 from .machine import Machine
 from .measure import PhaseMemory
 from .pipeline import MimiTimes, RunnerResult, Sequential
-from .steps import LmTimes
+from .steps import GuidanceTimes, LmTimes
 
 SCHEMA = "moshi_mlx.benchmark/2"
 
@@ -83,6 +83,7 @@ class BenchResult:
     memory: Memory
     verdict: Verdict
     lm: LmTimes | None = None
+    guidance: GuidanceTimes | None = None  # a conditioned model: the step with CFG off and on
     mimi: MimiTimes | None = None
     pipeline: Pipeline | None = None
     long: LongRun | None = None
@@ -93,6 +94,8 @@ class BenchResult:
         out["memory"].update(activations_gb=self.memory.activations_gb, rest_gb=self.memory.rest_gb)
         if self.long is not None:
             out["long"]["flat"] = self.long.flat
+        if self.guidance is not None:
+            out["guidance"]["cost"] = self.guidance.cost
         return out
 
     def to_json(self) -> str:

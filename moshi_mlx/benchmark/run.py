@@ -30,6 +30,7 @@ from .steps import (
     engine_settings,
     kv_cache_bytes,
     new_generator,
+    time_guidance,
     time_lm,
     user_codes,
 )
@@ -70,11 +71,14 @@ def _settings(args: argparse.Namespace, context: int, position: int, kv_bits: in
 def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress: cli.Progress, machine: Machine) -> dict:
     """LM alone, then Mimi and the pipeline, each phase with its own memory peaks."""
     assets, (kv, window) = loaded.assets, kv_cache(loaded)
-    sampling = settings_from_args(args)
+    sampling = settings_from_args(args, assets.lm.config)
     probe = MemoryProbe()
     lm = time_lm(assets.lm, args.steps, args.warmup, position, args.seed, kv, not args.no_split, progress,
-                 probe.sample, sampling.text, sampling.audio, window)
+                 probe.sample, sampling.text, sampling.audio, window, sampling.condition, sampling.cfg_coef)
     out: dict[str, Any] = {"lm": lm, "lm_memory": probe.result()}
+    if assets.lm.config.is_conditioned:  # a conditioned model: what guidance costs per step
+        out["guidance"] = time_guidance(assets.lm, args.steps, args.warmup, position, args.seed, kv, progress,
+                                        sampling.text, sampling.audio, window, sampling.condition, sampling.cfg_coef)
     if args.lm_only:
         out["verdict"] = verdict(lm.step.median_ms, loaded.info.label, machine.where(), "LM alone, Mimi not included",
                                  p90_ms=lm.step.p90_ms)
@@ -105,7 +109,7 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
 
 def _long_run(args: argparse.Namespace, loaded: Loaded, progress: cli.Progress, machine: Machine) -> dict:
     assets, (kv, window) = loaded.assets, kv_cache(loaded)
-    sampling = settings_from_args(args)
+    sampling = settings_from_args(args, assets.lm.config)
     probe = MemoryProbe()
     engine = None
     if args.long_pipeline:
@@ -118,7 +122,8 @@ def _long_run(args: argparse.Namespace, loaded: Loaded, progress: cli.Progress, 
         def step(i: int) -> None:
             engine.process(pcm[i % 64])
     else:
-        gen = new_generator(assets.lm, sampling.text, sampling.audio, args.seed, kv, window)
+        gen = new_generator(assets.lm, sampling.text, sampling.audio, args.seed, kv, window, sampling.condition,
+                            sampling.cfg_coef)
         codes = user_codes(assets.lm.config, 256, args.seed)
 
         def step(i: int) -> None:
@@ -179,6 +184,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
         memory=memory,
         verdict=out["verdict"],
         lm=lm,
+        guidance=out.get("guidance"),
         mimi=out.get("mimi"),
         pipeline=out.get("pipeline"),
         long=out.get("long"),

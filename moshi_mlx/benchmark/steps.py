@@ -36,11 +36,25 @@ def kv_kwargs(kv_bits: int | None, context: int | None = None) -> dict[str, int]
     return {k: v for k, v in (("kv_bits", kv_bits), ("context", context)) if v is not None}
 
 
+@dataclass(frozen=True)
+class GuidanceTimes:
+    """A conditioned model's step with classifier-free guidance off (C = 1: one row) and on (C: two rows)."""
+
+    coef: float
+    off: Stats
+    on: Stats
+
+    @property
+    def cost(self) -> float:
+        """How many times longer a guided step takes."""
+        return round(self.on.median_ms / self.off.median_ms, 3)
+
+
 def new_generator(
     lm: Lm, text: SamplingParams, audio: SamplingParams, seed: int, kv_bits: int | None = None,
-    context: int | None = None,
+    context: int | None = None, condition: str | None = None, cfg_coef: float = 1.0,
 ) -> LmGen:
-    return LmGen(lm, text, audio, seed=seed, **kv_kwargs(kv_bits, context))
+    return LmGen(lm, text, audio, seed=seed, condition=condition, cfg_coef=cfg_coef, **kv_kwargs(kv_bits, context))
 
 
 def engine_settings(settings: EngineSettings, kv_bits: int | None, context: int | None = None) -> EngineSettings:
@@ -86,10 +100,12 @@ def time_lm(
     text: SamplingParams = DEFAULT_TEXT_SAMPLING,
     audio: SamplingParams = DEFAULT_AUDIO_SAMPLING,
     context: int | None = None,
+    condition: str | None = None,
+    cfg_coef: float = 1.0,
 ) -> LmTimes:
     """LmGen.step timed as is, then (with `split`) again with its own per-half timings attached."""
     progress = progress or Progress(enabled=False)
-    gen = new_generator(lm, text, audio, seed, kv_bits, context)
+    gen = new_generator(lm, text, audio, seed, kv_bits, context, condition, cfg_coef)
     with progress.bar(warmup + steps, "LM step") as bar:
         times = _run_steps(gen, steps, warmup, position, seed, bar, after)
     stats = Stats.of(times)
@@ -102,3 +118,23 @@ def time_lm(
     temporal, depformer = Stats.of(gen.timings.temporal_ms[warmup:]), Stats.of(gen.timings.depformer_ms[warmup:])
     share = round(depformer.median_ms / (temporal.median_ms + depformer.median_ms), 4)
     return LmTimes(result.step, result.steps_per_s, position, result.kv_cache_gb, temporal, depformer, share)
+
+
+#: The guidance timed when the command line leaves --cfg-coef at 1 (Hibiki's README: "typical value 3").
+TIMED_CFG_COEF = 3.0
+
+
+def time_guidance(
+    lm: Lm, steps: int, warmup: int, position: int, seed: int, kv_bits: int | None, progress: Progress | None,
+    text: SamplingParams, audio: SamplingParams, context: int | None, condition: str | None, cfg_coef: float,
+) -> GuidanceTimes:
+    """The same steps of a conditioned model with guidance off, then on (`cfg_coef`, or 3 when it is 1)."""
+    progress = progress or Progress(enabled=False)
+    coef = cfg_coef if cfg_coef != 1.0 else TIMED_CFG_COEF
+    stats = []
+    for c in (1.0, coef):
+        gen = new_generator(lm, text, audio, seed, kv_bits, context, condition, c)
+        with progress.bar(warmup + steps, f"LM step, CFG {c:g}") as bar:
+            stats.append(Stats.of(_run_steps(gen, steps, warmup, position, seed, bar, None)))
+        del gen  # its KV cache goes before the next one is allocated
+    return GuidanceTimes(coef, stats[0], stats[1])

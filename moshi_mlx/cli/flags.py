@@ -9,12 +9,14 @@ import argparse
 import math
 from typing import Callable
 
+from ..conditioning import check_conditioning, model_settings
 from ..model_files.assets import Assets, load, refuse_demo_flags
 from ..model_files.checkpoint import DTYPES, ResolvedModel, resolve_model
 from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME
 from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
-from ..settings import KNOBS, EngineSettings, Knob, with_knobs
+from ..models.config import LmConfig
+from ..settings import KNOBS, LM_GEN_KNOBS, EngineSettings, Knob
 from .progress import Progress
 from .shell import say
 
@@ -78,23 +80,25 @@ SAMPLING_PARAMS = tuple(KNOBS)
 
 
 def _knob_help(knob: Knob, server_defaults: bool) -> str:
-    if knob.kind == "seed":  # its bounds are just "a 64-bit seed"; left out: random
+    if knob.bounds is None or knob.kind == "seed":  # a seed's bounds are just "a 64-bit seed"; left out: random
         return knob.help
-    where = "" if server_defaults else f"; default {knob.default}"
+    model_says = ", or the model's config.json lm_gen_config" if knob.name in LM_GEN_KNOBS.values() else ""
+    where = "" if server_defaults else f"; default {knob.default}{model_says}"
     return f"{knob.help} ({knob.bounds.describe()}{where})"
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, server_defaults: bool = False) -> None:
     """The sampling flags of every front end (the app's engine, or a remote server with server_defaults).
 
-    With `server_defaults`, flags left out are None, so only what the user gave is sent.
+    Flags left out are None: the engine then takes the model's defaults (its config.json's `lm_gen_config`),
+    else the table's; a remote server its own.
     """
     title = "sampling (sent to the server; left out: the server's defaults)" if server_defaults else "sampling"
     g = parser.add_argument_group(title)
     for knob in KNOBS.values():
         g.add_argument(
-            knob.flag, type=knob_type(knob), default=None if server_defaults else knob.default,
-            metavar=knob.kind.upper(), help=_knob_help(knob, server_defaults),
+            knob.flag, type=knob_type(knob), default=None, metavar=knob.kind.upper(),
+            help=_knob_help(knob, server_defaults),
         )
 
 
@@ -147,9 +151,14 @@ def add_lag_arg(group: argparse._ActionsContainer) -> None:
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> EngineSettings:
-    knobs = {name: getattr(args, name) for name in KNOBS}
-    return with_knobs(EngineSettings(kv_bits=getattr(args, "kv_bits", None)), knobs)
+def given_knobs(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling flags the user gave (left out: None, so the model's or the server's defaults stand)."""
+    return {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
+
+
+def settings_from_args(args: argparse.Namespace, config: LmConfig | None = None) -> EngineSettings:
+    """The engine's settings: the table's defaults, then the model's `lm_gen_config`, then the flags given."""
+    return model_settings(config, given_knobs(args), kv_bits=getattr(args, "kv_bits", None))
 
 
 def resolve_from_args(args: argparse.Namespace) -> ResolvedModel | None:
@@ -166,9 +175,18 @@ def load_from_args(
     args: argparse.Namespace, log: Callable[[str], None] = say, resolved: ResolvedModel | None = None
 ) -> Assets:
     """load() from the shared flags (`resolved`: :func:`resolve_from_args`'s answer), then fit the memory
-    budget (one line says what it chose)."""
+    budget (one line says what it chose).
+
+    A --condition or --cfg-coef the model cannot take is refused (one line) once its config is read,
+    before its weights load.
+    """
     progress = Progress().callback("loading Moshi") if log is say else None  # a caller with its own log draws no bar
+    knobs = given_knobs(args)
+
+    def check(config: LmConfig) -> None:
+        check_conditioning(config, knobs.get("condition"), knobs.get("cfg_coef"))
+
     assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log, progress=progress,
-                  resolved=resolved)
+                  resolved=resolved, check=check)
     assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
     return assets

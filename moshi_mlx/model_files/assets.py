@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..engine import ConversationEngine
 from ..errors import UsageError
+from ..models.config import LmConfig
 from ..models.lm import Lm
 from ..settings import EngineSettings
 from ..tokenizer import TextTokenizer
@@ -55,8 +56,11 @@ class Assets:
         """Fit the LM into ``max_memory_gb`` (default: the machine's), set MLX's limits, say what was chosen."""
         t = self.lm.config.transformer
         budget = int(max_memory_gb * GB) if max_memory_gb is not None else machine_budget_bytes()
+        # A conditioned model may run guided (two batch rows: any client may ask for it): room for both rows'
+        # keys and values, whose bytes scale with heads x rows.
+        rows = 2 if self.lm.config.is_conditioned else 1
         plan = plan_memory(
-            weights_bytes(self.lm), t.num_layers, t.num_kv_heads, t.head_dim, t.context, budget, kv_bits,
+            weights_bytes(self.lm), t.num_layers, t.num_kv_heads * rows, t.head_dim, t.context, budget, kv_bits,
             dtype_bytes=self.lm.dtype.size,
         )
         apply_limits(plan)
@@ -84,11 +88,14 @@ def load(
     log: Callable[[str], None] = say,
     progress: Callable[[int, int], None] | None = None,
     resolved: ResolvedModel | None = None,
+    check: Callable[[LmConfig], None] | None = None,
 ) -> Assets:
     """The one front door: the LM, Mimi and the text tokenizer for `source` (or the demo stand-ins).
 
     `log` takes status lines and `progress(done, total)` the loading of the LM's layers; `resolved`:
     `resolve_model(source)`'s answer when the caller found the files already (before opening devices).
+    `check(config)` runs once the LM's config is known and before any weight loads (e.g. a condition the
+    model cannot take).
     Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
     """
     from ..audio.mimi import Mimi  # rustymimi is only needed once we really load
@@ -96,10 +103,12 @@ def load(
     start = time.perf_counter()
     if demo:
         refuse_demo_flags(source)
+        lm = demo_lm()
+        if check is not None:
+            check(lm.config)
         log(DEMO_BANNER)
         files = demo_assets()
-        lm = demo_lm()
-        mimi = Mimi(files.mimi_path)
+        mimi = Mimi(files.mimi_path, num_codebooks=lm.config.mimi_codebooks)
         tok = TextTokenizer(files.tokenizer_path)
         return Assets(
             lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start,
@@ -108,9 +117,12 @@ def load(
 
     resolved = resolved or resolve_model(source)
     files, config = resolved.files, resolved.config
-    log(f"loading Moshi weights from {files.moshi}")
-    lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress)
-    mimi = Mimi(files.mimi)
+    if check is not None:
+        check(config)
+    at_load = resolved.quantize_at_load
+    log(f"loading Moshi weights from {files.moshi}" + (f", quantizing them to {at_load} bits" if at_load else ""))
+    lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress, quantize=at_load)
+    mimi = Mimi(files.mimi, num_codebooks=config.mimi_codebooks)
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:
         raise WeightsError(

@@ -21,12 +21,14 @@ from ..errors import MoshiError, first_line
 from ..models.config import LmConfig, config_v0_1
 from ..models.lm import Lm, quantize_predicate
 from .hub import (
+    KNOWN_REPOS,
     TOKENIZER_NAME,
     ModelFiles,
     check_local_path,
     describe_bits,
     find_model_files,
     quantize_hint,
+    quantizes_at_load,
     read_local_config,
 )
 from .source import FLAGS, ModelSource
@@ -172,18 +174,26 @@ def inspect_checkpoint(
     return CheckpointInfo(Path(path), tensors, quantization)
 
 
+def quantize_model(model: nn.Module, quantization: Quantization) -> None:
+    """Every Linear and Embedding, as in the published q8/q4 files (but the conditioners' tiny tables: see
+    `quantize_predicate`); norms stay in the model's dtype.
+
+    Used to build a quantized checkpoint's model and to quantize a bf16 one while it loads.
+    """
+    nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits, class_predicate=quantize_predicate)
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            # Scales and biases stay bfloat16 as published, whatever the compute dtype.
+            module.scales = module.scales.astype(mx.bfloat16)
+            module.biases = module.biases.astype(mx.bfloat16)
+
+
 def build_model(config: LmConfig, quantization: Quantization | None = None, dtype: mx.Dtype = mx.bfloat16) -> Lm:
     """A model whose parameters are lazy (nothing allocated until evaluated or loaded)."""
     model = Lm(config)
     model.set_dtype(dtype)
     if quantization is not None:
-        # Every Linear and Embedding, as in the published q8/q4 files; norms stay in `dtype`.
-        nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits, class_predicate=quantize_predicate)
-        for _, module in model.named_modules():
-            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-                # Scales and biases stay bfloat16 as published, whatever the compute dtype.
-                module.scales = module.scales.astype(mx.bfloat16)
-                module.biases = module.biases.astype(mx.bfloat16)
+        quantize_model(model, quantization)
     return model
 
 
@@ -243,18 +253,24 @@ def load_lm(
     config: LmConfig | None = None,
     dtype: mx.Dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
+    quantize: int | None = None,
 ) -> Lm:
     """Load a Moshi LM checkpoint strictly.
 
     `path` may be a `CheckpointInfo` already inspected (the header is then not read again).
     `dtype` is the compute dtype for unquantized tensors (default: the checkpoint's own, so an f32
     file loads as f32) and for quantized models' activations (default: `default_dtype()`).
-    `progress(done, total)` is called while tensors are materialised.
+    `progress(done, total)` is called while tensors are materialised. `quantize` (4 or 8) quantizes an
+    unquantized checkpoint as it loads (the published group sizes), for repos published in bf16 only.
     """
     config = config or config_v0_1()
     info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
     path = info.path
-    model = build_model(config, info.quantization, dtype or default_dtype(info.quantization, info.tensors))
+    if quantize is not None and info.quantization is not None:
+        raise WeightsError(f"{path} is already quantized ({info.bits}-bit): drop -q")
+    target = Quantization(quantize, GROUP_SIZE_FOR_BITS[quantize]) if quantize is not None else None
+    compute = dtype or default_dtype(target or info.quantization, info.tensors)
+    model = build_model(config, info.quantization, compute)
     check_layout(info.tensors, model, path)
     expected = expected_layout(model)
     try:
@@ -266,6 +282,8 @@ def load_lm(
         want = expected[name][1]
         items.append((name, array if array.dtype == want else array.astype(want)))
     model.update(tree_unflatten(items))
+    if target is not None:
+        quantize_model(model, target)
     materialise(model, progress)
     return model
 
@@ -303,10 +321,12 @@ class ResolvedModel:
     files: ModelFiles
     checkpoint: CheckpointInfo
     config: LmConfig
+    quantize_at_load: int | None = None  # -q on a bf16-only repo (Hibiki): quantized while loading
 
     @property
     def quantize(self) -> int | None:
-        return self.checkpoint.bits
+        """The bits the model runs in: the checkpoint's, or those it is quantized to while loading."""
+        return self.quantize_at_load or self.checkpoint.bits
 
     @property
     def repo(self) -> str | None:
@@ -375,8 +395,15 @@ def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
     if config is None:
         config = parse_config(files.lm_config, f"{files.repo}/config.json")
     checkpoint = local or inspect_checkpoint(files.moshi, files.lm_config, files.origins["moshi"])
-    _refuse_bits(source.quantize, checkpoint, files.origins["moshi"])
+    at_load = None
+    if local is None and quantizes_at_load(files.repo) and checkpoint.bits is None:
+        at_load = source.quantize
+    else:
+        _refuse_bits(source.quantize, checkpoint, files.origins["moshi"])
+    known = KNOWN_REPOS.get(files.repo or "")
+    if known is not None and config.model_type != known.model_type and "model_type" not in (files.lm_config or {}):
+        config = replace(config, model_type=known.model_type)  # what the repo is, where its config.json is silent
     for kind, (given, check) in checks.items():
         if given is None:
             check(getattr(files, kind), files.origins[kind])
-    return ResolvedModel(files, checkpoint, config)
+    return ResolvedModel(files, checkpoint, config, at_load)

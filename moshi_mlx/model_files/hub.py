@@ -33,6 +33,30 @@ MOSHI_NAMES: dict[int | None, str] = {
     None: "model.safetensors",
 }
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+
+
+@dataclass(frozen=True)
+class KnownRepo:
+    """What is published about a repo that its config.json may not say."""
+
+    model_type: str  # Kyutai's model_type: "hibiki" for the translation models
+    bf16_only: bool  # no q4/q8 file: -q 4/8 quantizes the bf16 checkpoint at load time
+
+
+#: Kyutai's Hibiki (French -> English speech translation) repos, published in bf16 only. Their config.json names
+#: each file (moshi_name, mimi_name, tokenizer_name), e.g. hibiki-mlx-dc2cf5a5@80.safetensors,
+#: mimi-dbaa9758@125.safetensors and tokenizer_spm_48k_multi6_2.model for the 1B; 2B reads and writes
+#: 16 codebooks per stream (kyutai-labs/moshi configs/moshi_mlx_2b.json), the 1B 8.
+KNOWN_REPOS: dict[str, KnownRepo] = {
+    "kyutai/hibiki-1b-mlx-bf16": KnownRepo("hibiki", bf16_only=True),
+    "kyutai/hibiki-2b-mlx-bf16": KnownRepo("hibiki", bf16_only=True),
+}
+
+
+def quantizes_at_load(repo: str | None) -> bool:
+    """-q 4/8 on this repo quantizes its bf16 weights while loading (it publishes no quantized file)."""
+    known = KNOWN_REPOS.get(repo or "")
+    return known is not None and known.bf16_only
 TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 CONFIG_NAME = "config.json"
 _DEFAULT_NAMES = frozenset({*MOSHI_NAMES.values(), MIMI_NAME, TOKENIZER_NAME, CONFIG_NAME})
@@ -294,6 +318,8 @@ def quantize_hint(bits: int | None) -> str:
 
 
 def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, config: dict) -> str:
+    if quantizes_at_load(repo.repo_id):
+        quantize = None  # the bf16 file, quantized while loading
     named = config.get("moshi_name")
     if named:
         bits = _bits_from_name(named)

@@ -7,6 +7,9 @@
 * :func:`demo_assets` creates both once in a cache directory and reuses them afterwards.
 * :func:`demo_lm` builds the tiny random LM of ``--demo``; :func:`write_random_lm` writes random LM weights
   of any config in the published layout (the benchmark's ``--config tiny|small|7b``).
+* :func:`write_stand_in_repo` writes a whole repo as published (config.json naming its files, bf16 weights,
+  Mimi, tokenizer), e.g. Hibiki's (:data:`HIBIKI_CONFIGS`, shrunk by :func:`tiny_hibiki_config`), and
+  :func:`cache_stand_in_repo` puts it in a Hugging Face cache, so the app loads it offline like a download.
 
 Files are written with `outputs.atomic_output` (a temporary name, renamed into place), so an interrupted run
 never leaves a truncated file behind under the final name.
@@ -39,7 +42,7 @@ from .checkpoint import (
     read_tensor_infos,
     save_lm,
 )
-from .hub import MOSHI_NAMES
+from .hub import MIMI_NAME, MOSHI_NAMES
 
 __all__ = [
     "MIMI_CONFIG",
@@ -54,6 +57,11 @@ __all__ = [
     "default_cache_dir",
     "demo_lm",
     "write_random_lm",
+    "HIBIKI_CONFIGS",
+    "HIBIKI_REPOS",
+    "tiny_hibiki_config",
+    "write_stand_in_repo",
+    "cache_stand_in_repo",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -397,3 +405,103 @@ def write_random_lm(
     config_path = folder / "config.json"
     config_path.write_text(json.dumps(config.to_dict()))
     return weights, config_path
+
+
+# --------------------------------------------------------------------------------------------------
+# Hibiki: stand-in repos in the published layouts
+# --------------------------------------------------------------------------------------------------
+
+_HIBIKI_CONDITIONER = {
+    "description": {"type": "lut", "lut": {"n_bins": 31, "dim": 16, "tokenizer": "noop",
+                                           "possible_values": ["very_bad", "bad", "neutral", "good", "very_good"]}}
+}
+
+
+def _hibiki_delays(codebooks_per_stream: int) -> list[int]:
+    """Text 0; per stream its semantic codebook 0 and the acoustic ones 2 (the configs' delay vector)."""
+    stream = [0] + [2] * (codebooks_per_stream - 1)
+    return [0, *stream, *stream]
+
+
+def _hibiki_config(dim: int, heads: int, layers: int, context: int, per_stream: int, dep_ff: int) -> dict:
+    return {
+        "dim": dim, "text_card": 48000, "existing_text_padding_id": 3, "n_q": 2 * per_stream, "dep_q": per_stream,
+        "card": 2048, "num_heads": heads, "num_layers": layers, "hidden_scale": 4.125, "causal": True,
+        "layer_scale": None, "context": context, "max_period": 100000, "gating": "silu", "norm": "rms_norm_f32",
+        "positional_embedding": "rope", "depformer_dim": 1024, "depformer_dim_feedforward": dep_ff,
+        "depformer_num_heads": 16, "depformer_num_layers": 6, "depformer_causal": True,
+        "depformer_layer_scale": None, "depformer_multi_linear": True, "depformer_context": per_stream,
+        "depformer_max_period": 10000, "depformer_gating": "silu", "depformer_pos_emb": "none",
+        "depformer_weights_per_step": True, "delays": _hibiki_delays(per_stream),
+        "conditioners": _HIBIKI_CONDITIONER, "fuser": {"sum": ["description"]},
+    }
+
+
+#: The published Hibiki configs (config.json keys) the stand-ins follow. 1B: kyutai/hibiki-1b-mlx-bf16 (2048 wide,
+#: 16 layers, 40 s context, 8 codebooks per stream) with its file names; 2B: kyutai-labs/moshi
+#: configs/moshi_mlx_2b.json (16 codebooks per stream), whose file names are not published there: the stand-in's own.
+HIBIKI_CONFIGS: dict[str, dict] = {
+    "1b": {**_hibiki_config(2048, 16, 16, 500, 8, 4224), "model_type": "hibiki",
+           "moshi_name": "hibiki-mlx-dc2cf5a5@80.safetensors", "mimi_name": "mimi-dbaa9758@125.safetensors",
+           "tokenizer_name": "tokenizer_spm_48k_multi6_2.model"},
+    "2b": {**_hibiki_config(2560, 20, 24, 3000, 16, 4224), "model_type": "hibiki",
+           "moshi_name": "hibiki-2b-stand-in.safetensors", "mimi_name": MIMI_NAME,
+           "tokenizer_name": "tokenizer_spm_48k_multi6_2.model"},
+}
+#: The repo each stand-in stands in for.
+HIBIKI_REPOS = {"1b": "kyutai/hibiki-1b-mlx-bf16", "2b": "kyutai/hibiki-2b-mlx-bf16"}
+
+
+def tiny_hibiki_config(size: str = "1b", text_card: int = 400) -> dict:
+    """A published Hibiki config with every width shrunk (layout kept: codebooks, delays, conditioner, names).
+
+    Widths stay quantizable with the published group sizes (64 for q8, 32 for q4).
+    """
+    tiny = dict(HIBIKI_CONFIGS[size])
+    tiny.update(dim=256, num_heads=4, num_layers=2, context=64, text_card=text_card, depformer_dim=256,
+                depformer_num_heads=4, depformer_num_layers=2, depformer_dim_feedforward=1056)
+    return tiny
+
+
+def write_stand_in_repo(folder: str | os.PathLike, kyutai_config: dict, seed: int = 0,
+                        mimi_source: str | os.PathLike | None = None) -> Path:
+    """A repo folder as published for MLX: config.json, and random bf16 weights, Mimi and tokenizer under the
+    names config.json gives. `mimi_source`: an existing random Mimi to link (385 MB each otherwise).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LmConfig.from_dict(kyutai_config)
+    mx.random.seed(seed)
+    model = build_model(config, None, mx.bfloat16)
+    materialise(model, None)
+    save_lm(model, folder / kyutai_config["moshi_name"])
+    mimi = folder / kyutai_config["mimi_name"]
+    if mimi_source is not None:
+        try:
+            os.link(mimi_source, mimi)
+        except OSError:  # another file system: a copy
+            mimi.write_bytes(Path(mimi_source).read_bytes())
+    else:
+        write_random_mimi(mimi, seed)
+    write_stand_in_tokenizer(folder / kyutai_config["tokenizer_name"], config.text_out_vocab_size)
+    (folder / "config.json").write_text(json.dumps(kyutai_config, indent=2))
+    return folder
+
+
+def cache_stand_in_repo(cache_dir: str | os.PathLike, repo_id: str, folder: str | os.PathLike,
+                        commit: str = "0" * 40) -> Path:
+    """Put a repo folder into a Hugging Face hub cache (`HF_HUB_CACHE`) as a download would, at `main`, so the
+    app finds it with HF_HUB_OFFLINE=1 through the same path as a real download. Returns the snapshot."""
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for item in Path(folder).iterdir():
+        target = snapshot / item.name
+        if not target.exists():
+            try:
+                os.link(item, target)
+            except OSError:
+                target.write_bytes(item.read_bytes())
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot

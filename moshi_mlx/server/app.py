@@ -22,8 +22,10 @@ from typing import Any
 from aiohttp import web
 
 from ..audio.frames import SAMPLE_RATE
+from ..conditioning import ConditioningError, check_conditioning, conditioner_values, default_condition, model_kind
 from ..engine import ConversationEngine
 from ..errors import MoshiError, first_line
+from ..models.config import LmConfig
 from ..net import protocol
 from ..net.protocol import ParamError
 from ..settings import EngineSettings
@@ -107,6 +109,17 @@ class ChatSocket(web.WebSocketResponse):
         return await super().close(code=code, message=message, drain=drain)
 
 
+def model_fields(config: LmConfig) -> dict[str, Any]:
+    """`model_kind` ("translation model" for Hibiki) and `conditioning`: the conditioner's values and default,
+    or None for a model without conditioners (the web UI then shows no guidance or condition fields)."""
+    table = conditioner_values(config)
+    conditioning = None
+    if len(table) == 1:
+        (name, values), = table.items()
+        conditioning = {"conditioner": name, "values": list(values), "default": default_condition(config)}
+    return {"model_kind": model_kind(config), "conditioning": conditioning}
+
+
 class ChatServer:
     """Owns the engine and admits one conversation at a time."""
 
@@ -128,6 +141,8 @@ class ChatServer:
     ) -> None:
         self.engine = engine
         self.lm_model_file = lm_model_file
+        # What kind of model this is and, for a conditioned one, the conditions the UI offers.
+        self.model_fields = model_fields(engine.lm.config)
         # Settings for parameters a client leaves out (the command line's, by default).
         self.default_settings: EngineSettings = default_settings or engine.settings
         self.description = description
@@ -174,6 +189,7 @@ class ChatServer:
                 "protocol": {"sample_rate": SAMPLE_RATE, "params": list(protocol.KNOWN_PARAMS)},
                 "defaults": protocol.QueryResult(self.default_settings).describe(),
                 "knobs": knobs_info(),  # the UI takes its limits from here: one set of bounds
+                **self.model_fields,  # model_kind; conditioning (null: the UI hides guidance and condition)
             }
         )
         origin = request.headers.get("Origin")
@@ -206,7 +222,9 @@ class ChatServer:
         peer = request.remote or "?"
         try:
             query = protocol.parse_query(request.query, self.default_settings)
-        except ParamError as e:
+            given = query.applied
+            check_conditioning(self.engine.lm.config, given.get("condition"), given.get("cfg_coef"))
+        except (ParamError, ConditioningError) as e:
             log.info("%s: refused: %s", peer, e)
             return await self._refuse(ws, f"bad parameter: {e}", 1008)
         if not await self._wait_for_leaver():

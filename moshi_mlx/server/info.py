@@ -72,9 +72,10 @@ def _mlx() -> dict[str, str]:
 def sampling_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Kyutai's sampling fields, typed as its schema wants, from the knobs (a knob left out: its default).
 
-    Seeds are not in Kyutai's schema; our own ``settings`` field in the info message carries them.
+    Seeds and the condition are not numbers of Kyutai's schema; our own ``settings`` field in the info message
+    carries them.
     """
-    return {k.name: k.cast(settings.get(k.name, k.default)) for k in KNOBS.values() if k.kind != "seed"}
+    return {k.name: k.cast(settings.get(k.name, k.default)) for k in KNOBS.values() if k.kind in ("float", "int")}
 
 
 def knobs_info() -> list[dict[str, Any]]:

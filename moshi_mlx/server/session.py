@@ -37,6 +37,7 @@ class Host(Protocol):
 
     engine: ConversationEngine
     description: str
+    model_fields: dict[str, Any]  # model_kind, conditioning (see server.app.model_fields)
     demo: bool
     lm_model_file: str
     max_pending: int
@@ -218,6 +219,7 @@ class Conversation:
             "type": "info",
             "server": "moshi_mlx",
             "model": self.server.description,
+            **self.server.model_fields,
             "demo": self.server.demo,
             "sample_rate": SAMPLE_RATE,
             "frame_size": FRAME_SIZE,

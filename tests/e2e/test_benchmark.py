@@ -66,6 +66,27 @@ def test_lm_step_is_the_real_step_with_its_own_halves(cli_run):
     assert lm["kv_cache_gb"] > 0
 
 
+def test_a_model_without_conditioners_times_no_guidance(cli_run):
+    res, stdout, _ = cli_run
+    assert res["guidance"] is None and "CFG" not in stdout
+
+
+def test_a_conditioned_config_times_the_step_with_guidance_off_and_on(tmp_path, demo_files):
+    """--config hibiki-tiny: the step with cfg_coef 1 (one row) and 3 (two rows), each its own stats."""
+    path = tmp_path / "hibiki.json"
+    cmd = [sys.executable, "-m", "moshi_mlx.benchmark", "--config", "hibiki-tiny", "--dtype", "float32", "--lm-only",
+           "--no-split", "--steps", str(STEPS), "--warmup", str(WARMUP), "--json", str(path)]
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "MOSHI_MLX_DEMO_DIR": str(demo_files.mimi_path.parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    g = json.loads(path.read_text())["guidance"]
+    assert g["coef"] == 3.0 and g["cost"] == round(g["on"]["median_ms"] / g["off"]["median_ms"], 3)
+    _check_stats(g["off"], STEPS)
+    _check_stats(g["on"], STEPS)
+    assert "LM step, CFG off (cfg_coef 1: one row)" in proc.stdout
+    assert re.search(r"LM step, CFG on \(cfg_coef 3: two rows, x[\d.]+\)", proc.stdout), proc.stdout
+
+
 def test_mimi_pipeline_and_verdict(cli_run):
     res, _, _ = cli_run
     _check_stats(res["mimi"]["encode"], STEPS)

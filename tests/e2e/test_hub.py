@@ -229,6 +229,16 @@ def fake_hub(assets):
         "someone/multi",
         {**common, **cfg, "model.safetensors": assets["model.safetensors"], **q4},
     )
+    hibiki_named = json.dumps(  # like the published config.json: no model_type
+        {**{k: v for k, v in TINY.to_kyutai_dict().items() if k != "model_type"},
+         "moshi_name": "hibiki-mlx-dc2cf5a5@80.safetensors",
+         "mimi_name": "mimi-dbaa9758@125.safetensors", "tokenizer_name": "tokenizer_spm_48k_multi6_2.model"}
+    ).encode()
+    hub.add(  # published in bf16 only, every file named by config.json
+        "kyutai/hibiki-1b-mlx-bf16",
+        {"config.json": hibiki_named, "hibiki-mlx-dc2cf5a5@80.safetensors": assets["model.safetensors"],
+         "mimi-dbaa9758@125.safetensors": assets[MIMI_NAME], "tokenizer_spm_48k_multi6_2.model": assets[TOKENIZER_NAME]},
+    )
     hub.add("someone/empty", {"README.md": b"nothing here"})
     hub.add("someone/no-mimi", {**cfg, TOKENIZER_NAME: assets[TOKENIZER_NAME], **q4})
     yield hub
@@ -308,6 +318,15 @@ def test_config_json_names_the_files(hub_env):
     with pytest.raises(MoshiError) as e:
         resolve_model_files(quantize=4, hf_repo="someone/custom", progress=False)
     assert "8-bit" in _one_line(e) and "-q 8" in str(e.value)
+
+
+@pytest.mark.parametrize("q", [None, 4, 8])
+def test_a_bf16_only_repo_takes_q_as_quantizing_at_load(hub_env, fake_hub, q):
+    r = resolve_model(ModelSource(hf_repo="kyutai/hibiki-1b-mlx-bf16", quantize=q), progress=False)
+    assert (r.files.moshi.name, r.files.mimi.name, r.files.tokenizer.name) == (
+        "hibiki-mlx-dc2cf5a5@80.safetensors", "mimi-dbaa9758@125.safetensors", "tokenizer_spm_48k_multi6_2.model")
+    assert r.checkpoint.bits is None and r.quantize_at_load == q and r.quantize == q
+    assert r.config.model_type == "hibiki"  # the repo is known: its config.json need not say
 
 
 def test_repo_with_several_quantizations(hub_env):

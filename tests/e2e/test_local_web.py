@@ -80,7 +80,7 @@ async def test_serves_ui_and_info(srv, session):
     assert "text_temperature" in info["defaults"]
     # the knob table, for the UI's form limits: the same bounds the query parser checks
     assert [(k["name"], k["low"], k["high"]) for k in info["knobs"]] == [
-        (k.name, k.bounds.low, k.bounds.high) for k in KNOBS.values()]
+        (k.name, k.bounds.low, k.bounds.high) if k.bounds else (k.name, None, None) for k in KNOBS.values()]
 
 
 async def test_cross_origin_websocket_refused(srv, session):
@@ -110,7 +110,8 @@ async def test_handshake_first_then_info(srv, session):
         assert info["settings"] == {
             "text_temperature": 0.5, "text_topk": 10, "audio_temperature": 0.8, "audio_topk": 100, "seed": None,
             "text_seed": 42, "audio_seed": 7, "repetition_penalty": 1.1, "repetition_penalty_context": 16,
-            "pad_mult": -1.5,
+            "pad_mult": -1.5, "text_top_p": 1.0, "text_min_p": 0.0, "audio_top_p": 1.0, "audio_min_p": 0.0,
+            "cfg_coef": 1.0, "condition": None,
         }
         assert info["ignored_params"] == {}
         assert info["unknown_params"] == ["foo"]

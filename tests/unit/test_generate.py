@@ -58,9 +58,9 @@ def test_inputs_use_start_tokens_and_the_previous_user_frame(tiny_model, monkeyp
     inputs, raw = [], []
     temporal = tiny_model.temporal
 
-    def spy(tokens, caches, ctx):
+    def spy(tokens, caches, ctx, condition=None):
         inputs.append(np.array(tokens)[0])
-        return temporal(tokens, caches, ctx)
+        return temporal(tokens, caches, ctx, condition)
 
     monkeypatch.setattr(tiny_model, "temporal", spy)
     gen = LmGen(tiny_model, GREEDY, GREEDY)

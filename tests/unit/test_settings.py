@@ -64,12 +64,26 @@ def _action(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
     return next(a for a in parser._actions if flag in a.option_strings)
 
 
-CASES = [(knob, text, ok) for knob in KNOBS.values() for text, ok in _probes(knob)]
+NUMERIC = [k for k in KNOBS.values() if k.bounds is not None]
+CASES = [(knob, text, ok) for knob in NUMERIC for text, ok in _probes(knob)]
+NAME_CASES = [("very_good", True), (" bad ", True), ("", False), ("no spaces", False), ("x" * 65, False)]
 
 
 def test_the_table_is_the_protocol():
-    assert protocol.SUPPORTED_PARAMS == tuple(KNOBS) and len(KNOBS) == 10
+    assert protocol.SUPPORTED_PARAMS == tuple(KNOBS) and len(KNOBS) == 16
     assert knob_values(EngineSettings()) == {k.name: k.default for k in KNOBS.values()}
+
+
+@pytest.mark.parametrize("text,ok", NAME_CASES)
+def test_condition_takes_a_name_on_every_path(text, ok):
+    knob = KNOBS["condition"]
+    got = _query_outcome("condition", text)
+    if ok:
+        assert got == text.strip() == knob.read(with_knobs(EngineSettings(), {"condition": got}))
+    else:
+        assert got == f"condition must be a condition name such as very_good, got {text.strip()!r}"
+    for command, parser in PARSERS.items():
+        assert _flag_outcome(_action(parser, "--condition"), text) == got, command
 
 
 @pytest.mark.parametrize("knob,text,ok", CASES, ids=[f"{k.name}={t}" for k, t, _ in CASES])
@@ -88,7 +102,7 @@ def test_every_command_flag_takes_exactly_the_bounds_with_the_servers_message(co
         action = _action(parser, knob.flag)
         assert action.dest == knob.name
         assert _flag_outcome(action, text) == _query_outcome(knob.name, text), (command, knob.name, text)
-        assert action.default == (None if command == "client" else knob.default)  # the client: the server's
+        assert action.default is None  # left out: the model's default (lm_gen_config), else the table's
 
 
 @pytest.mark.parametrize("knob,text,ok", CASES, ids=[f"{k.name}={t}" for k, t, _ in CASES])
@@ -102,11 +116,11 @@ def test_engine_settings_check_the_same_bounds(knob, text, ok):
 
 
 def test_metadata_reports_the_knobs_typed():
-    at_high = {k.name: repr(k.bounds.high) for k in KNOBS.values()}
+    at_high = {k.name: repr(k.bounds.high) for k in NUMERIC}
     described = protocol.parse_query(at_high).describe()
     info = server_info(described, "model.safetensors")
     fields = sampling_fields(described)
-    assert set(fields) == {k.name for k in KNOBS.values() if k.kind != "seed"}
+    assert set(fields) == {k.name for k in KNOBS.values() if k.kind in ("float", "int")}
     for name, value in fields.items():
         knob = KNOBS[name]
         assert info[name] == value == knob.bounds.high and type(value) is (float if knob.kind == "float" else int)
@@ -115,7 +129,7 @@ def test_metadata_reports_the_knobs_typed():
 def test_api_info_serves_the_table():
     table = {k["name"]: k for k in knobs_info()}
     assert list(table) == list(KNOBS)
-    for knob in KNOBS.values():
+    for knob in NUMERIC:
         row = table[knob.name]
         b = knob.bounds
         assert (row["low"], row["high"], row["open_low"], row["kind"], row["default"]) == (
@@ -144,3 +158,18 @@ def test_client_refuses_an_out_of_range_flag_before_connecting():
             listener.accept()
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines()[-1].endswith(f"argument --text-temperature: {server_says}"), run.stderr
+
+
+def test_client_sends_guidance_and_the_new_sampling_knobs():
+    """The remote client's flags become the query a server parses back into the same settings."""
+    from moshi_mlx import client
+    from moshi_mlx.cli.flags import SAMPLING_PARAMS
+    from moshi_mlx.net.address import chat_url, sampling_params
+
+    args = client.build_parser().parse_args(
+        ["--cfg-coef", "3", "--condition", "good", "--text-top-p", "0.9", "--audio-min-p", "0.05", "ws://h:1"])
+    url = chat_url(args.url, sampling_params(**{name: getattr(args, name) for name in SAMPLING_PARAMS}))
+    query = dict(url.query)
+    assert query == {"cfg_coef": "3.0", "condition": "good", "text_top_p": "0.9", "audio_min_p": "0.05"}
+    settings = protocol.parse_query(query).settings
+    assert (settings.cfg_coef, settings.condition, settings.text.top_p, settings.audio.min_p) == (3.0, "good", 0.9, 0.05)

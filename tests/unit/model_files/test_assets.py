@@ -7,7 +7,7 @@ import pytest
 
 from moshi_mlx import ModelSource, load
 from moshi_mlx.cli.flags import add_model_args
-from moshi_mlx.errors import UsageError
+from moshi_mlx.errors import MoshiError, UsageError
 
 
 @pytest.mark.parametrize(
@@ -60,3 +60,21 @@ def test_load_refuses_an_unsupported_config_key_before_any_weights(tmp_path, ext
     with pytest.raises(MoshiError) as e:
         load(ModelSource(lm_config=config, moshi_weights=weights), log=lambda m: None)
     assert words in str(e.value) and str(config) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_memory_plan_of_a_conditioned_model_holds_two_rows_of_keys_and_values():
+    """Any client may turn guidance on (two batch rows): a conditioned model's KV budget is for both; the
+    plan is the one the generator then allocates (checked against the LmGen's own cache)."""
+    import mlx.core as mx
+
+    from moshi_mlx.generate import LmGen
+    from moshi_mlx.model_files.assets import Assets
+    from moshi_mlx.model_files.checkpoint import build_model
+    from moshi_mlx.model_files.stand_ins import tiny_hibiki_config
+    from moshi_mlx.models.config import LmConfig
+
+    mx.random.seed(0)
+    lm = build_model(LmConfig.from_dict(tiny_hibiki_config()), None, mx.float32)
+    plan = Assets(lm, None, None, "hibiki stand-in", False, 0.0).plan_memory(64.0, 8, log=lambda m: None)
+    guided = LmGen(lm, cfg_coef=3.0, kv_bits=plan.kv_bits, context=plan.context)
+    assert plan.kv_bytes == guided._cache.nbytes

@@ -14,6 +14,7 @@ from moshi_mlx.model_files.checkpoint import (
     expected_layout,
     inspect_checkpoint,
     load_lm,
+    quantize_model,
     save_lm,
 )
 from moshi_mlx.models.config import config_tiny, config_v0_1, preset
@@ -89,6 +90,23 @@ def test_quantized_outputs_close_to_bf16(tmp_path):
         logits.append(np.array(model.temporal(tokens, cache.layers, cache.context())[1].astype(mx.float32))[0])
     corr = np.corrcoef(logits[0], logits[1])[0, 1]
     assert corr > 0.99, corr
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantizing_a_bf16_checkpoint_while_loading_gives_the_quantized_files_model(tmp_path, bits):
+    """-q on a bf16-only repo (Hibiki): the same packed weights as quantizing the bf16 model, and it runs."""
+    _, path = _tiny_file(tmp_path, None)
+    at_load = load_lm(path, config_tiny(), quantize=bits)
+    expected = load_lm(path, config_tiny(), at_load.dtype)
+    quantize_model(expected, Quantization(bits, {8: 64, 4: 32}[bits]))
+    assert at_load.text_linear.bits == bits and at_load.text_linear.weight.dtype == mx.uint32
+    for (k, a), (k2, b) in zip(tree_flatten(expected.parameters()), tree_flatten(at_load.parameters())):
+        assert k == k2 and a.dtype == b.dtype and mx.array_equal(a, b).item(), k
+    assert _greedy_outputs(at_load) == _greedy_outputs(expected)
+    q_path = tmp_path / "q.safetensors"
+    save_lm(at_load, q_path)
+    with pytest.raises(WeightsError, match="already quantized"):
+        load_lm(q_path, config_tiny(), quantize=bits)
 
 
 def _write_header(path, header: dict, data: bytes = b""):

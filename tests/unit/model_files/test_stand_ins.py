@@ -180,3 +180,58 @@ def test_stand_in_is_versioned_so_an_old_quiet_cache_is_regenerated(random_mimi,
     assert demo.is_current_stand_in(random_mimi)
     assert read_tensor_infos(random_mimi)[1]["version"] == demo.STAND_IN_VERSION
     assert not demo.is_current_stand_in(tmp_path / "missing.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hibiki stand-in repos
+# --------------------------------------------------------------------------------------------------
+
+
+def _safetensors_size(tensors: dict[str, tuple[tuple[int, ...], int]]) -> int:
+    """Bytes of a safetensors file holding these (shape, bytes per element) tensors, as MLX wrote the published
+    files (compact JSON header, names sorted, no metadata entry, padded to 8 bytes)."""
+    header, offset = {}, 0
+    for name in sorted(tensors):
+        shape, width = tensors[name]
+        size = int(np.prod(shape)) * width
+        header[name] = {"data_offsets": [offset, offset + size], "dtype": "BF16", "shape": list(shape)}
+        offset += size
+    length = len(json.dumps(header, separators=(",", ":")))
+    return 8 + length + (-length % 8) + offset
+
+
+def test_hibiki_1b_layout_is_the_published_file_to_the_byte():
+    """Our model built from Hibiki 1B's config has exactly the tensors of kyutai/hibiki-1b-mlx-bf16: the same
+    safetensors size as its hibiki-mlx-dc2cf5a5@80.safetensors, 3,600,043,224 bytes (a lazy model: no memory)."""
+    from mlx.utils import tree_flatten
+
+    from moshi_mlx.models.config import LmConfig
+    from moshi_mlx.models.lm import Lm
+
+    model = Lm(LmConfig.from_dict(demo.HIBIKI_CONFIGS["1b"]))
+    tensors = {name: (tuple(a.shape), 2) for name, a in tree_flatten(model.parameters())}
+    assert _safetensors_size(tensors) == 3_600_043_224
+
+
+@pytest.mark.parametrize("size", ["1b", "2b"])
+def test_stand_in_repo_is_a_repo_as_published_in_a_hub_cache(tmp_path, random_mimi, size):
+    """config.json names every file; the weights have the config's layout in bf16; the cache is the hub's."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from moshi_mlx.model_files.checkpoint import build_model, expected_layout, read_tensor_infos
+    from moshi_mlx.models.config import LmConfig
+
+    config = demo.tiny_hibiki_config(size, text_card=120)
+    folder = demo.write_stand_in_repo(tmp_path / "repo", config, mimi_source=random_mimi)
+    written = json.loads((folder / "config.json").read_text())
+    assert written == config
+    tensors, _ = read_tensor_infos(folder / config["moshi_name"])
+    layout = expected_layout(build_model(LmConfig.from_dict(config)))
+    assert {k: (t.shape, t.dtype) for k, t in tensors.items()} == {k: (s, "BF16") for k, (s, _) in layout.items()}
+    assert any(k.startswith("condition_provider.") for k in tensors)  # the description conditioner's table
+    assert demo.is_valid_tokenizer_file(folder / config["tokenizer_name"], 120)
+    assert (folder / config["mimi_name"]).stat().st_ino == Path(random_mimi).stat().st_ino  # linked, not copied
+    snapshot = demo.cache_stand_in_repo(tmp_path / "hub", demo.HIBIKI_REPOS[size], folder)
+    for name in ("config.json", config["moshi_name"], config["mimi_name"], config["tokenizer_name"]):
+        hit = try_to_load_from_cache(demo.HIBIKI_REPOS[size], name, cache_dir=str(tmp_path / "hub"))
+        assert hit == str(snapshot / name), name

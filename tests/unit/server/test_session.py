@@ -24,6 +24,7 @@ class FakeHost:
 
     engine: Any = None
     description: str = "fake"
+    model_fields = {"model_kind": "conversation model", "conditioning": None}
     demo: bool = True
     lm_model_file: str = "lm.safetensors"
     max_pending: int = 2
