@@ -133,3 +133,18 @@ def test_runner_reports_worker_errors(demo_assets_loaded):
     runner.stop()
     assert errors and "codec exploded" in str(errors[0])
     assert runner.error is errors[0] and not runner.alive
+
+
+def test_the_model_thread_ends_cleanly_on_an_mlx_without_clear_streams(monkeypatch):
+    """mx.clear_streams came with MLX 0.31.2 (macOS 13 stops at 0.29.3): the thread's exit must not need it."""
+    import mlx.core as mx
+
+    from moshi_mlx.engine import MlxThread
+
+    monkeypatch.delattr(mx, "clear_streams", raising=False)
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", failures.append)
+    worker = MlxThread()
+    assert worker.run(lambda: int(mx.array(2) + 3)) == 5
+    worker.close()
+    assert failures == []
