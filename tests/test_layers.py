@@ -37,7 +37,7 @@ LAYERS: list[set[str]] = [
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
      "server.startup", "models.pytorch_config", "model_files.depformer_steps"},
     {"generate", "model_files.checkpoint", "net.address"},
-    {"engine", "clips", "model_files.stand_ins", "model_files.lora", "net.remote"},
+    {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote"},
     {"model_files.assets", "model_files.convert", "server.session"},  # load(): the one front door; one client around the engine
     {"server.app"},
     {"cli.shell", "cli.progress", "cli.display"},
