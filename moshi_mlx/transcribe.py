@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .audio.frames import FRAME_RATE, FRAME_SIZE
+from .audio.frames import FRAME_RATE, FRAME_SIZE, FrameChunker
 from .errors import MoshiError
 from .generate import LmGen
 from .models.config import SttConfig
@@ -181,25 +181,37 @@ class Transcriber:
         self.frames += 1
         return words + self._step(pcm)
 
-    def finish(self) -> list[Word]:
-        """Feed the audio delay's worth of silence, close the last word; times capped at the input's end."""
+    def finish(self, duration: float | None = None) -> list[Word]:
+        """Feed the audio delay's worth of silence, close the last word; times capped at the input's end
+        (`duration` in seconds, default the frames fed: a padded last frame counts whole)."""
         if self._finished:
             return []
         self._finished = True
         words: list[Word] = []
         for _ in range(self.flush_frames):
             words += self._step(self._silence)
-        duration = self.frames / FRAME_RATE
+        duration = self.frames / FRAME_RATE if duration is None else duration
         words = [Word(w.text, min(w.start, duration), min(w.end, duration)) for w in words]
         return words + self.timer.finish(limit=duration)
 
 
 def transcribe(
     frames: Iterable[np.ndarray], gen: LmGen, encoder: FrameEncoder, tokenizer: PieceSource,
-    stt: SttConfig | None = None,
+    stt: SttConfig | None = None, duration: float | None = None,
 ) -> Iterator[Word]:
-    """Timed words of a whole input given as 80 ms frames (a file's last frame zero-padded), as they come."""
+    """Timed words of a whole input given as 80 ms frames (a file's last frame zero-padded; `duration`, its
+    real length in seconds, caps the times), as they come."""
     transcriber = Transcriber(gen, encoder, tokenizer, stt)
     for frame in frames:
         yield from transcriber.feed(frame)
-    yield from transcriber.finish()
+    yield from transcriber.finish(duration)
+
+
+def frames_of(blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """24 kHz mono blocks of any size -> 80 ms frames, the last one padded with silence (a file's end)."""
+    chunker = FrameChunker()
+    for block in blocks:
+        yield from chunker.push(block)
+    rest = chunker.rest()
+    if rest.size:
+        yield np.concatenate([rest, np.zeros(FRAME_SIZE - rest.size, np.float32)])

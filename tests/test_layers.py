@@ -38,7 +38,7 @@ LAYERS: list[set[str]] = [
      "server.startup", "models.pytorch_config", "model_files.depformer_steps"},
     {"generate", "model_files.checkpoint", "net.address"},
     {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote"},
-    {"model_files.assets", "model_files.convert", "server.session"},  # load(): the one front door; one client around the engine
+    {"model_files.assets", "model_files.convert", "server.session", "captions"},  # load(): the one front door; one client around the engine
     {"server.app"},
     {"cli.shell", "cli.progress", "cli.display"},
     {"cli.async_signals"},

@@ -103,7 +103,7 @@ def load(
     files, config = resolved.files, resolved.config
     log(f"loading Moshi weights from {files.moshi}")
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress)
-    mimi = Mimi(files.mimi)
+    mimi = Mimi(files.mimi, num_codebooks=config.mimi_codebooks)  # 8 for Moshi, 32 for Kyutai's STT models
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:
         raise WeightsError(

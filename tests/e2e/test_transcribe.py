@@ -1,10 +1,17 @@
 """Timed words through the real codec: rustymimi (random weights, 32 codebooks), a tiny random STT model and the
-stand-in 8000-piece SentencePiece tokenizer (about 7 s: the tokenizer is trained and Mimi loaded)."""
+stand-in 8000-piece SentencePiece tokenizer (the tokenizer is trained and Mimi loaded: seconds); then the
+`run_inference` command on stand-in STT files, through its real entry point (a subprocess)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
+import pytest
 
 from moshi_mlx.audio.frames import FRAME_SIZE
 from moshi_mlx.generate import LmGen
@@ -12,6 +19,8 @@ from moshi_mlx.model_files.checkpoint import build_model
 from moshi_mlx.models.config import config_tiny_stt
 from moshi_mlx.settings import GREEDY
 from moshi_mlx.transcribe import transcribe
+from tests.helpers.audio_env import ROOT, base_env
+from tests.helpers.web_server import write_wav
 
 
 def test_real_mimi_and_sentencepiece_stand_ins(demo_files, tmp_path):
@@ -32,3 +41,74 @@ def test_real_mimi_and_sentencepiece_stand_ins(demo_files, tmp_path):
     assert all(w.text and " " not in w.text for w in words)
     starts = [w.start for w in words]
     assert starts == sorted(starts) and all(0.0 <= w.start <= w.end <= 2.0 for w in words)
+
+
+# ------------------------------------------------------------------------------------------------
+# `python -m moshi_mlx.run_inference in.wav` with a speech-to-text model (stand-in files, no download)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stt_files(demo_files, tmp_path_factory):
+    """A stand-in STT checkpoint (random bf16 weights of `config_tiny_stt`, our config.json with stt_config),
+    the stand-in 8000-piece tokenizer and the random Mimi: the flags that replace `--hf-repo kyutai/stt-...`."""
+    from moshi_mlx.model_files.stand_ins import write_random_lm, write_stand_in_tokenizer
+
+    root = tmp_path_factory.mktemp("stt-files")
+    weights, config = write_random_lm(config_tiny_stt(), None, root, seed=2)
+    tokenizer = write_stand_in_tokenizer(root / "tokenizer_8000.model", 8000)
+    return ["--moshi-weights", str(weights), "--lm-config", str(config), "--mimi-weights", str(demo_files.mimi_path),
+            "--tokenizer", str(tokenizer)]
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    signal = 0.3 * np.sin(np.linspace(0, 2200, 16000 * 3)) * rng.uniform(0.5, 1.0, 16000 * 3)  # 3 s at 16 kHz
+    return write_wav(tmp_path_factory.mktemp("in") / "in.wav", signal, 16000)
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moshi_mlx.run_inference", *args], env=base_env(), cwd=ROOT,
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_timed_words(stt_files, wav):
+    r = _run([str(wav), *stt_files])
+    assert r.returncode == 0, r.stderr
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert lines and all(len(x) == 3 for x in lines)
+    starts, ends = [float(x[0]) for x in lines], [float(x[1]) for x in lines]
+    assert starts == sorted(starts) and all(0 <= s <= e <= 3.0 for s, e in zip(starts, ends, strict=True))
+    assert "words" in r.stderr and list(wav.parent.iterdir()) == [wav]  # no audio written beside the input
+
+
+@pytest.mark.parametrize("suffix", [".json", ".srt", ".txt"])
+def test_cli_writes_the_transcript_by_suffix(stt_files, wav, tmp_path, suffix):
+    out = tmp_path / f"t{suffix}"
+    r = _run([str(wav), *stt_files, "--transcript", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    text = out.read_text(encoding="utf-8")
+    if suffix == ".json":
+        data = json.loads(text)
+        assert data["stt_config"] == {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0}
+        assert data["duration"] == pytest.approx(3.0) and data["words"]
+        assert data["text"] == " ".join(w["text"] for w in data["words"])
+    elif suffix == ".srt":
+        assert text.startswith("1\n00:00:0") and " --> " in text
+    else:
+        assert all(len(line.split()) == 3 for line in text.splitlines()) and text
+
+
+def test_cli_refuses_in_one_line(stt_files, wav, tmp_path):
+    r = _run([str(wav), *stt_files, "--transcript", str(tmp_path / "t.doc")])
+    assert r.returncode == 1 and "one of .json, .txt, .srt" in r.stderr and "loaded" not in r.stderr
+    r = _run([str(wav), str(tmp_path / "out.wav"), *stt_files])
+    assert r.returncode == 1 and "writes no audio: drop OUTPUT" in r.stderr
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_cli_moshi_still_needs_an_output(wav):
+    r = _run([str(wav), "--demo"])
+    assert r.returncode == 1 and "OUTPUT is needed" in r.stderr and r.stdout == ""
