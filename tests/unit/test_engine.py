@@ -1,6 +1,7 @@
 import threading
 import time
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -133,3 +134,14 @@ def test_runner_reports_worker_errors(demo_assets_loaded):
     runner.stop()
     assert errors and "codec exploded" in str(errors[0])
     assert runner.error is errors[0] and not runner.alive
+
+
+def test_a_speech_to_text_model_is_refused_in_one_line():
+    """A text-only model has no voice: the conversation engine says where to go instead (no thread started)."""
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.model_files.checkpoint import build_model
+    from moshi_mlx.models.config import config_tiny_stt
+
+    with pytest.raises(MoshiError, match="speech-to-text model .*run_inference") as err:
+        ConversationEngine(build_model(config_tiny_stt(), None, mx.float32), None, None)
+    assert "\n" not in str(err.value)
