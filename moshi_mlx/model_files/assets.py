@@ -81,7 +81,7 @@ def load(
     `log` takes status lines and `progress(done, total)` the loading of the LM's layers.
     Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
     """
-    from ..audio.mimi import Mimi  # rustymimi is only needed once we really load
+    from ..audio.mimi import CODEBOOK_SIZE, Mimi  # rustymimi is only needed once we really load
 
     start = time.perf_counter()
     if demo:
@@ -101,8 +101,11 @@ def load(
 
     resolved = resolve_model(source)
     files, config = resolved.files, resolved.config
+    if config.audio_card != CODEBOOK_SIZE:  # Mimi's codes would fall outside the model's audio vocabulary
+        raise WeightsError(f"the model's audio card {config.audio_card} is not Mimi's {CODEBOOK_SIZE} codes: "
+                           "not a model for this codec")
     log(f"loading Moshi weights from {files.moshi}")
-    lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress)
+    lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress, quantize=source.quantize)
     mimi = Mimi(files.mimi, num_codebooks=config.mimi_codebooks)  # 8 for Moshi, 32 for Kyutai's STT models
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:

@@ -1,4 +1,5 @@
-"""Strict loading of Moshi LM checkpoints in the published MLX layout (bf16, q8, q4).
+"""Strict loading of Moshi LM checkpoints in the published MLX layout (bf16, q8, q4), and of PyTorch-layout ones
+(Kyutai's names: mapped in memory by `pytorch_weights.py`, quantized after loading with -q).
 
 The safetensors header is read and checked against the model before any tensor data is
 touched, so a wrong, truncated or mismatched file gives one clear line instead of an error
@@ -76,6 +77,7 @@ class CheckpointInfo:
     path: Path
     tensors: dict[str, TensorInfo]
     quantization: Quantization | None
+    layout: str = "mlx"  # or "pytorch": Kyutai's names, mapped in memory at load time (pytorch_weights.py)
 
     @property
     def bits(self) -> int | None:
@@ -158,10 +160,15 @@ def inspect_checkpoint(
     where = origin or str(path)
     tensors, _ = read_tensor_infos(path, where)
     if "text_emb.weight" in tensors and "emb.0.weight" in tensors and "audio_embs.0.weight" not in tensors:
-        raise WeightsError(
-            f"{where}: this is a PyTorch-layout Moshi checkpoint; convert it first with "
-            f"`python -m moshi_mlx.convert {path} OUT_DIR` and pass OUT_DIR/model.safetensors"
-        )
+        # Kyutai's names, float weights: mapped in memory at load time; the name plan is checked now (no data read)
+        from ..models.pytorch import ConvertError, plan_conversion
+
+        try:
+            schedule = (config or {}).get("depformer_weights_per_step_schedule")
+            plan_conversion({k: v.shape for k, v in tensors.items()}, schedule)
+        except ConvertError as e:
+            raise WeightsError(f"{where}: a PyTorch-layout checkpoint that cannot be read: {e}") from None
+        return CheckpointInfo(Path(path), tensors, None, layout="pytorch")
     if "text_emb.weight" not in tensors or "text_linear.weight" not in tensors:
         hint = " (it looks like Mimi weights: use --mimi-weights)" if looks_like_mimi(tensors) else ""
         raise WeightsError(f"{where}: not a Moshi LM checkpoint (no text_emb/text_linear tensors){hint}")
@@ -177,14 +184,18 @@ def build_model(config: LmConfig, quantization: Quantization | None = None, dtyp
     model = Lm(config)
     model.set_dtype(dtype)
     if quantization is not None:
-        # Every Linear and Embedding, as in the published q8/q4 files; norms stay in `dtype`.
-        nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits, class_predicate=quantize_predicate)
-        for _, module in model.named_modules():
-            if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-                # Scales and biases stay bfloat16 as published, whatever the compute dtype.
-                module.scales = module.scales.astype(mx.bfloat16)
-                module.biases = module.biases.astype(mx.bfloat16)
+        quantize_model(model, quantization)
     return model
+
+
+def quantize_model(model: Lm, quantization: Quantization) -> None:
+    """Every Linear and Embedding, as in the published q8/q4 files; norms (and conditioner tables) stay float."""
+    nn.quantize(model, group_size=quantization.group_size, bits=quantization.bits, class_predicate=quantize_predicate)
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            # Scales and biases stay bfloat16 as published, whatever the compute dtype.
+            module.scales = module.scales.astype(mx.bfloat16)
+            module.biases = module.biases.astype(mx.bfloat16)
 
 
 def expected_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
@@ -238,11 +249,31 @@ def default_dtype(quantization: Quantization | None, tensors: dict[str, TensorIn
     return mx.bfloat16
 
 
+def _load_pytorch(info: CheckpointInfo, config: LmConfig, dtype: mx.Dtype | None, bits: int | None) -> Lm:
+    """A PyTorch-layout checkpoint: mapped to our names in memory, checked, then quantized if `bits` is given."""
+    from .pytorch_weights import pytorch_weights
+
+    schedule = config.depformer_weights_per_step_schedule
+    weights = pytorch_weights(info.path, {k: v.shape for k, v in info.tensors.items()},
+                              {k: v.dtype for k, v in info.tensors.items()},
+                              list(schedule) if schedule else None, f"{info.path} (PyTorch layout)")
+    quantization = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits is not None else None
+    own = SAFETENSORS_DTYPES.get(info.tensors["text_emb.weight"].dtype, mx.bfloat16)  # the file's precision
+    model = build_model(config, None, dtype or (default_dtype(quantization) if quantization else own))
+    expected = expected_layout(model)
+    check_layout({k: TensorInfo("F32", tuple(v.shape)) for k, v in weights.items()}, model, info.path)
+    model.update(tree_unflatten([(k, v.astype(expected[k][1])) for k, v in weights.items()]))
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return model
+
+
 def load_lm(
     path: str | os.PathLike | CheckpointInfo,
     config: LmConfig | None = None,
     dtype: mx.Dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
+    quantize: int | None = None,
 ) -> Lm:
     """Load a Moshi LM checkpoint strictly.
 
@@ -253,6 +284,10 @@ def load_lm(
     """
     config = config or config_v0_1()
     info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
+    if info.layout == "pytorch":  # `quantize` (-q) applies here only: an MLX file carries its own bits
+        model = _load_pytorch(info, config, dtype, quantize)
+        materialise(model, progress)
+        return model
     path = info.path
     model = build_model(config, info.quantization, dtype or default_dtype(info.quantization, info.tensors))
     check_layout(info.tensors, model, path)
@@ -314,6 +349,8 @@ class ResolvedModel:
 
 
 def _refuse_bits(quantize: int | None, info: CheckpointInfo, where: str) -> None:
+    if info.layout == "pytorch":
+        return  # float weights mapped at load time: -q quantizes them then
     if quantize is not None and info.bits != quantize:
         raise WeightsError(
             f"{where} holds {describe_bits(info.bits)} weights but -q {quantize} was given: {quantize_hint(info.bits)}"

@@ -112,3 +112,25 @@ def test_cli_refuses_in_one_line(stt_files, wav, tmp_path):
 def test_cli_moshi_still_needs_an_output(wav):
     r = _run([str(wav), "--demo"])
     assert r.returncode == 1 and "OUTPUT is needed" in r.stderr and r.stdout == ""
+
+
+def test_cli_loads_a_pytorch_layout_stt_checkpoint(stt_files, wav, tmp_path):
+    """A random checkpoint in Kyutai's PyTorch names with Kyutai's config.json keys (what a `-candle` repo
+    holds; Mimi's 2048 codes, 8000 text pieces), loaded in memory through the converter's name plan: no
+    conversion step, the same timed-word output. A model whose audio card is not Mimi's is refused in one line
+    (the parity fixture's scaled-down card of 32)."""
+    from tests.helpers.family import pytorch_checkpoint, variant_config
+    from tests.helpers.kyutai import FIXTURES
+
+    cfg = {**variant_config("stt_text_only"), "card": 2048, "text_card": 8000, "num_heads": 2}  # head dim 32: 8-bit KV
+    weights = pytorch_checkpoint(cfg, np.random.default_rng(3))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    mimi_and_tokenizer = stt_files[4:]
+    r = _run([str(wav), "--moshi-weights", str(tmp_path / "model.safetensors"), "--lm-config",
+              str(tmp_path / "config.json"), *mimi_and_tokenizer])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout and all(len(line.split()) == 3 for line in r.stdout.splitlines())
+    r = _run([str(wav), "--moshi-weights", str(FIXTURES / "stt" / "model.safetensors"),
+              "--lm-config", str(FIXTURES / "stt" / "config.json"), *mimi_and_tokenizer])
+    assert r.returncode == 1 and "audio card 32" in r.stderr and "Traceback" not in r.stderr
