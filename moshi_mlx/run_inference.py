@@ -149,25 +149,34 @@ def _transcribe(args: argparse.Namespace, assets) -> int:
     """A speech-to-text model: the input's timed words, on stdout as they come or into --transcript."""
     from .generate import LmGen
     from .settings import GREEDY
-    from .transcribe import frames_of, transcribe
+    from .transcribe import Transcriber, frames_of
 
     plan = assets.memory
     # Greedy text, as Kyutai's STT configs (lm_gen_config temp_text 0) and scripts run these models.
-    gen = LmGen(assets.lm, GREEDY, GREEDY, kv_bits=plan.kv_bits if plan else 16, context=plan.context if plan else None)
+    gen = LmGen(assets.lm, GREEDY, GREEDY, kv_bits=plan.kv_bits if plan else 16, context=plan.context if plan else None,
+                extra_heads=True)
+    transcriber = Transcriber(gen, assets.mimi, assets.tokenizer)
     start = time.perf_counter()
     words = []
-    with AudioReader(args.input) as reader:
-        for word in transcribe(frames_of(reader.blocks_24k()), gen, assets.mimi, assets.tokenizer,
-                               duration=reader.duration):
-            words.append(word)
-            if args.transcript is None:
+
+    def emit(new: list) -> None:
+        words.extend(new)
+        if args.transcript is None:
+            for word in new:
                 print(word_line(word), flush=True)
+
+    with AudioReader(args.input) as reader:
+        for frame in frames_of(reader.blocks_24k()):
+            emit(transcriber.feed(frame))
         duration = reader.duration
+        emit(transcriber.finish(duration))
     seconds = time.perf_counter() - start
     if args.transcript is not None:
         fmt = format_of(args.transcript)
         meta = {"input": str(args.input), "duration": round(duration, 6), "stt_config": asdict(gen.config.stt),
                 "processing_seconds": round(seconds, 3)}
+        if gen.extra_heads:  # the semantic VAD: when an end of turn was detected (input seconds)
+            meta["end_of_turn_detected_at"] = [round(t, 3) for t in transcriber.turn_ends]
         with atomic_output(check_outputs(inputs=[args.input], outputs=[args.transcript])[0]) as tmp:
             tmp.write_text(render(words, fmt, meta), encoding="utf-8")
     cli.say(f"transcribed {duration:.2f} s in {seconds:.1f} s: {len(words)} words"

@@ -36,6 +36,9 @@ from .models.config import SttConfig
 
 #: Kyutai's scripts give a word still open at the end of the input at most this long.
 LAST_WORD_MAX_SECONDS = 1.0
+#: Semantic end of turn, as Kyutai's scripts and Unmute read the extra heads: head 2's first probability above
+#: 0.5. Said once, then again only after a new word (which re-arms it).
+END_OF_TURN_HEAD, END_OF_TURN_THRESHOLD = 2, 0.5
 
 
 class TranscribeError(MoshiError, ValueError):
@@ -81,6 +84,7 @@ class WordTimer:
         self._text = ""
         self._start: int | None = None  # step of the open word's first piece
         self.steps = 0
+        self.steps_with_text = 0  # steps whose token was a piece of text
 
     @property
     def partial(self) -> str:
@@ -106,6 +110,7 @@ class WordTimer:
         piece = self._tokenizer.piece(token)
         if piece is None:  # padding and other silent ids
             return []
+        self.steps_with_text += 1
         closed: list[Word] = []
         if piece.startswith(" ") or self._start is None:
             closed = self._close(step)
@@ -155,6 +160,10 @@ class Transcriber:
         # Each extra head's first probability at the last step (None: the model has none). Kyutai's scripts
         # take head 2's above 0.5 as the speaker's end of turn (semantic VAD).
         self.pause_probabilities: tuple[float, ...] | None = None
+        # Input seconds at which an end of turn was detected (the end of the frame that showed it; not moved back
+        # by the delay: this is when a listener would know). Needs LmGen(extra_heads=True) and 3+ heads.
+        self.turn_ends: list[float] = []
+        self._turn_armed = True
         self._silence = np.zeros(FRAME_SIZE, np.float32)
         self._finished = False
 
@@ -165,7 +174,17 @@ class Transcriber:
         out = pending.result()
         if heads is not None:
             self.pause_probabilities = tuple(float(h[0]) for h in heads)
-        return self.timer.push(out.text_token) if out is not None else []
+        pieces_before = self.timer.steps_with_text
+        words = self.timer.push(out.text_token) if out is not None else []
+        if self.timer.steps_with_text != pieces_before:
+            self._turn_armed = True  # a new piece of text: the next end of turn is news again
+        probs = self.pause_probabilities
+        if probs is not None and len(probs) > END_OF_TURN_HEAD and probs[END_OF_TURN_HEAD] > END_OF_TURN_THRESHOLD:
+            if self._turn_armed:
+                heard = min(max(0, self.gen.step_index - self.prefix_frames), self.frames)
+                self.turn_ends.append(heard / FRAME_RATE)
+            self._turn_armed = False
+        return words
 
     def feed(self, pcm: np.ndarray) -> list[Word]:
         """One frame (FRAME_SIZE samples, 24 kHz mono float32) of the input."""

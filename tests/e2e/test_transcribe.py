@@ -94,6 +94,8 @@ def test_cli_writes_the_transcript_by_suffix(stt_files, wav, tmp_path, suffix):
         data = json.loads(text)
         assert data["stt_config"] == {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0}
         assert data["duration"] == pytest.approx(3.0) and data["words"]
+        ends = data["end_of_turn_detected_at"]  # the stand-in has Kyutai's four VAD heads (random weights)
+        assert isinstance(ends, list) and all(0.0 <= t <= 3.0 for t in ends) and ends == sorted(ends)
         assert data["text"] == " ".join(w["text"] for w in data["words"])
     elif suffix == ".srt":
         assert text.startswith("1\n00:00:0") and " --> " in text

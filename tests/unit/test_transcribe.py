@@ -159,3 +159,26 @@ def test_refusals_are_one_line(stt_model):
     transcriber = Transcriber(LmGen(stt_model), RecordingEncoder(), Pieces())
     with pytest.raises(TranscribeError, match="1920 samples, got 100"):
         transcriber.feed(np.zeros(100, np.float32))
+
+
+def test_end_of_turn_is_said_once_until_a_new_word(stt_model, monkeypatch):
+    """Head 2's first probability above 0.5 marks an end of turn (Kyutai's rule), once, re-armed by new text.
+    The heads' numbers themselves are checked against PyTorch in test_kyutai_stt_parity.py; here a script of
+    probabilities stands in for them so the rule is visible."""
+    script = iter([0.9, 0.9, 0.1, 0.9, 0.9] * 4)
+
+    def probs(hidden):
+        p = next(script)
+        head = mx.array([[[p, 1 - p, 0, 0, 0, 0]]], dtype=mx.float32)
+        return [head, head, head, head]
+
+    monkeypatch.setattr(stt_model, "extra_head_probs", probs)
+    silent = Transcriber(LmGen(stt_model, GREEDY, GREEDY, extra_heads=True), RecordingEncoder(), Pieces({}))
+    for frame in _speech(5):
+        silent.feed(frame)
+    assert silent.turn_ends == [1 / FRAME_RATE]  # no text ever re-arms it: said once, at the first frame
+    talking = Transcriber(LmGen(stt_model, GREEDY, GREEDY, extra_heads=True), RecordingEncoder(),
+                          Pieces({t: f" w{t}" for t in range(8000)}))
+    for frame in _speech(5):
+        talking.feed(frame)
+    assert talking.turn_ends == pytest.approx([k / FRAME_RATE for k in (1, 2, 4, 5)])  # every word re-arms it
