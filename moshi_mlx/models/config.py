@@ -715,8 +715,9 @@ def config_tiny_stt(context: int = 375) -> LmConfig:
     """Tiny random-weight speech-to-text model (Kyutai's STT layout: text only, 32 codebooks of the speaker, no
     delays, an 8000-piece text vocabulary, four VAD heads, `stt_config` of stt-1b-en_fr) for tests and stand-ins."""
     return LmConfig(
-        transformer=TransformerConfig(d_model=64, num_heads=2, num_layers=2, dim_feedforward=256, context=context),
-        depformer=TransformerConfig(d_model=64, num_heads=1, num_layers=0, dim_feedforward=256, context=0),
+        # gated hidden size 128 (2/3 of 192): every matrix quantizable with groups of 32 and 64
+        transformer=TransformerConfig(d_model=64, num_heads=2, num_layers=2, dim_feedforward=192, context=context),
+        depformer=TransformerConfig(d_model=64, num_heads=1, num_layers=0, dim_feedforward=192, context=0),
         text_in_vocab_size=8001, text_out_vocab_size=8000, audio_codebooks=32, generated_codebooks=0,
         audio_delays=(0,) * 32, extra_heads_num_heads=4, extra_heads_dim=6, model_type="stt",
         stt=SttConfig(audio_delay_seconds=0.5, audio_silence_prefix_seconds=0.0),

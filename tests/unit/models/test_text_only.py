@@ -143,3 +143,16 @@ def test_depformer_layers_without_heads_are_refused(tmp_path):
     mx.save_safetensors(str(tmp_path / "pt.safetensors"), torn)
     with pytest.raises(ConvertError, match="without their output heads"):
         convert(tmp_path / "pt.safetensors", tmp_path / "mlx", dtype="f32", log=lambda m: None)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_stand_in_stt_checkpoints_in_every_precision(tmp_path, bits):
+    """Random STT checkpoints in the published MLX layout (bf16, q8, q4) load strictly and step."""
+    from moshi_mlx.model_files.stand_ins import write_random_lm
+
+    weights, config_path = write_random_lm(config_tiny_stt(), bits, tmp_path)
+    config = LmConfig.from_dict(json.loads(config_path.read_text()))
+    assert config.stt == SttConfig(0.5, 0.0) and config.text_only
+    model = load_lm(weights, config)
+    out = LmGen(model, GREEDY, GREEDY).step(np.zeros(32, np.int32))
+    assert out.audio_codes.shape == (0,) and 0 <= out.text_token < 8000
