@@ -156,3 +156,25 @@ def test_stand_in_stt_checkpoints_in_every_precision(tmp_path, bits):
     model = load_lm(weights, config)
     out = LmGen(model, GREEDY, GREEDY).step(np.zeros(32, np.int32))
     assert out.audio_codes.shape == (0,) and 0 <= out.text_token < 8000
+
+
+def test_kyutai_stt_overlays_are_read():
+    """Kyutai's configs/stt_1b_enfr.json and stt_2.6b_en.json (kyutai-labs/moshi) are overlays of the checkpoint's
+    own config.json: their keys (lm_gen_config, model_type, stt_config, mimi_name, tokenizer_name, 33 zero
+    delays, "fuser": null) on a full set of Kyutai's LMModel keys (the depformer's left in, unused) are accepted."""
+    base = {**variant_config("moshi"), "n_q": 32, "dep_q": 0, "card": 2048, "text_card": 8000, "depformer_context": 8,
+            "cross_attention": False, "conditioners": {}, "extra_heads_num_heads": 4, "extra_heads_dim": 6}
+    overlays = {
+        "stt_1b_enfr": {"stt_config": {"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
+                        "tokenizer_name": "tokenizer_en_fr_audio_8000.model"},
+        "stt_2.6b_en": {"stt_config": {"audio_delay_seconds": 2.5, "audio_silence_prefix_seconds": 1.0},
+                        "tokenizer_name": "tokenizer_en_audio_4000.model"},
+    }
+    for name, overlay in overlays.items():
+        cfg = read_kyutai_config({
+            **base, "lm_gen_config": {"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50},
+            "model_type": "stt", "mimi_name": "mimi-pytorch-e351c8d8@125.safetensors", "delays": [0] * 33,
+            "fuser": None, **overlay,
+        })
+        assert cfg.text_only and cfg.mimi_codebooks == 32 and cfg.model_type == "stt", name
+        assert cfg.stt == SttConfig(**overlay["stt_config"]), name
