@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio.frames import FRAME_SIZE
+from .errors import MoshiError
 from .generate import LmGen, StepOutput
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
@@ -128,6 +129,9 @@ class ConversationEngine:
         tokenizer: TextTokenizer | None,
         settings: EngineSettings = EngineSettings(),
     ) -> None:
+        if lm.config.text_only:  # no voice to answer with: say so before any thread or cache exists
+            raise MoshiError("this is a speech-to-text model (text only, no voice): transcribe a file with "
+                             "`python -m moshi_mlx.run_inference FILE`; live captions are not built yet")
         self.lm = lm
         self.mimi = mimi
         self.tokenizer = tokenizer

@@ -40,7 +40,7 @@ class StepOutput:
 
     frame: int  # index of the frame these tokens belong to (0-based)
     text_token: int
-    audio_codes: np.ndarray  # [generated_codebooks] int32, each in [0, audio_card)
+    audio_codes: np.ndarray  # [generated_codebooks] int32, each in [0, audio_card); empty for a text-only model
 
 
 @dataclass
@@ -68,11 +68,23 @@ class StepTimings:
 class PendingStep:
     """A step whose computation has been queued on the device (see LmGen.submit)."""
 
-    def __init__(self, gen: "LmGen", step: int, tokens: mx.array, text_logits: mx.array | None = None) -> None:
+    def __init__(
+        self, gen: "LmGen", step: int, tokens: mx.array, text_logits: mx.array | None = None,
+        extra_heads: list[mx.array] | None = None,
+    ) -> None:
         self._gen = gen
         self.step = step
         self._tokens = tokens
         self._text_logits = text_logits
+        self._extra_heads = extra_heads
+
+    @property
+    def extra_heads(self) -> list[np.ndarray] | None:
+        """Each extra head's probabilities [extra_heads_dim] (float32) at this step, if the LmGen computes them
+        (`LmGen(extra_heads=True)`), as Kyutai's `step_with_extra_heads` returns them; else None."""
+        if self._extra_heads is None:
+            return None
+        return [np.array(p[0, 0]) for p in self._extra_heads]
 
     @property
     def text_logits(self) -> np.ndarray | None:
@@ -106,6 +118,7 @@ class LmGen:
         context: int | None = None,
         condition: str | None = None,
         cfg_coef: float = 1.0,
+        extra_heads: bool = False,
     ) -> None:
         if batch != 1:
             raise NotImplementedError("streaming generation runs one conversation (batch 1)")
@@ -113,6 +126,8 @@ class LmGen:
         self.config = model.config
         # Opt-in: the step's text logits stay referenced for PendingStep.text_logits (tools, plots).
         self.keep_text_logits = keep_text_logits
+        # Opt-in: each step also runs the model's extra heads (Kyutai's semantic VAD) on the temporal output.
+        self.extra_heads = extra_heads and bool(model.extra_heads)
         self._delays = np.array(self.config.audio_delays, dtype=np.int64)
         self._gen_delays = self._delays[: self.config.generated_codebooks]
         self._user_delays = self._delays[self.config.generated_codebooks :]
@@ -269,15 +284,21 @@ class LmGen:
             self._recent = mx.concatenate([self._recent[:, 1:], word[:, None]], axis=1)
         if timings is not None:
             timings.lap(timings.temporal_ms, hidden, text_token, audio_keys)
-        audio = self._depformer(hidden, text_token, audio_keys[1:])
+        # A text-only model (dep_q 0) has no depformer to run: its frame carries no audio codes.
+        if self.config.text_only:
+            audio = mx.zeros((1, 0), mx.int32)
+        else:
+            audio = self._depformer(hidden, text_token, audio_keys[1:])
         if timings is not None:
             timings.lap(timings.depformer_ms, audio)
         generated = mx.concatenate([text_token[:, None], audio], axis=1)
         self._cache.position += 1
         self._last_generated = generated
         kept = text_logits if self.keep_text_logits else None
-        mx.async_eval(generated, self._text_key, self._audio_key, self._recent, *([kept] if kept is not None else []))
-        self._pending = PendingStep(self, self.step_index, generated, kept)
+        heads = self.model.extra_head_probs(hidden) if self.extra_heads else None
+        extras = ([kept] if kept is not None else []) + (heads or [])
+        mx.async_eval(generated, self._text_key, self._audio_key, self._recent, *extras)
+        self._pending = PendingStep(self, self.step_index, generated, kept, heads)
         self.step_index += 1
         return self._pending
 

@@ -12,6 +12,10 @@ Outputs are checked before the model loads (never the input, never each other, f
 and written to temporary files renamed into place at the end (:mod:`moshi_mlx.outputs`): an
 interrupted run leaves no partial file and never damages an existing one.
 Sessions of any length work: :class:`~moshi_mlx.audio.mimi.Mimi` hands off before rustymimi's limit.
+
+A speech-to-text model (Kyutai's STT: text only) takes no OUTPUT: ``run_inference in.wav --hf-repo
+kyutai/stt-1b-en_fr-mlx`` prints the timed words as they come (``start end word``, seconds in the input), or
+writes them into ``--transcript t.json`` / ``.txt`` / ``.srt`` (:mod:`moshi_mlx.transcribe`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from typing import Callable
 
 from . import cli
 from .audio.files import AudioReader, WavWriter, output_format
 from .audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE
+from .captions import format_of, render, word_line
 from .clips import converse_stream
+from .errors import MoshiError
 from .outputs import atomic_output, check_outputs
 
 __all__ = ["convert_file", "main"]
@@ -88,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Let Moshi answer a recorded audio file: file in, Moshi's audio (and transcript) out.",
     )
     p.add_argument("input", help="audio file (WAV, FLAC, MP3, Ogg, AIFF; any rate and channel count)")
-    p.add_argument("output", help="where to write Moshi's audio (24 kHz mono 16-bit; .wav, .flac or .aiff by its name)")
+    p.add_argument("output", nargs="?", default=None,
+                   help="where to write Moshi's audio (24 kHz mono 16-bit; .wav, .flac or .aiff by its name); "
+                   "none for a speech-to-text model")
     p.add_argument(
-        "--transcript", metavar="JSON", default=None,
-        help="write Moshi's text pieces with timestamps as JSON (default: print the text to stdout)",
+        "--transcript", metavar="PATH", default=None,
+        help="write Moshi's text pieces with timestamps as JSON (default: print the text to stdout); with a "
+        "speech-to-text model (kyutai/stt-*) the timed words as .json, .txt or .srt (default: word lines on stdout)",
     )
     add_engine_args(p)
     return p
@@ -112,10 +122,18 @@ def _answer(args: argparse.Namespace) -> int:
 
     # Open the input and check the outputs before paying for a model load.
     AudioReader(args.input).close()
-    output_format(args.output)
+    if args.output is not None:
+        output_format(args.output)
     check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])
+    if args.output is None and args.transcript is not None:
+        format_of(args.transcript)  # a transcript alone: a speech-to-text run, whose formats go by suffix
     assets = load_from_args(args)
     cli.say(f"loaded in {assets.load_seconds:.1f} s: {assets.description}")
+    if assets.lm.config.text_only != (args.output is None):
+        raise MoshiError("a speech-to-text model writes no audio: drop OUTPUT" if args.output else
+                         "OUTPUT is needed: Moshi answers with audio (only a speech-to-text model needs none)")
+    if assets.lm.config.text_only:
+        return _transcribe(args, assets)
     engine = assets.engine(settings_from_args(args, assets.lm.config))
     try:
         t = convert_file(engine, args.input, args.output, args.transcript, cli.Progress(interval_s=30).callback("moshi", unit="frame"))
@@ -128,6 +146,45 @@ def _answer(args: argparse.Namespace) -> int:
     )
     if args.transcript is None:
         print(t["text"], flush=True)
+    return 0
+
+
+def _transcribe(args: argparse.Namespace, assets) -> int:
+    """A speech-to-text model: the input's timed words, on stdout as they come or into --transcript."""
+    from .generate import LmGen
+    from .settings import GREEDY
+    from .transcribe import Transcriber, frames_of
+
+    plan = assets.memory
+    # Greedy text, as Kyutai's STT configs (lm_gen_config temp_text 0) and scripts run these models.
+    gen = LmGen(assets.lm, GREEDY, GREEDY, kv_bits=plan.kv_bits if plan else 16, context=plan.context if plan else None,
+                extra_heads=True)
+    transcriber = Transcriber(gen, assets.mimi, assets.tokenizer)
+    start = time.perf_counter()
+    words = []
+
+    def emit(new: list) -> None:
+        words.extend(new)
+        if args.transcript is None:
+            for word in new:
+                print(word_line(word), flush=True)
+
+    with AudioReader(args.input) as reader:
+        for frame in frames_of(reader.blocks_24k()):
+            emit(transcriber.feed(frame))
+        duration = reader.duration
+        emit(transcriber.finish(duration))
+    seconds = time.perf_counter() - start
+    if args.transcript is not None:
+        fmt = format_of(args.transcript)
+        meta = {"input": str(args.input), "duration": round(duration, 6), "stt_config": asdict(gen.config.stt),
+                "processing_seconds": round(seconds, 3)}
+        if gen.extra_heads:  # the semantic VAD: when an end of turn was detected (input seconds)
+            meta["end_of_turn_detected_at"] = [round(t, 3) for t in transcriber.turn_ends]
+        with atomic_output(check_outputs(inputs=[args.input], outputs=[args.transcript])[0]) as tmp:
+            tmp.write_text(render(words, fmt, meta), encoding="utf-8")
+    cli.say(f"transcribed {duration:.2f} s in {seconds:.1f} s: {len(words)} words"
+            + (f" into {args.transcript}" if args.transcript else ""))
     return 0
 
 

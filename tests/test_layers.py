@@ -36,10 +36,11 @@ LAYERS: list[set[str]] = [
      "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
      "model_files.budget", "server.info", "models.pytorch", "models.conditioners"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
-     "server.startup", "models.pytorch_config", "model_files.depformer_steps"},
+     "server.startup", "models.pytorch_config", "model_files.depformer_steps",
+     "model_files.pytorch_weights"},
     {"generate", "model_files.checkpoint", "net.address"},
-    {"engine", "clips", "model_files.stand_ins", "model_files.lora", "net.remote"},
-    {"model_files.assets", "model_files.convert", "server.session"},  # load(): the one front door; one client around the engine
+    {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote"},
+    {"model_files.assets", "model_files.convert", "server.session", "captions"},  # load(): the one front door; one client around the engine
     {"server.app"},
     {"cli.shell", "cli.progress", "cli.display"},
     {"cli.async_signals"},

@@ -98,7 +98,7 @@ def load(
     model cannot take).
     Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
     """
-    from ..audio.mimi import Mimi  # rustymimi is only needed once we really load
+    from ..audio.mimi import CODEBOOK_SIZE, Mimi  # rustymimi is only needed once we really load
 
     start = time.perf_counter()
     if demo:
@@ -119,10 +119,14 @@ def load(
     files, config = resolved.files, resolved.config
     if check is not None:
         check(config)
-    at_load = resolved.quantize_at_load
+    if config.audio_card != CODEBOOK_SIZE:  # Mimi's codes would fall outside the model's audio vocabulary
+        raise WeightsError(f"the model's audio card {config.audio_card} is not Mimi's {CODEBOOK_SIZE} codes: "
+                           "not a model for this codec")
+    # -q quantizes while loading a bf16-only repo (Hibiki) or a PyTorch-layout file; an MLX file carries its bits.
+    at_load = resolved.quantize_at_load or (source.quantize if resolved.checkpoint.layout == "pytorch" else None)
     log(f"loading Moshi weights from {files.moshi}" + (f", quantizing them to {at_load} bits" if at_load else ""))
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress, quantize=at_load)
-    mimi = Mimi(files.mimi, num_codebooks=config.mimi_codebooks)
+    mimi = Mimi(files.mimi, num_codebooks=config.mimi_codebooks)  # 8 for Moshi, 16 for Hibiki 2B, 32 for STT
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:
         raise WeightsError(

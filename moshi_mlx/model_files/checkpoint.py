@@ -1,4 +1,5 @@
-"""Strict loading of Moshi LM checkpoints in the published MLX layout (bf16, q8, q4).
+"""Strict loading of Moshi LM checkpoints in the published MLX layout (bf16, q8, q4), and of PyTorch-layout ones
+(Kyutai's names: mapped in memory by `pytorch_weights.py`, quantized after loading with -q).
 
 The safetensors header is read and checked against the model before any tensor data is
 touched, so a wrong, truncated or mismatched file gives one clear line instead of an error
@@ -78,6 +79,7 @@ class CheckpointInfo:
     path: Path
     tensors: dict[str, TensorInfo]
     quantization: Quantization | None
+    layout: str = "mlx"  # or "pytorch": Kyutai's names, mapped in memory at load time (pytorch_weights.py)
 
     @property
     def bits(self) -> int | None:
@@ -160,10 +162,15 @@ def inspect_checkpoint(
     where = origin or str(path)
     tensors, _ = read_tensor_infos(path, where)
     if "text_emb.weight" in tensors and "emb.0.weight" in tensors and "audio_embs.0.weight" not in tensors:
-        raise WeightsError(
-            f"{where}: this is a PyTorch-layout Moshi checkpoint; convert it first with "
-            f"`python -m moshi_mlx.convert {path} OUT_DIR` and pass OUT_DIR/model.safetensors"
-        )
+        # Kyutai's names, float weights: mapped in memory at load time; the name plan is checked now (no data read)
+        from ..models.pytorch import ConvertError, plan_conversion
+
+        try:
+            schedule = (config or {}).get("depformer_weights_per_step_schedule")
+            plan_conversion({k: v.shape for k, v in tensors.items()}, schedule)
+        except ConvertError as e:
+            raise WeightsError(f"{where}: a PyTorch-layout checkpoint that cannot be read: {e}") from None
+        return CheckpointInfo(Path(path), tensors, None, layout="pytorch")
     if "text_emb.weight" not in tensors or "text_linear.weight" not in tensors:
         hint = " (it looks like Mimi weights: use --mimi-weights)" if looks_like_mimi(tensors) else ""
         raise WeightsError(f"{where}: not a Moshi LM checkpoint (no text_emb/text_linear tensors){hint}")
@@ -248,6 +255,25 @@ def default_dtype(quantization: Quantization | None, tensors: dict[str, TensorIn
     return mx.bfloat16
 
 
+def _load_pytorch(info: CheckpointInfo, config: LmConfig, dtype: mx.Dtype | None, bits: int | None) -> Lm:
+    """A PyTorch-layout checkpoint: mapped to our names in memory, checked, then quantized if `bits` is given."""
+    from .pytorch_weights import pytorch_weights
+
+    schedule = config.depformer_weights_per_step_schedule
+    weights = pytorch_weights(info.path, {k: v.shape for k, v in info.tensors.items()},
+                              {k: v.dtype for k, v in info.tensors.items()},
+                              list(schedule) if schedule else None, f"{info.path} (PyTorch layout)")
+    quantization = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits is not None else None
+    own = SAFETENSORS_DTYPES.get(info.tensors["text_emb.weight"].dtype, mx.bfloat16)  # the file's precision
+    model = build_model(config, None, dtype or (default_dtype(quantization) if quantization else own))
+    expected = expected_layout(model)
+    check_layout({k: TensorInfo("F32", tuple(v.shape)) for k, v in weights.items()}, model, info.path)
+    model.update(tree_unflatten([(k, v.astype(expected[k][1])) for k, v in weights.items()]))
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return model
+
+
 def load_lm(
     path: str | os.PathLike | CheckpointInfo,
     config: LmConfig | None = None,
@@ -265,6 +291,10 @@ def load_lm(
     """
     config = config or config_v0_1()
     info = path if isinstance(path, CheckpointInfo) else inspect_checkpoint(path)
+    if info.layout == "pytorch":  # `quantize` (-q) applies here only: an MLX file carries its own bits
+        model = _load_pytorch(info, config, dtype, quantize)
+        materialise(model, progress)
+        return model
     path = info.path
     if quantize is not None and info.quantization is not None:
         raise WeightsError(f"{path} is already quantized ({info.bits}-bit): drop -q")
@@ -334,6 +364,8 @@ class ResolvedModel:
 
 
 def _refuse_bits(quantize: int | None, info: CheckpointInfo, where: str) -> None:
+    if info.layout == "pytorch":
+        return  # float weights mapped at load time: -q quantizes them then
     if quantize is not None and info.bits != quantize:
         raise WeightsError(
             f"{where} holds {describe_bits(info.bits)} weights but -q {quantize} was given: {quantize_hint(info.bits)}"

@@ -12,9 +12,9 @@ unknown key never changes the maths silently.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Mapping
 
 from ..errors import MoshiError
 
@@ -160,7 +160,34 @@ class ConditionerConfig:
 
 
 #: Metadata keys (what files to use, how to sample by default): kept, never part of the maths.
-_METADATA = ("mimi_name", "model_type", "lm_gen_config")
+_METADATA = ("mimi_name", "model_type", "lm_gen_config", "stt")
+
+
+@dataclass(frozen=True)
+class SttConfig:
+    """Kyutai's `stt_config` of a speech-to-text model: how its text stream lags the audio it hears.
+
+    The model writes a word `audio_delay_seconds` after the audio holding it (so a file's end is flushed with
+    that much silence), and was trained with `audio_silence_prefix_seconds` of silence before the speech.
+    """
+
+    audio_delay_seconds: float = 0.0
+    audio_silence_prefix_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("audio_delay_seconds", "audio_silence_prefix_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 3600:
+                raise ConfigError(f"config key stt_config.{name}={value!r}: expected seconds >= 0")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> SttConfig:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config key stt_config={data!r}: expected a JSON object")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"config key stt_config.{min(unknown)} is not known to moshi_mlx")
+        return cls(**{k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
@@ -191,14 +218,16 @@ class LmConfig:
     mimi_name: str | None = field(default=None, compare=False)
     model_type: str = field(default="moshi", compare=False)
     lm_gen_config: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # Kyutai's stt_config (speech-to-text models): the text stream's lag behind the audio. None: not an STT model.
+    stt: SttConfig | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.audio_delays) != self.audio_codebooks:
             raise ConfigError(
                 f"delays has {len(self.audio_delays) + 1} entries but n_q is {self.audio_codebooks} (expected n_q + 1)"
             )
-        if not 0 < self.generated_codebooks <= self.audio_codebooks:
-            raise ConfigError(f"dep_q must be in 1..{self.audio_codebooks} (n_q), got {self.generated_codebooks}")
+        if not 0 <= self.generated_codebooks <= self.audio_codebooks:
+            raise ConfigError(f"dep_q must be in 0..{self.audio_codebooks} (n_q), got {self.generated_codebooks}")
         schedule = self.depformer_weights_per_step_schedule
         if schedule is not None and len(schedule) != self.generated_codebooks:
             raise ConfigError(
@@ -209,6 +238,11 @@ class LmConfig:
         names = [c.name for c in self.conditioners]
         if len(set(names)) != len(names):
             raise ConfigError(f"conditioners: a name appears twice in {names}")
+
+    @property
+    def text_only(self) -> bool:
+        """True for a model that generates text only (dep_q 0: no depformer, no audio out), e.g. Kyutai's STT."""
+        return self.generated_codebooks == 0
 
     @property
     def user_codebooks(self) -> int:
@@ -276,6 +310,9 @@ class LmConfig:
             conds = [{"name": name, **c} for name, c in conds.items()]
         own["conditioners"] = tuple(ConditionerConfig.from_dict(c) for c in conds)
         own["lm_gen_config"] = dict(own.get("lm_gen_config") or {})
+        stt = own.get("stt") or data.get("stt_config")
+        own["stt"] = SttConfig.from_dict(stt) if stt is not None else None
+        own.pop("stt_config", None)
         return cls(**own)
 
     @classmethod
@@ -331,6 +368,8 @@ class LmConfig:
             "model_type": self.model_type,
             "lm_gen_config": dict(self.lm_gen_config),
         }
+        if self.stt is not None:
+            out["stt_config"] = dataclasses.asdict(self.stt)
         if t.positional_scale != 1.0:
             out["positional_scale"] = t.positional_scale
         if d.positional_scale != t.positional_scale:
@@ -563,6 +602,8 @@ def read_kyutai_config(raw: Mapping[str, Any]) -> LmConfig:
         raise ConfigError(f"config key text_card_out={data['text_card_out']!r} (different from text_card) is not supported")
     if data["context"] is None:
         raise ConfigError("config key context is null (unbounded attention): a streaming model needs a context")
+    if "depformer_num_heads" not in data and data["dep_q"] == 0:
+        data["depformer_num_heads"] = 1  # a text-only model has no depformer: LMModel never reads its keys
     if "depformer_num_heads" not in data:
         raise ConfigError("config.json lacks the required key depformer_num_heads")
     dim, dep_dim = _int(data, "dim"), _int(data, "depformer_dim")
@@ -636,6 +677,7 @@ def read_kyutai_config(raw: Mapping[str, Any]) -> LmConfig:
         mimi_name=raw.get("mimi_name"),
         model_type=str(raw.get("model_type", "moshi")),
         lm_gen_config=dict(lm_gen),
+        stt=SttConfig.from_dict(raw["stt_config"]) if raw.get("stt_config") is not None else None,
     )
 
 
@@ -669,6 +711,19 @@ def config_tiny(context: int = 3000) -> LmConfig:
     )
 
 
+def config_tiny_stt(context: int = 375) -> LmConfig:
+    """Tiny random-weight speech-to-text model (Kyutai's STT layout: text only, 32 codebooks of the speaker, no
+    delays, an 8000-piece text vocabulary, four VAD heads, `stt_config` of stt-1b-en_fr) for tests and stand-ins."""
+    return LmConfig(
+        # gated hidden size 128 (2/3 of 192): every matrix quantizable with groups of 32 and 64
+        transformer=TransformerConfig(d_model=64, num_heads=2, num_layers=2, dim_feedforward=192, context=context),
+        depformer=TransformerConfig(d_model=64, num_heads=1, num_layers=0, dim_feedforward=192, context=0),
+        text_in_vocab_size=8001, text_out_vocab_size=8000, audio_codebooks=32, generated_codebooks=0,
+        audio_delays=(0,) * 32, extra_heads_num_heads=4, extra_heads_dim=6, model_type="stt",
+        stt=SttConfig(audio_delay_seconds=0.5, audio_silence_prefix_seconds=0.0),
+    )
+
+
 PRESETS = {"tiny": config_tiny, "small": config_small, "7b": config_v0_1}
 
 
@@ -680,6 +735,6 @@ def preset(name: str) -> LmConfig:
 
 
 __all__ = [
-    "ConditionerConfig", "ConfigError", "TransformerConfig", "LmConfig", "config_v0_1", "config_small",
-    "config_tiny", "preset", "PRESETS", "check_kyutai_keys", "read_kyutai_config",
+    "ConditionerConfig", "ConfigError", "SttConfig", "TransformerConfig", "LmConfig", "config_v0_1", "config_small",
+    "config_tiny", "config_tiny_stt", "preset", "PRESETS", "check_kyutai_keys", "read_kyutai_config",
 ]

@@ -91,8 +91,12 @@ class DepformerSlice(nn.Module):
 
 
 class Depformer(nn.Module):
+    """The depth transformer: one slice per generated codebook. A text-only model (dep_q 0) has no slice and
+    samples nothing; it keeps this empty module so every model has the same attributes."""
+
     def __init__(self, cfg: LmConfig) -> None:
         super().__init__()
+        self._card = cfg.audio_card
         # Slice 0 reads the text token just sampled; slice k reads audio codebook k-1.
         self.slices = [
             DepformerSlice(cfg, cfg.text_in_vocab_size if k == 0 else cfg.audio_vocab_size)
@@ -117,6 +121,8 @@ class Depformer(nn.Module):
         code back to both halves, as Kyutai's PyTorch LMGen does.
         Stays on device: each sampled code feeds the next slice without a host sync.
         """
+        if not self.slices:
+            return mx.zeros((text_token.shape[0], 0), dtype=mx.int32)
         caches = [FrameCache() for _ in self.slices[0].transformer.layers]
         previous = text_token
         codes = []
@@ -138,6 +144,8 @@ class Depformer(nn.Module):
         slice reads (text for slice 0, codebook k-1 for slice k). Returns [B, K, T, audio_card].
         """
         batch, steps, dim = hidden.shape
+        if not self.slices:
+            return mx.zeros((batch, 0, steps, self._card), dtype=hidden.dtype)
         flat = hidden.reshape(batch * steps, 1, dim)  # positions are independent: fold them into the batch
         caches = [FrameCache() for _ in self.slices[0].transformer.layers]
         logits = []

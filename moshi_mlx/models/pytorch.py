@@ -32,6 +32,7 @@ Name mapping (PyTorch -> MLX), k = depformer step / slice, l = layer:
     {transformer,depformer}.layers.{l}.layer_scale_{1,2}.scale  -> same names (depformer: every slice)
     depformer_norms.{k}.{alpha | weight, bias}      -> depformer.slices.{k}.out_norm.{weight, bias}
     extra_heads.{i}.weight                          -> same names
+A text-only model (dep_q 0, no linears.*) has no depformer; its unused depformer_in.* (if any) are dropped.
     condition_provider.conditioners.{name}.{embed.weight, output_proj.weight, learnt_padding} -> same names
 LayerNorm weights and biases keep their names. With kv_repeat, in_proj has dim + 2 * kv_dim rows (queries, then
 the key/value heads' keys and values), as in PyTorch.
@@ -238,8 +239,23 @@ def read_dims(shapes: Shapes, layout: str) -> Dims:
     gating = not any(n.startswith(layer0 + "linear1.") or n.startswith(layer0 + "gating.linear1.") for n in shapes)
     hidden = _need(shapes, layer0 + "gating.linear_out.weight" if gating else names.plain_ffn_out, 2)[1]
     norm = "layer_norm" if layer0 + "norm1.bias" in shapes else "rms_norm"
+    extra = _count(shapes, r"extra_heads\.(\d+)\.weight$")
+    common: dict[str, Any] = {
+        "kv_dim": _kv_dim(shapes, (layer0 + "self_attn.in_projs.0.weight", layer0 + "self_attn.in_proj_weight",
+                                   layer0 + "self_attn.in_proj.weight"), dim),
+        "layer_scale": layer0 + "layer_scale_1.scale" in shapes,
+        "extra_heads": extra,
+        "extra_heads_dim": _need(shapes, "extra_heads.0.weight", 2)[0] if extra else 0,
+        "conditioners": _conditioners(shapes),
+    }
+    if names.dep_q == 0 and names.dep_layers == 0 and names.text_emb_dep not in shapes:
+        # A text-only model (dep_q 0, e.g. Kyutai's STT): no depformer. Kyutai still builds one unused
+        # depformer_in projection when depformer_multi_linear is off; `dep_in` counts it, the plan drops it.
+        return Dims(dim, num_layers, hidden, text_in, text_out, audio_vocab, names.n_q, 0, 0, 0, 0, norm, gating,
+                    dep_in=names.dep_in, **common)
     if names.dep_q == 0 or names.dep_layers == 0:
-        raise ConvertError("no depformer tensors: only Moshi checkpoints with a depformer can be converted")
+        raise ConvertError("depformer tensors without their output heads (linears.*), or heads without a depformer: "
+                           "not a complete Moshi checkpoint")
     dep_dim = _need(shapes, names.dep_in0, 2)[0]
     dep_gating = not any(n.startswith((names.dep_layer0 + "linear1.", names.dep_layer0 + "gating.linear1.")) for n in shapes)
     dep_hidden = _need(shapes, next((n for n in names.dep_out if n in shapes), names.dep_out[0]), 2)[1]
@@ -252,21 +268,15 @@ def read_dims(shapes: Shapes, layout: str) -> Dims:
         dep_out_norm = "rms_norm"
     else:
         dep_out_norm = None
-    extra = _count(shapes, r"extra_heads\.(\d+)\.weight$")
     return Dims(
         dim, num_layers, hidden, text_in, text_out, audio_vocab, names.n_q, names.dep_q, dep_dim,
         names.dep_layers, dep_hidden, norm, gating, rank if rank != dep_dim else None, names.dep_in, sets,
         dep_gating=dep_gating,
-        kv_dim=_kv_dim(shapes, (layer0 + "self_attn.in_projs.0.weight", layer0 + "self_attn.in_proj_weight",
-                                layer0 + "self_attn.in_proj.weight"), dim),
         dep_kv_dim=_kv_dim(shapes, (names.dep_attn0, names.dep_layer0 + "self_attn.in_proj_weight"), dep_dim,
                            sets),
-        layer_scale=layer0 + "layer_scale_1.scale" in shapes,
         dep_layer_scale=names.dep_layer0 + "layer_scale_1.scale" in shapes,
         dep_out_norm=dep_out_norm,
-        extra_heads=extra,
-        extra_heads_dim=_need(shapes, "extra_heads.0.weight", 2)[0] if extra else 0,
-        conditioners=_conditioners(shapes),
+        **common,
     )
 
 
@@ -429,10 +439,14 @@ def plan_conversion(shapes: dict[str, Any], schedule: list[int] | None = None) -
     d = read_dims(shapes, layout)
     if schedule is not None and len(schedule) != d.dep_q:
         raise ConvertError(f"depformer_weights_per_step_schedule has {len(schedule)} entries; the model has {d.dep_q} steps")
-    in_src = _step_sources(d.dep_in, d.dep_q, schedule, "input projections")
-    set_src = _step_sources(d.dep_sets, d.dep_q, schedule, "weight sets")
     planner = _Planner(shapes, layout, d)
     planner.temporal()
+    if d.dep_q == 0:  # text-only: the unused depformer_in projections Kyutai builds are left out
+        planner.used.update(f"depformer_in.{i}.weight" for i in range(d.dep_in))
+        planner.check_complete()
+        return Plan(layout, d, planner.pieces)
+    in_src = _step_sources(d.dep_in, d.dep_q, schedule, "input projections")
+    set_src = _step_sources(d.dep_sets, d.dep_q, schedule, "weight sets")
     for k in range(d.dep_q):
         planner.depformer_step(k, in_src[k], set_src[k])
     planner.check_complete()

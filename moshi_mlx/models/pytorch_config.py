@@ -18,11 +18,12 @@ __all__ = ["SHAPE_KEYS", "build_config"]
 SHAPE_KEYS = ("dim", "num_layers", "text_card", "card", "n_q", "dep_q", "depformer_dim", "depformer_num_layers")
 
 
-def _ffn_sizes(d: Dims) -> tuple[float, int]:
-    """(hidden_scale, depformer_dim_feedforward) as Kyutai's config.json describes the two FFNs."""
+def _ffn_sizes(d: Dims) -> tuple[float, int | None]:
+    """(hidden_scale, depformer_dim_feedforward) as Kyutai's config.json describes the two FFNs (None: no
+    depformer, a text-only model)."""
     try:
         return (kyutai_hidden_scale(d.dim, d.hidden, d.gating),
-                kyutai_feedforward(d.dep_dim, d.dep_hidden, d.dep_gating))
+                kyutai_feedforward(d.dep_dim, d.dep_hidden, d.dep_gating) if d.dep_q else None)
     except ConfigError as e:
         raise ConvertError(f"the feed-forward sizes cannot be described in config.json: {e}") from None
 
@@ -41,16 +42,28 @@ def _agree(user: dict, key: str, value: Any, shown: str) -> None:
         raise ConvertError(f"--config has {key}={user[key]!r} but the checkpoint's tensors give {shown}")
 
 
+def _check_extra_heads(d: Dims, user: dict) -> None:
+    """The user's extra heads must be the checkpoint's."""
+    if d.extra_heads:
+        _agree(user, "extra_heads_num_heads", d.extra_heads, f"{d.extra_heads} extra heads")
+        _agree(user, "extra_heads_dim", d.extra_heads_dim, f"extra heads of size {d.extra_heads_dim}")
+    elif user.get("extra_heads_num_heads"):
+        raise ConvertError(
+            f"--config has extra_heads_num_heads={user['extra_heads_num_heads']!r} but the checkpoint has no extra_heads"
+        )
+
+
 def _derived(d: Dims, user: dict) -> dict[str, Any]:
     """The keys the shapes fix, each checked against the user's value (which may only refine it)."""
     hidden_scale, dep_ff = _ffn_sizes(d)
     gating, dep_gating = ("silu" if d.gating else "none"), ("silu" if d.dep_gating else "none")
     _agree(user, "gating", gating, f"gating={gating!r}")
-    _agree({"depformer_gating": user.get("depformer_gating", user.get("gating", gating))}, "depformer_gating",
-           dep_gating, f"depformer_gating={dep_gating!r}")
     _agree(user, "kv_repeat", d.kv_repeat, f"kv_repeat={d.kv_repeat}")
-    _agree({"depformer_kv_repeat": user.get("depformer_kv_repeat", user.get("kv_repeat", d.dep_kv_repeat))},
-           "depformer_kv_repeat", d.dep_kv_repeat, f"depformer_kv_repeat={d.dep_kv_repeat}")
+    if d.dep_q:  # a text-only model has no depformer tensors to agree with
+        _agree({"depformer_gating": user.get("depformer_gating", user.get("gating", gating))}, "depformer_gating",
+               dep_gating, f"depformer_gating={dep_gating!r}")
+        _agree({"depformer_kv_repeat": user.get("depformer_kv_repeat", user.get("kv_repeat", d.dep_kv_repeat))},
+               "depformer_kv_repeat", d.dep_kv_repeat, f"depformer_kv_repeat={d.dep_kv_repeat}")
 
     def scale(key: str, present: bool, inherited: Any = None) -> Any:
         given = user.get(key, inherited)
@@ -67,11 +80,9 @@ def _derived(d: Dims, user: dict) -> dict[str, Any]:
         dep_norm = _refined_norm(d.dep_out_norm, user.get("depformer_norm"), "depformer_norm")
     elif user.get("depformer_norm") is not None:
         raise ConvertError(f"--config has depformer_norm={user['depformer_norm']!r} but the checkpoint has no depformer_norms")
-    if d.extra_heads:
-        _agree(user, "extra_heads_num_heads", d.extra_heads, f"{d.extra_heads} extra heads")
-        _agree(user, "extra_heads_dim", d.extra_heads_dim, f"extra heads of size {d.extra_heads_dim}")
-    elif user.get("extra_heads_num_heads"):
-        raise ConvertError(f"--config has extra_heads_num_heads={user['extra_heads_num_heads']!r} but the checkpoint has no extra_heads")
+    if d.dep_q == 0:
+        return _text_only_derived(d, user, hidden_scale, gating, layer_scale)
+    _check_extra_heads(d, user)
     return {
         "dim": d.dim,
         "num_layers": d.num_layers,
@@ -92,6 +103,27 @@ def _derived(d: Dims, user: dict) -> dict[str, Any]:
         "norm": _refined_norm(d.norm, user.get("norm"), "norm"),
         "depformer_norm": dep_norm,
         "depformer_low_rank_embeddings": d.low_rank,
+        "extra_heads_num_heads": d.extra_heads,
+        "extra_heads_dim": d.extra_heads_dim if d.extra_heads else user.get("extra_heads_dim", 6),
+    }
+
+
+#: The depformer keys a text-only model's config keeps from the user (they describe no tensor): LMModel's
+#: defaults when left out, with one head where it has none (Kyutai never builds that depformer).
+_UNUSED_DEPFORMER = {"depformer_dim": KYUTAI_DEFAULTS["depformer_dim"], "depformer_num_heads": 1,
+                     "depformer_num_layers": 0}
+
+
+def _text_only_derived(d: Dims, user: dict, hidden_scale: float, gating: str, layer_scale: Any) -> dict[str, Any]:
+    """The shape-fixed keys of a text-only model (dep_q 0): the temporal ones; the depformer's are the user's."""
+    _check_extra_heads(d, user)
+    if user.get("depformer_norm") is not None:
+        raise ConvertError(f"--config has depformer_norm={user['depformer_norm']!r} but the checkpoint has no depformer")
+    unused = {k: user.get(k, v) for k, v in _UNUSED_DEPFORMER.items()}
+    return {
+        "dim": d.dim, "num_layers": d.num_layers, "text_card": d.text_out, "card": d.audio_vocab - 1, "n_q": d.n_q,
+        "dep_q": 0, **unused, "hidden_scale": hidden_scale, "gating": gating, "kv_repeat": d.kv_repeat,
+        "layer_scale": layer_scale, "norm": _refined_norm(d.norm, user.get("norm"), "norm"),
         "extra_heads_num_heads": d.extra_heads,
         "extra_heads_dim": d.extra_heads_dim if d.extra_heads else user.get("extra_heads_dim", 6),
     }
@@ -132,9 +164,11 @@ def _check_user(d: Dims, user: dict, derived: dict[str, Any]) -> None:
         if key in user and (not isinstance(user[key], int) or isinstance(user[key], bool)):
             raise ConvertError(f"--config has {key}={user[key]!r}; expected an integer")
     for key in SHAPE_KEYS:
+        if d.dep_q == 0 and key.startswith("depformer_"):
+            continue  # a text-only model's depformer keys describe no tensor
         if key in user and user[key] != derived[key]:
             raise ConvertError(f"--config has {key}={user[key]} but the checkpoint's tensors give {derived[key]}")
-    if user.get("depformer_dim_feedforward") is not None:
+    if user.get("depformer_dim_feedforward") is not None and d.dep_q:
         ff = user["depformer_dim_feedforward"]
         got = kyutai_ffn_hidden(d.dep_dim, ff, d.dep_gating)
         if got != d.dep_hidden:
@@ -148,7 +182,7 @@ def _defaults(d: Dims) -> dict[str, Any]:
     """Moshi 7B's values for what the weights do not record."""
     defaults: dict[str, Any] = {
         "num_heads": d.dim // 128,
-        "depformer_num_heads": d.dep_dim // 64,
+        "depformer_num_heads": d.dep_dim // 64 if d.dep_q else 1,
         "context": 3000,
         "max_period": 10000,
         "positional_embedding": "rope",
@@ -156,7 +190,9 @@ def _defaults(d: Dims) -> dict[str, Any]:
         "depformer_max_period": 10000,
         "depformer_pos_emb": "none",
     }
-    if d.n_q % d.dep_q == 0:
+    if d.dep_q == 0:
+        defaults["delays"] = [0] * (d.n_q + 1)  # Kyutai's speech-to-text models: no stream delayed
+    elif d.n_q % d.dep_q == 0:
         defaults["delays"] = [0] + ([0] + [1] * (d.dep_q - 1)) * (d.n_q // d.dep_q)
     return defaults
 
@@ -168,7 +204,7 @@ def _assumed_notes(d: Dims, defaults: dict[str, Any], assumed: list[str]) -> lis
         if d.dim % 128:
             raise ConvertError(f"the weights do not record num_heads (dim {d.dim}): pass --config with num_heads")
         notes.append(f"num_heads={defaults['num_heads']} (head dim 128)")
-    if "depformer_num_heads" in assumed:
+    if "depformer_num_heads" in assumed and d.dep_q:
         if d.dep_dim % 64:
             raise ConvertError(
                 f"the weights do not record depformer_num_heads (dim {d.dep_dim}): pass --config with it"
@@ -177,7 +213,8 @@ def _assumed_notes(d: Dims, defaults: dict[str, Any], assumed: list[str]) -> lis
     if "delays" in assumed:
         if "delays" not in defaults:
             raise ConvertError("the weights do not record the codebook delays: pass --config with delays")
-        notes.append("delays as Moshi 7B (0 for text and each stream's first codebook, 1 for the rest)")
+        notes.append("delays all 0 (a text-only model, as Kyutai's speech-to-text)" if d.dep_q == 0 else
+                     "delays as Moshi 7B (0 for text and each stream's first codebook, 1 for the rest)")
     notes.extend(f"{k}={defaults[k]}" for k in ("context", "max_period", "positional_embedding") if k in assumed)
     return notes
 

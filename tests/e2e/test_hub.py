@@ -429,7 +429,7 @@ def test_local_override_errors(tmp_path, local_files, assets):
         ({"moshi_weights": truncated}, r"^--moshi-weights .*: file is truncated"),
         ({"moshi_weights": junk}, r"^--moshi-weights .*: not a safetensors file"),
         ({"moshi_weights": local_files["mimi"]}, r"not a Moshi LM checkpoint .*use --mimi-weights"),
-        ({"moshi_weights": pt}, r"PyTorch-layout Moshi checkpoint; convert it first with `python -m moshi_mlx"),
+        ({"moshi_weights": pt}, r"PyTorch-layout checkpoint that cannot be read: missing tensor"),
         ({"mimi_weights": local_files["moshi"]}, r"^--mimi-weights .*: not Mimi codec weights .*use --moshi-weights"),
         ({"mimi_weights": junk}, r"^--mimi-weights .*: not a safetensors file"),
         ({"tokenizer": junk}, r"^--tokenizer .*: not a SentencePiece model"),

@@ -52,6 +52,14 @@ VARIANTS = {
         depformer_gating="none", depformer_weights_per_step=False, depformer_dim_feedforward=96,
         depformer_positional_scale=2.0,
     ),
+    # Kyutai's speech-to-text layout scaled down (configs/stt_*.json): text only (dep_q 0, no depformer), 32
+    # codebooks of the user, no delay, VAD extra heads, stt_config; without depformer_multi_linear LMModel still
+    # builds one unused depformer_in, which the converter drops.
+    "stt_text_only": dict(
+        n_q=32, dep_q=0, delays=[0] * 33, extra_heads_num_heads=4, extra_heads_dim=6, depformer_multi_linear=False,
+        model_type="stt", lm_gen_config={"temp": 0.0, "temp_text": 0.0, "top_k": 250, "top_k_text": 50},
+        stt_config={"audio_delay_seconds": 0.5, "audio_silence_prefix_seconds": 0.0},
+    ),
     # moshi/tests/test_lm.py's model, as Kyutai writes it: every other key at LMModel's default (layer_norm,
     # sin positions, plain GELU temporal FFN; the depformer silu-gated, low-rank, schedule [0, 1, 1]).
     "kyutai_test_lm": "replace",
@@ -119,16 +127,17 @@ def pytorch_checkpoint(cfg: dict, rng: np.random.Generator) -> dict[str, np.ndar
         ffn(p, f"{p}.gating", d, hidden, gated)
         if get("layer_scale") is not None:
             w[f"{p}.layer_scale_1.scale"] = w[f"{p}.layer_scale_2.scale"] = (d,)
-    for i in range(n_in):
+    for i in range(n_in):  # LMModel builds these even for dep_q 0 (one, without depformer_multi_linear)
         w[f"depformer_in.{i}.weight"] = (D, d)
-    emb("depformer_text_emb", cfg["text_card"] + 1)
+    if dep_q:  # a text-only model (dep_q 0) has no depformer: no embeddings, layers or heads
+        emb("depformer_text_emb", cfg["text_card"] + 1)
     for k in range(dep_q):
         w[f"linears.{k}.weight"] = (cfg["card"], D)
         if k:
             emb(f"depformer_emb.{k - 1}", cfg["card"] + 1)
         if cfg.get("depformer_norm"):
             norm(f"depformer_norms.{k}", D, cfg["depformer_norm"])
-    for l in range(get("depformer_num_layers")):
+    for l in range(get("depformer_num_layers") if dep_q else 0):
         p = f"depformer.layers.{l}"
         for j in range(sets):
             w[f"{p}.self_attn.in_projs.{j}.weight"] = (D + 2 * dep_kv, D)

@@ -159,8 +159,12 @@ def embed(w: Weights, name: str, tokens: np.ndarray) -> np.ndarray:
 
 
 def depformer(w: Weights, cfg: dict, hidden: np.ndarray, seq: np.ndarray) -> np.ndarray:
-    """hidden [T, dim]; seq [1 + n_q, T] (the positions' own tokens). Returns [dep_q, T, card]."""
-    dep_q, dim = cfg["dep_q"], cfg["depformer_dim"]
+    """hidden [T, dim]; seq [1 + n_q, T] (the positions' own tokens). Returns [dep_q, T, card]
+    (no rows for a text-only model: dep_q 0, which LMModel builds without a depformer)."""
+    dep_q = cfg["dep_q"]
+    if dep_q == 0:
+        return np.zeros((0, hidden.shape[0], cfg["card"]))
+    dim = cfg["depformer_dim"]
     schedule = cfg.get("depformer_weights_per_step_schedule")
     per_step = get(cfg, "depformer_weights_per_step")
     sets = (max(schedule) + 1 if schedule else dep_q) if per_step else 1

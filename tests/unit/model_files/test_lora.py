@@ -17,11 +17,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from moshi_mlx.convert import main
+from moshi_mlx.model_files.checkpoint import load_lm
 from moshi_mlx.model_files.convert import convert
 from moshi_mlx.model_files.lora import DEFAULT_SCALING
-from moshi_mlx.models.pytorch import ConvertError
-from moshi_mlx.model_files.checkpoint import load_lm
 from moshi_mlx.models.config import LmConfig
+from moshi_mlx.models.pytorch import ConvertError
 from tests.helpers.kyutai import FIXTURES, delayed, max_gap, undelayed
 
 BASE = FIXTURES / "moshi_7b"

@@ -17,7 +17,7 @@ import pytest
 from moshi_mlx.generate import LmGen
 from moshi_mlx.model_files.checkpoint import load_lm
 from moshi_mlx.model_files.convert import convert
-from moshi_mlx.models.config import LmConfig
+from moshi_mlx.models.config import LmConfig, SttConfig
 from moshi_mlx.models.pytorch import ConvertError
 from moshi_mlx.settings import GREEDY
 from tests.helpers import numpy_lm
@@ -94,18 +94,23 @@ def test_streaming_runs_every_variant(variant):
         pytest.skip("LmGen's conditioning belongs to generate.py; test_lm's model has no user stream to feed")
     gen = LmGen(model, GREEDY, GREEDY, keep_text_logits=True)
     frames = rng.integers(0, cfg["card"], (STEPS, cfg["n_q"] - cfg["dep_q"])).astype(np.int32)
-    raw, logits = [], []
+    raw, logits, outs = [], [], []
     for frame in frames:
         pending = gen.submit(frame)
         raw.append(pending.raw_tokens), logits.append(pending.text_logits)
-        pending.result()
+        outs.append(pending.result())
     user = np.zeros((len(frames[0]), STEPS), np.int32)
     for k, delay in enumerate(cfg["delays"][1 + cfg["dep_q"] :]):
         user[k, delay:] = frames[: STEPS - delay, k]
     tokens = np.concatenate([np.stack(raw, axis=1), user])[None]
     text, audio = model.forward(mx.array(tokens))
     np.testing.assert_allclose(np.array(text[0]), np.stack(logits), rtol=0, atol=1e-4)
-    assert np.array_equal(np.array(mx.argmax(audio[0], axis=-1)), tokens[0, 1 : 1 + cfg["dep_q"]])
+    if cfg["dep_q"]:
+        assert np.array_equal(np.array(mx.argmax(audio[0], axis=-1)), tokens[0, 1 : 1 + cfg["dep_q"]])
+    else:  # text only: every step is a complete frame holding a text token and no audio codes
+        assert audio.shape == (1, 0, STEPS, cfg["card"])
+        assert [o.frame for o in outs] == list(range(STEPS))
+        assert all(o.audio_codes.shape == (0,) and o.text_token == r[0] for o, r in zip(outs, raw, strict=True))
 
 
 def test_config_json_round_trips_the_options(variant):
@@ -128,6 +133,10 @@ def test_config_json_round_trips_the_options(variant):
     assert c.conditioner_names == tuple(cfg.get("conditioners") or ())
     assert c.model_type == cfg.get("model_type", "moshi") and c.mimi_name == cfg.get("mimi_name")
     assert dict(c.lm_gen_config) == cfg.get("lm_gen_config", {})
+    assert c.text_only == (cfg["dep_q"] == 0)
+    stt = cfg.get("stt_config")
+    assert c.stt == (SttConfig(**stt) if stt else None)
+    assert LmConfig.from_dict(c.to_kyutai_dict()).stt == c.stt == LmConfig.from_dict(c.to_dict()).stt
     schedule = cfg.get("depformer_weights_per_step_schedule")
     assert c.depformer_weights_per_step_schedule == (tuple(schedule) if schedule else None)
     assert LmConfig.from_dict(c.to_kyutai_dict()) == c
