@@ -117,7 +117,7 @@ def test_the_next_record_finishes_what_a_kill_left(tmp_path):
     part = folder / "moshi-20260101-120000-stereo.partial.wav"
     sf.write(part, np.zeros((SR, 2), np.int16), SR, subtype="PCM_16")
     r = subprocess.run(
-        [sys.executable, "-m", "moshi_mlx.local", "--record", str(folder), "--input-device", "no-such-device"],
+        [sys.executable, "-m", "moshi_mlx.local", "--demo", "--record", str(folder), "--input-device", "no-such-device"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert "recording: finished one an earlier session left unfinished (1.0 s)" in r.stderr, r.stderr
