@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from ..audio.codec_choice import CodecChoice
 from ..engine import ConversationEngine
 from ..errors import MoshiError
 from ..models.lm import Lm
@@ -35,7 +36,7 @@ DEMO_BANNER = "DEMO MODE: tiny random-weight model and random Mimi. Moshi will b
 @dataclass
 class Assets:
     lm: Lm
-    mimi: object  # moshi_mlx.audio.mimi.Mimi
+    mimi: object  # a moshi_mlx.audio.mimi.FrameCodec: rustymimi's Mimi or the MLX Mimi
     tokenizer: TextTokenizer | None
     description: str
     demo: bool
@@ -55,15 +56,16 @@ class Assets:
         """Fit the LM into ``max_memory_gb`` (default: the machine's), set MLX's limits, say what was chosen."""
         t = self.lm.config.transformer
         budget = int(max_memory_gb * GB) if max_memory_gb is not None else machine_budget_bytes()
+        codec_bytes = getattr(self.mimi, "mlx_bytes", 0)  # the MLX Mimi lives inside MLX's allocator
         plan = plan_memory(
             weights_bytes(self.lm), t.num_layers, t.num_heads, t.head_dim, t.context, budget, kv_bits,
-            dtype_bytes=self.lm.dtype.size,
+            dtype_bytes=self.lm.dtype.size, codec_bytes=codec_bytes,
         )
         apply_limits(plan)
         line = plan.describe()
-        mimi_bytes = getattr(self.mimi, "resident_bytes", 0)
-        if mimi_bytes:  # outside MLX, so outside the budget: said so the whole picture is on one line
-            line += f"; Mimi {mimi_bytes / GB:.2f} GB on top ({self.mimi.live_instances} rustymimi instances)"
+        outside = getattr(self.mimi, "resident_bytes", 0) - codec_bytes
+        if outside > 0:  # rustymimi: outside MLX, so outside the budget: said so the whole picture is on one line
+            line += f"; Mimi {outside / GB:.2f} GB on top ({self.mimi.memory_note})"
         (log or say)(line)
         self.memory = plan
         return plan
@@ -75,13 +77,15 @@ def load(
     dtype: str | None = None,
     log: Callable[[str], None] = say,
     progress: Callable[[int, int], None] | None = None,
+    codec: CodecChoice = CodecChoice(),
 ) -> Assets:
     """The one front door: the LM, Mimi and the text tokenizer for `source` (or the demo stand-ins).
 
-    `log` takes status lines and `progress(done, total)` the loading of the LM's layers.
+    `log` takes status lines and `progress(done, total)` the loading of the LM's layers; `codec` picks the Mimi
+    (rustymimi by default, the MLX one where rustymimi is missing or asked for) with as many codebooks as the LM.
     Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
     """
-    from ..audio.mimi import Mimi  # rustymimi is only needed once we really load
+    from ..audio.codec_choice import open_mimi  # a codec is only needed once we really load
 
     start = time.perf_counter()
     if demo:
@@ -92,7 +96,7 @@ def load(
         log(DEMO_BANNER)
         files = demo_assets()
         lm = demo_lm()
-        mimi = Mimi(files.mimi_path)
+        mimi = open_mimi(files.mimi_path, lm.config.generated_codebooks, codec, log)
         tok = TextTokenizer(files.tokenizer_path)
         return Assets(
             lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start,
@@ -103,7 +107,7 @@ def load(
     files, config = resolved.files, resolved.config
     log(f"loading Moshi weights from {files.moshi}")
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress)
-    mimi = Mimi(files.mimi)
+    mimi = open_mimi(files.mimi, lm.config.generated_codebooks, codec, log)
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:
         raise WeightsError(
