@@ -52,10 +52,15 @@ class _Reader:
             raise CodecWeightsError(f"cannot read Mimi weights {self.path}: {e}") from None
         self._names = set(self._file.keys())
 
-    def __call__(self, name: str) -> np.ndarray:
+    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self._names:
             raise CodecWeightsError(f"{self.path} is not a Mimi checkpoint: no tensor {name}")
-        return self._file.get_tensor(name).astype(np.float32, copy=False)
+        tensor = self._file.get_tensor(name)
+        if tensor.shape != tuple(shape):
+            raise CodecWeightsError(
+                f"Mimi weights do not fit the Mimi network: {name} has shape {tensor.shape}, expected {tuple(shape)}"
+            )
+        return tensor.astype(np.float32, copy=False)
 
 
 class MimiNetwork:
@@ -63,56 +68,55 @@ class MimiNetwork:
         if not 1 <= num_codebooks <= cfg.max_codebooks:
             raise ValueError(f"num_codebooks must be in [1, {cfg.max_codebooks}], got {num_codebooks}")
         self.cfg, self.num_codebooks = cfg, num_codebooks
-        stride = cfg.downsample_stride
+        stride, dim = cfg.downsample_stride, cfg.seanet.dimension
         try:
             self.encoder = SeanetEncoder(cfg.seanet, get)
             self.encoder_transformer = CodecTransformer(cfg.transformer, get, "encoder_transformer")
             # the 25 -> 12.5 Hz step pads with its first input repeated, not zeros (as the reference does)
             self.downsample = Conv1d(
-                "downsample", get("downsample.conv.conv.conv.weight"), None, stride, replicate=True
+                "downsample", get("downsample.conv.conv.conv.weight", (dim, dim, 2 * stride)), None, stride,
+                replicate=True,
             )
-            self.quantizer = SplitQuantizer(get, num_codebooks)
+            self.quantizer = SplitQuantizer(get, num_codebooks, cfg.quantizer_dim, dim, cfg.codebook_size)
             self.upsample = ConvTranspose1d(
-                "upsample", get("upsample.convtr.convtr.convtr.weight"), None, stride, depthwise=True
+                "upsample", get("upsample.convtr.convtr.convtr.weight", (dim, 1, 2 * stride)), None, stride,
+                depthwise=True,
             )
             self.decoder_transformer = CodecTransformer(cfg.transformer, get, "decoder_transformer")
             self.decoder = SeanetDecoder(cfg.seanet, get)
+        except CodecWeightsError:
+            raise
         except ValueError as e:  # a reshape that does not fit: a tensor of the wrong shape
             raise CodecWeightsError(f"Mimi weights do not fit the Mimi network: {e}") from None
-        self._check_shapes()
+        # Materialized now: a lazy transpose would belong to this thread's stream, and the two directions
+        # run on threads of their own.
+        mx.eval(self._arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike, num_codebooks: int = 8, cfg: MimiConfig = MimiConfig()) -> MimiNetwork:
         return cls(_Reader(path), num_codebooks, cfg)
 
-    def _check_shapes(self) -> None:
-        """One zero frame through both directions: a tensor of the wrong shape fails here, at load."""
-        try:
-            codes = self.encode_step(mx.zeros((1, self.cfg.frame_size)), self.new_stream())
-            mx.eval(self.decode_step(codes, self.new_stream()))
-        except (ValueError, RuntimeError) as e:
-            raise CodecWeightsError(f"Mimi weights do not fit the Mimi network: {str(e).splitlines()[0]}") from None
+    def _arrays(self) -> list[mx.array]:
+        """Every weight array, each once."""
+        arrays: dict[int, mx.array] = {}
+
+        def collect(obj) -> None:
+            if isinstance(obj, mx.array):
+                arrays.setdefault(id(obj), obj)
+            elif isinstance(obj, (list, tuple)):
+                for item in obj:
+                    collect(item)
+            elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+                for item in vars(obj).values():
+                    collect(item)
+
+        collect(self)
+        return list(arrays.values())
 
     @property
     def nbytes(self) -> int:
         """Bytes of the weights as loaded (float32)."""
-        arrays: list[mx.array] = []
-
-        def collect(obj, seen: set[int]) -> None:
-            if id(obj) in seen:
-                return
-            seen.add(id(obj))
-            if isinstance(obj, mx.array):
-                arrays.append(obj)
-            elif isinstance(obj, (list, tuple)):
-                for item in obj:
-                    collect(item, seen)
-            elif hasattr(obj, "__dict__"):
-                for item in vars(obj).values():
-                    collect(item, seen)
-
-        collect(self, set())
-        return sum(a.nbytes for a in arrays)
+        return sum(a.nbytes for a in self._arrays())
 
     def new_stream(self, batch: int = 1) -> Stream:
         return Stream(self.encoder_transformer.new_window(batch, self.cfg.downsample_stride))

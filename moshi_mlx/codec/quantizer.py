@@ -12,21 +12,21 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-Tensors = Callable[[str], np.ndarray]
+Tensors = Callable[[str, tuple[int, ...]], np.ndarray]  # (name, expected shape) -> tensor
 #: Codebook vectors are embedding_sum / cluster_usage, the usage floored at this.
 USAGE_EPSILON = 1e-5
 
 
 class ResidualQuantizer:
-    def __init__(self, get: Tensors, prefix: str, codebooks: int) -> None:
-        self.input_proj = mx.array(get(f"{prefix}.input_proj.weight")[:, :, 0].T.copy())  # [512, 256]
-        self.output_proj = mx.array(get(f"{prefix}.output_proj.weight")[:, :, 0].T.copy())  # [256, 512]
+    def __init__(self, get: Tensors, prefix: str, codebooks: int, dim: int, latent: int, bins: int) -> None:
+        self.input_proj = mx.array(get(f"{prefix}.input_proj.weight", (dim, latent, 1))[:, :, 0].T.copy())
+        self.output_proj = mx.array(get(f"{prefix}.output_proj.weight", (latent, dim, 1))[:, :, 0].T.copy())
         self.embeddings: list[mx.array] = []
         self.half_norms: list[mx.array] = []  # |e|^2 / 2: argmin |x - e|^2 = argmin (|e|^2 / 2 - x.e)
         for i in range(codebooks):
             book = f"{prefix}.vq.layers.{i}._codebook"
-            usage = np.maximum(get(f"{book}.cluster_usage"), USAGE_EPSILON)
-            embedding = (get(f"{book}.embedding_sum") / usage[:, None]).astype(np.float32)
+            usage = np.maximum(get(f"{book}.cluster_usage", (bins,)), USAGE_EPSILON)
+            embedding = (get(f"{book}.embedding_sum", (bins, dim)) / usage[:, None]).astype(np.float32)
             self.embeddings.append(mx.array(embedding))
             self.half_norms.append(mx.array((embedding * embedding).sum(-1) / 2))
 
@@ -50,10 +50,11 @@ class ResidualQuantizer:
 
 
 class SplitQuantizer:
-    def __init__(self, get: Tensors, codebooks: int, prefix: str = "quantizer") -> None:
+    def __init__(self, get: Tensors, codebooks: int, dim: int, latent: int, bins: int, prefix: str = "quantizer") -> None:
         self.codebooks = codebooks
-        self.first = ResidualQuantizer(get, f"{prefix}.rvq_first", 1)
-        self.rest = ResidualQuantizer(get, f"{prefix}.rvq_rest", codebooks - 1) if codebooks > 1 else None
+        self.first = ResidualQuantizer(get, f"{prefix}.rvq_first", 1, dim, latent, bins)
+        rest = codebooks - 1
+        self.rest = ResidualQuantizer(get, f"{prefix}.rvq_rest", rest, dim, latent, bins) if rest else None
 
     def encode(self, x: mx.array) -> mx.array:
         codes = self.first.encode(x)

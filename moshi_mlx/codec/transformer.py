@@ -15,7 +15,7 @@ import numpy as np
 
 from .config import CodecTransformerConfig
 
-Tensors = Callable[[str], np.ndarray]
+Tensors = Callable[[str, tuple[int, ...]], np.ndarray]  # (name, expected shape) -> tensor
 
 
 def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
@@ -43,15 +43,19 @@ class Window:
 class Layer:
     def __init__(self, cfg: CodecTransformerConfig, get: Tensors, prefix: str) -> None:
         self.cfg = cfg
-        w = lambda name: mx.array(np.ascontiguousarray(get(f"{prefix}.{name}")))  # noqa: E731
-        self.in_proj = w("self_attn.in_proj_weight").T
-        self.out_proj = w("self_attn.out_proj.weight").T
-        self.norm1 = (w("norm1.weight"), w("norm1.bias"))
-        self.norm2 = (w("norm2.weight"), w("norm2.bias"))
-        self.linear1 = w("linear1.weight").T
-        self.linear2 = w("linear2.weight").T
-        self.scale1 = w("layer_scale_1.scale")
-        self.scale2 = w("layer_scale_2.scale")
+        d, f = cfg.d_model, cfg.dim_feedforward
+
+        def w(name: str, *shape: int) -> mx.array:
+            return mx.array(np.ascontiguousarray(get(f"{prefix}.{name}", shape)))
+
+        self.in_proj = w("self_attn.in_proj_weight", 3 * d, d).T
+        self.out_proj = w("self_attn.out_proj.weight", d, d).T
+        self.norm1 = (w("norm1.weight", d), w("norm1.bias", d))
+        self.norm2 = (w("norm2.weight", d), w("norm2.bias", d))
+        self.linear1 = w("linear1.weight", f, d).T
+        self.linear2 = w("linear2.weight", d, f).T
+        self.scale1 = w("layer_scale_1.scale", d)
+        self.scale2 = w("layer_scale_2.scale", d)
 
     def _qkv(self, x: mx.array, offset: int) -> tuple[mx.array, mx.array, mx.array]:
         cfg = self.cfg
