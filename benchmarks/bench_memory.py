@@ -39,7 +39,7 @@ def one_setting(args: argparse.Namespace, bits: int) -> dict:
         argv = ["--config", args.config, "--kv-bits", str(bits), "--steps", str(args.steps), "--warmup", "1",
                 "--realtime-frames", "0", "--no-split", "--no-progress", "--json", str(out)]
         argv += ["-q", str(args.quantize)] if args.quantize else ["--dtype", args.dtype]
-        argv += ["--mimi", args.mimi]
+        argv += ["--mimi", args.mimi] if args.mimi else []
         if not args.pipeline:
             argv.append("--lm-only")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", action="store_true", help="also the full pipeline (LM + Mimi both ways)")
     p.add_argument("--long", action="store_true", help="Mimi alone: RSS at the --minutes of audio")
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
-    p.add_argument("--mimi", choices=("rustymimi", "mlx"), default="rustymimi", help="the Mimi codec (of --long too)")
+    p.add_argument("--mimi", choices=("rustymimi", "mlx"), default=None,
+                   help="the Mimi codec, of --long too (default: the app's)")
     args = p.parse_args(argv)
     if args.long:
         from moshi_mlx.audio.codec_choice import CodecChoice, open_mimi

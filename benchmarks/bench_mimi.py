@@ -87,6 +87,7 @@ def memory_child(name: str, path: str, frames: int, device: str, every: int) -> 
         codec.decode_frame(codec.encode_frame(signal(i, rng)))
         if i % every == 0 or i == frames:
             curve.append((i, round(rss_bytes() / 1e6, 1), round(time.perf_counter() - start, 1)))
+            print(json.dumps(curve[-1]), file=sys.stderr, flush=True)  # progress, and a record if stopped early
     return {"codec": name, "load_mb": round((loaded - base) / 1e6, 1), "rss_after_load_mb": round(loaded / 1e6, 1),
             "reported_mb": round(codec.resident_bytes / 1e6, 1), "note": codec.memory_note, "curve": curve}
 

@@ -377,7 +377,7 @@ class Mimi(FrameCodec):
 
     @property
     def memory_note(self) -> str:
-        return f"{self.live_instances} rustymimi instances, outside MLX"
+        return f"{self.live_instances} rustymimi instances"
 
     def __repr__(self) -> str:
         return (
