@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import MoshiError
+from ..errors import UsageError
 from .mimi import FrameCodec, Mimi
 from .mlx_mimi import DEFAULT_DEVICE, DEVICES, MlxMimi
 
@@ -31,11 +31,11 @@ class CodecChoice:
 
     def __post_init__(self) -> None:
         if self.codec not in (None, *CODECS):
-            raise MoshiError(f"--mimi must be one of {', '.join(CODECS)}, got {self.codec!r}")
+            raise UsageError(f"--mimi must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.device not in (None, *DEVICES):
-            raise MoshiError(f"--mimi-device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise UsageError(f"--mimi-device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.codec == "rustymimi" and self.device not in (None, "cpu"):
-            raise MoshiError("--mimi-device gpu needs --mimi mlx: rustymimi runs on the CPU only")
+            raise UsageError("--mimi-device gpu needs --mimi mlx: rustymimi runs on the CPU only")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "CodecChoice":
