@@ -26,8 +26,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moshi_mlx.audio.frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: E402
-from moshi_mlx.memory import rss_bytes  # noqa: E402
+from moshi_mlx.audio.frames import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from moshi_mlx.memory import rss_bytes
 
 CODECS = ("rustymimi", "mlx")
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             from moshi_mlx.model_files.stand_ins import write_random_mimi
 
             path = str(write_random_mimi(Path(tmp) / "mimi.safetensors"))
-        say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+        say = lambda s: print(s, file=sys.stderr, flush=True)
         result: dict = {"frames": args.frames, "device": args.device}
         result["timing"] = t = timing(path, args.frames, args.warmup, args.device)
         say(f"{'ms per 80 ms frame':<20} {'rustymimi':>22} {'MLX Mimi':>22} {'ratio':>6}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import UsageError
 from .mimi import FrameCodec, Mimi
@@ -38,7 +38,7 @@ class CodecChoice:
             raise UsageError("--mimi-device gpu needs --mimi mlx: rustymimi runs on the CPU only")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "CodecChoice":
+    def from_args(cls, args: argparse.Namespace) -> CodecChoice:
         return cls(getattr(args, "mimi", None), getattr(args, "mimi_device", None))
 
 

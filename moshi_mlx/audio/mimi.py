@@ -1,4 +1,5 @@
-"""Mimi audio codec (rustymimi) behind a small, checked, frame-by-frame API.
+"""Mimi audio codec (rustymimi) behind a small, checked, frame-by-frame API (``FrameCodec``, which the MLX
+Mimi of :mod:`moshi_mlx.audio.mlx_mimi` shares).
 
 One frame is 80 ms of 24 kHz mono audio (1920 float32 samples) <-> ``num_codebooks`` codes in [0, 2048).
 
@@ -28,12 +29,12 @@ from .mimi_pool import SAFETY_FRAMES, Lane, MimiError, Pool
 
 __all__ = [
     "CODEBOOK_SIZE",
-    "MAX_CODEBOOKS",
     "CONTEXT_FRAMES",
     "DEFAULT_OVERLAP_FRAMES",
-    "MimiInputError",
+    "MAX_CODEBOOKS",
     "FrameCodec",
     "Mimi",
+    "MimiInputError",
 ]
 
 POSITIONS_PER_FRAME = 2  #: transformer positions per 80 ms frame

@@ -17,9 +17,9 @@ import os
 import queue
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -45,7 +45,7 @@ def _device(name: str) -> mx.Device:
 class _Lane:
     """One direction's thread: runs its jobs in order on its own MLX stream (started again after close)."""
 
-    _live: "weakref.WeakSet[_Lane]" = weakref.WeakSet()
+    _live: weakref.WeakSet[_Lane] = weakref.WeakSet()
 
     def __init__(self, name: str, device: mx.Device) -> None:
         self.name, self.device = name, device

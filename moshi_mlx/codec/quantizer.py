@@ -7,7 +7,7 @@ projections back to 512 dims.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np

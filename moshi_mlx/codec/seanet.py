@@ -6,7 +6,7 @@ published model numbers its layers: activations take an index too, so convolutio
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 import numpy as np

@@ -7,8 +7,8 @@ memory is fixed from its first step on, whatever its length.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -67,7 +67,7 @@ class Layer:
         h = _layer_norm(x, *self.norm1, cfg.norm_eps)
         qkv = (h @ self.in_proj).reshape(b, t, 3, cfg.num_heads, cfg.head_dim).transpose(2, 0, 3, 1, 4)
         # Mimi rotates interleaved pairs (x[2i], x[2i+1]): MLX's "traditional" layout
-        rope = lambda a: mx.fast.rope(  # noqa: E731
+        rope = lambda a: mx.fast.rope(
             a, cfg.head_dim, traditional=True, base=cfg.max_period, scale=1.0, offset=offset
         )
         return rope(qkv[0]), rope(qkv[1]), qkv[2]

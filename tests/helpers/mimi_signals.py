@@ -55,10 +55,7 @@ def growth_over_turns(mimi_path: str) -> dict:
 
 
 #: Words espeak-ng strings together into long test speech (any order is speech-like enough for Mimi).
-_WORDS = (
-    "the quick brown fox jumps over a lazy dog while seven wise owls sing about rain and summer light in the "
-    "old city near the river where children play and merchants call their prices"
-).split()
+_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wise", "owls", "sing", "about", "rain", "and", "summer", "light", "in", "the", "old", "city", "near", "the", "river", "where", "children", "play", "and", "merchants", "call", "their", "prices"]
 
 
 def long_speech(path: Path, seconds: float, seed: int = 0) -> np.ndarray:

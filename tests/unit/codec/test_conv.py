@@ -9,7 +9,7 @@ from moshi_mlx.codec.conv import Conv1d, ConvTranspose1d, elu
 
 def conv_reference(x, w, b, stride, replicate=False):
     """Causal conv by its definition: x [T, in], w [out, in, k] (PyTorch), left pad k - stride."""
-    out_c, _, k = w.shape
+    k = w.shape[-1]
     pad = k - stride
     left = np.repeat(x[:1], pad, 0) if replicate else np.zeros((pad, x.shape[1]), x.dtype)
     xp = np.concatenate([left, x])

@@ -100,7 +100,7 @@ def test_load_from_args_plans_memory_and_the_engine_follows(demo_files, monkeypa
 
 def test_the_mlx_mimi_is_counted_inside_the_budget():
     """The MLX Mimi lives in MLX's allocator: its bytes come out of the LM's room and show on the line."""
-    shape = dict(weight_bytes=2 * 10**9, num_layers=4, num_heads=8, head_dim=64, context=3000)
+    shape = {"weight_bytes": 2 * 10**9, "num_layers": 4, "num_heads": 8, "head_dim": 64, "context": 3000}
     budget = plan_memory(**shape, budget_bytes=10**10).total_bytes + 10**6  # the 8-bit full window, just
     without = plan_memory(**shape, budget_bytes=budget)
     with_mimi = plan_memory(**shape, budget_bytes=budget, codec_bytes=5 * 10**6)
