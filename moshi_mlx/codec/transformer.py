@@ -2,7 +2,10 @@
 
 Each query sees itself and the ``context`` positions before it (251 keys, as rustymimi computes it).
 Streaming keeps keys and values in a rotating window of ``context + step`` slots per layer: a stream's
-memory is fixed from its first step on, whatever its length.
+memory is fixed from its first step on, whatever its length. Positions stay small too: rotary angles are
+position x frequency in float32, which would lose precision after days; since attention only sees position
+differences, every ``REBASE_POSITIONS`` the stream's positions move back by that much, its cached keys rotated
+back to match (exact up to float rounding, and those keys leave the window within 10 s anyway).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import numpy as np
 from .config import CodecTransformerConfig
 
 Tensors = Callable[[str, tuple[int, ...]], np.ndarray]  # (name, expected shape) -> tensor
+#: Positions after which a stream's positions move back by this much (2^16 at 25 Hz: 44 minutes).
+REBASE_POSITIONS = 1 << 16
 
 
 def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
@@ -30,7 +35,8 @@ class Window:
     keys: list[mx.array] = field(default_factory=list)
     values: list[mx.array] = field(default_factory=list)
     slot_position: np.ndarray = field(init=False)  # absolute position held by each slot, -1: empty
-    offset: int = 0  # positions seen so far
+    offset: int = 0  # positions seen so far, less ``rebased``
+    rebased: int = 0  # positions the stream has been moved back by (see REBASE_POSITIONS)
 
     def __post_init__(self) -> None:
         self.slot_position = np.full(self.slots, -1, np.int64)
@@ -134,7 +140,23 @@ class CodecTransformer:
         window.values = [mx.zeros(shape, dtype) for _ in self.layers]
         return window
 
-    def step(self, x: mx.array, window: Window) -> mx.array:
+    def _rebase(self, window: Window, shift: int) -> None:
+        """Move the stream's positions back by ``shift``: keys rotate by -shift (one rotation for all slots)."""
+        cfg = self.cfg
+        for i, keys in enumerate(window.keys):
+            b, h, n, d = keys.shape
+            back = mx.fast.rope(
+                keys.reshape(b, h * n, 1, d), d, traditional=True, base=cfg.max_period, scale=1.0, offset=-shift
+            )
+            window.keys[i] = back.reshape(b, h, n, d)
+        filled = window.slot_position >= 0
+        window.slot_position[filled] -= shift
+        window.offset -= shift
+        window.rebased += shift
+
+    def step(self, x: mx.array, window: Window, rebase_every: int = REBASE_POSITIONS) -> mx.array:
+        if window.offset >= 2 * rebase_every:  # every slot then holds a position >= rebase_every - slots
+            self._rebase(window, rebase_every)
         t = x.shape[1]
         if t + self.cfg.context > window.slots:
             raise ValueError(f"a step of {t} positions does not fit a window of {window.slots} slots")

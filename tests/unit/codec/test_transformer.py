@@ -69,3 +69,15 @@ def test_a_step_longer_than_the_window_allows_is_refused():
     t = build()
     with pytest.raises(ValueError, match="does not fit"):
         t.step(mx.ones((1, 3, TINY.d_model)), t.new_window(1, 2))
+
+
+def test_moving_positions_back_changes_nothing():
+    """A stream whose positions are moved back every 8 positions gives what one that never moves gives."""
+    t = build()
+    x = np.random.default_rng(5).standard_normal((1, 40, TINY.d_model)).astype(np.float32)
+    plain, moved = t.new_window(1, 2), t.new_window(1, 2)
+    for i in range(0, 40, 2):
+        a = np.array(t.step(mx.array(x[:, i : i + 2]), plain))
+        b = np.array(t.step(mx.array(x[:, i : i + 2]), moved, rebase_every=8))
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    assert moved.rebased == 24 and moved.offset == 16 and plain.offset == 40  # moved at 16, 24 and 32
