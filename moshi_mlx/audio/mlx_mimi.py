@@ -159,7 +159,7 @@ class MlxMimi(FrameCodec):
 
     @property
     def memory_note(self) -> str:
-        return f"MLX Mimi on the {self.device.upper()}, one weight copy, inside the budget"
+        return f"MLX Mimi on the {self.device.upper()}, one weight copy, in MLX beside the LM"
 
     def close(self) -> None:
         for lane in (getattr(self, "_enc_lane", None), getattr(self, "_dec_lane", None)):

@@ -1,8 +1,9 @@
 """Memory budget: which KV precision (and, only if still needed, which window) fits a given budget.
 
-The budget covers what MLX holds: LM weights + KV cache + activations and allocator cache (``reserve``), and
-the MLX Mimi when that is the codec (its weights and streams, ``codec_bytes``: fixed for any session length).
-rustymimi and Python live outside MLX's allocator and are not part of it.
+The budget covers what MLX holds for the LM: weights + KV cache + activations and allocator cache (``reserve``).
+The MLX Mimi, when that is the codec, lives in MLX's allocator beside it (``codec_bytes``: weights and streams,
+fixed for any session length): MLX's limit is the budget plus that, and the plan's line says so. rustymimi and
+Python live outside MLX's allocator and are not part of either.
 """
 
 from __future__ import annotations
@@ -34,18 +35,25 @@ class MemoryPlan:
     full_context: int
     kv_bytes: int
     reserve_bytes: int
-    codec_bytes: int = 0  # the MLX Mimi inside MLX's allocator (0 for rustymimi, outside it)
+    codec_bytes: int = 0  # the MLX Mimi inside MLX's allocator, beside the LM (0 for rustymimi, outside it)
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.reserve_bytes + self.codec_bytes
+        """The LM's share: what the budget must hold."""
+        return self.weight_bytes + self.kv_bytes + self.reserve_bytes
+
+    @property
+    def mlx_limit_bytes(self) -> int:
+        """MLX's allocator limit: the LM's budget and the MLX Mimi beside it."""
+        return self.budget_bytes + self.codec_bytes
 
     def describe(self) -> str:
         window = "full window" if self.context == self.full_context else f"window shortened {self.full_context} -> {self.context} steps"
         return (
             f"memory: budget {self.budget_bytes / GB:.2f} GB; weights {self.weight_bytes / GB:.2f} GB + "
             f"{self.kv_bits}-bit KV {self.kv_bytes / GB:.2f} GB ({window}) + {self.reserve_bytes / GB:.2f} GB reserve"
-            + (f" + MLX Mimi {self.codec_bytes / GB:.2f} GB" if self.codec_bytes else "")
+            + (f"; MLX Mimi {self.codec_bytes / GB:.2f} GB beside it (MLX limit {self.mlx_limit_bytes / GB:.2f} GB)"
+               if self.codec_bytes else "")
         )
 
 
@@ -64,7 +72,7 @@ def plan_memory(
     """Pure: the most precise KV setting (default 8 bits, else 4) whose full window fits; else the longest
     window at the lowest precision. A fixed ``kv_bits`` is kept and only the window may shrink."""
     choices = [kv_bits] if kv_bits is not None else [b for b in (DEFAULT_KV_BITS, 4) if b <= DEFAULT_KV_BITS]
-    room = budget_bytes - weight_bytes - reserve_bytes - codec_bytes
+    room = budget_bytes - weight_bytes - reserve_bytes
 
     def size(bits: int, window: int) -> int:
         return kv_cache_bytes(num_layers, num_heads, head_dim, window, bits, dtype_bytes)
@@ -82,7 +90,7 @@ def plan_memory(
     window = int(room // per_step) if room > 0 else 0
     if window < MIN_CONTEXT:
         raise BudgetError(
-            f"the model needs {(weight_bytes + reserve_bytes + codec_bytes + size(bits, MIN_CONTEXT)) / GB:.2f} GB at least "
+            f"the model needs {(weight_bytes + reserve_bytes + size(bits, MIN_CONTEXT)) / GB:.2f} GB at least "
             f"({bits}-bit KV, {MIN_CONTEXT}-step window) but the memory budget is {budget_bytes / GB:.2f} GB"
         )
     return plan(bits, min(window, context))
@@ -112,5 +120,5 @@ def machine_budget_bytes() -> int:
 
 def apply_limits(plan: MemoryPlan) -> None:
     """Tell MLX's allocator to stay within the plan (cache trimmed to the reserve)."""
-    mx.set_memory_limit(plan.budget_bytes)
+    mx.set_memory_limit(plan.mlx_limit_bytes)
     mx.set_cache_limit(plan.reserve_bytes)

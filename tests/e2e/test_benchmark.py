@@ -232,6 +232,6 @@ def test_memory_budget_is_applied_as_in_the_app(tmp_path, demo_files):
     if rustymimi_problem() is None:
         assert "; Mimi " in line and "GB on top (3 rustymimi instances)" in line  # the rest of the picture
     else:  # the MLX Mimi runs instead, inside the budget
-        assert "+ MLX Mimi 0.3" in line
+        assert "; MLX Mimi 0.3" in line
     s = json.loads(path.read_text())["settings"]
     assert s["kv_bits"] == 4 and s["context"] < 3000 and s["start_position"] == s["context"]
