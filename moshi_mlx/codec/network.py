@@ -4,7 +4,8 @@
 unchanged; only the codebooks asked for are loaded). Streaming is frame by frame: 1920 samples -> one
 frame of codes (``encode_step``), one frame of codes -> 1920 samples (``decode_step``); each direction
 keeps its own :class:`Stream`, and a fresh one is a reset. ``encode`` / ``decode`` take a whole clip in
-one pass and give the same codes as streaming it.
+one pass and give the same codes as streaming it; they hold the whole clip's activations (a 30 s clip takes
+a few GB), so long audio goes through the streaming steps.
 """
 
 from __future__ import annotations
