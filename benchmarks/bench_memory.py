@@ -3,6 +3,7 @@
     python benchmarks/bench_memory.py --config small -q 4 --kv-bits 4 8 16 --pipeline
     python benchmarks/bench_memory.py --config 7b -q 4 --kv-bits 4 --steps 2 --pipeline
     python benchmarks/bench_memory.py --long --minutes 1 10 60        # Mimi alone, faster than real time
+    python benchmarks/bench_memory.py --long --mimi mlx --minutes 1 5  # the MLX Mimi instead of rustymimi
 
 Each --kv-bits setting is one run of the benchmark (`python -m moshi_mlx.benchmark`, random weights in the
 published layout, nothing downloaded) in its own process, so each peak RSS is that setting's alone. Prints a
@@ -38,6 +39,7 @@ def one_setting(args: argparse.Namespace, bits: int) -> dict:
         argv = ["--config", args.config, "--kv-bits", str(bits), "--steps", str(args.steps), "--warmup", "1",
                 "--realtime-frames", "0", "--no-split", "--no-progress", "--json", str(out)]
         argv += ["-q", str(args.quantize)] if args.quantize else ["--dtype", args.dtype]
+        argv += ["--mimi", args.mimi] if args.mimi else []
         if not args.pipeline:
             argv.append("--lm-only")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -91,7 +93,7 @@ def mimi_long_run(
             out[f"rss_mb_at_min_{marks[i]:g}"] = now / 1e6  # the same reading, so max >= at
             log(f"minute {marks[i]:g}: RSS {out[f'rss_mb_at_min_{marks[i]:g}']:.1f} MB "
                 f"(max in that minute {minute_max / 1e6:.1f} MB; {i} frames, {time.perf_counter() - start:.0f} s, "
-                f"loads {mimi.loads}, handoffs {mimi.handoffs})")
+                f"loads {getattr(mimi, 'loads', 1)}, handoffs {getattr(mimi, 'handoffs', 0)})")
         if i % frames_per_minute == 0:
             minute_max = 0
     return out
@@ -107,12 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pipeline", action="store_true", help="also the full pipeline (LM + Mimi both ways)")
     p.add_argument("--long", action="store_true", help="Mimi alone: RSS at the --minutes of audio")
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
+    p.add_argument("--mimi", choices=("rustymimi", "mlx"), default=None,
+                   help="the Mimi codec, of --long too (default: the app's)")
     args = p.parse_args(argv)
     if args.long:
-        from moshi_mlx.audio.mimi import Mimi
+        from moshi_mlx.audio.codec_choice import CodecChoice, open_mimi
         from moshi_mlx.model_files.stand_ins import demo_assets
 
-        mimi = Mimi(demo_assets().mimi_path)
+        mimi = open_mimi(demo_assets().mimi_path, 8, CodecChoice(args.mimi))
         out: dict = {"mimi_long": mimi_long_run(mimi, args.minutes, log=lambda s: print(s, file=sys.stderr, flush=True))}
     else:
         runs = [one_setting(args, bits) for bits in args.kv_bits]

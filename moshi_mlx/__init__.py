@@ -1,7 +1,7 @@
 """moshi_mlx: real-time spoken conversation with Kyutai's Moshi on MLX.
 
 Public API: `load(ModelSource(...))` gets the model, Mimi and tokenizer (from Hugging Face, local files, or the
-offline demo); `Assets.engine()` makes a `ConversationEngine` that turns 80 ms frames of 24 kHz audio
+offline demo; `codec=CodecChoice("mlx")` for the MLX Mimi); `Assets.engine()` makes a `ConversationEngine` that turns 80 ms frames of 24 kHz audio
 into Moshi's audio and transcript.
 
 The names below are imported on first use, so `moshi_mlx.net.protocol` or the remote client can be used on a
@@ -19,6 +19,7 @@ _PUBLIC = {
     "Assets": "model_files.assets",
     "load": "model_files.assets",
     "ModelSource": "model_files.source",
+    "CodecChoice": "audio.codec_choice",
     "ConversationEngine": "engine",
     "EngineRunner": "engine",
     "FrameResult": "engine",
@@ -30,6 +31,7 @@ _PUBLIC = {
 # Spelled out (the same names as _PUBLIC) so linters see the lazy names below as exported.
 __all__ = [
     "Assets",
+    "CodecChoice",
     "ConversationEngine",
     "EngineRunner",
     "EngineSettings",
@@ -42,6 +44,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .audio.codec_choice import CodecChoice
     from .engine import ConversationEngine, EngineRunner, FrameResult
     from .generate import LmGen, StepOutput
     from .model_files.assets import Assets, load

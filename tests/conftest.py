@@ -16,6 +16,14 @@ def manifests_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mimi_path(tmp_path_factory):
+    """A random Mimi checkpoint in the published layout (385 MB), written once per session."""
+    from moshi_mlx.model_files.stand_ins import write_random_mimi
+
+    return write_random_mimi(tmp_path_factory.mktemp("mimi") / "mimi.safetensors", seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_files(tmp_path_factory):
     """Random Mimi (published layout) + stand-in tokenizer, written once per test session."""
     from moshi_mlx.model_files.stand_ins import demo_assets

@@ -19,27 +19,30 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moshi_mlx"
 
-#: Folder ranks, from the bottom: the networks; the sound in and out (format, codecs, devices, files); Kyutai's
+#: Folder ranks, from the bottom: the networks (the LM in models/, Mimi in codec/); the sound in and out (format,
+#: codecs, devices, files); Kyutai's
 #: WebSocket protocol; model files (loading needs Mimi from audio/); the web server; the shell of the commands.
 #: Top-level modules (the conversation core and the commands) are placed by LAYERS alone.
-FOLDERS = {"models": 0, "audio": 1, "net": 2, "model_files": 3, "server": 4, "cli": 5, "benchmark": 6}
+FOLDERS = {"models": 0, "codec": 0, "audio": 1, "net": 2, "model_files": 3, "server": 4, "cli": 5, "benchmark": 6}
 #: The library never leans on the shell.
-NO_CLI = ("models", "model_files", "audio", "net", "server")
+NO_CLI = ("models", "codec", "model_files", "audio", "net", "server")
 
 LAYERS: list[set[str]] = [
     {"errors"},  # the error base every layer raises
     # facts: the knobs, the audio format, the model's configuration, RSS readings, the user's folders
     {"settings", "memory", "places", "audio.frames", "audio.silence", "models.config", "models.cache",
-     "model_files.source"},
+     "model_files.source", "codec.config"},
     # single-job libraries
     {"sampling", "conditioning", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo",
      "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
-     "model_files.budget", "server.info", "models.pytorch", "models.conditioners"},
+     "model_files.budget", "server.info", "models.pytorch", "models.conditioners", "codec.conv", "codec.transformer",
+     "codec.quantizer"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
      "server.startup", "models.pytorch_config", "model_files.depformer_steps",
-     "model_files.pytorch_weights"},
-    {"generate", "model_files.checkpoint", "net.address"},
-    {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote"},
+     "model_files.pytorch_weights", "codec.seanet"},
+    {"generate", "model_files.checkpoint", "net.address", "codec.network"},
+    {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
+    {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
     {"model_files.assets", "model_files.convert", "server.session", "captions"},  # load(): the one front door; one client around the engine
     {"server.app"},
     {"cli.shell", "cli.progress", "cli.display"},
@@ -50,7 +53,7 @@ LAYERS: list[set[str]] = [
     {"local", "client"},
     {"__main__"},
 ]
-PACKAGE_FACES = {"models", "model_files", "audio", "net", "server", "benchmark"}  # empty or lazy __init__s
+PACKAGE_FACES = {"models", "codec", "model_files", "audio", "net", "server", "benchmark"}  # empty or lazy __init__s
 
 
 def module_name(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""Mimi audio codec (rustymimi) behind a small, checked, frame-by-frame API.
+"""Mimi audio codec (rustymimi) behind a small, checked, frame-by-frame API (``FrameCodec``, which the MLX
+Mimi of :mod:`moshi_mlx.audio.mlx_mimi` shares).
 
 One frame is 80 ms of 24 kHz mono audio (1920 float32 samples) <-> ``num_codebooks`` codes in [0, 2048).
 
@@ -21,23 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
+from ..codec.config import CODEBOOK_SIZE, MAX_CODEBOOKS, TRANSFORMER_CONTEXT
 from ..errors import first_line
 from .frames import FRAME_SIZE
 from .mimi_pool import SAFETY_FRAMES, Lane, MimiError, Pool
 
 __all__ = [
     "CODEBOOK_SIZE",
-    "MAX_CODEBOOKS",
     "CONTEXT_FRAMES",
     "DEFAULT_OVERLAP_FRAMES",
-    "MimiInputError",
+    "MAX_CODEBOOKS",
+    "FrameCodec",
     "Mimi",
+    "MimiInputError",
 ]
 
-CODEBOOK_SIZE = 2048  #: codes are in [0, CODEBOOK_SIZE)
-MAX_CODEBOOKS = 32  #: codebooks in the published checkpoint
-CONTEXT_FRAMES = 125  #: attention window of Mimi's transformers: 250 positions at 25 Hz
 POSITIONS_PER_FRAME = 2  #: transformer positions per 80 ms frame
+CONTEXT_FRAMES = TRANSFORMER_CONTEXT // POSITIONS_PER_FRAME  #: attention window of Mimi's transformers (10 s)
 RUSTYMIMI_DEFAULT_MAX_SEQ_LEN = 8192
 #: Frames the spare runs beside the active instance before it takes over (10 s, one attention window).
 #: Exact convergence needs up to num_layers (8) windows; measured on random weights, one window already
@@ -73,7 +74,14 @@ def _single_axis(arr: np.ndarray, n: int, what: str) -> None:
         raise MimiInputError(f"{what} must have shape ({n},), got {arr.shape}")
 
 
-def _check_pcm_frame(pcm) -> np.ndarray:
+def check_num_codebooks(num_codebooks) -> None:
+    if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, (int, np.integer)):
+        raise ValueError(f"num_codebooks must be an int, got {num_codebooks!r}")
+    if not 1 <= num_codebooks <= MAX_CODEBOOKS:
+        raise ValueError(f"num_codebooks must be in [1, {MAX_CODEBOOKS}], got {num_codebooks}")
+
+
+def check_pcm_frame(pcm) -> np.ndarray:
     arr = np.asarray(pcm)
     if not np.issubdtype(arr.dtype, np.floating):
         raise MimiInputError(f"pcm must be floating point samples in [-1, 1], got dtype {arr.dtype}")
@@ -84,7 +92,7 @@ def _check_pcm_frame(pcm) -> np.ndarray:
     return arr
 
 
-def _check_codes(codes, num_codebooks: int, frames: int | None = None) -> np.ndarray:
+def check_codes(codes, num_codebooks: int, frames: int | None = None) -> np.ndarray:
     """Validate codes; returns uint32 [1, K, F] (F = 1 when ``frames`` is None)."""
     arr = np.asarray(codes)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
@@ -109,7 +117,95 @@ def _check_codes(codes, num_codebooks: int, frames: int | None = None) -> np.nda
 # --------------------------------------------------------------------------------------------------
 
 
-class Mimi:
+class FrameCodec:
+    """What both Mimi codecs share: checked frame-by-frame streaming, and whole clips made of frames.
+
+    A codec defines ``encode_frame``, ``decode_frame``, ``reset_encoder``, ``reset_decoder``, ``close`` and
+    its memory: ``resident_bytes`` (all it holds) and ``mlx_bytes`` (the part inside MLX's allocator, which
+    the memory budget must count), and says what it is in ``memory_note``.
+    """
+
+    name = "codec"
+    num_codebooks: int
+    mlx_bytes = 0
+
+    def encode_frame(self, pcm: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode_frame(self, codes) -> np.ndarray:
+        raise NotImplementedError
+
+    def reset_encoder(self) -> None:
+        raise NotImplementedError
+
+    def reset_decoder(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release helper threads (optional)."""
+
+    def reset(self) -> None:
+        """Start a new, independent stream in both directions."""
+        self.reset_encoder()
+        self.reset_decoder()
+
+    @property
+    def memory_note(self) -> str:
+        raise NotImplementedError
+
+    # -- offline -----------------------------------------------------------------------------------
+    def encode(self, pcm) -> np.ndarray:
+        """Encode a whole clip: float [T] -> uint32 [num_codebooks, ceil(T / 1920)].
+
+        The last partial frame is padded with zeros. The clip is encoded from a fresh state and the
+        encoder is reset again afterwards, so do not interleave this with streaming ``encode_frame``.
+        """
+        arr = np.asarray(pcm)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise MimiInputError(f"pcm must be floating point samples in [-1, 1], got dtype {arr.dtype}")
+        if arr.ndim != 1:
+            if arr.ndim <= 3 and arr.size == max(arr.shape, default=0):
+                arr = arr.reshape(-1)
+            else:
+                raise MimiInputError(f"pcm must be one-dimensional (mono), got shape {arr.shape}")
+        n_frames = math.ceil(arr.shape[0] / FRAME_SIZE)
+        padded = np.zeros(n_frames * FRAME_SIZE, np.float32)
+        padded[: arr.shape[0]] = arr
+        if not np.isfinite(padded).all():
+            raise MimiInputError("pcm contains NaN or infinite samples")
+        out = np.zeros((self.num_codebooks, n_frames), np.uint32)
+        self.reset_encoder()
+        try:
+            for i in range(n_frames):
+                out[:, i] = self.encode_frame(padded[i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
+        finally:
+            self.reset_encoder()
+        return out
+
+    def decode(self, codes) -> np.ndarray:
+        """Decode a whole clip: integer codes [num_codebooks, F] -> float32 [F * 1920].
+
+        Decoded from a fresh state; the decoder is reset again afterwards.
+        """
+        c = check_codes(codes, self.num_codebooks, frames=-1)
+        n_frames = c.shape[-1]
+        out = np.zeros(n_frames * FRAME_SIZE, np.float32)
+        self.reset_decoder()
+        try:
+            for i in range(n_frames):
+                out[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] = self.decode_frame(c[0, :, i])
+        finally:
+            self.reset_decoder()
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Mimi(FrameCodec):
     """Streaming Mimi codec over rustymimi with checked inputs and unbounded session length.
 
     Args:
@@ -150,10 +246,7 @@ class Mimi:
         instances: int = DEFAULT_INSTANCES,
     ):
         self.path = Path(path)
-        if isinstance(num_codebooks, bool) or not isinstance(num_codebooks, (int, np.integer)):
-            raise ValueError(f"num_codebooks must be an int, got {num_codebooks!r}")
-        if not 1 <= num_codebooks <= MAX_CODEBOOKS:
-            raise ValueError(f"num_codebooks must be in [1, {MAX_CODEBOOKS}], got {num_codebooks}")
+        check_num_codebooks(num_codebooks)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         self.num_codebooks = int(num_codebooks)
@@ -211,15 +304,17 @@ class Mimi:
     # -- streaming -------------------------------------------------------------------------------
     def encode_frame(self, pcm: np.ndarray) -> np.ndarray:
         """Encode one 80 ms frame: float [1920] in [-1, 1] -> uint32 [num_codebooks]."""
-        x = _check_pcm_frame(pcm)
+        x = check_pcm_frame(pcm)
         codes = self._enc.step(x, mix=False)
         return np.ascontiguousarray(codes.reshape(-1)[: self.num_codebooks], dtype=np.uint32)
 
     def decode_frame(self, codes) -> np.ndarray:
         """Decode one frame: integer codes [num_codebooks] in [0, 2048) -> float32 [1920]."""
-        c = _check_codes(codes, self.num_codebooks)
+        c = check_codes(codes, self.num_codebooks)
         pcm = self._dec.step(c, mix=True)
         return np.ascontiguousarray(pcm.reshape(-1), dtype=np.float32)
+
+    name = "rustymimi"
 
     def reset(self) -> None:
         """Start a new, independent stream in both directions (worn instances are replaced now)."""
@@ -232,51 +327,6 @@ class Mimi:
 
     def reset_decoder(self) -> None:
         self._dec.reset()
-
-    # -- offline -----------------------------------------------------------------------------------
-    def encode(self, pcm) -> np.ndarray:
-        """Encode a whole clip: float [T] -> uint32 [num_codebooks, ceil(T / 1920)].
-
-        The last partial frame is padded with zeros. The clip is encoded from a fresh state and the
-        encoder is reset again afterwards, so do not interleave this with streaming ``encode_frame``.
-        """
-        arr = np.asarray(pcm)
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise MimiInputError(f"pcm must be floating point samples in [-1, 1], got dtype {arr.dtype}")
-        if arr.ndim != 1:
-            if arr.ndim <= 3 and arr.size == max(arr.shape, default=0):
-                arr = arr.reshape(-1)
-            else:
-                raise MimiInputError(f"pcm must be one-dimensional (mono), got shape {arr.shape}")
-        n_frames = math.ceil(arr.shape[0] / FRAME_SIZE)
-        padded = np.zeros(n_frames * FRAME_SIZE, np.float32)
-        padded[: arr.shape[0]] = arr
-        if not np.isfinite(padded).all():
-            raise MimiInputError("pcm contains NaN or infinite samples")
-        out = np.zeros((self.num_codebooks, n_frames), np.uint32)
-        self.reset_encoder()
-        try:
-            for i in range(n_frames):
-                out[:, i] = self.encode_frame(padded[i * FRAME_SIZE : (i + 1) * FRAME_SIZE])
-        finally:
-            self.reset_encoder()
-        return out
-
-    def decode(self, codes) -> np.ndarray:
-        """Decode a whole clip: integer codes [num_codebooks, F] -> float32 [F * 1920].
-
-        Decoded from a fresh state; the decoder is reset again afterwards.
-        """
-        c = _check_codes(codes, self.num_codebooks, frames=-1)
-        n_frames = c.shape[-1]
-        out = np.zeros(n_frames * FRAME_SIZE, np.float32)
-        self.reset_decoder()
-        try:
-            for i in range(n_frames):
-                out[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] = self.decode_frame(c[0, :, i])
-        finally:
-            self.reset_decoder()
-        return out
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -326,11 +376,9 @@ class Mimi:
         self._enc.close()
         self._dec.close()
 
-    def __enter__(self) -> "Mimi":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    @property
+    def memory_note(self) -> str:
+        return f"{self.live_instances} rustymimi instances"
 
     def __repr__(self) -> str:
         return (

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..audio.codec_choice import CodecChoice
 from ..model_files.assets import Assets, load
 from ..model_files.budget import weights_bytes
 from ..model_files.checkpoint import SHORT_DTYPES, resolve_model
@@ -116,7 +117,8 @@ def load_model(args: Any, scratch: Path, log: Callable[[str], None], progress: C
     resolved = None if args.demo else resolve_model(source, progress=bool(getattr(args, "progress", True)))
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    assets = load(source, demo=args.demo, dtype=args.dtype, log=log, resolved=resolved)
+    codec = CodecChoice.from_args(args)
+    assets = load(source, demo=args.demo, dtype=args.dtype, log=log, resolved=resolved, codec=codec)
     assets.plan_memory(args.max_memory, args.kv_bits, log)  # as the app does: --max-memory, --kv-bits
     times = LoadTimes(round(time.perf_counter() - t0, 3), gb(mx.get_peak_memory()), write_s, file_gb)
     info = describe(assets.lm, kind, config_name)

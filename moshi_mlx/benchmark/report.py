@@ -106,7 +106,7 @@ def format_table(res: BenchResult) -> str:
     lines.append(f"{'whole run (load included)':<46} {_gb(mem.mlx_peak_gb):>9} {_gb(mem.rss_peak_gb):>9}")
     lines.append(f"{'by part':<46} weights {mem.weights_gb}, KV cache {_gb(mem.kv_cache_gb)}, "
                  f"activations + allocator cache {_gb(mem.activations_gb)}")
-    lines.append(f"{'':<46} Mimi ({mem.mimi_instances} rustymimi instances) {_gb(mem.mimi_gb)}, "
+    lines.append(f"{'':<46} Mimi ({mem.mimi_note or f'{mem.mimi_instances} rustymimi instances'}) {_gb(mem.mimi_gb)}, "
                  f"the rest (Python, libraries, buffers, loading) {_gb(mem.rest_gb)}")
     if res.long is not None:
         lines += ["", *_long_lines(res)]

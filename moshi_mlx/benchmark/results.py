@@ -44,8 +44,10 @@ class Memory:
     rss_peak_gb: float  # the process's peak resident set, whole run (ru_maxrss)
     weights_gb: float
     kv_cache_gb: float | None
-    mimi_gb: float  # what Mimi's rustymimi instances took when loaded (weights and position tables)
+    mimi_gb: float  # what Mimi holds: rustymimi's instances as loaded, or the MLX Mimi's weights and streams
     mimi_instances: int
+    mimi_note: str = ""  # which codec, and where its memory lives
+    mimi_in_mlx_gb: float = 0.0  # the part of mimi_gb inside MLX's allocator (the MLX Mimi), counted in MLX peaks
 
     @property
     def activations_gb(self) -> float | None:
@@ -53,13 +55,13 @@ class Memory:
         lm = self.lm or self.pipeline
         if lm is None:
             return None
-        return round(max(0.0, lm.mlx_peak_gb - self.weights_gb - (self.kv_cache_gb or 0.0)), 3)
+        return round(max(0.0, lm.mlx_peak_gb - self.weights_gb - (self.kv_cache_gb or 0.0) - self.mimi_in_mlx_gb), 3)
 
     @property
     def rest_gb(self) -> float:
         """The process's peak beyond MLX and Mimi: Python, libraries, tokenizer, audio buffers, and the
         checkpoint pages mapped while loading."""
-        return round(max(0.0, self.rss_peak_gb - self.mlx_peak_gb - self.mimi_gb), 3)
+        return round(max(0.0, self.rss_peak_gb - self.mlx_peak_gb - (self.mimi_gb - self.mimi_in_mlx_gb)), 3)
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,8 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
         kv_cache_gb=kv,
         mimi_gb=gb(loaded.assets.mimi.resident_bytes),
         mimi_instances=loaded.assets.mimi.live_instances,
+        mimi_note=loaded.assets.mimi.memory_note,
+        mimi_in_mlx_gb=gb(loaded.assets.mimi.mlx_bytes),
     )
     command = " ".join(["python -m moshi_mlx.benchmark", *(sys.argv[1:] if argv is None else argv)])
     return BenchResult(

@@ -1,4 +1,4 @@
-"""The flag groups every command shares, each defined once: model files, sampling, memory, lag, verbosity.
+"""The flag groups every command shares, each defined once: model files, sampling, memory, codec, lag, verbosity.
 
 A bad value is one usage line (exit 2) before anything loads: the argparse types below check bounds.
 """
@@ -9,6 +9,8 @@ import argparse
 import math
 from typing import Callable
 
+from ..audio.codec_choice import CODECS, CodecChoice
+from ..audio.mlx_mimi import DEFAULT_DEVICE, DEVICES
 from ..conditioning import check_conditioning, model_settings
 from ..model_files.assets import Assets, load, refuse_demo_flags
 from ..model_files.checkpoint import DTYPES, ResolvedModel, resolve_model
@@ -127,6 +129,21 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add_sampling_args(parser)
     add_verbose_arg(parser)
     add_memory_args(parser)
+    add_codec_args(parser)
+
+
+def add_codec_args(parser: argparse.ArgumentParser) -> None:
+    """--mimi and --mimi-device: which Mimi codec runs, and where (see moshi_mlx.audio.codec_choice)."""
+    group = parser.add_argument_group("Mimi codec")
+    group.add_argument(
+        "--mimi", choices=CODECS, default=None,
+        help="the audio codec: rustymimi (Rust, CPU; the default where it installs) or mlx (one weight copy, "
+        "flat memory; used by itself where rustymimi cannot be imported)",
+    )
+    group.add_argument(
+        "--mimi-device", choices=DEVICES, default=None,
+        help=f"where the MLX Mimi runs (default {DEFAULT_DEVICE}; gpu implies --mimi mlx)",
+    )
 
 
 def add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -187,6 +204,6 @@ def load_from_args(
         check_conditioning(config, knobs.get("condition"), knobs.get("cfg_coef"))
 
     assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log, progress=progress,
-                  resolved=resolved, check=check)
+                  resolved=resolved, check=check, codec=CodecChoice.from_args(args))
     assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
     return assets

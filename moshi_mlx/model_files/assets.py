@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from ..audio.codec_choice import CodecChoice
 from ..engine import ConversationEngine
 from ..errors import UsageError
 from ..models.config import LmConfig
@@ -36,7 +37,7 @@ DEMO_BANNER = "DEMO MODE: tiny random-weight model and random Mimi. Moshi will b
 @dataclass
 class Assets:
     lm: Lm
-    mimi: object  # moshi_mlx.audio.mimi.Mimi
+    mimi: object  # a moshi_mlx.audio.mimi.FrameCodec: rustymimi's Mimi or the MLX Mimi
     tokenizer: TextTokenizer | None
     description: str
     demo: bool
@@ -59,15 +60,16 @@ class Assets:
         # A conditioned model may run guided (two batch rows: any client may ask for it): room for both rows'
         # keys and values, whose bytes scale with heads x rows.
         rows = 2 if self.lm.config.is_conditioned else 1
+        codec_bytes = getattr(self.mimi, "mlx_bytes", 0)  # the MLX Mimi lives inside MLX's allocator
         plan = plan_memory(
             weights_bytes(self.lm), t.num_layers, t.num_kv_heads * rows, t.head_dim, t.context, budget, kv_bits,
-            dtype_bytes=self.lm.dtype.size,
+            dtype_bytes=self.lm.dtype.size, codec_bytes=codec_bytes,
         )
         apply_limits(plan)
         line = plan.describe()
-        mimi_bytes = getattr(self.mimi, "resident_bytes", 0)
-        if mimi_bytes:  # outside MLX, so outside the budget: said so the whole picture is on one line
-            line += f"; Mimi {mimi_bytes / GB:.2f} GB on top ({self.mimi.live_instances} rustymimi instances)"
+        outside = getattr(self.mimi, "resident_bytes", 0) - codec_bytes
+        if outside > 0:  # rustymimi: outside MLX, so outside the budget: said so the whole picture is on one line
+            line += f"; Mimi {outside / GB:.2f} GB on top ({self.mimi.memory_note})"
         (log or say)(line)
         self.memory = plan
         return plan
@@ -89,16 +91,19 @@ def load(
     progress: Callable[[int, int], None] | None = None,
     resolved: ResolvedModel | None = None,
     check: Callable[[LmConfig], None] | None = None,
+    codec: CodecChoice = CodecChoice(),
 ) -> Assets:
     """The one front door: the LM, Mimi and the text tokenizer for `source` (or the demo stand-ins).
 
     `log` takes status lines and `progress(done, total)` the loading of the LM's layers; `resolved`:
     `resolve_model(source)`'s answer when the caller found the files already (before opening devices).
     `check(config)` runs once the LM's config is known and before any weight loads (e.g. a condition the
-    model cannot take).
+    model cannot take). `codec` picks the Mimi (rustymimi by default, the MLX one where rustymimi is missing or
+    asked for) with as many codebooks as the LM.
     Errors are one-line `MoshiError`s (HubError, WeightsError, ...).
     """
-    from ..audio.mimi import CODEBOOK_SIZE, Mimi  # rustymimi is only needed once we really load
+    from ..audio.codec_choice import open_mimi  # a codec is only needed once we really load
+    from ..codec.config import CODEBOOK_SIZE
 
     start = time.perf_counter()
     if demo:
@@ -108,7 +113,7 @@ def load(
             check(lm.config)
         log(DEMO_BANNER)
         files = demo_assets()
-        mimi = Mimi(files.mimi_path, num_codebooks=lm.config.mimi_codebooks)
+        mimi = open_mimi(files.mimi_path, lm.config.mimi_codebooks, codec, log)
         tok = TextTokenizer(files.tokenizer_path)
         return Assets(
             lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start,
@@ -126,7 +131,7 @@ def load(
     at_load = resolved.quantize_at_load or (source.quantize if resolved.checkpoint.layout == "pytorch" else None)
     log(f"loading Moshi weights from {files.moshi}" + (f", quantizing them to {at_load} bits" if at_load else ""))
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress, quantize=at_load)
-    mimi = Mimi(files.mimi, num_codebooks=config.mimi_codebooks)  # 8 for Moshi, 16 for Hibiki 2B, 32 for STT
+    mimi = open_mimi(files.mimi, config.mimi_codebooks, codec, log)  # 8 for Moshi, 16 for Hibiki 2B, 32 for STT
     tok = TextTokenizer(files.tokenizer)
     if tok.vocab_size < config.text_out_vocab_size:
         raise WeightsError(

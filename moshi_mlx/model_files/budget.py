@@ -1,7 +1,9 @@
 """Memory budget: which KV precision (and, only if still needed, which window) fits a given budget.
 
-The budget covers what MLX holds: LM weights + KV cache + activations and allocator cache (``reserve``).
-Mimi (rustymimi) and Python live outside MLX's allocator and are not part of it.
+The budget covers what MLX holds for the LM: weights + KV cache + activations and allocator cache (``reserve``).
+The MLX Mimi, when that is the codec, lives in MLX's allocator beside it (``codec_bytes``: weights and streams,
+fixed for any session length): MLX's limit is the budget plus that, and the plan's line says so. rustymimi and
+Python live outside MLX's allocator and are not part of either.
 """
 
 from __future__ import annotations
@@ -34,16 +36,25 @@ class MemoryPlan:
     full_context: int
     kv_bytes: int
     reserve_bytes: int
+    codec_bytes: int = 0  # the MLX Mimi inside MLX's allocator, beside the LM (0 for rustymimi, outside it)
 
     @property
     def total_bytes(self) -> int:
+        """The LM's share: what the budget must hold."""
         return self.weight_bytes + self.kv_bytes + self.reserve_bytes
+
+    @property
+    def mlx_limit_bytes(self) -> int:
+        """MLX's allocator limit: the LM's budget and the MLX Mimi beside it."""
+        return self.budget_bytes + self.codec_bytes
 
     def describe(self) -> str:
         window = "full window" if self.context == self.full_context else f"window shortened {self.full_context} -> {self.context} steps"
         return (
             f"memory: budget {self.budget_bytes / GB:.2f} GB; weights {self.weight_bytes / GB:.2f} GB + "
             f"{self.kv_bits}-bit KV {self.kv_bytes / GB:.2f} GB ({window}) + {self.reserve_bytes / GB:.2f} GB reserve"
+            + (f"; MLX Mimi {self.codec_bytes / GB:.2f} GB beside it (MLX limit {self.mlx_limit_bytes / GB:.2f} GB)"
+               if self.codec_bytes else "")
         )
 
 
@@ -57,6 +68,7 @@ def plan_memory(
     kv_bits: int | None = None,
     dtype_bytes: int = 2,
     reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    codec_bytes: int = 0,
 ) -> MemoryPlan:
     """Pure: the most precise KV setting (default 8 bits, else 4) whose full window fits; else the longest
     window at the lowest precision. A fixed ``kv_bits`` is kept and only the window may shrink."""
@@ -67,7 +79,9 @@ def plan_memory(
         return kv_cache_bytes(num_layers, num_heads, head_dim, window, bits, dtype_bytes)
 
     def plan(bits: int, window: int) -> MemoryPlan:
-        return MemoryPlan(budget_bytes, weight_bytes, bits, window, context, size(bits, window), reserve_bytes)
+        return MemoryPlan(
+            budget_bytes, weight_bytes, bits, window, context, size(bits, window), reserve_bytes, codec_bytes
+        )
 
     for bits in choices:
         if size(bits, context) <= room:
@@ -116,5 +130,5 @@ def machine_budget_bytes() -> int:
 
 def apply_limits(plan: MemoryPlan) -> None:
     """Tell MLX's allocator to stay within the plan (cache trimmed to the reserve)."""
-    mx.set_memory_limit(plan.budget_bytes)
+    mx.set_memory_limit(plan.mlx_limit_bytes)
     mx.set_cache_limit(plan.reserve_bytes)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
-import rustymimi
 
 from moshi_mlx.audio.frames import FRAME_SIZE, SAMPLE_RATE
 from moshi_mlx.audio.mimi import Mimi
@@ -30,6 +32,8 @@ def rss_mb() -> float:
 
 def growth_over_turns(mimi_path: str) -> dict:
     """RSS growth over 280 frames: a bare rustymimi instance, then a Mimi direction with short turns."""
+    import rustymimi
+
     n, warm = 280, 40
     x = speechy(1, seed=10)
     bare = rustymimi.Tokenizer(str(mimi_path), max_seq_len=2 * (n + warm) + 70_000)
@@ -48,3 +52,33 @@ def growth_over_turns(mimi_path: str) -> dict:
     for _ in range(n):
         m.encode_frame(x)
     return {"bare": bare_growth, "mimi": rss_mb() - r0, "handoffs": m.encoder_handoffs}
+
+
+#: Words espeak-ng strings together into long test speech (any order is speech-like enough for Mimi).
+_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wise", "owls", "sing", "about", "rain", "and", "summer", "light", "in", "the", "old", "city", "near", "the", "river", "where", "children", "play", "and", "merchants", "call", "their", "prices"]
+
+
+def long_speech(path: Path, seconds: float, seed: int = 0) -> np.ndarray:
+    """At least ``seconds`` of espeak-ng speech at 24 kHz mono float32 (needs espeak-ng and sox)."""
+    from moshi_mlx.audio.files import read_audio
+
+    rng = np.random.default_rng(seed)
+    text = " ".join(rng.choice(_WORDS, size=int(seconds * 3.2) + 10))
+    raw = path.with_suffix(".espeak.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw), text], check=True, capture_output=True)
+    subprocess.run(["sox", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-e", "floating-point", "-b", "32", str(path)],
+                   check=True, capture_output=True)
+    x, rate = read_audio(path)
+    assert rate == SAMPLE_RATE and x.shape[-1] >= seconds * SAMPLE_RATE, (rate, x.shape)
+    return x.mean(axis=0).astype(np.float32)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per codebook: the share of frames where two code arrays [K, F] agree."""
+    return (np.asarray(a) == np.asarray(b)).mean(axis=1)
+
+
+def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """Signal-to-noise ratio of ``other`` against ``reference`` (the difference is the noise)."""
+    noise = np.sum((np.asarray(reference, np.float64) - other) ** 2)
+    return float(10 * np.log10(np.sum(np.asarray(reference, np.float64) ** 2) / max(noise, 1e-30)))

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moshi_mlx.audio.codec_choice import rustymimi_problem
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,8 +25,8 @@ def test_memory_per_kv_bits_through_the_benchmark(tmp_path):
     for r in runs.values():
         assert r["lm_alone"]["mlx_peak_gb"] >= r["weights_gb"] + r["kv_cache_gb"] * 0.99
         assert r["process_rss_peak_gb"] >= r["lm_alone"]["rss_peak_gb"] > 0 and r["step_ms_median"] > 0
-        # Mimi's instances load beside the LM; the LM's own share leaves them out.
-        assert r["mimi_gb"] > 0.75 and r["lm_rss_over_weights"] == round(
+        # Mimi's instances load beside the LM (one MLX copy where rustymimi is missing); the LM's share leaves them out.
+        assert r["mimi_gb"] > (0.75 if rustymimi_problem() is None else 0.25) and r["lm_rss_over_weights"] == round(
             (r["lm_alone"]["rss_peak_gb"] - r["mimi_gb"]) / r["weights_gb"], 3)
 
 

@@ -64,3 +64,15 @@ def test_pace_cannot_be_misread():
     assert cli.pace(60, 136.2) == "2.27x slower than real time"
     assert cli.pace(60, 30) == "2.00x faster than real time"
     assert cli.pace(0, 1) == "no timing"
+
+
+def test_codec_flags_become_a_codec_choice():
+    from moshi_mlx.audio.codec_choice import CodecChoice
+    from moshi_mlx.cli.flags import add_engine_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert CodecChoice.from_args(p.parse_args([])) == CodecChoice(None, None)
+    assert CodecChoice.from_args(p.parse_args(["--mimi", "mlx", "--mimi-device", "gpu"])) == CodecChoice("mlx", "gpu")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--mimi", "torch"])

@@ -115,3 +115,14 @@ def test_load_from_args_plans_memory_and_the_engine_follows(demo_files, monkeypa
         mx.set_cache_limit(orig_cache)
     with pytest.raises(SystemExit):
         parser.parse_args(["--max-memory", "-1"])
+
+
+def test_the_mlx_mimi_is_counted_beside_the_lm():
+    """The MLX Mimi lives in MLX's allocator: the LM keeps its budget, MLX's limit grows by the codec, the line says so."""
+    shape = {"weight_bytes": 2 * 10**9, "num_layers": 4, "num_heads": 8, "head_dim": 64, "context": 3000}
+    budget = plan_memory(**shape, budget_bytes=10**10).total_bytes + 10**6  # the 8-bit full window, just
+    without = plan_memory(**shape, budget_bytes=budget)
+    with_mimi = plan_memory(**shape, budget_bytes=budget, codec_bytes=350 * 10**6)
+    assert (with_mimi.kv_bits, with_mimi.context) == (without.kv_bits, without.context)
+    assert with_mimi.mlx_limit_bytes == budget + 350 * 10**6 and without.mlx_limit_bytes == budget
+    assert "MLX Mimi 0.35 GB beside it" in with_mimi.describe() and "Mimi" not in without.describe()

@@ -1,0 +1,170 @@
+"""Mimi in MLX behind the codec interface: one copy of the weights, one bounded stream per direction.
+
+Each direction (encoder, decoder) runs on its own thread with its own MLX stream on the chosen device,
+so the two overlap as rustymimi's do, and MLX streams stay with the thread that made them. Memory is
+the weights (about 0.33 GB in float32 with 8 codebooks) plus two streams of about 8 MB each, the same
+after a minute or a day: the transformers' keys and values live in a rotating window of their context.
+
+Device: the CPU by default. On a Mac the LM owns the GPU (its step is the real-time bottleneck, and
+Metal runs one command queue at a time per process in practice), while Mimi's matrix products on the CPU
+go through Accelerate; ``device="gpu"`` puts Mimi on its own GPU stream instead, beside the LM's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..codec.network import MimiNetwork, Stream
+from ..errors import MoshiError, first_line
+from .mimi import FrameCodec, check_codes, check_num_codebooks, check_pcm_frame
+from .mimi_pool import MimiError
+
+#: Where the MLX Mimi may run (``--mimi-device``).
+DEVICES = ("cpu", "gpu")
+DEFAULT_DEVICE = "cpu"
+
+
+def _device(name: str) -> mx.Device:
+    if name not in DEVICES:
+        raise MimiError(f"Mimi device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "gpu" and not mx.is_available(mx.gpu):
+        raise MimiError("--mimi-device gpu: this MLX has no GPU here (use cpu)")
+    return mx.Device(mx.gpu if name == "gpu" else mx.cpu)
+
+
+class _Lane:
+    """One direction's thread: runs its jobs in order on its own MLX stream (started again after close)."""
+
+    _live: weakref.WeakSet[_Lane] = weakref.WeakSet()
+
+    def __init__(self, name: str, device: mx.Device) -> None:
+        self.name, self.device = name, device
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._jobs: queue.SimpleQueue | None = None
+
+    def _serve(self, jobs: queue.SimpleQueue) -> None:
+        mx.set_default_stream(mx.new_stream(self.device))
+        try:
+            while (job := jobs.get()) is not None:
+                future, fn = job
+                try:
+                    future.set_result(fn())
+                except BaseException as e:
+                    future.set_exception(e)
+        finally:
+            mx.synchronize()
+            mx.clear_streams()  # a stream left to a finished thread aborts the process at exit
+
+    def run(self, fn: Callable):
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._lock:
+            if self._thread is None:
+                self._jobs = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._serve, args=(self._jobs,), name=f"mimi-{self.name}", daemon=True
+                )
+                self._thread.start()
+                _Lane._live.add(self)
+            self._jobs.put((future, fn))
+        return future.result()
+
+    def close(self) -> None:
+        with self._lock:
+            thread, jobs = self._thread, self._jobs
+            self._thread = self._jobs = None
+        if thread is not None:
+            jobs.put(None)
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+atexit.register(lambda: [lane.close() for lane in list(_Lane._live)])
+
+
+class MlxMimi(FrameCodec):
+    """Streaming Mimi in MLX: the interface of :class:`moshi_mlx.audio.mimi.Mimi`, any session length.
+
+    Args:
+        path: the Mimi safetensors file (the published one, unchanged).
+        num_codebooks: codebooks per frame (1..32; the model says how many: 8, 16 or 32).
+        device: "cpu" (default) or "gpu".
+    """
+
+    name = "mlx"
+    dtype = "f32"
+
+    def __init__(self, path: str | os.PathLike, num_codebooks: int = 8, *, device: str = DEFAULT_DEVICE) -> None:
+        self.path = Path(path)
+        check_num_codebooks(num_codebooks)
+        self.num_codebooks, self.device = int(num_codebooks), device
+        if not self.path.is_file():
+            raise MimiError(f"Mimi weights not found: {self.path}")
+        dev = _device(device)
+        self._enc_lane, self._dec_lane = _Lane("encoder", dev), _Lane("decoder", dev)
+        try:
+            self.net = self._enc_lane.run(lambda: MimiNetwork.load(self.path, self.num_codebooks))
+        except MoshiError as e:
+            self.close()
+            raise MimiError(f"cannot load Mimi weights from {self.path}: {first_line(e)}") from None
+        self._weights = self.net.nbytes
+        self._enc: Stream = self._enc_lane.run(self.net.new_stream)
+        self._dec: Stream = self._dec_lane.run(self.net.new_stream)
+        self._stream_bytes = self._enc.nbytes + self._dec.nbytes
+
+    # -- streaming -----------------------------------------------------------------------------------
+    def encode_frame(self, pcm: np.ndarray) -> np.ndarray:
+        """Encode one 80 ms frame: float [1920] in [-1, 1] -> uint32 [num_codebooks]."""
+        x = check_pcm_frame(pcm).reshape(1, -1)
+        codes = self._enc_lane.run(lambda: np.array(self.net.encode_step(mx.array(x), self._enc)))
+        return codes.reshape(-1).astype(np.uint32)
+
+    def decode_frame(self, codes) -> np.ndarray:
+        """Decode one frame: integer codes [num_codebooks] in [0, 2048) -> float32 [1920]."""
+        c = check_codes(codes, self.num_codebooks).reshape(1, -1).astype(np.int32)
+        pcm = self._dec_lane.run(lambda: np.array(self.net.decode_step(mx.array(c), self._dec)))
+        return pcm.reshape(-1)
+
+    def reset_encoder(self) -> None:
+        self._enc = self._enc_lane.run(self.net.new_stream)
+
+    def reset_decoder(self) -> None:
+        self._dec = self._dec_lane.run(self.net.new_stream)
+
+    # -- memory ---------------------------------------------------------------------------------------
+    @property
+    def resident_bytes(self) -> int:
+        """Weights and both directions' streaming state: all inside MLX, fixed for any session length."""
+        return self._weights + self._stream_bytes
+
+    @property
+    def mlx_bytes(self) -> int:
+        return self.resident_bytes
+
+    @property
+    def live_instances(self) -> int:
+        return 1
+
+    @property
+    def memory_note(self) -> str:
+        return f"MLX Mimi on the {self.device.upper()}, one weight copy, in MLX beside the LM"
+
+    def close(self) -> None:
+        for lane in (getattr(self, "_enc_lane", None), getattr(self, "_dec_lane", None)):
+            if lane is not None:
+                lane.close()
+
+    def __repr__(self) -> str:
+        return f"MlxMimi({str(self.path)!r}, num_codebooks={self.num_codebooks}, device={self.device!r})"
