@@ -12,22 +12,20 @@ falls behind, the oldest input frames are dropped so latency stays bounded.
 
 from __future__ import annotations
 
-import atexit
 import queue
 import threading
 import time
-import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-import mlx.core as mx
 import numpy as np
 
 from .audio.frames import FRAME_SIZE
 from .errors import MoshiError
 from .generate import LmGen, StepOutput
+from .mlx_thread import MlxThread
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
 from .settings import EngineSettings
@@ -42,72 +40,6 @@ class AudioCodec(Protocol):
     def decode_frame(self, codes: np.ndarray) -> np.ndarray: ...
 
     def reset(self) -> None: ...
-
-
-class MlxThread:
-    """One long-lived thread, with its own MLX stream, where all of an engine's model work runs.
-
-    MLX streams belong to the thread that created them, so stepping a session from whichever
-    thread happens to call (an audio front end, a web handler, a fresh runner) would need a new
-    stream each time. A stream left behind by a finished thread also aborts the process at exit
-    ("terminate called without an active exception", exit code 134), so the thread destroys its
-    streams before it ends, and live ones are closed at interpreter exit.
-    """
-
-    _live: "weakref.WeakSet[MlxThread]" = weakref.WeakSet()
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def _serve(self, jobs: queue.SimpleQueue) -> None:
-        mx.set_default_stream(mx.new_stream(mx.default_device()))
-        try:
-            while (job := jobs.get()) is not None:
-                future, fn, args = job
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(*args))
-                    except BaseException as e:
-                        future.set_exception(e)
-        finally:
-            mx.synchronize()
-            if hasattr(mx, "clear_streams"):  # MLX >= 0.31.2 (macOS 13 stops at 0.29.3): frees this thread's stream
-                mx.clear_streams()
-
-    def submit(self, fn: Callable, *args: object) -> Future:
-        future: Future = Future()
-        with self._lock:
-            if self._thread is None:
-                self._jobs = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._serve, args=(self._jobs,), name="moshi-mlx", daemon=True)
-                self._thread.start()
-                MlxThread._live.add(self)
-            self._jobs.put((future, fn, args))
-        return future
-
-    def run(self, fn: Callable, *args: object):
-        if threading.current_thread() is self._thread:
-            return fn(*args)
-        return self.submit(fn, *args).result()
-
-    def close(self) -> None:
-        with self._lock:
-            thread, jobs = self._thread, self._jobs
-            self._thread = self._jobs = None
-        if thread is not None:
-            jobs.put(None)
-            if thread is not threading.current_thread():
-                thread.join()
-
-    @classmethod
-    def _close_all(cls) -> None:
-        for worker in list(cls._live):
-            worker.close()
-
-
-atexit.register(MlxThread._close_all)
 
 
 @dataclass(frozen=True)

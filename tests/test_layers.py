@@ -33,7 +33,8 @@ LAYERS: list[set[str]] = [
     {"settings", "memory", "places", "audio.frames", "audio.silence", "models.config", "models.cache",
      "model_files.source", "codec.config"},
     # single-job libraries
-    {"sampling", "conditioning", "outputs", "tokenizer", "models.transformer", "audio.device_choice", "audio.echo",
+    {"sampling", "conditioning", "mlx_thread", "outputs", "tokenizer", "models.transformer", "audio.device_choice",
+     "audio.echo",
      "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
      "model_files.budget", "server.info", "models.pytorch", "models.conditioners", "codec.conv", "codec.transformer",
      "codec.quantizer"},

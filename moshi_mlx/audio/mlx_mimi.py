@@ -12,13 +12,7 @@ go through Accelerate; ``device="gpu"`` puts Mimi on its own GPU stream instead,
 
 from __future__ import annotations
 
-import atexit
 import os
-import queue
-import threading
-import weakref
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,6 +20,7 @@ import numpy as np
 
 from ..codec.network import MimiNetwork, Stream
 from ..errors import MoshiError, first_line
+from ..mlx_thread import MlxThread
 from .mimi import FrameCodec, check_codes, check_num_codebooks, check_pcm_frame
 from .mimi_pool import MimiError
 
@@ -40,58 +35,6 @@ def _device(name: str) -> mx.Device:
     if name == "gpu" and not mx.is_available(mx.gpu):
         raise MimiError("--mimi-device gpu: this MLX has no GPU here (use cpu)")
     return mx.Device(mx.gpu if name == "gpu" else mx.cpu)
-
-
-class _Lane:
-    """One direction's thread: runs its jobs in order on its own MLX stream (started again after close)."""
-
-    _live: weakref.WeakSet[_Lane] = weakref.WeakSet()
-
-    def __init__(self, name: str, device: mx.Device) -> None:
-        self.name, self.device = name, device
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._jobs: queue.SimpleQueue | None = None
-
-    def _serve(self, jobs: queue.SimpleQueue) -> None:
-        mx.set_default_stream(mx.new_stream(self.device))
-        try:
-            while (job := jobs.get()) is not None:
-                future, fn = job
-                try:
-                    future.set_result(fn())
-                except BaseException as e:
-                    future.set_exception(e)
-        finally:
-            mx.synchronize()
-            mx.clear_streams()  # a stream left to a finished thread aborts the process at exit
-
-    def run(self, fn: Callable):
-        if threading.current_thread() is self._thread:
-            return fn()
-        future: Future = Future()
-        with self._lock:
-            if self._thread is None:
-                self._jobs = queue.SimpleQueue()
-                self._thread = threading.Thread(
-                    target=self._serve, args=(self._jobs,), name=f"mimi-{self.name}", daemon=True
-                )
-                self._thread.start()
-                _Lane._live.add(self)
-            self._jobs.put((future, fn))
-        return future.result()
-
-    def close(self) -> None:
-        with self._lock:
-            thread, jobs = self._thread, self._jobs
-            self._thread = self._jobs = None
-        if thread is not None:
-            jobs.put(None)
-            if thread is not threading.current_thread():
-                thread.join()
-
-
-atexit.register(lambda: [lane.close() for lane in list(_Lane._live)])
 
 
 class MlxMimi(FrameCodec):
@@ -113,7 +56,7 @@ class MlxMimi(FrameCodec):
         if not self.path.is_file():
             raise MimiError(f"Mimi weights not found: {self.path}")
         dev = _device(device)
-        self._enc_lane, self._dec_lane = _Lane("encoder", dev), _Lane("decoder", dev)
+        self._enc_lane, self._dec_lane = MlxThread("mimi-encoder", dev), MlxThread("mimi-decoder", dev)
         try:
             self.net = self._enc_lane.run(lambda: MimiNetwork.load(self.path, self.num_codebooks))
         except MoshiError as e:

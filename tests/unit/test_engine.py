@@ -140,7 +140,7 @@ def test_the_model_thread_ends_cleanly_on_an_mlx_without_clear_streams(monkeypat
     """mx.clear_streams came with MLX 0.31.2 (macOS 13 stops at 0.29.3): the thread's exit must not need it."""
     import mlx.core as mx
 
-    from moshi_mlx.engine import MlxThread
+    from moshi_mlx.mlx_thread import MlxThread
 
     monkeypatch.delattr(mx, "clear_streams", raising=False)
     failures = []
