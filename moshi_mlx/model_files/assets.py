@@ -127,8 +127,7 @@ def load(
     if config.audio_card != CODEBOOK_SIZE:  # Mimi's codes would fall outside the model's audio vocabulary
         raise WeightsError(f"the model's audio card {config.audio_card} is not Mimi's {CODEBOOK_SIZE} codes: "
                            "not a model for this codec")
-    # -q quantizes while loading a bf16-only repo (Hibiki) or a PyTorch-layout file; an MLX file carries its bits.
-    at_load = resolved.quantize_at_load or (source.quantize if resolved.checkpoint.layout == "pytorch" else None)
+    at_load = resolved.quantize_at_load  # -q on float weights; an MLX quantized file carries its own bits
     log(f"loading Moshi weights from {files.moshi}" + (f", quantizing them to {at_load} bits" if at_load else ""))
     lm = load_lm(resolved.checkpoint, config, DTYPES[dtype] if dtype else None, progress, quantize=at_load)
     mimi = open_mimi(files.mimi, config.mimi_codebooks, codec, log)  # 8 for Moshi, 16 for Hibiki 2B, 32 for STT

@@ -351,7 +351,7 @@ class ResolvedModel:
     files: ModelFiles
     checkpoint: CheckpointInfo
     config: LmConfig
-    quantize_at_load: int | None = None  # -q on a bf16-only repo (Hibiki): quantized while loading
+    quantize_at_load: int | None = None  # -q on a bf16-only repo (Hibiki) or a PyTorch-layout file: at load
 
     @property
     def quantize(self) -> int | None:
@@ -428,8 +428,8 @@ def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
         config = parse_config(files.lm_config, f"{files.repo}/config.json")
     checkpoint = local or inspect_checkpoint(files.moshi, files.lm_config, files.origins["moshi"])
     at_load = None
-    if local is None and quantizes_at_load(files.repo) and checkpoint.bits is None:
-        at_load = source.quantize
+    if checkpoint.layout == "pytorch" or (local is None and quantizes_at_load(files.repo) and checkpoint.bits is None):
+        at_load = source.quantize  # float weights (a bf16-only repo, a PyTorch-layout file): -q quantizes them
     else:
         _refuse_bits(source.quantize, checkpoint, files.origins["moshi"])
     known = KNOWN_REPOS.get(files.repo or "")
