@@ -53,10 +53,21 @@ KNOWN_REPOS: dict[str, KnownRepo] = {
 }
 
 
+#: How Kyutai names the repos of its PyTorch and Rust (candle) servers, e.g. kyutai/stt-1b-en_fr-candle,
+#: kyutai/moshiko-pytorch-bf16: float weights in PyTorch's layout, which loading maps to ours in memory.
+_PYTORCH_LAYOUT_REPO = re.compile(r"-(candle|pytorch)(-|$)")
+
+
+def pytorch_layout_repo(repo: str | None) -> bool:
+    """The repo's name says its weights are in PyTorch's layout (float: -q can only mean quantizing them at load)."""
+    return bool(repo) and _PYTORCH_LAYOUT_REPO.search(repo.rsplit("/", 1)[-1]) is not None  # type: ignore[union-attr]
+
+
 def quantizes_at_load(repo: str | None) -> bool:
-    """-q 4/8 on this repo quantizes its bf16 weights while loading (it publishes no quantized file)."""
+    """-q 4/8 on this repo quantizes its float weights while loading: it publishes no quantized file (Hibiki's
+    bf16-only repos) or its weights are in PyTorch's layout (the `-candle` and `-pytorch` repos)."""
     known = KNOWN_REPOS.get(repo or "")
-    return known is not None and known.bf16_only
+    return (known is not None and known.bf16_only) or pytorch_layout_repo(repo)
 TOKENIZER_NAME = "tokenizer_spm_32k_3.model"
 CONFIG_NAME = "config.json"
 _DEFAULT_NAMES = frozenset({*MOSHI_NAMES.values(), MIMI_NAME, TOKENIZER_NAME, CONFIG_NAME})
@@ -319,7 +330,7 @@ def quantize_hint(bits: int | None) -> str:
 
 def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, config: dict) -> str:
     if quantizes_at_load(repo.repo_id):
-        quantize = None  # the bf16 file, quantized while loading
+        quantize = None  # the float file, quantized while loading
     named = config.get("moshi_name")
     if named:
         bits = _bits_from_name(named)

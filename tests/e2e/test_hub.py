@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import utils as hf_utils
@@ -42,9 +43,11 @@ from moshi_mlx.model_files.hub import (
     MIMI_NAME,
     MOSHI_NAMES,
     TOKENIZER_NAME,
+    pytorch_layout_repo,
 )
 from moshi_mlx.model_files.source import ModelSource
 from moshi_mlx.models.config import LmConfig, TransformerConfig
+from tests.helpers.family import pytorch_checkpoint, variant_config
 
 Resolved = namedtuple("Resolved", "moshi mimi tokenizer lm_config repo quantize")
 
@@ -97,6 +100,10 @@ def assets(tmp_path_factory) -> dict[str, bytes]:
     out[MIMI_NAME] = mimi.read_bytes()
     out[TOKENIZER_NAME] = write_stand_in_tokenizer(root / "tok.model", vocab_size=120).read_bytes()
     out["config.json"] = json.dumps(TINY.to_kyutai_dict()).encode()
+    pytorch = root / "pytorch.safetensors"  # a text-only STT model in Kyutai's PyTorch names (float)
+    weights = pytorch_checkpoint(variant_config("stt_text_only"), np.random.default_rng(0))
+    mx.save_safetensors(str(pytorch), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()})
+    out["pytorch.safetensors"] = pytorch.read_bytes()
     return out
 
 
@@ -239,6 +246,12 @@ def fake_hub(assets):
         {"config.json": hibiki_named, "hibiki-mlx-dc2cf5a5@80.safetensors": assets["model.safetensors"],
          "mimi-dbaa9758@125.safetensors": assets[MIMI_NAME], "tokenizer_spm_48k_multi6_2.model": assets[TOKENIZER_NAME]},
     )
+    stt = {**variant_config("stt_text_only"), "moshi_name": "model.safetensors", "mimi_name": MIMI_NAME,
+           "tokenizer_name": TOKENIZER_NAME}
+    pytorch_files = {"config.json": json.dumps(stt).encode(), "model.safetensors": assets["pytorch.safetensors"],
+                     **common}
+    hub.add("kyutai/stt-1b-en_fr-candle", pytorch_files)  # PyTorch layout, and its name says so
+    hub.add("someone/stt-mirror", pytorch_files)  # the same files under a name that does not say
     hub.add("someone/empty", {"README.md": b"nothing here"})
     hub.add("someone/no-mimi", {**cfg, TOKENIZER_NAME: assets[TOKENIZER_NAME], **q4})
     yield hub
@@ -327,6 +340,35 @@ def test_a_bf16_only_repo_takes_q_as_quantizing_at_load(hub_env, fake_hub, q):
         "hibiki-mlx-dc2cf5a5@80.safetensors", "mimi-dbaa9758@125.safetensors", "tokenizer_spm_48k_multi6_2.model")
     assert r.checkpoint.bits is None and r.quantize_at_load == q and r.quantize == q
     assert r.config.model_type == "hibiki"  # the repo is known: its config.json need not say
+
+
+@pytest.mark.parametrize("q", [None, 4, 8])
+def test_a_pytorch_layout_repo_takes_q_as_quantizing_at_load(hub_env, fake_hub, q):
+    """A `-candle` repo publishes float weights in PyTorch's layout: -q picks that file and quantizes it at load."""
+    r = resolve_model(ModelSource(hf_repo="kyutai/stt-1b-en_fr-candle", quantize=q), progress=False)
+    assert r.files.moshi.name == "model.safetensors" and r.checkpoint.layout == "pytorch"
+    assert r.quantize_at_load == q and r.quantize == q and r.config.text_only
+
+
+def test_a_pytorch_layout_repo_is_known_by_its_name_only(hub_env, fake_hub):
+    """The same files under a name that does not say: -q is refused from the listing, before any download (the
+    layout is in the file's header, read only once it is here); without -q the file loads as PyTorch layout."""
+    with pytest.raises(MoshiError) as e:
+        resolve_model_files(quantize=4, hf_repo="someone/stt-mirror", progress=False)
+    assert "model.safetensors" in _one_line(e) and "drop -q" in str(e.value)
+    weights = "someone/stt-mirror/resolve/main/model.safetensors"
+    assert not fake_hub.requests_for(weights)
+    assert resolve_model(ModelSource(hf_repo="someone/stt-mirror"), progress=False).checkpoint.layout == "pytorch"
+    assert fake_hub.requests_for(weights)  # the needle names the download that the refusal spared
+
+
+@pytest.mark.parametrize("repo, pytorch", [
+    ("kyutai/stt-1b-en_fr-candle", True), ("kyutai/stt-2.6b-en-candle", True), ("kyutai/moshiko-pytorch-bf16", True),
+    ("kyutai/moshiko-candle-q8", True), ("kyutai/stt-1b-en_fr-mlx", False), ("kyutai/moshiko-mlx-q4", False),
+    ("someone/candlelight-mlx", False), ("candle-org/model-mlx", False), (None, False),
+])
+def test_pytorch_layout_repo_names(repo, pytorch):
+    assert pytorch_layout_repo(repo) is pytorch
 
 
 def test_repo_with_several_quantizations(hub_env):

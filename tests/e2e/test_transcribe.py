@@ -136,3 +136,50 @@ def test_cli_loads_a_pytorch_layout_stt_checkpoint(stt_files, wav, tmp_path):
     r = _run([str(wav), "--moshi-weights", str(FIXTURES / "stt" / "model.safetensors"),
               "--lm-config", str(FIXTURES / "stt" / "config.json"), *mimi_and_tokenizer])
     assert r.returncode == 1 and "audio card 32" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# `--hf-repo kyutai/stt-1b-en_fr-candle -q 4/8`: a PyTorch-layout repo, quantized at load (offline stand-in)
+# ------------------------------------------------------------------------------------------------
+
+CANDLE_REPO = "kyutai/stt-1b-en_fr-candle"
+
+
+@pytest.fixture(scope="module")
+def candle_home(demo_files, tmp_path_factory) -> Path:
+    """An HF_HOME whose hub cache holds a stand-in of the `-candle` STT repo, as a download leaves it: config.json
+    with Kyutai's keys naming every file, random bf16 weights in Kyutai's PyTorch names (widths q4 and q8 can
+    quantize: dim 256, gated hidden 704), the random Mimi and the stand-in 8000-piece tokenizer."""
+    from moshi_mlx.model_files.stand_ins import cache_stand_in_repo, write_stand_in_tokenizer
+    from tests.helpers.family import pytorch_checkpoint, variant_config
+
+    root = tmp_path_factory.mktemp("candle")
+    folder = root / "repo"
+    folder.mkdir()
+    cfg = {**variant_config("stt_text_only"), "dim": 256, "num_heads": 4, "card": 2048, "text_card": 8000,
+           "moshi_name": "model.safetensors", "mimi_name": "mimi-pytorch-e351c8d8@125.safetensors",
+           "tokenizer_name": "tokenizer_en_fr_audio_8000.model"}
+    weights = pytorch_checkpoint(cfg, np.random.default_rng(5))
+    mx.save_safetensors(str(folder / cfg["moshi_name"]),
+                        {k: mx.array(v.astype(np.float32)).astype(mx.bfloat16) for k, v in weights.items()})
+    del weights
+    (folder / cfg["mimi_name"]).symlink_to(demo_files.mimi_path)
+    write_stand_in_tokenizer(folder / cfg["tokenizer_name"], 8000)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    home = root / "hf_home"
+    cache_stand_in_repo(home / "hub", CANDLE_REPO, folder)
+    return home
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cli_quantizes_a_candle_repo_at_load(candle_home, wav, bits):
+    """-q on a `-candle` repo is not refused for lack of a q4/q8 file: its PyTorch-layout weights are mapped and
+    quantized while loading, and the timed words come out as from any STT model."""
+    env = {k: v for k, v in base_env().items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HOME=str(candle_home), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "moshi_mlx.run_inference", str(wav), "--hf-repo", CANDLE_REPO,
+                        "-q", str(bits)], env=env, cwd=ROOT, check=False, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert f"quantizing them to {bits} bits" in r.stderr and "model.safetensors" in r.stderr
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert lines and all(len(x) == 3 for x in lines)
