@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -183,3 +184,34 @@ def test_cli_quantizes_a_candle_repo_at_load(candle_home, wav, bits):
     assert f"quantizing them to {bits} bits" in r.stderr and "model.safetensors" in r.stderr
     lines = [line.split() for line in r.stdout.splitlines()]
     assert lines and all(len(x) == 3 for x in lines)
+
+
+def test_cli_prints_each_word_as_it_comes(stt_files, tmp_path):
+    """Word lines reach a pipe while the file is still being transcribed (flushed per word), not all at the end:
+    the first line is read while the process runs, and the lines arrive spread over the run (held back in a
+    buffer they would all come in one write, within a millisecond)."""
+    rng = np.random.default_rng(7)
+    seconds = 12
+    signal = 0.3 * np.sin(np.linspace(0, 9000, 16000 * seconds)) * rng.uniform(0.5, 1.0, 16000 * seconds)
+    long_wav = write_wav(tmp_path / "long.wav", signal, 16000)
+    env = {k: v for k, v in base_env().items() if k != "PYTHONUNBUFFERED"}  # as a user runs it: a pipe is buffered
+    proc = subprocess.Popen([sys.executable, "-m", "moshi_mlx.run_inference", str(long_wav), *stt_files],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    arrivals: list[tuple[float, str]] = []
+    try:
+        first = proc.stdout.readline()
+        arrivals.append((time.monotonic(), first))
+        running_at_first_word = proc.poll() is None
+        for line in proc.stdout:
+            arrivals.append((time.monotonic(), line))
+        err = proc.stderr.read()
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert len(arrivals) > 2 and all(len(line.split()) == 3 for _, line in arrivals)
+    assert running_at_first_word and "transcribed" in err  # the summary line comes after the last word
+    assert arrivals[-1][0] - arrivals[0][0] > 0.1  # one flush per word, not one at the end
+    starts = [float(line.split()[0]) for _, line in arrivals]
+    assert starts[-1] > starts[0] + seconds / 3  # words from all along the file
