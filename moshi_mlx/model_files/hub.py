@@ -6,7 +6,8 @@ and `HF_HUB_OFFLINE`) or from local paths given on the command line. Whatever go
 
 This module only finds files. What is *in* them (checkpoint kind, quantization, layout) is `checkpoint.py`'s
 job, which reads each header once; the hub uses file names (and the repo's listing) to pick the right
-weights before any large download.
+weights before any large download, and reads one header only where `-q` meets a float file whose repo name
+does not say its layout (PyTorch layout takes -q at load; MLX bf16 is refused).
 """
 
 from __future__ import annotations
@@ -328,12 +329,47 @@ def quantize_hint(bits: int | None) -> str:
     return "drop -q" if bits is None else f"use -q {bits} (or drop -q)"
 
 
+def _header_names(repo: _Repo, name: str) -> set[str] | None:
+    """The tensor names in a safetensors file's header, from the cache or a ranged read of the hub (the header's
+    kilobytes, not the file); None when neither answers."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo.repo_id, name, cache_dir=repo.cache_dir, revision=repo.revision)
+    try:
+        if isinstance(cached, str):
+            with open(cached, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            return set(header) - {"__metadata__"}
+        if repo.offline_reason is None:
+            meta = HfApi(endpoint=repo.endpoint).parse_safetensors_file_metadata(
+                repo.repo_id, name, revision=repo.revision, timeout=_timeout())
+            return set(meta.tensors)
+    except Exception:  # unreadable or not a safetensors file: the caller's refusal stands
+        return None
+    return None
+
+
+def _in_pytorch_layout(repo: _Repo, name: str) -> bool:
+    """A float weights file whose repo name does not say its layout: its header does (the file plan's last word
+    before the download), so -q on a PyTorch-layout file quantizes it at load instead of being refused."""
+    from ..models.pytorch import ConvertError, detect_layout
+
+    names = _header_names(repo, name)
+    try:
+        return names is not None and detect_layout(names) == "pytorch"
+    except ConvertError:
+        return False
+
+
 def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, config: dict) -> str:
     if quantizes_at_load(repo.repo_id):
         quantize = None  # the float file, quantized while loading
     named = config.get("moshi_name")
     if named:
         bits = _bits_from_name(named)
+        if quantize is not None and bits is None and _in_pytorch_layout(repo, named):
+            return named  # float, PyTorch layout: -q applies at load
         if quantize is not None and bits != "?" and bits != quantize:
             raise HubError(
                 f"{repo.label} provides {named} ({describe_bits(bits)}), not {quantize}-bit weights: "
@@ -350,6 +386,8 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
         want = MOSHI_NAMES[quantize]
         if want in files:
             return want
+        if present == [MOSHI_NAMES[None]] and _in_pytorch_layout(repo, present[0]):
+            return present[0]  # float, PyTorch layout: -q applies at load
         if present:
             bits = _bits_from_name(present[0])
             where = "caches" if repo.offline_reason else "provides"

@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -176,7 +177,8 @@ class FakeHub:
 
     def _handle(self, h, body: bool) -> None:
         path = urlsplit(h.path).path
-        self.log.append((h.command, path))
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", h.headers.get("Range", ""))
+        self.log.append((h.command + (" range" if ranged else ""), path))
         parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
         if not parts:
             return self._reply(h, 200, {"Content-Type": "text/plain"}, b"stand-in hub", body)
@@ -206,6 +208,9 @@ class FakeHub:
                 "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
                 "Content-Type": "application/octet-stream",
             }
+            if ranged:  # a header read (huggingface_hub's parse_safetensors_file_metadata)
+                first, last = int(ranged.group(1)), int(ranged.group(2))
+                return self._reply(h, 206, headers, data[first : last + 1], body)
             return self._reply(h, 200, headers, data, body)
         return self._reply(h, 404, {}, b"", body)
 
@@ -252,6 +257,8 @@ def fake_hub(assets):
                      **common}
     hub.add("kyutai/stt-1b-en_fr-candle", pytorch_files)  # PyTorch layout, and its name says so
     hub.add("someone/stt-mirror", pytorch_files)  # the same files under a name that does not say
+    plain = json.dumps(variant_config("stt_text_only")).encode()  # no file names: the standard ones
+    hub.add("someone/stt-plain", {**pytorch_files, "config.json": plain})
     hub.add("someone/empty", {"README.md": b"nothing here"})
     hub.add("someone/no-mimi", {**cfg, TOKENIZER_NAME: assets[TOKENIZER_NAME], **q4})
     yield hub
@@ -350,16 +357,29 @@ def test_a_pytorch_layout_repo_takes_q_as_quantizing_at_load(hub_env, fake_hub, 
     assert r.quantize_at_load == q and r.quantize == q and r.config.text_only
 
 
-def test_a_pytorch_layout_repo_is_known_by_its_name_only(hub_env, fake_hub):
-    """The same files under a name that does not say: -q is refused from the listing, before any download (the
-    layout is in the file's header, read only once it is here); without -q the file loads as PyTorch layout."""
+@pytest.mark.parametrize("q", [4, 8])
+@pytest.mark.parametrize("repo", ["someone/stt-mirror", "someone/stt-plain"])  # config.json names it, or not
+def test_a_pytorch_layout_repo_is_known_by_its_header_under_any_name(hub_env, fake_hub, q, repo):
+    """The same files under a name that does not say: the float file's header (a ranged read, not the download)
+    shows PyTorch's layout, so -q is taken as quantizing at load; an MLX bf16 file is still refused before it is
+    downloaded."""
+    weights = f"{repo}/resolve/main/model.safetensors"
+    r = resolve_model(ModelSource(hf_repo=repo, quantize=q), progress=False)
+    assert r.checkpoint.layout == "pytorch" and r.quantize_at_load == q
+    methods = [m for m, _ in fake_hub.requests_for(weights)]
+    assert methods.index("GET range") < methods.index("GET")  # the header was read before the download
+    fake_hub.log.clear()
     with pytest.raises(MoshiError) as e:
-        resolve_model_files(quantize=4, hf_repo="someone/stt-mirror", progress=False)
-    assert "model.safetensors" in _one_line(e) and "drop -q" in str(e.value)
-    weights = "someone/stt-mirror/resolve/main/model.safetensors"
-    assert not fake_hub.requests_for(weights)
-    assert resolve_model(ModelSource(hf_repo="someone/stt-mirror"), progress=False).checkpoint.layout == "pytorch"
-    assert fake_hub.requests_for(weights)  # the needle names the download that the refusal spared
+        resolve_model_files(quantize=q, hf_repo="kyutai/moshiko-mlx-bf16", progress=False)
+    assert "drop -q" in _one_line(e)
+    assert [m for m, _ in fake_hub.requests_for("moshiko-mlx-bf16/resolve/main/model.safetensors")] == ["GET range"]
+
+
+def test_a_cached_pytorch_layout_file_takes_q_offline(hub_env, fake_hub, monkeypatch):
+    resolve_model(ModelSource(hf_repo="someone/stt-mirror"), progress=False)  # downloaded once
+    _offline(monkeypatch)
+    r = resolve_model(ModelSource(hf_repo="someone/stt-mirror", quantize=4), progress=False)
+    assert r.checkpoint.layout == "pytorch" and r.quantize_at_load == 4
 
 
 @pytest.mark.parametrize("repo, pytorch", [
