@@ -399,6 +399,16 @@ def parse_config(data: dict[str, Any] | None, where: str) -> LmConfig:
         raise WeightsError(f"{where}: not a usable LM config ({first_line(e)})") from None
 
 
+def _pytorch_layout(tensor_names: set[str]) -> bool:
+    """Float weights in Kyutai's PyTorch names: mapped at load, where -q quantizes them (for the hub's choice)."""
+    from ..models.pytorch import ConvertError, detect_layout
+
+    try:
+        return detect_layout(tensor_names) == "pytorch"
+    except ConvertError:
+        return False
+
+
 def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
     """Find every file (hub.py), then check each for what it holds; local files before any network access."""
     config: LmConfig | None = None
@@ -423,7 +433,7 @@ def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
 
     if config_dict is not None:  # read once: the hub gets the parsed dict, not the path again
         source = replace(source, lm_config=config_dict)
-    files = find_model_files(source, local.bits if local else None, progress)
+    files = find_model_files(source, local.bits if local else None, progress, takes_q=_pytorch_layout)
     if config is None:
         config = parse_config(files.lm_config, f"{files.repo}/config.json")
     checkpoint = local or inspect_checkpoint(files.moshi, files.lm_config, files.origins["moshi"])

@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import MoshiError, first_line
 from .source import FILE_FIELDS, FLAGS, ModelSource
@@ -350,25 +350,29 @@ def _header_names(repo: _Repo, name: str) -> set[str] | None:
     return None
 
 
-def _in_pytorch_layout(repo: _Repo, name: str) -> bool:
+#: Given a float file's tensor names, whether -q may quantize it at load (PyTorch layout): the loader's
+#: judgement (checkpoint.py), handed in so this module reads no checkpoint itself.
+TakesQ = Callable[[set[str]], bool]
+
+
+def _takes_q_at_load(repo: _Repo, name: str, takes_q: TakesQ | None) -> bool:
     """A float weights file whose repo name does not say its layout: its header does (the file plan's last word
     before the download), so -q on a PyTorch-layout file quantizes it at load instead of being refused."""
-    from ..models.pytorch import ConvertError, detect_layout
-
-    names = _header_names(repo, name)
-    try:
-        return names is not None and detect_layout(names) == "pytorch"
-    except ConvertError:
+    if takes_q is None:
         return False
+    names = _header_names(repo, name)
+    return names is not None and takes_q(names)
 
 
-def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, config: dict) -> str:
+def _pick_moshi_name(
+    repo: _Repo, files: set[str] | None, quantize: int | None, config: dict, takes_q: TakesQ | None = None
+) -> str:
     if quantizes_at_load(repo.repo_id):
         quantize = None  # the float file, quantized while loading
     named = config.get("moshi_name")
     if named:
         bits = _bits_from_name(named)
-        if quantize is not None and bits is None and _in_pytorch_layout(repo, named):
+        if quantize is not None and bits is None and _takes_q_at_load(repo, named, takes_q):
             return named  # float, PyTorch layout: -q applies at load
         if quantize is not None and bits != "?" and bits != quantize:
             raise HubError(
@@ -386,7 +390,7 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
         want = MOSHI_NAMES[quantize]
         if want in files:
             return want
-        if present == [MOSHI_NAMES[None]] and _in_pytorch_layout(repo, present[0]):
+        if present == [MOSHI_NAMES[None]] and _takes_q_at_load(repo, present[0], takes_q):
             return present[0]  # float, PyTorch layout: -q applies at load
         if present:
             bits = _bits_from_name(present[0])
@@ -409,8 +413,13 @@ def _pick_moshi_name(repo: _Repo, files: set[str] | None, quantize: int | None, 
     raise HubError(f"{repo.label} has no Moshi weights ({want}); check --hf-repo or pass --moshi-weights PATH")
 
 
-def find_model_files(source: ModelSource, local_bits: int | None = None, progress: bool = True) -> ModelFiles:
+def find_model_files(
+    source: ModelSource, local_bits: int | None = None, progress: bool = True, takes_q: TakesQ | None = None
+) -> ModelFiles:
     """Find the LM weights, Mimi weights, text tokenizer and LM config (paths only; contents are loading's job).
+
+    `takes_q(tensor_names)`: whether a float file's header shows weights that -q quantizes at load (consulted
+    only where -q meets a float file whose repo name does not say its layout).
 
     Local paths must exist and be readable. Anything not given locally comes from `source.hf_repo`
     (default: the Moshiko repo for `quantize`, or for `local_bits`, the bits of local LM weights) at
@@ -458,7 +467,7 @@ def find_model_files(source: ModelSource, local_bits: int | None = None, progres
         # Decide every name and check it against the listing before the (large) downloads start.
         needed: dict[str, str] = {}
         if "moshi" not in local:
-            needed["moshi"] = _pick_moshi_name(repo, files, quantize, repo_config)
+            needed["moshi"] = _pick_moshi_name(repo, files, quantize, repo_config, takes_q)
         if "mimi" not in local:
             needed["mimi"] = str(repo_config.get("mimi_name") or MIMI_NAME)
         if "tokenizer" not in local:
