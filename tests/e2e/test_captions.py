@@ -145,3 +145,34 @@ async def test_web_server_sends_captions_not_audio(stt_flags, tmp_path):
     finally:
         server.stop()
     no_traceback(server.log)
+
+
+@pytest.mark.asyncio
+async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wav, stt_flags, tmp_path):
+    """The web UI on a real local_web with an STT model, headless Chromium's fake microphone speaking: captions
+    fill the transcript, the end-of-turn meter moves, no audio comes back and nothing is played."""
+    from tests.helpers.browser import ARTIFACTS, Browser
+
+    server = LocalWeb(tmp_path / "web.log", extra=stt_flags, demo=False)
+    browser = await Browser(chromium, mic_wav).start()
+    stats = "window.moshi.stats"
+    try:
+        await browser.goto(server.http + "/?rawmic=1&autoconnect=1")
+        ok = await browser.wait_for(f"{stats}.captionFrames > 25 && {stats}.transcriptChars > 0", timeout=90)
+        seen = json.loads(await browser.eval(f"JSON.stringify({stats})"))
+        await browser.screenshot(ARTIFACTS / "browser_captions.png")
+        assert ok, f"page stats: {seen}; console: {browser.console[-10:]}"
+        assert seen["audioMessagesIn"] == 0 and seen["samplesDecoded"] == 0
+        assert seen["serverInfo"]["text_only"] is True and 0 <= seen["endOfTurn"] <= 1
+        shown = json.loads(await browser.eval(
+            "JSON.stringify([document.getElementById('eot').hidden, document.getElementById('eot-value').textContent,"
+            " document.getElementById('meter-out-box').closest('.meter-row').hidden,"
+            " document.getElementById('transcript-title').textContent])"
+        ))
+        assert shown[0] is False and re.fullmatch(r"\d\.\d\d", shown[1]) and shown[2] is True
+        assert shown[3] == "Live captions of what you say"
+        assert not browser.errors, browser.errors
+    finally:
+        await browser.close()
+        server.stop()
+    no_traceback(server.log)
