@@ -37,15 +37,13 @@ from .audio.wav_stream import HEADER_BYTES, WavStream
 from .captions import render
 from .errors import first_line
 from .outputs import OutputError, atomic_output, fresh_paths
-from .transcribe import END_OF_TURN_HEAD, END_OF_TURN_THRESHOLD, Word
+from .transcribe import Word, heads_note
 
 STEM = "captions"
 SUFFIXES = ("mic.wav", "transcript.txt", "transcript.json")
 PARTIAL_SUFFIXES = ("mic.partial.wav", "events.partial.jsonl")
-#: What the transcript JSON says the VAD columns are (Kyutai's heads: delayed-streams-modeling's STT scripts read
-#: head 2 > 0.5 as the end of a turn; Unmute does the same).
-VAD_NOTE = (f"vad rows: [t, p_head0, p_head1, ...], each extra head's probability that the speaker paused; "
-            f"an end of turn is head {END_OF_TURN_HEAD} above {END_OF_TURN_THRESHOLD}")
+#: What the transcript JSON says the VAD columns are.
+VAD_NOTE = "vad rows: [t, p_head0, p_head1, ...] at the end of each frame heard at t seconds: " + heads_note()
 
 
 @dataclass(frozen=True)

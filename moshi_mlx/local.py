@@ -43,9 +43,15 @@ NO_SOUND_HINT = (
 def build_parser() -> argparse.ArgumentParser:
     from .cli.flags import add_engine_args
 
+    from .transcribe import heads_note
+
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
         description="Real-time spoken conversation with Moshi through the microphone and speaker.",
+        epilog="A speech-to-text model (--hf-repo kyutai/stt-1b-en_fr-mlx) gives live captions of the microphone "
+        "instead (no speaker opened): each word on stdout as 'start end word' (seconds from the start), an "
+        "end-of-turn meter on the status line; --record DIR keeps the microphone and the timed transcript (JSON: "
+        f"words, VAD probabilities, ends of turn). The meter: {heads_note()}.",
     )
     add_engine_args(p)
     g = add_audio_args(p)
