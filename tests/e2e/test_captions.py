@@ -25,6 +25,7 @@ import pytest
 
 from moshi_mlx.net import protocol
 from moshi_mlx.net.protocol import Kind
+from tests.e2e.test_official_client import PANEL_SHOWN, official_client_dir, open_and_connect, schema_problems
 from tests.helpers.apps import App, no_traceback
 from tests.helpers.audio_env import ROOT, JackServer, base_env, read_wav, speech_wav
 from tests.helpers.web_process import LocalWeb
@@ -138,7 +139,7 @@ async def test_web_server_sends_captions_not_audio(stt_flags, tmp_path):
         frames = [c["frame"] for c in captions]
         assert frames == sorted(frames)
         assert all(0 <= c["end_of_turn"] <= 1 and len(c["pauses"]) == 4 for c in captions)
-        assert all("lm_model_file" in c for c in captions)  # the fields Kyutai's client checks on every metadata
+        assert all(schema_problems(c) == [] for c in captions)  # Kyutai's client checks every metadata message
         words = [w for c in captions for w in c["words"]]
         assert texts and words, "a random model writes pieces and words"
         assert all(w["start"] <= w["end"] for w in words)
@@ -176,3 +177,32 @@ async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wa
         await browser.close()
         server.stop()
     no_traceback(server.log)
+
+
+@pytest.mark.asyncio
+async def test_kyutais_official_client_keeps_working(chromium, mic_wav, stt_flags, tmp_path):
+    """Kyutai's own built client, served by local_web running an STT model: it connects, shows the server panel,
+    streams the microphone and logs no error on our captions metadata (it plays nothing: no audio comes)."""
+    from tests.helpers.browser import ARTIFACTS, Browser
+
+    client = official_client_dir()
+    if client is None:
+        pytest.skip("Kyutai's built client not found (shared/kyutai-official-client/dist, or MOSHI_MLX_OFFICIAL_CLIENT)")
+    server = LocalWeb(tmp_path / "web.log", extra=[*stt_flags, "--web-dir", str(client)], demo=False)
+    browser = await Browser(chromium, mic_wav).start()
+    try:
+        await open_and_connect(browser, server.http + "/")
+        assert await browser.wait_for(PANEL_SHOWN, timeout=40), browser.errors[:5]
+        await asyncio.sleep(5)  # captions metadata arrive 12 times a second meanwhile
+        await browser.screenshot(ARTIFACTS / "official_client_captions.png")
+        text = await browser.eval("document.body.innerText")
+        assert re.search(r"Audio played:\s*0:00\.00", text), text[:1000]  # nothing to play
+        quirk = f"{server.http}/undefined"  # the client's own request for an undefined image, whatever the server
+        errors = [e for e in browser.errors if not (e.startswith("network:") and e.endswith(quirk))]
+        assert errors == [], errors[:5]
+    finally:
+        await browser.close()
+        server.stop()
+    log = server.log
+    no_traceback(log)
+    assert "conversation 1 starts" in log, log[-2000:]
