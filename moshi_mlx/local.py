@@ -42,7 +42,6 @@ NO_SOUND_HINT = (
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli.flags import add_engine_args
-
     from .transcribe import heads_note
 
     p = argparse.ArgumentParser(
