@@ -111,8 +111,9 @@ class ConversationEngine:
         """Start a fresh conversation (optionally with new sampling settings)."""
         if settings is not None and settings != self.settings:
             self.settings = settings
+            text = GREEDY if self.text_only else settings.text  # captions stay greedy (see __init__)
             self.mlx.run(
-                self.gen.configure, GREEDY if self.text_only else settings.text, settings.audio, settings.seed, settings.text_controls,
+                self.gen.configure, text, settings.audio, settings.seed, settings.text_controls,
                 settings.text_seed, settings.audio_seed, settings.condition, settings.cfg_coef,
             )
         s = self.settings
