@@ -29,6 +29,7 @@ from ..models.config import LmConfig
 from ..net import protocol
 from ..net.protocol import ParamError
 from ..settings import EngineSettings
+from .asr import AsrServer, add_asr_route
 from .info import knobs_info
 from .security import (
     FOREIGN_UI,
@@ -301,8 +302,11 @@ CHAT_SERVER = web.AppKey("chat_server", ChatServer)
 WEB_DIR = web.AppKey("web_dir", Path)
 
 
-def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> web.Application:
-    """The aiohttp application: UI files, ``/api/chat`` (WebSocket) and ``/api/info`` (JSON)."""
+def create_app(
+    server: ChatServer, web_dir: str | os.PathLike | None = None, asr: AsrServer | None = None,
+) -> web.Application:
+    """The aiohttp application: UI files, ``/api/chat`` (WebSocket) and ``/api/info`` (JSON); with `asr` (a
+    text-only STT model), Kyutai's ``/api/asr-streaming`` too."""
     root = find_web_dir(web_dir)
     index = root / "index.html"
     hide_server_version()
@@ -334,12 +338,20 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
                 await asyncio.wait_for(conv.ws.close(code=1001, message=b"server shutting down"), 2.0)
             except Exception:
                 pass
+        stream = asr.active if asr is not None else None
+        if stream is not None and not stream.closed:
+            try:
+                await asyncio.wait_for(stream.close(code=1001, message=b"server shutting down"), 2.0)
+            except Exception:
+                pass
 
     app.on_response_prepare.append(no_cache)
     app.on_response_prepare.append(add_security_headers)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get(protocol.CHAT_PATH, server.handle_chat)
     app.router.add_get(protocol.INFO_PATH, server.handle_info)
+    if asr is not None:
+        add_asr_route(app, asr)
     app.router.add_get("/", handle_index)
     app.router.add_get("/{path:.+}", handle_file)  # only the UI's files (web_security.ui_file)
     app[CHAT_SERVER] = server

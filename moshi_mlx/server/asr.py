@@ -1,0 +1,237 @@
+"""Kyutai's speech-to-text WebSocket (`/api/asr-streaming`, moshi-server's protocol) on an STT model.
+
+What Unmute and Kyutai's scripts talk to (message shapes in :mod:`moshi_mlx.net.asr_protocol`). One stream at a
+time: a second client gets an ``Error`` ("busy", as /api/chat says it) and is closed. Each stream gets a fresh
+:class:`~moshi_mlx.transcribe.Transcriber` (the LmGen reset, Mimi reset) and all of its model work runs on the
+model's MLX thread, awaited as a future: the event loop never waits on the model.
+
+How the stream answers, as the Rust server does:
+
+* ``Ready`` once the stream is set up;
+* audio of any length is cut into 80 ms frames; each frame is one model step, answered with a ``Step`` (the extra
+  heads' first probabilities, when the model has heads) and the words it settled: ``Word {text, start_time}``
+  when a word's text is complete (the model wrote a non-text token after it), ``EndWord {stop_time}`` when the
+  word is closed (the next end of padding, or the next word). Times are seconds of the client's audio, the
+  model's delay taken back (:class:`~moshi_mlx.transcribe.WordTimer`);
+* ``Marker {id}`` comes back once all the audio sent before it, and the model's delay after it, has been through
+  the model: the client keeps sending audio (Kyutai's scripts send silence) for it to come back. Beyond the Rust
+  server: when a marker is waiting and the client sends nothing for ``flush_idle_s``, the server feeds that
+  silence itself (as if the client had sent it, so times stay in the client's time base);
+* a bad message (not MessagePack, unknown type, wrong fields, too long) gets an ``Error`` and the stream goes on;
+  OggOpus is not supported (an ``Error``; send ``Audio``).
+
+The API key (``kyutai-api-key`` header or ``auth_id``) is accepted and not checked: this is a local server, guarded
+by the Host/Origin policy of :mod:`moshi_mlx.server.security` like the rest of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from ..audio.frames import FRAME_SIZE, FrameChunker
+from ..generate import LmGen
+from ..mlx_thread import MlxThread
+from ..models.cache import DEFAULT_KV_BITS
+from ..models.lm import Lm
+from ..net import asr_protocol as asr
+from ..settings import GREEDY
+from ..transcribe import FrameEncoder, PieceSource, Transcriber
+from .security import HostPolicy
+
+log = logging.getLogger("moshi_mlx.web.asr")
+
+#: A marker waiting and no audio for this long: the server feeds the silence the marker needs.
+FLUSH_IDLE_S = 0.5
+#: What a second client is told while a stream is in progress (the words /api/chat uses).
+BUSY = "busy: another transcription is in progress; try again later"
+T = TypeVar("T")
+
+
+class AsrStream:
+    """One client's stream: PCM in, protocol messages out. Every method runs on the model's MLX thread."""
+
+    def __init__(self, transcriber: Transcriber) -> None:
+        self.t = transcriber
+        self.chunker = FrameChunker()
+        self.markers: deque[tuple[int, int]] = deque()  # (input frames that must have been fed, marker id)
+        self._announced = 0  # WordTimer.opened of the last word sent as Word (0: none yet)
+
+    @property
+    def buffered(self) -> int:
+        """Samples waiting for a whole frame."""
+        return self.chunker.pending
+
+    def audio(self, pcm: np.ndarray) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for frame in self.chunker.push(np.asarray(pcm, np.float32).reshape(-1)):
+            out += self._frame(frame)
+        return out
+
+    def marker(self, marker_id: int) -> list[dict[str, Any]]:
+        """Queue a marker: due once the audio before it (a partial frame counts whole) and the delay are fed."""
+        due = self.t.frames + (1 if self.buffered else 0) + self.t.flush_frames
+        self.markers.append((due, marker_id))
+        return self._due_markers()
+
+    def pad_to_markers(self) -> list[dict[str, Any]]:
+        """Feed silence until every waiting marker is due (what the client would have sent)."""
+        out: list[dict[str, Any]] = []
+        while self.markers:
+            out += self.audio(np.zeros(FRAME_SIZE - self.buffered, np.float32))
+        return out
+
+    def _frame(self, frame: np.ndarray) -> list[dict[str, Any]]:
+        timer = self.t.timer
+        previous_announced = timer.partial != "" and self._announced == timer.opened
+        words = self.t.feed(frame)
+        out: list[dict[str, Any]] = []
+        if self.t.pause_probabilities is not None:
+            out.append(asr.step(self.t.gen.step_index, list(self.t.pause_probabilities), self.buffered))
+        for i, w in enumerate(words):
+            if not (i == 0 and previous_announced):
+                out.append(asr.word(w.text, w.start))
+            out.append(asr.end_word(w.end))
+        start = timer.open_start
+        if start is not None and not timer.last_was_text and self._announced != timer.opened:
+            out.append(asr.word(timer.partial.strip(), start))  # its text is complete: say it now
+            self._announced = timer.opened
+        return out + self._due_markers()
+
+    def _due_markers(self) -> list[dict[str, Any]]:
+        out = []
+        while self.markers and self.markers[0][0] <= self.t.frames:
+            out.append(asr.marker(self.markers.popleft()[1]))
+        return out
+
+
+class SttModel:
+    """What a stream is made of: one LmGen of a text-only LM (made once, reset per stream, extra heads on),
+    the Mimi and the tokenizer. `new_transcriber` runs on `mlx`."""
+
+    def __init__(
+        self, lm: Lm, mimi: Any, tokenizer: PieceSource, mlx: MlxThread | None = None,
+        kv_bits: int | None = None, context: int | None = None,
+    ) -> None:
+        self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
+        self.mlx = mlx or MlxThread(name="moshi-asr")
+        self._kv_bits, self._context = kv_bits or DEFAULT_KV_BITS, context
+        self._gen: LmGen | None = None
+
+    def new_transcriber(self) -> Transcriber:
+        if self._gen is None:
+            self._gen = LmGen(self.lm, GREEDY, GREEDY, kv_bits=self._kv_bits, context=self._context,
+                              extra_heads=True)
+        else:
+            self._gen.reset()
+        if hasattr(self.mimi, "reset"):
+            self.mimi.reset()
+        encoder: FrameEncoder = self.mimi
+        return Transcriber(self._gen, encoder, self.tokenizer)
+
+
+class AsrServer:
+    """Serves ``/api/asr-streaming``: one stream at a time on `model`."""
+
+    def __init__(
+        self, model: SttModel, *, policy: HostPolicy | None = None, check_origin: bool = True,
+        heartbeat: float = 10.0, flush_idle_s: float = FLUSH_IDLE_S,
+    ) -> None:
+        self.model = model
+        self.policy = policy or HostPolicy()
+        self.check_origin = check_origin
+        self.heartbeat = heartbeat
+        self.flush_idle_s = flush_idle_s
+        self.active: web.WebSocketResponse | None = None
+        self.streams = 0
+        self.refused_busy = 0
+
+    async def _on_model(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.wrap_future(self.model.mlx.submit(fn, *args))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if self.check_origin and not self.policy.origin_ok(origin, request.secure, request.host):
+            return web.Response(status=403, text="cross-origin WebSocket connections are refused\n")
+        ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=2 * asr.MAX_MESSAGE_BYTES)
+        await ws.prepare(request)
+        peer = request.remote or "?"
+        if self.active is not None:
+            self.refused_busy += 1
+            log.info("%s: asr refused: busy", peer)
+            await _send(ws, asr.error(BUSY))
+            await ws.close(code=1013, message=b"busy")
+            return ws
+        self.active = ws
+        self.streams += 1
+        log.info("%s: asr stream %d starts", peer, self.streams)
+        try:
+            stream = await self._on_model(lambda: AsrStream(self.model.new_transcriber()))
+            await _send(ws, asr.ready())
+            await self._serve(ws, stream)
+        except ConnectionError:  # the client left while we were answering
+            pass
+        except Exception as e:  # say why before closing, as the Rust server logs and drops the stream
+            log.exception("%s: asr stream failed", peer)
+            try:
+                await _send(ws, asr.error(f"server error: {type(e).__name__}"))
+            except Exception:
+                pass
+        finally:
+            self.active = None
+            if not ws.closed:
+                await ws.close()
+            log.info("%s: asr stream %d ends", peer, self.streams)
+        return ws
+
+    async def _serve(self, ws: web.WebSocketResponse, stream: AsrStream) -> None:
+        while True:
+            try:
+                msg = await ws.receive(timeout=self.flush_idle_s if stream.markers else None)
+            except asyncio.TimeoutError:  # a marker waits and the client is quiet: feed its silence
+                await _send_all(ws, await self._on_model(stream.pad_to_markers))
+                continue
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return
+            if msg.type != WSMsgType.BINARY:
+                await _send(ws, asr.error("messages are binary MessagePack maps; got a text message"))
+                continue
+            try:
+                parsed = asr.unpack_in(msg.data)
+            except asr.AsrProtocolError as e:
+                await _send(ws, asr.error(str(e)))
+                continue
+            if isinstance(parsed, asr.Audio):
+                out = await self._on_model(stream.audio, parsed.pcm)
+            elif isinstance(parsed, asr.Marker):
+                out = await self._on_model(stream.marker, parsed.id)
+            elif isinstance(parsed, asr.OggOpus):
+                out = [asr.error("OggOpus is not supported by this server; send Audio (24 kHz float PCM)")]
+            else:  # Init: the batched server's own reset message
+                out = []
+            await _send_all(ws, out)
+
+
+async def _send(ws: web.WebSocketResponse, msg: dict[str, Any]) -> None:
+    if ws.closed:
+        raise ConnectionError("the client has gone")
+    await ws.send_bytes(asr.pack_out(msg))
+
+
+async def _send_all(ws: web.WebSocketResponse, msgs: list[dict[str, Any]]) -> None:
+    for msg in msgs:
+        await _send(ws, msg)
+
+
+ASR_SERVER = web.AppKey("asr_server", AsrServer)
+
+
+def add_asr_route(app: web.Application, server: AsrServer) -> None:
+    """Register ``/api/asr-streaming`` (for a text-only STT model)."""
+    app.router.add_get(asr.ASR_PATH, server.handle)
+    app[ASR_SERVER] = server
