@@ -18,7 +18,7 @@ from .settings import EngineSettings, lm_gen_knobs, with_knobs
 DEFAULT_CONDITION = "very_good"
 NEGATIVE_CONDITION = "very_bad"
 #: How the UI and messages name a model, by config.json's `model_type`.
-MODEL_KINDS = {"hibiki": "translation model", "moshi": "conversation model"}
+MODEL_KINDS = {"hibiki": "translation model", "moshi": "conversation model", "stt": "speech-to-text model"}
 
 
 class ConditioningError(MoshiError, ValueError):

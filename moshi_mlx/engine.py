@@ -8,6 +8,12 @@ per-conversation reset and the text pieces.
 push frames without ever waiting on the model; encode, LM step and decode run as a three-stage
 pipeline, so a frame's cost is the slowest stage rather than their sum; and when the model
 falls behind, the oldest input frames are dropped so latency stays bounded.
+
+A speech-to-text model (text only: `dep_q` 0, Kyutai's STT) runs through the same engine and runner as live
+captions: encode and LM step only (no decode stage, no audio made), each result carrying the words the frame
+completed (:class:`~moshi_mlx.transcribe.Word`, times in the input's seconds) and the semantic end-of-turn
+heads' probabilities. The model's silence prefix is fed at reset, before any input is waiting; frames the
+runner drops are counted into the words' clock; `flush()` feeds the audio delay of silence at the end.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from .generate import LmGen, StepOutput
 from .mlx_thread import MlxThread
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
-from .settings import EngineSettings
+from .settings import GREEDY, EngineSettings
 from .tokenizer import TextTokenizer
+from .transcribe import END_OF_TURN_HEAD, Transcriber, Word
 
 
 class AudioCodec(Protocol):
@@ -47,10 +54,21 @@ class FrameResult:
     """Moshi's output for one input frame."""
 
     frame: int  # index of the input frame this answers (0-based, per conversation)
-    pcm: np.ndarray  # float32 [FRAME_SIZE]; silence while the codebook delays fill
-    text: str | None  # transcript piece, if Moshi "said" a word here
+    pcm: np.ndarray | None  # float32 [FRAME_SIZE]; silence while the codebook delays fill; None: text-only model
+    text: str | None  # transcript piece, if Moshi "said" a word here (a text-only model: a piece of a caption)
     text_token: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # A text-only (STT) model only: the words this frame completed, each extra head's probability that the
+    # speaker paused (None: the model has no such heads) and whether an end of turn was detected at this frame.
+    words: tuple[Word, ...] = ()
+    pauses: tuple[float, ...] | None = None
+    turn_end: bool = False
+
+    @property
+    def end_of_turn(self) -> float | None:
+        """The semantic end-of-turn probability (head 2, as Kyutai's Unmute reads it), if the model has it."""
+        p = self.pauses
+        return p[END_OF_TURN_HEAD] if p is not None and len(p) > END_OF_TURN_HEAD else None
 
 
 class ConversationEngine:
@@ -61,22 +79,27 @@ class ConversationEngine:
         tokenizer: TextTokenizer | None,
         settings: EngineSettings = EngineSettings(),
     ) -> None:
-        if lm.config.text_only:  # no voice to answer with: say so before any thread or cache exists
-            raise MoshiError("this is a speech-to-text model (text only, no voice): transcribe a file with "
-                             "`python -m moshi_mlx.run_inference FILE`; live captions are not built yet")
+        self.text_only = lm.config.text_only
+        if self.text_only and tokenizer is None:  # before any thread or cache exists
+            raise MoshiError("a speech-to-text model needs its tokenizer for captions (--tokenizer)")
         self.lm = lm
         self.mimi = mimi
         self.tokenizer = tokenizer
         self.settings = settings
         self.mlx = MlxThread()
+        # Captions are read greedily, as Kyutai's STT configs (temp_text 0) and scripts run these models; the
+        # extra heads (semantic VAD) are computed at each step.
+        text = GREEDY if self.text_only else settings.text
         self.gen = self.mlx.run(
-            lambda: LmGen(lm, settings.text, settings.audio, settings.seed, text_controls=settings.text_controls,
+            lambda: LmGen(lm, text, settings.audio, settings.seed, text_controls=settings.text_controls,
                           text_seed=settings.text_seed, audio_seed=settings.audio_seed,
                           kv_bits=settings.kv_bits or DEFAULT_KV_BITS, context=settings.context,
-                          condition=settings.condition, cfg_coef=settings.cfg_coef)
+                          condition=settings.condition, cfg_coef=settings.cfg_coef, extra_heads=self.text_only)
         )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0
+        self.transcriber: Transcriber | None = None
+        self._prime()
 
     def close(self) -> None:
         """Stop the engine's model thread (the engine can still be used: it restarts on demand)."""
@@ -88,13 +111,20 @@ class ConversationEngine:
         if settings is not None and settings != self.settings:
             self.settings = settings
             self.mlx.run(
-                self.gen.configure, settings.text, settings.audio, settings.seed, settings.text_controls,
+                self.gen.configure, GREEDY if self.text_only else settings.text, settings.audio, settings.seed, settings.text_controls,
                 settings.text_seed, settings.audio_seed, settings.condition, settings.cfg_coef,
             )
         s = self.settings
         self.mlx.run(self.gen.reset, s.seed, s.text_seed, s.audio_seed)
         self.mimi.reset()
         self.frames_in = 0
+        self._prime()
+
+    def _prime(self) -> None:
+        """A text-only model: a fresh transcript, its silence prefix fed now (while no input waits)."""
+        if self.text_only:
+            self.transcriber = Transcriber(self.gen, self.mimi, self.tokenizer)
+            self.mlx.run(self.transcriber.prime)
 
     def warmup(self, frames: int = 4) -> float:
         """Run a few frames of silence through everything (allocations, compiled samplers), then reset.
@@ -127,7 +157,14 @@ class ConversationEngine:
         return pcm, text
 
     def process(self, pcm: np.ndarray) -> FrameResult:
-        """One frame through all three stages, synchronously."""
+        """One frame through all three stages, synchronously (a text-only model: encode and caption)."""
+        if self.text_only:
+            t0 = time.perf_counter()
+            codes = self.encode(pcm)
+            encode_ms = (time.perf_counter() - t0) * 1e3
+            result = self.caption(codes)
+            result.timings_ms["encode"] = encode_ms
+            return result
         frame = self.frames_in
         t0 = time.perf_counter()
         codes = self.encode(pcm)
@@ -138,6 +175,34 @@ class ConversationEngine:
         t3 = time.perf_counter()
         timings = {"encode": (t1 - t0) * 1e3, "lm": (t2 - t1) * 1e3, "decode": (t3 - t2) * 1e3}
         return FrameResult(frame, audio, text, out.text_token if out else None, timings)
+
+    # -- a text-only model: captions --------------------------------------------------------------
+    def caption(self, codes: np.ndarray, skipped: int = 0) -> FrameResult:
+        """A text-only model's step on one encoded frame (after `skipped` dropped ones): words, VAD, no audio."""
+        tr = self.transcriber
+        if tr is None:
+            raise MoshiError("captions need a speech-to-text model; this one answers with audio")
+        frame = self.frames_in
+        self.frames_in += 1
+
+        def step() -> tuple[list[Word], int]:
+            tr.skip(skipped)
+            before = len(tr.turn_ends)
+            return tr.feed_codes(codes), len(tr.turn_ends) - before
+
+        t0 = time.perf_counter()
+        words, turns = self.mlx.run(step)
+        token = tr.last_token
+        text = self.tokenizer.piece(token) if token is not None and self.tokenizer is not None else None
+        return FrameResult(frame, None, text, token, {"lm": (time.perf_counter() - t0) * 1e3}, tuple(words),
+                           tr.pause_probabilities, turns > 0)
+
+    def flush(self) -> list[Word]:
+        """A text-only model, once its input has ended (runner stopped): the audio delay of silence is fed so
+        the last words come out; returns them. The next conversation starts with `reset()`."""
+        if self.transcriber is None:
+            return []
+        return list(self.mlx.run(self.transcriber.finish))
 
 
 @dataclass
@@ -188,11 +253,15 @@ class EngineRunner:
         self._running = False
         self._threads: list[threading.Thread] = []
         self._lm_done: Future | None = None
+        self._dropped_seen = 0  # dropped input frames already told to a text-only engine
         self.error: BaseException | None = None
 
     def start(self) -> "EngineRunner":
         self._running = True
-        for target, name in ((self._encode_loop, "encode"), (self._decode_loop, "decode")):
+        stages = [(self._encode_loop, "encode")]
+        if not self.engine.text_only:  # a text-only model has no audio to decode: its results leave the LM stage
+            stages.append((self._decode_loop, "decode"))
+        for target, name in stages:
             thread = threading.Thread(target=self._guard(target), name=f"moshi-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -283,9 +352,10 @@ class EngineRunner:
                 if not self._running:
                     return
                 pcm, pushed_at = self._inbox.popleft()
+                dropped = self.stats.dropped  # all dropped frames so far came before this one
             t0 = time.perf_counter()
             codes = self.engine.encode(pcm)
-            if not self._put(self._to_lm, (codes, pushed_at, (time.perf_counter() - t0) * 1e3)):
+            if not self._put(self._to_lm, (codes, pushed_at, (time.perf_counter() - t0) * 1e3, dropped)):
                 return
 
     def _lm_loop(self) -> None:  # runs on the engine's MLX thread
@@ -294,7 +364,10 @@ class EngineRunner:
             if item is _STOP:
                 return
             self._lm_slot.release()
-            codes, pushed_at, encode_ms = item
+            codes, pushed_at, encode_ms, dropped = item
+            if self.engine.text_only:
+                self._caption(codes, pushed_at, encode_ms, dropped)
+                continue
             frame = self.engine.frames_in
             t0 = time.perf_counter()
             out = self.engine.step(codes)
@@ -302,6 +375,16 @@ class EngineRunner:
             self.stats.recent_step_ms.append(lm_ms)
             if not self._put(self._to_decode, (frame, out, pushed_at, {"encode": encode_ms, "lm": lm_ms})):
                 return
+
+    def _caption(self, codes: np.ndarray, pushed_at: float, encode_ms: float, dropped: int) -> None:
+        """A text-only model's LM stage, which is also its last: the result goes out from here."""
+        result = self.engine.caption(codes, skipped=dropped - self._dropped_seen)
+        self._dropped_seen = dropped
+        result.timings_ms["encode"] = encode_ms
+        self.stats.recent_step_ms.append(result.timings_ms["lm"])
+        self.stats.frames_out += 1
+        self.stats.last_latency_ms = (time.perf_counter() - pushed_at) * 1e3
+        self.on_result(result)
 
     def _decode_loop(self) -> None:
         while True:

@@ -98,6 +98,10 @@ class WordTimer:
         """The open word's start (input seconds), None when no word is open."""
         return self._time(self._start) if self._start is not None else None
 
+    def shift(self, seconds: float) -> None:
+        """The input's clock jumped ahead by `seconds` (frames dropped before the model saw them)."""
+        self._offset -= seconds
+
     def _time(self, step: float) -> float:
         return max(0.0, step / self._frame_rate - self._offset)
 
@@ -176,14 +180,21 @@ class Transcriber:
         self._turn_armed = True
         self._silence = np.zeros(FRAME_SIZE, np.float32)
         self._finished = False
+        self._primed = False
+        self.skipped = 0  # input frames a live runner dropped (counted in `frames`)
+        self.last_token: int | None = None  # the text token of the last step (None while the delays fill)
 
     def _step(self, pcm: np.ndarray) -> list[Word]:
-        codes = np.asarray(self.encoder.encode_frame(pcm)).reshape(-1)[: self.gen.config.user_codebooks]
+        return self._step_codes(self.encoder.encode_frame(pcm))
+
+    def _step_codes(self, codes: np.ndarray) -> list[Word]:
+        codes = np.asarray(codes).reshape(-1)[: self.gen.config.user_codebooks]
         pending = self.gen.submit(codes)
         heads = pending.extra_heads
         out = pending.result()
         if heads is not None:
             self.pause_probabilities = tuple(float(h[0]) for h in heads)
+        self.last_token = out.text_token if out is not None else None
         pieces_before = self.timer.steps_with_text
         words = self.timer.push(out.text_token) if out is not None else []
         if self.timer.steps_with_text != pieces_before:
@@ -191,24 +202,53 @@ class Transcriber:
         probs = self.pause_probabilities
         if probs is not None and len(probs) > END_OF_TURN_HEAD and probs[END_OF_TURN_HEAD] > END_OF_TURN_THRESHOLD:
             if self._turn_armed:
-                heard = min(max(0, self.gen.step_index - self.prefix_frames), self.frames)
+                heard = min(max(0, self.gen.step_index - self.prefix_frames) + self.skipped, self.frames)
                 self.turn_ends.append(heard / FRAME_RATE)
             self._turn_armed = False
         return words
 
-    def feed(self, pcm: np.ndarray) -> list[Word]:
-        """One frame (FRAME_SIZE samples, 24 kHz mono float32) of the input."""
+    def _check_open(self) -> None:
         if self._finished:
             raise TranscribeError("this transcript is finished; start a new Transcriber")
+
+    def prime(self) -> list[Word]:
+        """Feed the model's silence prefix (`audio_silence_prefix_seconds`), once, before the first frame.
+        `feed` does it by itself; a live runner calls it ahead, while no audio is waiting."""
+        self._check_open()
+        if self._primed:
+            return []
+        self._primed = True
+        words: list[Word] = []
+        for _ in range(self.prefix_frames):
+            words += self._step(self._silence)
+        return words
+
+    def feed(self, pcm: np.ndarray) -> list[Word]:
+        """One frame (FRAME_SIZE samples, 24 kHz mono float32) of the input."""
+        self._check_open()
         pcm = np.asarray(pcm, np.float32).reshape(-1)
         if pcm.shape[0] != FRAME_SIZE:
             raise TranscribeError(f"a frame is {FRAME_SIZE} samples, got {pcm.shape[0]}")
-        words: list[Word] = []
-        if self.frames == 0:
-            for _ in range(self.prefix_frames):
-                words += self._step(self._silence)
+        words = self.prime()
         self.frames += 1
         return words + self._step(pcm)
+
+    def feed_codes(self, codes: np.ndarray) -> list[Word]:
+        """One input frame already encoded by Mimi (a pipeline encodes on its own thread); after `prime()`."""
+        self._check_open()
+        words = self.prime()
+        self.frames += 1
+        return words + self._step_codes(codes)
+
+    def skip(self, frames: int) -> None:
+        """`frames` input frames were dropped before the next one (a live runner that fell behind): the input's
+        clock moves on by that much. Words already inside the model's delay are then stamped up to that much
+        late: the model cannot tell which audio it missed."""
+        if frames <= 0:
+            return
+        self.frames += frames
+        self.skipped += frames
+        self.timer.shift(frames / FRAME_RATE)
 
     def finish(self, duration: float | None = None) -> list[Word]:
         """Feed the audio delay's worth of silence, close the last word; times capped at the input's end

@@ -42,7 +42,8 @@ LAYERS: list[set[str]] = [
      "server.startup", "models.pytorch_config", "model_files.depformer_steps",
      "model_files.pytorch_weights", "codec.seanet"},
     {"generate", "model_files.checkpoint", "net.address", "codec.network"},
-    {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
+    {"transcribe"},  # timed words from an STT model: the engine's live captions use it
+    {"engine", "clips", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
     {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
     {"model_files.assets", "model_files.convert", "server.session", "server.asr", "captions"},  # load(): the one front door; one client around the engine
     {"server.app"},

@@ -118,7 +118,8 @@ def model_fields(config: LmConfig) -> dict[str, Any]:
     if len(table) == 1:
         (name, values), = table.items()
         conditioning = {"conditioner": name, "values": list(values), "default": default_condition(config)}
-    return {"model_kind": model_kind(config), "conditioning": conditioning}
+    # text_only: a speech-to-text model (live captions, no audio out): the web UI shows captions instead
+    return {"model_kind": model_kind(config), "conditioning": conditioning, "text_only": config.text_only}
 
 
 class ChatServer:

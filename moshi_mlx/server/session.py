@@ -6,6 +6,12 @@ when the model falls behind). Moshi's answers come back on the engine's decode t
 encoded there; they reach the client through a bounded :class:`OutQueue`, so a client that stops
 reading loses Moshi's audio instead of making the server buffer it without end.
 
+A speech-to-text model (live captions) sends no audio: its text pieces go out as Kyutai's 0x02 text, as Moshi's
+do, and each answered frame adds one 0x04 metadata message of ``type: "captions"`` (:func:`captions_message`)
+with the words the frame completed (times in seconds of the client's audio), the end-of-turn probability and
+whether an end of turn was detected. Kyutai's client reads metadata as server info and ignores fields it does not
+know, so it keeps working (it shows the text).
+
 Admission (one conversation at a time), the engine's reset and the HTTP side live in
 :mod:`moshi_mlx.server.app`.
 """
@@ -30,6 +36,22 @@ from ..net.protocol import Kind, ProtocolError
 from .info import server_info
 
 log = logging.getLogger("moshi_mlx.web.session")
+
+
+def captions_message(result: FrameResult) -> dict[str, Any]:
+    """Our metadata fields for one frame of a text-only model (the server's info fields are added by the caller).
+
+    ``words``: ``[{"text", "start", "end"}]`` completed at this frame (seconds from the start of the client's
+    audio); ``end_of_turn``: head 2's probability that the speaker has finished (None: no VAD heads);
+    ``pauses``: every head's; ``turn_end``: true on the frame where an end of turn was detected."""
+    return {
+        "type": "captions",
+        "frame": result.frame,
+        "words": [{"text": w.text, "start": round(w.start, 3), "end": round(w.end, 3)} for w in result.words],
+        "end_of_turn": None if result.end_of_turn is None else round(result.end_of_turn, 4),
+        "pauses": None if result.pauses is None else [round(p, 4) for p in result.pauses],
+        "turn_end": result.turn_end,
+    }
 
 
 class Host(Protocol):
@@ -146,6 +168,9 @@ class Conversation:
         """Called on the engine's decode thread for every answered frame."""
         if self.closing:
             return
+        if result.pcm is None:  # a text-only model: captions, no audio
+            self._call(self._deliver_captions, result.text, captions_message(result))
+            return
         page = b""
         if not self.out.audio_full():
             try:
@@ -169,6 +194,14 @@ class Conversation:
         if text:
             self.text_pieces += 1
             self.out.put(protocol.encode_text(text))
+
+    def _deliver_captions(self, text: str | None, fields: dict[str, Any]) -> None:
+        if self.closing:
+            return
+        if text:
+            self.text_pieces += 1
+            self.out.put(protocol.encode_text(text))
+        self.out.put(protocol.encode_metadata({**self.server_fields, **fields}))
 
     def _send_error(self, message: str, key: str | None = None, every_s: float = 1.0) -> None:
         """Queue an error message; repeated errors of one ``key`` are sent at most once per ``every_s``."""

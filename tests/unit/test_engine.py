@@ -149,14 +149,3 @@ def test_the_model_thread_ends_cleanly_on_an_mlx_without_clear_streams(monkeypat
     assert worker.run(lambda: int(mx.array(2) + 3)) == 5
     worker.close()
     assert failures == []
-
-
-def test_a_speech_to_text_model_is_refused_in_one_line():
-    """A text-only model has no voice: the conversation engine says where to go instead (no thread started)."""
-    from moshi_mlx.errors import MoshiError
-    from moshi_mlx.model_files.checkpoint import build_model
-    from moshi_mlx.models.config import config_tiny_stt
-
-    with pytest.raises(MoshiError, match="speech-to-text model .*run_inference") as err:
-        ConversationEngine(build_model(config_tiny_stt(), None, mx.float32), None, None)
-    assert "\n" not in str(err.value)
