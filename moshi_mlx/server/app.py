@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -160,6 +160,8 @@ class ChatServer:
         # Engine resets and runner shutdowns happen here, one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-web")
         self.active: Conversation | None = None
+        # Another route holding the same model (create_app links /api/asr-streaming here): busy too.
+        self.also_busy: Callable[[], bool] = lambda: False
         self._idle: asyncio.Event | None = None
         self.conversations = 0
         self.refused_busy = 0
@@ -185,7 +187,7 @@ class ChatServer:
                 "server": "moshi_mlx",
                 "model": self.description,
                 "demo": self.demo,
-                "busy": self.active is not None,
+                "busy": self.active is not None or self.also_busy(),
                 "conversations": self.conversations,
                 "threads": threading.active_count(),
                 "protocol": {"sample_rate": SAMPLE_RATE, "params": list(protocol.KNOWN_PARAMS)},
@@ -244,7 +246,7 @@ class ChatServer:
                 await asyncio.wait_for(self.idle_event().wait(), 15.0)
             except asyncio.TimeoutError:
                 pass
-        return self.active is None
+        return self.active is None and not self.also_busy()
 
     async def _converse(self, conv: Conversation) -> None:
         """Reset the engine for ``conv``, serve it, then release the engine (even if the handler is cancelled)."""
@@ -351,8 +353,10 @@ def create_app(
     app.on_shutdown.append(on_shutdown)
     app.router.add_get(protocol.CHAT_PATH, server.handle_chat)
     app.router.add_get(protocol.INFO_PATH, server.handle_info)
-    if asr is not None:
+    if asr is not None:  # one model behind both routes: one client at a time across them
         add_asr_route(app, asr)
+        server.also_busy = lambda: asr.active is not None
+        asr.also_busy = lambda: server.active is not None
     app.router.add_get("/", handle_index)
     app.router.add_get("/{path:.+}", handle_file)  # only the UI's files (web_security.ui_file)
     app[CHAT_SERVER] = server

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -110,6 +110,27 @@ class AsrStream:
         return out
 
 
+class TranscriberSource(Protocol):
+    """Where streams come from: the MLX thread their model work runs on, and a fresh transcript (made there)."""
+
+    mlx: MlxThread
+
+    def new_transcriber(self) -> Transcriber: ...
+
+
+class EngineStt:
+    """A text-only ConversationEngine's own model (local_web): a stream resets the engine and takes its transcript,
+    so /api/chat and this route share one model, one Mimi and one MLX thread (one client at a time across both)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.mlx: MlxThread = engine.mlx
+
+    def new_transcriber(self) -> Transcriber:
+        self.engine.reset()
+        return self.engine.transcriber
+
+
 class SttModel:
     """What a stream is made of: one LmGen of a text-only LM (made once, reset per stream, extra heads on),
     the Mimi and the tokenizer. `new_transcriber` runs on `mlx`."""
@@ -139,7 +160,7 @@ class AsrServer:
     """Serves ``/api/asr-streaming``: one stream at a time on `model`."""
 
     def __init__(
-        self, model: SttModel, *, policy: HostPolicy | None = None, check_origin: bool = True,
+        self, model: TranscriberSource, *, policy: HostPolicy | None = None, check_origin: bool = True,
         heartbeat: float = 10.0, flush_idle_s: float = FLUSH_IDLE_S,
     ) -> None:
         self.model = model
@@ -148,6 +169,8 @@ class AsrServer:
         self.heartbeat = heartbeat
         self.flush_idle_s = flush_idle_s
         self.active: web.WebSocketResponse | None = None
+        # Another route holding the same model (create_app links /api/chat's ChatServer here): busy too.
+        self.also_busy: Callable[[], bool] = lambda: False
         self.streams = 0
         self.refused_busy = 0
 
@@ -161,7 +184,7 @@ class AsrServer:
         ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=2 * asr.MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         peer = request.remote or "?"
-        if self.active is not None:
+        if self.active is not None or self.also_busy():
             self.refused_busy += 1
             log.info("%s: asr refused: busy", peer)
             await _send(ws, asr.error(BUSY))
