@@ -17,6 +17,8 @@ How the stream answers, as the Rust server does:
   the model: the client keeps sending audio (Kyutai's scripts send silence) for it to come back. Beyond the Rust
   server: when a marker is waiting and the client sends nothing for ``flush_idle_s``, the server feeds that
   silence itself (as if the client had sent it, so times stay in the client's time base);
+* a word's text is said once: should the model continue a word after a non-text token (rare), the Word already
+  sent stands and only its EndWord follows;
 * a bad message (not MessagePack, unknown type, wrong fields, too long) gets an ``Error`` and the stream goes on;
   OggOpus is not supported (an ``Error``; send ``Audio``).
 
@@ -35,6 +37,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from ..audio.frames import FRAME_SIZE, FrameChunker
+from ..errors import first_line
 from ..generate import LmGen
 from ..mlx_thread import MlxThread
 from ..models.cache import DEFAULT_KV_BITS
@@ -110,6 +113,12 @@ class AsrStream:
         return out
 
 
+class StreamingEncoder(FrameEncoder, Protocol):
+    """Mimi as a stream needs it: frames in, and a reset between streams."""
+
+    def reset(self) -> None: ...
+
+
 class TranscriberSource(Protocol):
     """Where streams come from: the MLX thread their model work runs on, and a fresh transcript (made there)."""
 
@@ -136,7 +145,7 @@ class SttModel:
     the Mimi and the tokenizer. `new_transcriber` runs on `mlx`."""
 
     def __init__(
-        self, lm: Lm, mimi: Any, tokenizer: PieceSource, mlx: MlxThread | None = None,
+        self, lm: Lm, mimi: StreamingEncoder, tokenizer: PieceSource, mlx: MlxThread | None = None,
         kv_bits: int | None = None, context: int | None = None,
     ) -> None:
         self.lm, self.mimi, self.tokenizer = lm, mimi, tokenizer
@@ -150,10 +159,8 @@ class SttModel:
                               extra_heads=True)
         else:
             self._gen.reset()
-        if hasattr(self.mimi, "reset"):
-            self.mimi.reset()
-        encoder: FrameEncoder = self.mimi
-        return Transcriber(self._gen, encoder, self.tokenizer)
+        self.mimi.reset()
+        return Transcriber(self._gen, self.mimi, self.tokenizer)
 
 
 class AsrServer:
@@ -202,7 +209,7 @@ class AsrServer:
         except Exception as e:  # say why before closing, as the Rust server logs and drops the stream
             log.exception("%s: asr stream failed", peer)
             try:
-                await _send(ws, asr.error(f"server error: {type(e).__name__}"))
+                await _send(ws, asr.error(f"server error: {first_line(e)}"))
             except Exception:
                 pass
         finally:
