@@ -28,7 +28,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .audio.frames import FRAME_SIZE
+from .audio.frames import FRAME_RATE, FRAME_SIZE
 from .errors import MoshiError
 from .generate import LmGen, StepOutput
 from .mlx_thread import MlxThread
@@ -63,6 +63,7 @@ class FrameResult:
     words: tuple[Word, ...] = ()
     pauses: tuple[float, ...] | None = None
     turn_end: bool = False
+    heard_s: float | None = None  # seconds of input up to the end of this frame (dropped frames included)
 
     @property
     def end_of_turn(self) -> float | None:
@@ -195,7 +196,7 @@ class ConversationEngine:
         token = tr.last_token
         text = self.tokenizer.piece(token) if token is not None and self.tokenizer is not None else None
         return FrameResult(frame, None, text, token, {"lm": (time.perf_counter() - t0) * 1e3}, tuple(words),
-                           tr.pause_probabilities, turns > 0)
+                           tr.pause_probabilities, turns > 0, tr.frames / FRAME_RATE)
 
     def flush(self) -> list[Word]:
         """A text-only model, once its input has ended (runner stopped): the audio delay of silence is fed so

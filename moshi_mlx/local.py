@@ -4,6 +4,8 @@ Thin over the library: :mod:`moshi_mlx.model_files.assets` loads the model, :cla
 runs it on worker threads, :class:`moshi_mlx.cli.terminal.TerminalSession` moves 80 ms frames between the
 sound devices and the runner and shows Moshi's words as they come (stdout) and how far behind real time
 the model is (stderr). This module only wires them together: start-up time, and the offline ``--demo``.
+A speech-to-text model (``--hf-repo kyutai/stt-1b-en_fr-mlx``) gives live captions of the microphone instead
+(:mod:`moshi_mlx.cli.live_captions`).
 """
 
 from __future__ import annotations
@@ -41,9 +43,15 @@ NO_SOUND_HINT = (
 def build_parser() -> argparse.ArgumentParser:
     from .cli.flags import add_engine_args
 
+    from .transcribe import heads_note
+
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
         description="Real-time spoken conversation with Moshi through the microphone and speaker.",
+        epilog="A speech-to-text model (--hf-repo kyutai/stt-1b-en_fr-mlx) gives live captions of the microphone "
+        "instead (no speaker opened): each word on stdout as 'start end word' (seconds from the start), an "
+        "end-of-turn meter on the status line; --record DIR keeps the microphone and the timed transcript (JSON: "
+        f"words, VAD probabilities, ends of turn). The meter: {heads_note()}.",
     )
     add_engine_args(p)
     g = add_audio_args(p)
@@ -68,6 +76,10 @@ def converse(args: argparse.Namespace) -> int:
     # Model files first (a missing or undownloadable file is the real problem, not the sound card), then the
     # devices: a wrong --input-device should not cost a model load.
     resolved = resolve_from_args(args)
+    if resolved is not None and resolved.config.text_only:  # a speech-to-text model: live captions, no speaker
+        from .cli.live_captions import caption
+
+        return caption(args, resolved)
     can_demo = args.demo and args.input_device is None and args.output_device is None
     moshi = LocalMoshi()
     try:

@@ -39,6 +39,16 @@ LAST_WORD_MAX_SECONDS = 1.0
 #: Semantic end of turn, as Kyutai's scripts and Unmute read the extra heads: head 2's first probability above
 #: 0.5. Said once, then again only after a new word (which re-arms it).
 END_OF_TURN_HEAD, END_OF_TURN_THRESHOLD = 2, 0.5
+#: What each extra head's first probability means: no voice activity over the next this many seconds (Kyutai's
+#: stt-rs, for kyutai/stt-1b-en_fr: 0.5 s, 1 s, 2 s, 3 s). Head 2, the end of turn, is the 2 s pause.
+PAUSE_HORIZONS_S = (0.5, 1.0, 2.0, 3.0)
+
+
+def heads_note() -> str:
+    """One line saying what the VAD numbers are (help texts, transcript JSON)."""
+    horizons = ", ".join(f"head {i}: {s:g} s" for i, s in enumerate(PAUSE_HORIZONS_S))
+    return (f"each extra head's probability that the speaker is silent for the next ({horizons}); an end of turn is "
+            f"head {END_OF_TURN_HEAD} above {END_OF_TURN_THRESHOLD}, as Kyutai's scripts and Unmute read it")
 
 
 class TranscribeError(MoshiError, ValueError):

@@ -46,11 +46,12 @@ LAYERS: list[set[str]] = [
     {"engine", "clips", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
     {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
     {"model_files.assets", "model_files.convert", "server.session", "server.asr", "captions"},  # load(): the one front door; one client around the engine
-    {"server.app"},
+    {"server.app", "caption_recording"},
     {"cli.shell", "cli.progress", "cli.display"},
     {"cli.async_signals"},
     {"cli.flags"},
     {"cli", "cli.terminal"},
+    {"cli.live_captions"},
     {"run_inference", "convert", "benchmark", "local_web"},
     {"local", "client"},
     {"__main__"},

@@ -90,6 +90,11 @@ const stats = {
   micOptions: MIC_OPTIONS,
   micZeroSeconds: 0, // exact zeros since the microphone opened, while it has given nothing else
   micSilent: false, // it gave only exact zeros for SILENT_MIC_SECONDS: blocked by the system, or muted
+  // Live captions (a speech-to-text model, info.text_only): the server's "captions" metadata, one per frame.
+  captionFrames: 0,
+  words: 0,
+  endOfTurn: null, // head 2's probability at the last frame (null: no VAD heads)
+  turnEnds: 0,
 };
 const FRESH = JSON.stringify(stats); // every connect starts from these counters
 // settingsQuery: the query the next connection sends (tests check what the form turns into).
@@ -158,18 +163,23 @@ function drawMeters(now) {
 requestAnimationFrame(drawMeters);
 
 let currentTurn = null;
-function startTurn() {
+let turnEnded = false; // captions: the speaker finished a turn; the next words start a new paragraph
+function startTurn(heading = `Conversation at ${new Date().toLocaleTimeString()}`) {
   const placeholder = ui.transcript.querySelector(".placeholder");
   if (placeholder) placeholder.remove();
   const p = document.createElement("p");
   const head = document.createElement("span");
   head.className = "turn-head";
-  head.textContent = `Conversation at ${new Date().toLocaleTimeString()}`;
+  head.textContent = heading;
   p.append(head, document.createTextNode(""));
   ui.transcript.append(p);
   currentTurn = p.lastChild;
 }
 function addText(piece) {
+  if (turnEnded && piece.trim()) {
+    turnEnded = false;
+    startTurn(`Next turn, from ${session ? session.elapsed().toFixed(1) : "?"} s`);
+  }
   if (!currentTurn) startTurn();
   if (session && session.recording) session.recording.addText(piece, session.elapsed());
   const atBottom = ui.transcript.scrollHeight - ui.transcript.scrollTop - ui.transcript.clientHeight < 30;
@@ -426,7 +436,7 @@ class Session {
           window.moshi.recording = this.recording;
           renderSave();
           startTurn();
-          setState("live", "Connected: talk to Moshi");
+          setState("live", document.body.dataset.textOnly ? "Connected: captioning your microphone" : "Connected: talk to Moshi");
           // Header pages first, then the microphone.
           this.encoder.postMessage({ command: "getHeaderPages" });
           this.streaming = true;
@@ -472,6 +482,8 @@ class Session {
     } else if (meta.type === "stats") {
       stats.serverStats = meta;
       this.renderLag();
+    } else if (meta.type === "captions") {
+      showCaptionFrame(meta);
     }
   }
 
@@ -484,7 +496,7 @@ class Session {
       if (s.dropped_in) parts.push(`skipped ${s.dropped_in} of your frames`);
       if (s.dropped_out) parts.push(`${s.dropped_out} frames not sent`);
     }
-    parts.push(`playback buffer ${Math.round(stats.bufferedMs)} ms`);
+    if (!document.body.dataset.textOnly) parts.push(`playback buffer ${Math.round(stats.bufferedMs)} ms`);
     if (stats.underruns) parts.push(`${stats.underruns} gaps`);
     ui.lag.textContent = parts.join(" · ");
     ui.lag.classList.toggle("behind", Boolean(s && (s.behind || s.dropped_in)));
@@ -820,6 +832,38 @@ function schedulePoll(ms = INFO_POLL_MS) {
 function showModel(info) {
   ui.model.textContent = [info.model, info.model_kind].filter(Boolean).join(" · ");
   ui.demoNote.hidden = !info.demo;
+  showTextOnly(Boolean(info.text_only));
+}
+// A speech-to-text model (live captions): it says nothing back, so no "Moshi" meter; the transcript is yours,
+// and the end-of-turn meter shows.
+function showTextOnly(textOnly) {
+  document.body.dataset.textOnly = textOnly ? "1" : "";
+  $("meter-out-box").closest(".meter-row").hidden = textOnly;
+  $("eot").hidden = !textOnly;
+  $("transcript-title").textContent = textOnly ? "Live captions of what you say" : "What Moshi says";
+  if (textOnly) ui.demoNote.textContent = "Demo mode: the model has random weights, so the captions are made-up words.";
+  const placeholder = ui.transcript.querySelector(".placeholder");
+  if (placeholder) placeholder.textContent = textOnly
+    ? "Connect and start talking; your words appear here as captions."
+    : "Connect and start talking; Moshi's words appear here.";
+}
+// One "captions" metadata message (one frame of a speech-to-text model): the end-of-turn meter, words, turn ends.
+function showCaptionFrame(meta) {
+  stats.captionFrames++;
+  stats.words += (meta.words || []).length;
+  if (typeof meta.end_of_turn === "number") {
+    stats.endOfTurn = meta.end_of_turn;
+    const pct = Math.round(meta.end_of_turn * 100);
+    $("eot-bar").style.width = `${pct}%`;
+    $("eot-box").setAttribute("aria-valuenow", String(pct));
+    $("eot-box").setAttribute("aria-valuetext", `${pct}%`);
+    $("eot-value").textContent = meta.end_of_turn.toFixed(2);
+    $("eot").classList.toggle("finished", meta.end_of_turn > 0.5);
+  }
+  if (meta.turn_end) {
+    stats.turnEnds++;
+    turnEnded = true;
+  }
 }
 // Guidance and condition exist only for a model with conditioners: the fieldset shows only then.
 function applyConditioning(conditioning) {

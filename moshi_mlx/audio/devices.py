@@ -64,6 +64,7 @@ class DuplexAudio:
         in the audio callbacks; with one duplex stream a tick's speaker frame is given before that
         tick's mic frame (what is played now can only be heard later). They must be quick (a few ms).
     max_queued: play-buffer bound in frames; frames beyond it are dropped, oldest first (counted).
+    playback: False opens the microphone alone (live captions: nothing to play, no speaker stream).
 
     With one device for both directions a single duplex PortAudio stream is used (mic and speaker
     blocks share one clock and one callback); otherwise two streams run side by side.
@@ -77,15 +78,17 @@ class DuplexAudio:
         max_queued: int = 8,
         echo_canceller: EchoHook | None = None,
         on_output: Callable[[np.ndarray], None] | None = None,
+        playback: bool = True,
     ):
         self._sd = device_choice.sounddevice_module()  # looked up now: tests put a fake there
         self.on_input = on_input
         self.on_output = on_output  # sees every 24 kHz frame as it goes to the speaker (recording)
         self.echo_canceller = echo_canceller
+        self.playback = playback
         self.input_device = find_device(input_device, "input")
-        self.output_device = find_device(output_device, "output")
+        self.output_device = find_device(output_device, "output") if playback else None
         self.input_rate = pick_rate(self.input_device, "input")
-        self.output_rate = pick_rate(self.output_device, "output")
+        self.output_rate = pick_rate(self.output_device, "output") if playback else SAMPLE_RATE
         self._queue: deque[np.ndarray] = deque(maxlen=max(1, max_queued))
         self._queue_lock = threading.Lock()
         self._mic = _FrameAssembler(self.input_rate)
@@ -101,10 +104,10 @@ class DuplexAudio:
     # -- description ---------------------------------------------------------------------------
     def describe(self) -> str:
         parts = []
-        for kind, dev, rate, how in (
-            ("mic", self.input_device, self.input_rate, "to"),
-            ("speaker", self.output_device, self.output_rate, "from"),
-        ):
+        sides = [("mic", self.input_device, self.input_rate, "to")]
+        if self.playback:
+            sides.append(("speaker", self.output_device, self.output_rate, "from"))
+        for kind, dev, rate, how in sides:
             name = self._sd.query_devices(dev)["name"]
             note = "" if rate == SAMPLE_RATE else f", resampled {how} 24 kHz"
             parts.append(f"{kind}: {dev} '{name}' ({rate} Hz{note})")
@@ -193,7 +196,14 @@ class DuplexAudio:
         out_block = round(FRAME_SIZE * self.output_rate / SAMPLE_RATE)
         common = dict(channels=1, dtype="float32", latency="low")
         try:
-            if self.input_device == self.output_device and self.input_rate == self.output_rate:
+            if not self.playback:
+                self._streams = [
+                    sd.InputStream(
+                        device=self.input_device, samplerate=self.input_rate, blocksize=in_block,
+                        callback=self._guarded(lambda indata, frames, t: self._take_input(indata), None), **common,
+                    )
+                ]
+            elif self.input_device == self.output_device and self.input_rate == self.output_rate:
                 self._streams = [
                     sd.Stream(
                         device=(self.input_device, self.output_device), samplerate=self.input_rate,

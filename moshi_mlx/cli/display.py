@@ -59,6 +59,15 @@ class Display:
             self.line = self.line[cut:]
         self._redraw()
 
+    def write_line(self, line: str) -> None:
+        """A whole line on stdout (a captioned word with its times), under the live line on a terminal."""
+        if self.tty:
+            self._clear()
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        if self.tty and (self.line or self.status):
+            self._redraw()
+
     def set_status(self, status: str, now: float) -> None:
         self.status = status
         if self.tty:

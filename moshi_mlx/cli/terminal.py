@@ -37,6 +37,7 @@ from .flags import integer
 
 if TYPE_CHECKING:
     from ..audio.recording import ConversationRecorder
+    from ..caption_recording import CaptionRecorder
 
 
 log = shell.say  # a line for the user on stderr
@@ -71,11 +72,17 @@ def add_record_arg(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def make_recorder(directory: str | None) -> ConversationRecorder | None:
-    """A recorder for --record DIR, after checking DIR can be written (before any slow loading or connecting)."""
+def make_recorder(directory: str | None, captions: bool = False) -> ConversationRecorder | CaptionRecorder | None:
+    """A recorder for --record DIR, after checking DIR can be written (before any slow loading or connecting);
+    `captions`: live captions' recorder (the microphone and the timed words, :mod:`moshi_mlx.caption_recording`)."""
     if directory is None:
         return None
-    from ..audio.recording import ConversationRecorder, RecordingError, recover_unfinished
+    from ..audio.recording import ConversationRecorder, RecordingError
+    from ..audio.recording import recover_unfinished as recover_conversations
+    from ..caption_recording import CaptionRecorder
+    from ..caption_recording import recover_unfinished as recover_captions
+
+    recover_unfinished = recover_captions if captions else recover_conversations
 
     folder = Path(directory).expanduser()
     if not folder.parent.exists():  # as --demo-output: a typo in the path is refused, not made into folders
@@ -93,10 +100,11 @@ def make_recorder(directory: str | None) -> ConversationRecorder | None:
             log(f"recording: finished one an earlier session left unfinished ({files.seconds:.1f} s): {files.stereo}")
     except RecordingError as e:
         log(f"warning: an unfinished recording could not be finished: {first_line(e)}")
-    return ConversationRecorder(folder, on_error=lambda line: log(f"error: {line}"))
+    recorder = CaptionRecorder if captions else ConversationRecorder
+    return recorder(folder, on_error=lambda line: log(f"error: {line}"))
 
 
-def save_recording(recorder: ConversationRecorder, info: dict[str, Any]) -> None:
+def save_recording(recorder: ConversationRecorder | CaptionRecorder, info: dict[str, Any]) -> None:
     """Finish the files and say where; a failure is one line, never an exception (the summary still comes)."""
     try:
         files = recorder.finish(info)
@@ -153,22 +161,27 @@ class TerminalSession:
     ``no_sound_hint`` is added to a missing-device error (None: the caller handles that error itself).
     The far end plays Moshi's frames with :meth:`play`, shows text with :meth:`text`, and calls
     :meth:`show_lag` about ten times a second; :meth:`run` runs its loop and closes everything.
+    ``playback`` False (live captions): the microphone alone, no echo canceller, the captions' recorder.
     """
 
-    def __init__(self, args: argparse.Namespace, far: FarEnd, no_sound_hint: str | None) -> None:
+    def __init__(
+        self, args: argparse.Namespace, far: FarEnd, no_sound_hint: str | None, playback: bool = True
+    ) -> None:
         self.far = far
-        self.recorder = make_recorder(args.record)
-        self.echo_canceller = None if args.no_aec else make_echo_canceller(args.aec_delay_ms)
+        self.recorder = make_recorder(args.record, captions=not playback)
+        # Nothing is played without playback: there is no echo to cancel.
+        self.echo_canceller = None if args.no_aec or not playback else make_echo_canceller(args.aec_delay_ms)
         try:
             self.audio = DuplexAudio(
                 self._heard, args.input_device, args.output_device, max_queued=args.max_lag_frames + 3,
-                echo_canceller=self.echo_canceller, on_output=self._played,
+                echo_canceller=self.echo_canceller, on_output=self._played, playback=playback,
             )
         except NoDefaultDevice as e:
             if no_sound_hint is None:
                 raise
             raise NoDefaultDevice(e.kind, f"{e}; or, {no_sound_hint}") from None
-        log(self.audio.describe() + (", echo cancellation on" if self.echo_canceller else ", echo cancellation off"))
+        echo = ", echo cancellation on" if self.echo_canceller else ", echo cancellation off" if playback else ""
+        log(self.audio.describe() + echo)
         self.display = Display()
         self.stopped_by: str | None = None  # "Ctrl-C" or "SIGTERM" when that ended the session
         self.started = time.monotonic()
@@ -192,9 +205,9 @@ class TerminalSession:
         """The summary's clock starts now (the local app: once the model is loaded)."""
         self.started = time.monotonic()
 
-    def start_listening(self) -> None:
+    def start_listening(self, line: str = "listening: speak to Moshi (Ctrl-C to quit)") -> None:
         self.audio.start()
-        self.display.message("listening: speak to Moshi (Ctrl-C to quit)")
+        self.display.message(line)
 
     def play(self, pcm: np.ndarray) -> None:
         self.audio.play(pcm)
@@ -211,14 +224,17 @@ class TerminalSession:
         if self.audio.callback_error is not None:
             raise AudioDeviceError(f"audio callback failed: {self.audio.callback_error}")
 
-    def show_lag(self, latency_ms: float, dropped: int, warning: Callable[[int, float], str]) -> None:
-        """The status line; ``warning(dropped, lag_ms)`` at most every 2 s while frames are being dropped."""
+    def show_lag(
+        self, latency_ms: float, dropped: int, warning: Callable[[int, float], str], prefix: str = ""
+    ) -> None:
+        """The status line (``prefix`` first: the captions' end-of-turn meter); ``warning(dropped, lag_ms)`` at
+        most every 2 s while frames are being dropped."""
         now = time.monotonic()
         if self.audio.silence.silent and not self._told_silent:  # e.g. macOS before the permission is granted
             self._told_silent = True
             self.display.message(silent_microphone_line())
         lag_ms = latency_ms + self.audio.queued_frames * FRAME_S * 1e3  # the speaker's queue adds to it
-        self.display.set_status(lag_status(lag_ms, dropped, self.audio.stats.underruns), now)
+        self.display.set_status(prefix + lag_status(lag_ms, dropped, self.audio.stats.underruns), now)
         if dropped > self._warned_drops and now - self._last_warn >= 2.0:
             self.display.message(warning(dropped, lag_ms))
             self._warned_drops, self._last_warn = dropped, now

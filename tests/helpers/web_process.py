@@ -16,15 +16,17 @@ from .audio_env import ROOT, base_env
 
 
 class LocalWeb:
-    """The demo server on an ephemeral port; stderr goes to ``log_path`` (read with :attr:`log`)."""
+    """The demo server (``demo=False``: the model ``extra`` names) on an ephemeral port; stderr goes to ``log_path``
+    (read with :attr:`log`)."""
 
-    def __init__(self, log_path: Path, extra: list[str] = (), env: dict | None = None, timeout: float = 180,
-                 demo: bool = True):
+    def __init__(
+        self, log_path: Path, extra: list[str] = (), env: dict | None = None, timeout: float = 180, demo: bool = True
+    ):
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moshi_mlx.local_web", *(["--demo"] if demo else []), "--no-browser", "--host",
-             "127.0.0.1", "--port", "0", *extra],
+            [sys.executable, "-m", "moshi_mlx.local_web", *(["--demo"] if demo else []), "--no-browser",
+             "--host", "127.0.0.1", "--port", "0", *extra],
             cwd=ROOT, env=env or base_env(), stdout=subprocess.DEVNULL, stderr=self._log,
         )
         deadline = time.monotonic() + timeout
