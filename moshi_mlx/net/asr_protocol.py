@@ -120,7 +120,10 @@ def _pcm(msg: dict[str, Any]) -> np.ndarray:
         raise AsrProtocolError("Audio: 'pcm' must be an array of numbers")
     if len(pcm) > MAX_PCM_SAMPLES:
         raise AsrProtocolError(f"Audio: {len(pcm)} samples is over the limit of {MAX_PCM_SAMPLES} per message")
-    arr = np.asarray(pcm) if pcm else np.zeros(0, np.float32)
+    try:
+        arr = np.asarray(pcm) if pcm else np.zeros(0, np.float32)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting, integers past 64 bits beside others
+        arr = np.zeros((0, 0))
     if arr.ndim != 1 or arr.dtype.kind not in "fiu":  # strings, nested arrays, booleans, None
         raise AsrProtocolError("Audio: 'pcm' must be an array of numbers")
     arr = arr.astype(np.float32)
