@@ -37,7 +37,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from ..audio.frames import FRAME_SIZE, FrameChunker
-from ..errors import first_line
+from ..errors import MoshiError, first_line
 from ..generate import LmGen
 from ..mlx_thread import MlxThread
 from ..models.cache import DEFAULT_KV_BITS
@@ -132,6 +132,8 @@ class EngineStt:
     so /api/chat and this route share one model, one Mimi and one MLX thread (one client at a time across both)."""
 
     def __init__(self, engine: Any) -> None:
+        if not engine.text_only:
+            raise MoshiError("/api/asr-streaming needs a speech-to-text model (text only); this one answers with audio")
         self.engine = engine
         self.mlx: MlxThread = engine.mlx
 

@@ -220,3 +220,40 @@ async def test_a_second_client_is_busy_and_a_leaver_frees_the_model(stt_model):
             async with session.ws_connect(s.url) as third:
                 assert await _receive(third) == asr.ready()
         assert server.streams == 2 and server.refused_busy == 1
+
+
+
+
+def test_the_route_needs_a_text_only_engine():
+    from moshi_mlx.engine import ConversationEngine
+    from moshi_mlx.errors import MoshiError
+    from moshi_mlx.models.config import config_tiny
+    from moshi_mlx.server.asr import EngineStt
+
+    engine = ConversationEngine(build_model(config_tiny(), None, mx.float32), Encoder(), None)  # answers with audio
+    try:
+        with pytest.raises(MoshiError, match="needs a speech-to-text model"):
+            EngineStt(engine)
+    finally:
+        engine.close()
+
+
+@pytest.mark.asyncio
+async def test_the_engines_own_model_is_reset_for_each_stream():
+    """local_web's wiring: the text-only ConversationEngine's model, Mimi and MLX thread behind the route; the
+    same audio twice gives the same messages (the engine is reset, nothing leaks from the first stream)."""
+    from moshi_mlx.engine import ConversationEngine
+    from moshi_mlx.server.asr import EngineStt
+
+    mx.random.seed(5)
+    lm = build_model(config_tiny_stt(), None, mx.float32)
+    mx.eval(lm.parameters())
+    engine = ConversationEngine(lm, Encoder(), AllPieces())
+    try:
+        async with Served(AsrServer(EngineStt(engine))) as s:
+            audio = speechlike(1.5, seed=2)
+            runs = [await stream(s.url, audio, tail_silence_s=1.0) for _ in range(2)]
+    finally:
+        engine.close()
+    first, second = ([m for _, m in run.received] for run in runs)
+    assert first == second and any(m["type"] == "Word" for m in first)
