@@ -100,9 +100,9 @@ class AsrStream:
             if not (i == 0 and previous_announced):
                 out.append(asr.word(w.text, w.start))
             out.append(asr.end_word(w.end))
-        start = timer.open_start
-        if start is not None and not timer.last_was_text and self._announced != timer.opened:
-            out.append(asr.word(timer.partial.strip(), start))  # its text is complete: say it now
+        start, text = timer.open_start, timer.partial.strip()
+        if start is not None and text and not timer.last_was_text and self._announced != timer.opened:
+            out.append(asr.word(text, start))  # its text is complete: say it now
             self._announced = timer.opened
         return out + self._due_markers()
 
