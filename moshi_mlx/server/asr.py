@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Protocol, TypeVar, Union
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -51,9 +51,18 @@ log = logging.getLogger("moshi_mlx.web.asr")
 
 #: A marker waiting and no audio for this long: the server feeds the silence the marker needs.
 FLUSH_IDLE_S = 0.5
+#: No message at all from the client for this long: the stream is closed and the model freed (Kyutai's batched
+#: server allows 120 s without data; a client that vanished without closing holds the model until then).
+IDLE_CLOSE_S = 60.0
+#: How long a new client waits for a stream whose client has closed to finish (/api/chat waits as long).
+LEAVER_WAIT_S = 15.0
+#: Client messages read ahead of the model (a close behind them is seen at once): at most 64 x 10 s of audio.
+MAX_QUEUED_MESSAGES = 64
 #: What a second client is told while a stream is in progress (the words /api/chat uses).
 BUSY = "busy: another transcription is in progress; try again later"
 T = TypeVar("T")
+#: What the reader hands the answering loop: a message, a bad message's error, or None (the client has gone).
+InItem = Union["asr.InMessage", "asr.AsrProtocolError", None]
 
 
 class AsrStream:
@@ -170,18 +179,30 @@ class AsrServer:
 
     def __init__(
         self, model: TranscriberSource, *, policy: HostPolicy | None = None, check_origin: bool = True,
-        heartbeat: float = 10.0, flush_idle_s: float = FLUSH_IDLE_S,
+        flush_idle_s: float = FLUSH_IDLE_S, idle_close_s: float = IDLE_CLOSE_S,
     ) -> None:
         self.model = model
         self.policy = policy or HostPolicy()
         self.check_origin = check_origin
-        self.heartbeat = heartbeat
         self.flush_idle_s = flush_idle_s
+        self.idle_close_s = idle_close_s
         self.active: web.WebSocketResponse | None = None
+        self._idle = asyncio.Event()  # no stream active (set when one ends)
         # Another route holding the same model (create_app links /api/chat's ChatServer here): busy too.
         self.also_busy: Callable[[], bool] = lambda: False
         self.streams = 0
         self.refused_busy = 0
+        self.last_frames = 0  # input frames the last stream put through the model
+
+    async def _wait_for_leaver(self) -> bool:
+        """True if no stream is active, after waiting a while for one whose client has closed (as /api/chat does:
+        a client that reconnects at once is not told busy by its own last stream)."""
+        if self.active is not None and self.active.closed:
+            try:
+                await asyncio.wait_for(self._idle.wait(), LEAVER_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+        return self.active is None
 
     async def _on_model(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.wrap_future(self.model.mlx.submit(fn, *args))
@@ -190,18 +211,23 @@ class AsrServer:
         origin = request.headers.get("Origin")
         if self.check_origin and not self.policy.origin_ok(origin, request.secure, request.host):
             return web.Response(status=403, text="cross-origin WebSocket connections are refused\n")
-        ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=2 * asr.MAX_MESSAGE_BYTES)
+        # No heartbeat: its pong would wait behind the audio a fast client queued while the model works, and
+        # aiohttp would drop a healthy stream (Kyutai's stt_from_file script sends seconds ahead). A client that
+        # goes quiet is closed after idle_close_s instead.
+        ws = web.WebSocketResponse(max_msg_size=2 * asr.MAX_MESSAGE_BYTES)
         await ws.prepare(request)
         peer = request.remote or "?"
-        if self.active is not None or self.also_busy():
+        if not await self._wait_for_leaver() or self.also_busy():
             self.refused_busy += 1
             log.info("%s: asr refused: busy", peer)
             await _send(ws, asr.error(BUSY))
             await ws.close(code=1013, message=b"busy")
             return ws
         self.active = ws
+        self._idle.clear()
         self.streams += 1
         log.info("%s: asr stream %d starts", peer, self.streams)
+        stream: AsrStream | None = None
         try:
             stream = await self._on_model(lambda: AsrStream(self.model.new_transcriber()))
             await _send(ws, asr.ready())
@@ -215,38 +241,66 @@ class AsrServer:
             except Exception:
                 pass
         finally:
+            self.last_frames = stream.t.frames if stream is not None else 0
             self.active = None
+            self._idle.set()
             if not ws.closed:
                 await ws.close()
-            log.info("%s: asr stream %d ends", peer, self.streams)
+            log.info("%s: asr stream %d ends after %d frames", peer, self.streams, self.last_frames)
         return ws
 
     async def _serve(self, ws: web.WebSocketResponse, stream: AsrStream) -> None:
-        while True:
-            try:
-                msg = await ws.receive(timeout=self.flush_idle_s if stream.markers else None)
-            except asyncio.TimeoutError:  # a marker waits and the client is quiet: feed its silence
-                await _send_all(ws, await self._on_model(stream.pad_to_markers))
-                continue
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                return
-            if msg.type != WSMsgType.BINARY:
-                await _send(ws, asr.error("messages are binary MessagePack maps; got a text message"))
-                continue
-            try:
-                parsed = asr.unpack_in(msg.data)
-            except asr.AsrProtocolError as e:
-                await _send(ws, asr.error(str(e)))
-                continue
-            if isinstance(parsed, asr.Audio):
-                out = await self._on_model(stream.audio, parsed.pcm)
-            elif isinstance(parsed, asr.Marker):
-                out = await self._on_model(stream.marker, parsed.id)
-            elif isinstance(parsed, asr.OggOpus):
-                out = [asr.error("OggOpus is not supported by this server; send Audio (24 kHz float PCM)")]
-            else:  # Init: the batched server's own reset message
-                out = []
-            await _send_all(ws, out)
+        """A reader takes the client's messages as they come (so a close is seen at once, not after the audio
+        queued before it); this loop answers them one by one on the model. Once the client has gone, what it
+        queued is dropped (nobody is left to read the answers)."""
+        inbox: asyncio.Queue[InItem] = asyncio.Queue(maxsize=MAX_QUEUED_MESSAGES)
+        reader = asyncio.create_task(self._read(ws, inbox))
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(inbox.get(), self.flush_idle_s if stream.markers else None)
+                except asyncio.TimeoutError:  # a marker waits and the client is quiet: feed its silence
+                    await _send_all(ws, await self._on_model(stream.pad_to_markers))
+                    continue
+                if item is None:
+                    return
+                await _send_all(ws, await self._answer(stream, item))
+        finally:
+            reader.cancel()
+
+    async def _read(self, ws: web.WebSocketResponse, inbox: "asyncio.Queue[InItem]") -> None:
+        try:
+            while True:
+                try:
+                    msg = await ws.receive(timeout=self.idle_close_s)
+                except asyncio.TimeoutError:
+                    log.info("asr: no message for %.0f s; closing", self.idle_close_s)
+                    return
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    return
+                if msg.type != WSMsgType.BINARY:
+                    item: InItem = asr.AsrProtocolError("messages are binary MessagePack maps; got a text message")
+                else:
+                    try:
+                        item = asr.unpack_in(msg.data)
+                    except asr.AsrProtocolError as e:
+                        item = e
+                await inbox.put(item)
+        finally:  # the client has gone (or went quiet): drop what it queued, wake the answering loop
+            while not inbox.empty():
+                inbox.get_nowait()
+            inbox.put_nowait(None)
+
+    async def _answer(self, stream: AsrStream, item: "asr.InMessage | asr.AsrProtocolError") -> list[dict[str, Any]]:
+        if isinstance(item, asr.AsrProtocolError):
+            return [asr.error(str(item))]
+        if isinstance(item, asr.Audio):
+            return await self._on_model(stream.audio, item.pcm)
+        if isinstance(item, asr.Marker):
+            return await self._on_model(stream.marker, item.id)
+        if isinstance(item, asr.OggOpus):
+            return [asr.error("OggOpus is not supported by this server; send Audio (24 kHz float PCM)")]
+        return []  # Init: the batched server's own reset message
 
 
 async def _send(ws: web.WebSocketResponse, msg: dict[str, Any]) -> None:

@@ -257,3 +257,32 @@ async def test_the_engines_own_model_is_reset_for_each_stream():
         engine.close()
     first, second = ([m for _, m in run.received] for run in runs)
     assert first == second and any(m["type"] == "Word" for m in first)
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_leaves_with_audio_queued_frees_the_model_at_once(stt_model):
+    """Kyutai's file script sends 35 s of silence after its marker and closes: that audio is not transcribed for
+    nobody. (Also: no heartbeat drops a client that is seconds ahead of the model.)"""
+    server = AsrServer(stt_model)
+    second = np.zeros(SAMPLE_RATE, np.float32)
+    async with Served(server) as s:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(s.url) as ws:
+                assert await _receive(ws) == asr.ready()
+                for _ in range(40):
+                    await ws.send_bytes(asr.pack_audio(second))
+            for _ in range(100):
+                if server.active is None:
+                    break
+                await asyncio.sleep(0.05)
+    assert server.active is None and server.last_frames < 40 * FRAME_RATE / 2
+
+
+@pytest.mark.asyncio
+async def test_a_quiet_client_is_closed_and_the_model_freed(stt_model):
+    server = AsrServer(stt_model, idle_close_s=0.3)
+    async with Served(server) as s:
+        async with aiohttp.ClientSession() as session, session.ws_connect(s.url) as ws:
+            assert await _receive(ws) == asr.ready()
+            assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.CLOSE
+        assert server.active is None
