@@ -31,6 +31,7 @@ from .cli.terminal import (
 )
 from .cli.terminal import log as _log
 from .errors import UsageError, first_line
+from .model_files.assets import STT_DEMO
 from .outputs import OutputError, atomic_output, check_outputs, fresh_path
 
 #: Said when there is no sound card: the two ways to try Moshi without one.
@@ -41,8 +42,7 @@ NO_SOUND_HINT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli.flags import add_engine_args
-
+    from .cli.flags import add_engine_args, add_stt_demo_arg
     from .transcribe import heads_note
 
     p = argparse.ArgumentParser(
@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Real-time spoken conversation with Moshi through the microphone and speaker.",
         epilog="A speech-to-text model (--hf-repo kyutai/stt-1b-en_fr-mlx) gives live captions of the microphone "
         "instead (no speaker opened): each word on stdout as 'start end word' (seconds from the start), an "
-        "end-of-turn meter on the status line; --record DIR keeps the microphone and the timed transcript (JSON: "
+        "end-of-turn meter on the status line (--demo-stt shows it with a random stand-in); --record DIR keeps the microphone and the timed transcript (JSON: "
         f"words, VAD probabilities, ends of turn). The meter: {heads_note()}.",
     )
     add_engine_args(p)
+    add_stt_demo_arg(p)
     g = add_audio_args(p)
     add_record_arg(g)
     g.add_argument(
@@ -76,7 +77,7 @@ def converse(args: argparse.Namespace) -> int:
     # Model files first (a missing or undownloadable file is the real problem, not the sound card), then the
     # devices: a wrong --input-device should not cost a model load.
     resolved = resolve_from_args(args)
-    if resolved is not None and resolved.config.text_only:  # a speech-to-text model: live captions, no speaker
+    if args.demo == STT_DEMO or (resolved is not None and resolved.config.text_only):  # captions, no speaker
         from .cli.live_captions import caption
 
         return caption(args, resolved)

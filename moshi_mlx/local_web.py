@@ -43,13 +43,14 @@ DEFAULT_HOST = "localhost"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli.flags import add_engine_args, add_lag_arg
+    from .cli.flags import add_engine_args, add_lag_arg, add_stt_demo_arg
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local_web",
         description="Talk to Moshi in your browser: serves the web UI and Kyutai's WebSocket protocol locally.",
     )
     add_engine_args(p)
+    add_stt_demo_arg(p)
     g = p.add_argument_group("web server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     g.add_argument("--port", type=cli.integer(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")

@@ -132,6 +132,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add_codec_args(parser)
 
 
+def add_stt_demo_arg(parser: argparse.ArgumentParser) -> None:
+    """--demo-stt (the front ends that run a speech-to-text model live or on a file): the demo's STT stand-in."""
+    from ..model_files.assets import STT_DEMO
+
+    parser.add_argument(
+        "--demo-stt", dest="demo", action="store_const", const=STT_DEMO,
+        help="tiny random speech-to-text model + random Mimi: live captions with no download (made-up words)",
+    )
+
+
 def add_codec_args(parser: argparse.ArgumentParser) -> None:
     """--mimi and --mimi-device: which Mimi codec runs, and where (see moshi_mlx.audio.codec_choice)."""
     group = parser.add_argument_group("Mimi codec")

@@ -11,7 +11,7 @@ from typing import Callable
 from ..audio.codec_choice import CodecChoice
 from ..engine import ConversationEngine
 from ..errors import UsageError
-from ..models.config import LmConfig
+from ..models.config import LmConfig, config_tiny_stt
 from ..models.lm import Lm
 from ..settings import EngineSettings
 from ..tokenizer import TextTokenizer
@@ -32,6 +32,10 @@ _log = logging.getLogger("moshi_mlx")
 #: The default `log`: status lines through the "moshi_mlx" logger (the CLI shell prints them on stderr).
 say = _log.info
 DEMO_BANNER = "DEMO MODE: tiny random-weight model and random Mimi. Moshi will babble noise, not talk."
+#: `demo=STT_DEMO`: a tiny random speech-to-text model instead (live captions of made-up words).
+STT_DEMO = "stt"
+STT_DEMO_BANNER = ("DEMO MODE: tiny random-weight speech-to-text model and random Mimi. The captions are made-up "
+                   "words, not what you say.")
 
 
 @dataclass
@@ -85,7 +89,7 @@ def refuse_demo_flags(source: ModelSource) -> None:
 
 def load(
     source: ModelSource = ModelSource(),
-    demo: bool = False,
+    demo: bool | str = False,
     dtype: str | None = None,
     log: Callable[[str], None] = say,
     progress: Callable[[int, int], None] | None = None,
@@ -108,17 +112,16 @@ def load(
     start = time.perf_counter()
     if demo:
         refuse_demo_flags(source)
-        lm = demo_lm()
+        stt = demo == STT_DEMO
+        lm = demo_lm(config=config_tiny_stt() if stt else None)
         if check is not None:
             check(lm.config)
-        log(DEMO_BANNER)
+        log(STT_DEMO_BANNER if stt else DEMO_BANNER)
         files = demo_assets()
         mimi = open_mimi(files.mimi_path, lm.config.mimi_codebooks, codec, log)
         tok = TextTokenizer(files.tokenizer_path)
-        return Assets(
-            lm, mimi, tok, "demo (tiny random LM, random Mimi)", True, time.perf_counter() - start,
-            lm_file="none: random demo weights",
-        )
+        what = "demo (tiny random speech-to-text model, random Mimi)" if stt else "demo (tiny random LM, random Mimi)"
+        return Assets(lm, mimi, tok, what, True, time.perf_counter() - start, lm_file="none: random demo weights")
 
     resolved = resolved or resolve_model(source)
     files, config = resolved.files, resolved.config

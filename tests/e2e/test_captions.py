@@ -25,9 +25,9 @@ import pytest
 
 from moshi_mlx.net import protocol
 from moshi_mlx.net.protocol import Kind
-from tests.e2e.test_official_client import PANEL_SHOWN, official_client_dir, open_and_connect, schema_problems
 from tests.helpers.apps import App, no_traceback
 from tests.helpers.audio_env import ROOT, JackServer, base_env, read_wav, speech_wav
+from tests.helpers.official_client import PANEL_SHOWN, official_client_dir, open_and_connect, schema_problems
 from tests.helpers.web_process import LocalWeb
 from tests.helpers.web_server import make_speech, opus_messages, stream
 
@@ -206,3 +206,27 @@ async def test_kyutais_official_client_keeps_working(chromium, mic_wav, stt_flag
     log = server.log
     no_traceback(log)
     assert "conversation 1 starts" in log, log[-2000:]
+
+
+@pytest.mark.asyncio
+async def test_demo_stt_serves_labelled_captions(tmp_path):
+    """`local_web --demo-stt`: the built-in STT stand-in, said to be a demo, answers with captions, no audio."""
+    server = LocalWeb(tmp_path / "web.log", extra=["--demo-stt"], demo=False)
+    try:
+        info = server.info()
+        assert info["demo"] is True and info["text_only"] is True and "speech-to-text" in info["model"]
+        async with aiohttp.ClientSession() as session, session.ws_connect(server.ws) as ws:
+            assert (await asyncio.wait_for(ws.receive(), 60)).data == b"\x00"
+            await stream(ws, opus_messages(make_speech(tmp_path)[: 24000 * 2]))
+            kinds = []
+            while len([k for k in kinds if k == "captions"]) < 5:
+                m = protocol.decode((await asyncio.wait_for(ws.receive(), 30)).data)
+                if m is not None and m.kind == Kind.METADATA:
+                    kinds.append(m.json()["type"])
+                elif m is not None:
+                    kinds.append(m.kind.name)
+        assert "AUDIO" not in kinds
+    finally:
+        server.stop()
+    assert "DEMO MODE: tiny random-weight speech-to-text model" in server.log
+    no_traceback(server.log)

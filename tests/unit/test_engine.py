@@ -138,7 +138,6 @@ def test_runner_reports_worker_errors(demo_assets_loaded):
 
 def test_the_model_thread_ends_cleanly_on_an_mlx_without_clear_streams(monkeypatch):
     """mx.clear_streams came with MLX 0.31.2 (macOS 13 stops at 0.29.3): the thread's exit must not need it."""
-    import mlx.core as mx
 
     from moshi_mlx.mlx_thread import MlxThread
 

@@ -213,6 +213,20 @@ def test_duplex_audio_one_device_one_stream_and_echo_hook(fake_sd):
     assert a.stats.underruns == 2
 
 
+def test_microphone_alone_for_captions(fake_sd):
+    """playback=False (live captions): one input stream, even on a duplex device; no speaker looked up at all."""
+    fake_sd.rates[2] = {24000, 48000}
+    fake_sd.check_output_settings = lambda *a, **k: (_ for _ in ()).throw(AssertionError("speaker looked up"))
+    got = []
+    a = DuplexAudio(got.append, 2, None, playback=False).start()
+    (s,) = fake_sd.streams
+    assert (s.kind, s.samplerate) == ("input", 24000)
+    assert a.describe() == "mic: 2 'USB Headset' (24000 Hz)"
+    s.callback(np.full((FRAME_SIZE, 1), 0.5, np.float32), FRAME_SIZE, None, 0)
+    assert len(got) == 1 and np.all(got[0] == 0.5)
+    a.close()
+
+
 def test_callback_exception_is_kept_and_plays_silence(fake_sd):
     def boom(frame):
         raise RuntimeError("consumer broke")
