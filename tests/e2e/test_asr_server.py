@@ -109,3 +109,12 @@ def test_one_client_at_a_time_across_chat_and_asr(server):
     assert seen[0] == "info busy" and seen[1] == "ERROR"
     assert seen[2].startswith("busy") and seen[3:] == ["Error", "Step"]
     server.wait_idle()  # the stream's leaving frees the model
+
+
+def test_the_stt_demo_answers_too(tmp_path):
+    """`local_web --demo-stt` (the random STT stand-in, no download): the route is there for a newcomer too."""
+    with LocalWeb(tmp_path / "demo.log", ["--demo-stt"], demo=False) as web:
+        run = asyncio.run(stream(web.http.replace("http", "ws", 1) + asr.ASR_PATH,
+                                 np.zeros(SAMPLE_RATE // 2, np.float32), tail_silence_s=0.0))
+    kinds = [m["type"] for _, m in run.received]
+    assert kinds[0] == "Ready" and kinds[-1] == "Marker" and "Step" in kinds
