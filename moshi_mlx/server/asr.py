@@ -22,6 +22,10 @@ How the stream answers, as the Rust server does:
 * a bad message (not MessagePack, unknown type, wrong fields, too long) gets an ``Error`` and the stream goes on;
   OggOpus is not supported (an ``Error``; send ``Audio``).
 
+The client's messages are read as they come and answered in turn (the Rust server's receive and model loops): a
+client may run seconds ahead of the model, its close is seen at once and what it had queued is dropped. There is
+no heartbeat (a pong would wait behind that queue); a client silent for ``idle_close_s`` is closed instead.
+
 The API key (``kyutai-api-key`` header or ``auth_id``) is accepted and not checked: this is a local server, guarded
 by the Host/Origin policy of :mod:`moshi_mlx.server.security` like the rest of it.
 """
