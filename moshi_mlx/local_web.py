@@ -32,6 +32,8 @@ import time
 from . import cli
 from .net.protocol import DEFAULT_PORT
 from .server.app import ChatServer, create_app, find_web_dir
+from .net.asr_protocol import ASR_PATH
+from .server.asr import AsrServer, EngineStt
 from .server.security import HostPolicy, parse_origin
 from .server.startup import check_port_free, serve, ssl_setup
 
@@ -100,7 +102,11 @@ def _main(args: argparse.Namespace) -> int:
             lm_model_file=assets.lm_file,
             policy=HostPolicy(args.host, args.allow_origin),
         )
-        app = create_app(server, web_dir)
+        # A speech-to-text model also answers Kyutai's STT WebSocket (what Unmute's STT client speaks).
+        asr = AsrServer(EngineStt(engine), policy=server.policy) if engine.text_only else None
+        app = create_app(server, web_dir, asr=asr)
+        if asr is not None:
+            log.info("speech to text: Kyutai's STT WebSocket (Unmute's) at %s too", ASR_PATH)
         asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser, announce))
         return 0
     finally:

@@ -95,11 +95,18 @@ class WordTimer:
         self._start: int | None = None  # step of the open word's first piece
         self.steps = 0
         self.steps_with_text = 0  # steps whose token was a piece of text
+        self.opened = 0  # words opened so far: the open word's number, for a front end that announces it early
+        self.last_was_text = False  # the last token was a piece of text (the open word may still grow)
 
     @property
     def partial(self) -> str:
         """The open word's text so far ("" when none is open)."""
         return self._text if self._start is not None else ""
+
+    @property
+    def open_start(self) -> float | None:
+        """The open word's start (input seconds), None when no word is open."""
+        return self._time(self._start) if self._start is not None else None
 
     def shift(self, seconds: float) -> None:
         """The input's clock jumped ahead by `seconds` (frames dropped before the model saw them)."""
@@ -119,16 +126,19 @@ class WordTimer:
         """The token sampled at the next step; returns the words it closes (none or one)."""
         step = self.steps
         self.steps += 1
+        self.last_was_text = False
         if token == self._end_of_padding:
             return self._close(step)
         piece = self._tokenizer.piece(token)
         if piece is None:  # padding and other silent ids
             return []
         self.steps_with_text += 1
+        self.last_was_text = True
         closed: list[Word] = []
         if piece.startswith(" ") or self._start is None:
             closed = self._close(step)
             self._start = step
+            self.opened += 1
         self._text += piece
         return closed
 

@@ -35,7 +35,7 @@ LAYERS: list[set[str]] = [
     # single-job libraries
     {"sampling", "conditioning", "mlx_thread", "outputs", "tokenizer", "models.transformer", "audio.device_choice",
      "audio.echo",
-     "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
+     "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "net.asr_protocol", "model_files.hub",
      "model_files.budget", "server.info", "models.pytorch", "models.conditioners", "codec.conv", "codec.transformer",
      "codec.quantizer"},
     {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
@@ -45,7 +45,7 @@ LAYERS: list[set[str]] = [
     {"transcribe"},  # timed words from an STT model: the engine's live captions use it
     {"engine", "clips", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
     {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
-    {"model_files.assets", "model_files.convert", "server.session", "captions"},  # load(): the one front door; one client around the engine
+    {"model_files.assets", "model_files.convert", "server.session", "server.asr", "captions"},  # load(): the one front door; one client around the engine
     {"server.app", "caption_recording"},
     {"cli.shell", "cli.progress", "cli.display"},
     {"cli.async_signals"},

@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -29,6 +29,7 @@ from ..models.config import LmConfig
 from ..net import protocol
 from ..net.protocol import ParamError
 from ..settings import EngineSettings
+from .asr import AsrServer, add_asr_route
 from .info import knobs_info
 from .security import (
     FOREIGN_UI,
@@ -159,6 +160,8 @@ class ChatServer:
         # Engine resets and runner shutdowns happen here, one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-web")
         self.active: Conversation | None = None
+        # Another route holding the same model (create_app links /api/asr-streaming here): busy too.
+        self.also_busy: Callable[[], bool] = lambda: False
         self._idle: asyncio.Event | None = None
         self.conversations = 0
         self.refused_busy = 0
@@ -184,7 +187,7 @@ class ChatServer:
                 "server": "moshi_mlx",
                 "model": self.description,
                 "demo": self.demo,
-                "busy": self.active is not None,
+                "busy": self.active is not None or self.also_busy(),
                 "conversations": self.conversations,
                 "threads": threading.active_count(),
                 "protocol": {"sample_rate": SAMPLE_RATE, "params": list(protocol.KNOWN_PARAMS)},
@@ -243,7 +246,7 @@ class ChatServer:
                 await asyncio.wait_for(self.idle_event().wait(), 15.0)
             except asyncio.TimeoutError:
                 pass
-        return self.active is None
+        return self.active is None and not self.also_busy()
 
     async def _converse(self, conv: Conversation) -> None:
         """Reset the engine for ``conv``, serve it, then release the engine (even if the handler is cancelled)."""
@@ -302,8 +305,11 @@ CHAT_SERVER = web.AppKey("chat_server", ChatServer)
 WEB_DIR = web.AppKey("web_dir", Path)
 
 
-def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> web.Application:
-    """The aiohttp application: UI files, ``/api/chat`` (WebSocket) and ``/api/info`` (JSON)."""
+def create_app(
+    server: ChatServer, web_dir: str | os.PathLike | None = None, asr: AsrServer | None = None,
+) -> web.Application:
+    """The aiohttp application: UI files, ``/api/chat`` (WebSocket) and ``/api/info`` (JSON); with `asr` (a
+    text-only STT model), Kyutai's ``/api/asr-streaming`` too."""
     root = find_web_dir(web_dir)
     index = root / "index.html"
     hide_server_version()
@@ -335,12 +341,22 @@ def create_app(server: ChatServer, web_dir: str | os.PathLike | None = None) -> 
                 await asyncio.wait_for(conv.ws.close(code=1001, message=b"server shutting down"), 2.0)
             except Exception:
                 pass
+        stream = asr.active if asr is not None else None
+        if stream is not None and not stream.closed:
+            try:
+                await asyncio.wait_for(stream.close(code=1001, message=b"server shutting down"), 2.0)
+            except Exception:
+                pass
 
     app.on_response_prepare.append(no_cache)
     app.on_response_prepare.append(add_security_headers)
     app.on_shutdown.append(on_shutdown)
     app.router.add_get(protocol.CHAT_PATH, server.handle_chat)
     app.router.add_get(protocol.INFO_PATH, server.handle_info)
+    if asr is not None:  # one model behind both routes: one client at a time across them
+        add_asr_route(app, asr)
+        server.also_busy = lambda: asr.active is not None
+        asr.also_busy = lambda: server.active is not None
     app.router.add_get("/", handle_index)
     app.router.add_get("/{path:.+}", handle_file)  # only the UI's files (web_security.ui_file)
     app[CHAT_SERVER] = server
