@@ -26,6 +26,7 @@ from .budget import (
 from .checkpoint import DTYPES, ResolvedModel, WeightsError, load_lm, resolve_model
 from .source import ModelSource
 from .stand_ins import demo_assets, demo_lm
+from .voice_archive import unpack_voices
 
 __all__ = ["DEMO_BANNER", "Assets", "load", "say"]
 _log = logging.getLogger("moshi_mlx")
@@ -44,6 +45,7 @@ class Assets:
     load_seconds: float
     lm_file: str = ""  # where the LM weights came from (reported to web clients)
     memory: MemoryPlan | None = None  # what the memory budget chose (see moshi_mlx/budget.py)
+    voices_dir: Path | None = None  # the model's voice presets (PersonaPlex's voices.tgz, unpacked), if any
 
     def engine(self, settings: EngineSettings = EngineSettings()) -> ConversationEngine:
         plan = self.memory
@@ -137,4 +139,11 @@ def load(
             f"text tokenizer {files.tokenizer} has {tok.vocab_size} pieces but the model emits {config.text_out_vocab_size}"
         )
     label = files.repo or str(Path(files.moshi).parent)
-    return Assets(lm, mimi, tok, label, False, time.perf_counter() - start, lm_file=str(files.moshi))
+    voices_dir = None
+    if files.voices is not None:
+        voices_dir = unpack_voices(files.voices)
+        log(f"voice presets from {files.voices} in {voices_dir}")
+    elif files.voices_note:
+        log(files.voices_note)
+    return Assets(lm, mimi, tok, label, False, time.perf_counter() - start, lm_file=str(files.moshi),
+                  voices_dir=voices_dir)

@@ -262,7 +262,8 @@ def _load_pytorch(info: CheckpointInfo, config: LmConfig, dtype: mx.Dtype | None
     schedule = config.depformer_weights_per_step_schedule
     weights = pytorch_weights(info.path, {k: v.shape for k, v in info.tensors.items()},
                               {k: v.dtype for k, v in info.tensors.items()},
-                              list(schedule) if schedule else None, f"{info.path} (PyTorch layout)")
+                              list(schedule) if schedule else None, f"{info.path} (PyTorch layout)",
+                              steps=config.generated_codebooks)
     quantization = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits is not None else None
     own = SAFETENSORS_DTYPES.get(info.tensors["text_emb.weight"].dtype, mx.bfloat16)  # the file's precision
     model = build_model(config, None, dtype or (default_dtype(quantization) if quantization else own))

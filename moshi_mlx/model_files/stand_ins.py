@@ -42,7 +42,8 @@ from .checkpoint import (
     read_tensor_infos,
     save_lm,
 )
-from .hub import MIMI_NAME, MOSHI_NAMES
+from .hub import MIMI_NAME, MOSHI_NAMES, TOKENIZER_NAME
+from .personaplex import PRESETS, VOICES_ARCHIVE, LayoutDims, layout
 
 __all__ = [
     "MIMI_CONFIG",
@@ -505,3 +506,84 @@ def cache_stand_in_repo(cache_dir: str | os.PathLike, repo_id: str, folder: str 
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return snapshot
+
+
+# --------------------------------------------------------------------------------------------------
+# PersonaPlex: a stand-in repo in NVIDIA's layout (PyTorch names, 16 depformer steps, voices.tgz)
+# --------------------------------------------------------------------------------------------------
+
+#: PersonaPlex's layout at config_tiny()'s sizes: the stand-in's LM config is config_tiny() (dep_q 8), the
+#: checkpoint holds 16 steps as NVIDIA's does, and loading keeps the first 8.
+TINY_PERSONAPLEX = LayoutDims(dim=256, num_layers=4, hidden=704, dep_dim=256, dep_layers=2, dep_hidden=704)
+#: The stand-in's own LM config file (the real repo's is Moshi 7B's, known in code, not read from the repo).
+STAND_IN_LM_CONFIG = "lm-config.json"
+#: Seconds of each random voice preset (a WAV a voice prompt encodes).
+VOICE_SECONDS = 1.0
+
+
+def write_random_pytorch(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Path:
+    """Random bfloat16 tensors with exactly `shapes` (PyTorch names), as one safetensors file."""
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    arrays = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        if name.endswith(".alpha"):  # RMS norm gains near 1, as trained ones are
+            arrays[name] = mx.ones(shape, dtype=mx.bfloat16)
+        else:
+            arrays[name] = (0.05 * mx.random.normal(shape, key=keys[i])).astype(mx.bfloat16)
+    with atomic_output(path, suffix=".safetensors") as tmp:  # MLX adds the suffix to any other name
+        mx.save_safetensors(str(tmp), arrays)
+    return Path(path)
+
+
+def write_random_voice_wavs(folder: str | os.PathLike, names: tuple[str, ...] = PRESETS, seed: int = 0) -> list[Path]:
+    """One short random-noise WAV per preset name (24 kHz mono): stand-ins for voice prompts."""
+    from ..audio.files import write_wav
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in names:
+        pcm = (0.1 * rng.standard_normal(int(VOICE_SECONDS * 24000))).astype(np.float32)
+        write_wav(folder / f"{name}.wav", pcm)
+        out.append(folder / f"{name}.wav")
+    return out
+
+
+def write_voices_archive(path: str | os.PathLike, files: list[Path]) -> Path:
+    """A `voices.tgz` as NVIDIA's: the files under a `voices/` folder."""
+    import tarfile
+
+    with atomic_output(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=f"voices/{f.name}")
+    return Path(path)
+
+
+def write_personaplex_stand_in(folder: str | os.PathLike, seed: int = 0, dims: LayoutDims = TINY_PERSONAPLEX,
+                               mimi_source: str | os.PathLike | None = None,
+                               tokenizer_source: str | os.PathLike | None = None) -> Path:
+    """A folder shaped as nvidia/personaplex-7b-v1: model.safetensors (random, PersonaPlex's layout at `dims`),
+    Mimi, tokenizer and voices.tgz under the repo's names, plus `lm-config.json` (config_tiny) to load it with.
+
+    `mimi_source` / `tokenizer_source`: existing stand-ins to link (the demo's, say) instead of writing new ones.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_random_pytorch(folder / MOSHI_NAMES[None], layout(dims), seed)
+    for source, name, make in ((mimi_source, MIMI_NAME, lambda p: write_random_mimi(p, seed)),
+                               (tokenizer_source, TOKENIZER_NAME, write_stand_in_tokenizer)):
+        target = folder / name
+        if source is None:
+            make(target)
+        elif not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:
+                target.write_bytes(Path(source).read_bytes())
+    with tempfile.TemporaryDirectory() as tmp:
+        wavs = write_random_voice_wavs(tmp, seed=seed)
+        write_voices_archive(folder / VOICES_ARCHIVE, wavs)
+    config = config_tiny().to_dict()
+    (folder / STAND_IN_LM_CONFIG).write_text(json.dumps(config))
+    return folder

@@ -1,0 +1,83 @@
+"""PersonaPlex's checkpoint layout (checked name by name at full size against Kyutai's 7B manifests, no data) and
+its voices archive unpacked into the cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+
+import pytest
+
+from moshi_mlx.errors import MoshiError
+from moshi_mlx.model_files import personaplex
+from moshi_mlx.model_files.depformer_steps import keep_steps
+from moshi_mlx.model_files.voice_archive import unpack_voices
+from moshi_mlx.models.pytorch import plan_conversion
+from tests.helpers.pytorch_names import legacy
+
+STEP = re.compile(r"(gating|linears|depformer_in|depformer_emb)\.(\d+)\.")
+
+
+def _manifest(manifests_dir, name: str) -> dict[str, tuple[int, ...]]:
+    data = json.loads((manifests_dir / name).read_text())
+    return {k: tuple(v["shape"]) for k, v in data["tensors"].items()}
+
+
+def test_full_layout_is_kyutais_7b_plus_depformer_steps_8_to_15(manifests_dir):
+    """Built independently from Kyutai's 7B PyTorch manifest: its older stacked attention form, the stacked
+    depformer attention with 16 row blocks instead of 8, and every per-step tensor of steps 8-15 added."""
+    kyutai = legacy(_manifest(manifests_dir, "moshi-7b-pytorch-bf16.json"))
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, shape in kyutai.items():
+        if name.startswith("depformer.layers.") and ".self_attn." in name:
+            shape = (shape[0] * 2, shape[1])  # 16 steps' row blocks, not 8
+        expected[name] = shape
+        m = STEP.search(name)
+        if m is None:
+            continue
+        k = int(m.group(2))
+        last = 6 if m.group(1) == "depformer_emb" else 7  # depformer_emb.k serves step k + 1
+        if k == last:
+            for extra in range(last + 1, last + 9):
+                expected[name[: m.start(2)] + str(extra) + name[m.end(2):]] = shape
+    got = personaplex.layout()
+    assert len(got) == 475 and got == expected
+
+
+def test_keeping_8_steps_of_the_full_layout_gives_the_published_mlx_7b(manifests_dir):
+    plan = keep_steps(plan_conversion(personaplex.layout()), 8)
+    mlx = _manifest(manifests_dir, "moshi-7b-mlx-bf16.json")
+    assert {p.name: tuple(p.shape) for p in plan.pieces} == mlx
+
+
+def _archive(path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_voices_archive_unpacks_flat_once(tmp_path):
+    archive = tmp_path / "voices.tgz"
+    _archive(archive, {"voices/NATF0.pt": b"a", "voices/VARM4.pt": b"b", "../../escape.pt": b"c", "voices/.hidden": b""})
+    folder = unpack_voices(archive, tmp_path / "cache")
+    assert sorted(p.name for p in folder.iterdir()) == ["NATF0.pt", "VARM4.pt", "escape.pt"]
+    assert folder.parent == tmp_path / "cache" and not (tmp_path / "escape.pt").exists()
+    (folder / "NATF0.pt").write_bytes(b"kept")
+    assert unpack_voices(archive, tmp_path / "cache") == folder and (folder / "NATF0.pt").read_bytes() == b"kept"
+
+
+@pytest.mark.parametrize("content", [b"not a tar at all", b""])
+def test_a_bad_voices_archive_is_one_line_and_leaves_nothing(tmp_path, content):
+    archive = tmp_path / "voices.tgz"
+    if content:
+        archive.write_bytes(content)
+    else:
+        _archive(archive, {})
+    with pytest.raises(MoshiError) as e:
+        unpack_voices(archive, tmp_path / "cache")
+    assert "\n" not in str(e.value) and str(archive) in str(e.value)
+    assert list((tmp_path / "cache").iterdir()) == []
