@@ -54,7 +54,7 @@ KNOWN_REPOS: dict[str, KnownRepo] = {
     "kyutai/hibiki-1b-mlx-bf16": KnownRepo("hibiki", bf16_only=True),
     "kyutai/hibiki-2b-mlx-bf16": KnownRepo("hibiki", bf16_only=True),
     # Moshi 7B's LM config and file names; PyTorch layout with 16 depformer steps (see personaplex.py)
-    personaplex.REPO: KnownRepo("personaplex", bf16_only=True, reads_config=False, voices=personaplex.VOICES_ARCHIVE),
+    personaplex.REPO: KnownRepo(personaplex.MODEL_TYPE, bf16_only=True, reads_config=False, voices=personaplex.VOICES_ARCHIVE),
 }
 
 

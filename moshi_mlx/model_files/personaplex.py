@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FULL_DIMS", "LayoutDims", "REPO", "VOICES_ARCHIVE", "VOICES_FOLDER", "PRESETS", "DEP_Q", "layout",
+__all__ = ["FULL_DIMS", "LayoutDims", "MODEL_TYPE", "REPO", "VOICES_ARCHIVE", "VOICES_FOLDER", "PRESETS", "DEP_Q", "layout",
            "GATED_HINT"]
 
 REPO = "nvidia/personaplex-7b-v1"
+#: Its config's `model_type` here (the repo's config.json is not read: see hub.KNOWN_REPOS).
+MODEL_TYPE = "personaplex"
 #: The voice presets' archive in the repo, and the folder it unpacks to.
 VOICES_ARCHIVE = "voices.tgz"
 VOICES_FOLDER = "voices"

@@ -43,7 +43,7 @@ from .checkpoint import (
     save_lm,
 )
 from .hub import MIMI_NAME, MOSHI_NAMES, TOKENIZER_NAME
-from .personaplex import PRESETS, VOICES_ARCHIVE, LayoutDims, layout
+from .personaplex import MODEL_TYPE, PRESETS, VOICES_ARCHIVE, LayoutDims, layout
 
 __all__ = [
     "MIMI_CONFIG",
@@ -584,6 +584,6 @@ def write_personaplex_stand_in(folder: str | os.PathLike, seed: int = 0, dims: L
     with tempfile.TemporaryDirectory() as tmp:
         wavs = write_random_voice_wavs(tmp, seed=seed)
         write_voices_archive(folder / VOICES_ARCHIVE, wavs)
-    config = config_tiny().to_dict()
+    config = {**config_tiny().to_dict(), "model_type": MODEL_TYPE}
     (folder / STAND_IN_LM_CONFIG).write_text(json.dumps(config))
     return folder

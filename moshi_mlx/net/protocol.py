@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Iterable, Mapping
 
@@ -306,6 +306,8 @@ def parse_query(
         settings = with_knobs(defaults, changes)  # memory settings (kv_bits, context) stay the server's
     except ValueError as e:  # defensive: the knobs' checks above should make this unreachable
         raise ParamError(str(e)) from None
+    if persona:  # the model checks them (a voice it has, a prompt that fits) when the conversation starts
+        settings = replace(settings, **persona)
     return QueryResult(settings, applied, {}, tuple(unknown), persona)
 
 
