@@ -44,12 +44,13 @@ class Assets:
     load_seconds: float
     lm_file: str = ""  # where the LM weights came from (reported to web clients)
     memory: MemoryPlan | None = None  # what the memory budget chose (see moshi_mlx/budget.py)
+    voices_dir: Path | None = None  # a persona model's voice presets (NAME.safetensors), if any
 
     def engine(self, settings: EngineSettings = EngineSettings()) -> ConversationEngine:
         plan = self.memory
         if plan is not None and settings.context is None and settings.kv_bits in (None, plan.kv_bits):
             settings = replace(settings, kv_bits=plan.kv_bits, context=plan.context)
-        return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings)
+        return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings, voices_dir=self.voices_dir)
 
     def plan_memory(
         self, max_memory_gb: float | None = None, kv_bits: int | None = None, log: Callable[[str], None] | None = None
