@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m moshi_mlx.local",
         description="Real-time spoken conversation with Moshi through the microphone and speaker.",
     )
-    add_engine_args(p)
+    add_engine_args(p, persona=True)
     g = add_audio_args(p)
     add_record_arg(g)
     g.add_argument(
@@ -62,9 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def converse(args: argparse.Namespace) -> int:
-    from .cli.flags import load_from_args, resolve_from_args, settings_from_args
+    from .cli.flags import check_persona_args, load_from_args, resolve_from_args, settings_from_args
 
     _check_demo_output(args)
+    check_persona_args(args)
     # Model files first (a missing or undownloadable file is the real problem, not the sound card), then the
     # devices: a wrong --input-device should not cost a model load.
     resolved = resolve_from_args(args)

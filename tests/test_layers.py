@@ -35,15 +35,16 @@ LAYERS: list[set[str]] = [
     # single-job libraries
     {"sampling", "conditioning", "mlx_thread", "outputs", "tokenizer", "models.transformer", "audio.device_choice",
      "audio.echo",
-     "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
-     "model_files.budget", "model_files.voice_archive", "server.info", "models.pytorch", "models.conditioners", "codec.conv", "codec.transformer",
+     "audio.files", "audio.loudness", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "model_files.hub",
+     "model_files.budget", "server.info", "models.pytorch", "models.conditioners", "codec.conv", "codec.transformer",
      "codec.quantizer"},
-    {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
+    {"models.lm", "voices", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
      "server.startup", "models.pytorch_config", "model_files.depformer_steps",
      "codec.seanet"},
     {"model_files.pytorch_weights"},  # keeps the model's depformer steps of a longer one (PersonaPlex)
     {"generate", "model_files.checkpoint", "net.address", "codec.network"},
-    {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
+    {"persona", "voice_presets"},  # a persona model's system prompt; its voice presets converted once
+    {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.voice_archive", "model_files.lora", "net.remote", "audio.mlx_mimi"},
     {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
     {"model_files.assets", "model_files.convert", "server.session", "captions"},  # load(): the one front door; one client around the engine
     {"server.app"},

@@ -517,8 +517,6 @@ def cache_stand_in_repo(cache_dir: str | os.PathLike, repo_id: str, folder: str 
 TINY_PERSONAPLEX = LayoutDims(dim=256, num_layers=4, hidden=704, dep_dim=256, dep_layers=2, dep_hidden=704)
 #: The stand-in's own LM config file (the real repo's is Moshi 7B's, known in code, not read from the repo).
 STAND_IN_LM_CONFIG = "lm-config.json"
-#: Seconds of each random voice preset (a WAV a voice prompt encodes).
-VOICE_SECONDS = 1.0
 
 
 def write_random_pytorch(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Path:
@@ -535,21 +533,6 @@ def write_random_pytorch(path: str | os.PathLike, shapes: dict[str, tuple[int, .
     return Path(path)
 
 
-def write_random_voice_wavs(folder: str | os.PathLike, names: tuple[str, ...] = PRESETS, seed: int = 0) -> list[Path]:
-    """One short random-noise WAV per preset name (24 kHz mono): stand-ins for voice prompts."""
-    from ..audio.files import write_wav
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in names:
-        pcm = (0.1 * rng.standard_normal(int(VOICE_SECONDS * 24000))).astype(np.float32)
-        write_wav(folder / f"{name}.wav", pcm)
-        out.append(folder / f"{name}.wav")
-    return out
-
-
 def write_voices_archive(path: str | os.PathLike, files: list[Path]) -> Path:
     """A `voices.tgz` as NVIDIA's: the files under a `voices/` folder."""
     import tarfile
@@ -560,13 +543,38 @@ def write_voices_archive(path: str | os.PathLike, files: list[Path]) -> Path:
     return Path(path)
 
 
+def write_random_voice_presets(folder: str | os.PathLike, config: LmConfig, names: tuple[str, ...] = PRESETS,
+                               seed: int = 0, frames: int = 4) -> list[Path]:
+    """Random converted presets (NAME.safetensors: `frames` embeddings of the model's width and a token ring of
+    its streams) in the layout `convert --voices` writes, so preset voices run with no torch here."""
+    from safetensors.numpy import save_file
+
+    from ..voices import CACHE_KEY, EMBEDDINGS_KEY, PRESET_SUFFIX
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ring = config.max_delay + 3  # the ring NVIDIA's presets store (see persona.PersonaPrompt.check)
+    out = []
+    for name in names:
+        cache = rng.integers(0, config.audio_card - 1, size=(1 + config.audio_codebooks, ring), dtype=np.int32)
+        cache[0] = rng.integers(0, config.text_out_vocab_size, size=ring, dtype=np.int32)  # the text stream
+        arrays = {EMBEDDINGS_KEY: (0.02 * rng.standard_normal((frames, config.transformer.d_model))).astype(np.float32),
+                  CACHE_KEY: cache}
+        path = folder / f"{name}{PRESET_SUFFIX}"
+        save_file(arrays, str(path))
+        out.append(path)
+    return out
+
+
 def write_personaplex_stand_in(folder: str | os.PathLike, seed: int = 0, dims: LayoutDims = TINY_PERSONAPLEX,
                                mimi_source: str | os.PathLike | None = None,
                                tokenizer_source: str | os.PathLike | None = None) -> Path:
     """A folder shaped as nvidia/personaplex-7b-v1: model.safetensors (random, PersonaPlex's layout at `dims`),
     Mimi, tokenizer and voices.tgz under the repo's names, plus `lm-config.json` (config_tiny) to load it with.
 
-    `mimi_source` / `tokenizer_source`: existing stand-ins to link (the demo's, say) instead of writing new ones.
+    The archive holds random presets already converted (NAME.safetensors): NVIDIA's are torch files, which only
+    torch writes. `mimi_source` / `tokenizer_source`: existing stand-ins to link (the demo's) instead of new ones.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -581,9 +589,9 @@ def write_personaplex_stand_in(folder: str | os.PathLike, seed: int = 0, dims: L
                 os.link(source, target)
             except OSError:
                 target.write_bytes(Path(source).read_bytes())
+    config = config_tiny()
     with tempfile.TemporaryDirectory() as tmp:
-        wavs = write_random_voice_wavs(tmp, seed=seed)
-        write_voices_archive(folder / VOICES_ARCHIVE, wavs)
-    config = {**config_tiny().to_dict(), "model_type": MODEL_TYPE}
-    (folder / STAND_IN_LM_CONFIG).write_text(json.dumps(config))
+        presets = write_random_voice_presets(tmp, config, seed=seed)
+        write_voices_archive(folder / VOICES_ARCHIVE, presets)
+    (folder / STAND_IN_LM_CONFIG).write_text(json.dumps({**config.to_dict(), "model_type": MODEL_TYPE}))
     return folder

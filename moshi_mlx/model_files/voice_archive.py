@@ -1,4 +1,5 @@
-"""A model's voice presets archive (PersonaPlex's `voices.tgz`) unpacked once into the app's cache.
+"""A model's voice presets archive (PersonaPlex's `voices.tgz`) unpacked once into the app's cache, its torch
+presets converted there once where torch is installed (`convert --voices`'s code), so a run needs no torch.
 
 The folder is keyed by the archive's name, size and modification time, so a second start (or a second archive)
 finds its own folder ready; it is filled under a temporary name and renamed into place, so an interrupted
@@ -14,11 +15,13 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from ..errors import MoshiError, first_line
 from ..places import voices_cache_dir
+from ..voices import VoiceError, list_voices
 
-__all__ = ["VoiceArchiveError", "unpack_voices"]
+__all__ = ["VoiceArchiveError", "ready_voices", "unpack_voices"]
 
 
 class VoiceArchiveError(MoshiError):
@@ -63,4 +66,21 @@ def unpack_voices(archive: str | os.PathLike, cache_dir: str | os.PathLike | Non
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def ready_voices(archive: str | os.PathLike, log: Callable[[str], None],
+                 cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the archive's presets as the engine reads them (NAME.safetensors): unpacked, and its .pt
+    presets converted the first time. Without torch, one line says the command that converts them once."""
+    folder = unpack_voices(archive, cache_dir)
+    if list_voices(folder) or not any(folder.glob("*.pt")):
+        return folder
+    from ..voice_presets import convert_voices
+
+    try:
+        convert_voices(folder, folder, log)
+    except VoiceError as e:
+        log(f"{first_line(e)}; the voice presets of {archive} are not usable until then: "
+            f"python -m moshi_mlx.convert --voices {archive} --out {folder} (--voice takes a recording meanwhile)")
     return folder

@@ -46,7 +46,7 @@ from moshi_mlx.model_files.hub import (
 from moshi_mlx.model_files import personaplex
 from moshi_mlx.model_files.personaplex import LayoutDims
 from moshi_mlx.model_files.source import ModelSource
-from moshi_mlx.models.config import LmConfig, TransformerConfig
+from moshi_mlx.models.config import LmConfig, TransformerConfig, config_tiny
 
 Resolved = namedtuple("Resolved", "moshi mimi tokenizer lm_config repo quantize")
 
@@ -84,7 +84,7 @@ def assets(tmp_path_factory) -> dict[str, bytes]:
     """name -> bytes of every stand-in file a repo may hold."""
     from moshi_mlx.model_files.stand_ins import (
         write_random_pytorch,
-        write_random_voice_wavs,
+        write_random_voice_presets,
         write_stand_in_tokenizer,
         write_voices_archive,
     )
@@ -111,8 +111,8 @@ def assets(tmp_path_factory) -> dict[str, bytes]:
     out["config.json"] = json.dumps(TINY.to_kyutai_dict()).encode()
     write_random_pytorch(root / "pp.safetensors", personaplex.layout(PERSONAPLEX_DIMS))
     out["personaplex.safetensors"] = (root / "pp.safetensors").read_bytes()
-    wavs = write_random_voice_wavs(root / "voices", names=("NATF0", "VARM4"))
-    out[personaplex.VOICES_ARCHIVE] = write_voices_archive(root / "voices.tgz", wavs).read_bytes()
+    presets = write_random_voice_presets(root / "voices", config_tiny(), names=("NATF0", "VARM4"))
+    out[personaplex.VOICES_ARCHIVE] = write_voices_archive(root / "voices.tgz", presets).read_bytes()
     return out
 
 
@@ -658,11 +658,12 @@ def test_personaplex_file_plan(hub_env, fake_hub, tmp_path, monkeypatch):
     assert r.config.generated_codebooks == 8 and r.config.transformer.d_model == 4096
     assert r.config.model_type == "personaplex"
     assert not fake_hub.requests_for(f"{personaplex.REPO}/resolve/main/config.json")
-    from moshi_mlx.model_files.voice_archive import unpack_voices
+    from moshi_mlx.model_files.voice_archive import ready_voices
+    from moshi_mlx.voices import list_voices
 
-    folder = unpack_voices(r.files.voices)
-    assert sorted(p.name for p in folder.iterdir()) == ["NATF0.wav", "VARM4.wav"]
-    assert unpack_voices(r.files.voices) == folder  # once: the second start finds it
+    folder = ready_voices(r.files.voices, log=print)
+    assert list_voices(folder) == ["NATF0", "VARM4"]
+    assert ready_voices(r.files.voices, log=print) == folder  # once: the second start finds it
 
 
 def test_personaplex_offline_without_voices_still_resolves(hub_env, fake_hub, monkeypatch):

@@ -81,3 +81,26 @@ def test_a_bad_voices_archive_is_one_line_and_leaves_nothing(tmp_path, content):
         unpack_voices(archive, tmp_path / "cache")
     assert "\n" not in str(e.value) and str(archive) in str(e.value)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_torch_presets_without_torch_say_the_command_that_converts_them(tmp_path, monkeypatch):
+    """NVIDIA's presets are torch files; with no torch importable (made so here, whatever is installed) the
+    load says, in one line, the command that converts them once, and the model still loads."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    from moshi_mlx.model_files.voice_archive import ready_voices
+
+    archive = tmp_path / "voices.tgz"
+    _archive(archive, {"voices/NATF0.pt": b"torch bytes"})
+    lines: list[str] = []
+    folder = ready_voices(archive, lines.append, tmp_path / "cache")
+    assert (folder / "NATF0.pt").exists() and len(lines) == 1 and "\n" not in lines[0]
+    assert f"python -m moshi_mlx.convert --voices {archive} --out {folder}" in lines[0] and "torch" in lines[0]
