@@ -180,13 +180,18 @@ def given_knobs(args: argparse.Namespace) -> dict[str, object]:
     return {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
 
 
-def add_persona_args(parser: argparse.ArgumentParser) -> None:
-    """A persona model's system prompt (NVIDIA's PersonaPlex): the role text and the voice."""
+def add_persona_args(parser: argparse.ArgumentParser, remote: bool = False) -> None:
+    """A persona model's system prompt (NVIDIA's PersonaPlex): the role text and the voice. `remote` (the
+    client): the server's model takes them, so the voice is a name the server lists and there is no folder."""
     g = parser.add_argument_group("persona (a PersonaPlex model)")
     text = g.add_mutually_exclusive_group()
     text.add_argument("--text-prompt", default=None, metavar="TEXT",
                       help="the role: who Moshi is and how it talks (wrapped in <system> tags)")
     text.add_argument("--text-prompt-file", default=None, metavar="PATH", help="the role text, read from a file")
+    if remote:
+        g.add_argument("--voice", default=None, metavar="NAME",
+                       help="one of the server's voice presets (its /api/info lists them; sent as voice_prompt)")
+        return
     g.add_argument("--voice", default=None, metavar="NAME|PATH",
                    help="a voice preset's name (see --voices-dir), a recording (.wav, .flac...) or a converted preset "
                    "(.safetensors from `python -m moshi_mlx.convert --voices`)")

@@ -66,6 +66,7 @@ __all__ = [
     "PERSONA_PARAMS",
     "MAX_PROMPT_CHARS",
     "voice_name",
+    "encode_persona",
 ]
 
 #: Largest message accepted from a peer (an 80 ms Opus page is a few hundred bytes).
@@ -319,6 +320,13 @@ def voice_name(raw: str) -> str:
     if not _VOICE_NAME.fullmatch(name):
         raise ParamError(f"voice_prompt {raw[:40]!r} is not a voice name (the server's voices are listed at {INFO_PATH})")
     return name
+
+
+def encode_persona(text_prompt: str | None = None, voice: str | None = None) -> dict[str, str]:
+    """The query parameters of a role prompt and a voice (None: the server's default), as NVIDIA's client names
+    them; checked as the server will (a voice is a name, never a path; a prompt within MAX_PROMPT_CHARS)."""
+    return {PERSONA_PARAMS[0] if k == "text_prompt" else PERSONA_PARAMS[1]: v
+            for k, v in _persona({"text_prompt": text_prompt or "", "voice_prompt": voice or ""}).items()}
 
 
 def _persona(values: Mapping[str, str]) -> dict[str, str]:

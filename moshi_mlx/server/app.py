@@ -220,7 +220,8 @@ class ChatServer:
         if not self.persona:
             return None
         d = self.default_settings
-        return {"voices": list_voices(self.engine.voices_dir), "voice": d.voice, "text_prompt": d.text_prompt}
+        voice = Path(d.voice).stem if d.voice else None  # a recording's name, not where it lies on the server
+        return {"voices": list_voices(self.engine.voices_dir), "voice": voice, "text_prompt": d.text_prompt}
 
     def _origin_ok(self, request: web.Request) -> bool:
         if not self.check_origin:
@@ -251,6 +252,11 @@ class ChatServer:
             if query.persona and not self.persona:
                 raise ParamError(f"{' and '.join(_PERSONA_NAMES[k] for k in query.persona)}: this model takes no "
                                  "role prompt or voice (a PersonaPlex model does)")
+            voice = query.persona.get("voice")
+            if voice is not None:  # said here in the client's terms: the names it may use, not the server's folder
+                voices = list_voices(self.engine.voices_dir)
+                if voice not in voices:
+                    raise ParamError(f"unknown voice {voice!r}; this server has {', '.join(voices) or 'no presets'}")
         except (ParamError, ConditioningError) as e:
             log.info("%s: refused: %s", peer, e)
             return await self._refuse(ws, f"bad parameter: {e}", 1008)

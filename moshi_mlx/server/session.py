@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Protocol
 
@@ -30,6 +31,14 @@ from ..net.protocol import Kind, ProtocolError
 from .info import server_info
 
 log = logging.getLogger("moshi_mlx.web.session")
+
+
+def _persona(settings: Any) -> dict[str, Any] | None:
+    """The role prompt and voice this conversation started with (None: no system prompt)."""
+    if not settings.has_prompt:
+        return None
+    voice = Path(settings.voice).stem if settings.voice else None  # a name, not a path on the server
+    return {"text_prompt": settings.text_prompt, "voice": voice}
 
 
 class Host(Protocol):
@@ -224,6 +233,7 @@ class Conversation:
             "sample_rate": SAMPLE_RATE,
             "frame_size": FRAME_SIZE,
             "settings": self.query.describe(),
+            "persona": _persona(self.query.settings),
             "ignored_params": self.query.ignored,
             "unknown_params": list(self.query.unknown),
         }
