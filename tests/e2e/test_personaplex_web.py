@@ -275,3 +275,78 @@ async def test_browser_hides_the_persona_card_for_another_model(chromium, engine
     finally:
         await browser.close()
         await stop_server(running)
+
+
+# ------------------------------------------------------------------------------------------------
+# `python -m moshi_mlx.local_web --text-prompt ... --voice ...`: the defaults of every connection
+
+
+def _local_web_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("MOSHI_MLX_DEMO_DIR", str(Path("~/.cache/moshi_mlx/demo").expanduser()))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _model_flags(stand_in: Path, voices: Path) -> list[str]:
+    return ["--moshi-weights", str(stand_in / "model.safetensors"), "--mimi-weights", str(stand_in / MIMI_NAME),
+            "--tokenizer", str(stand_in / TOKENIZER_NAME), "--lm-config", str(stand_in / STAND_IN_LM_CONFIG),
+            "--voices-dir", str(voices), "--no-browser", "--host", "127.0.0.1", "--port", "0"]
+
+
+def test_local_web_refuses_an_unknown_default_voice_before_loading(stand_in, tmp_path):
+    import subprocess
+
+    voices = ready_voices(stand_in / personaplex.VOICES_ARCHIVE, lambda line: None, tmp_path / "cache")
+    r = subprocess.run([sys.executable, "-m", "moshi_mlx.local_web", *_model_flags(stand_in, voices),
+                        "--voice", "NOBODY"], capture_output=True, text=True, env=_local_web_env(), timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown voice 'NOBODY'" in r.stderr, r.stderr
+    assert "loading" not in r.stderr
+
+
+@pytest.mark.asyncio
+async def test_local_web_prompt_and_voice_are_the_defaults_of_every_connection(stand_in, tmp_path):
+    import re
+    import signal
+    import subprocess
+    import time
+
+    voices = ready_voices(stand_in / personaplex.VOICES_ARCHIVE, lambda line: None, tmp_path / "cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moshi_mlx.local_web", *_model_flags(stand_in, voices), "--text-prompt", PROMPT,
+         "--voice", "NATF1"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=_local_web_env(),
+    )
+    lines: list[str] = []
+    try:
+        url = None
+        deadline = time.monotonic() + 180
+        while url is None and time.monotonic() < deadline:
+            line = await asyncio.to_thread(proc.stderr.readline)
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"open (http://\S+/) in your browser", line)
+            if m:
+                url = m.group(1)
+        assert url, "".join(lines)
+        async with aiohttp.ClientSession() as http:
+            info = await (await http.get(url + "api/info")).json()
+            assert info["persona"]["voice"] == "NATF1" and info["persona"]["text_prompt"] == PROMPT
+            assert "NATF1" in info["persona"]["voices"]
+            # NVIDIA's client with nothing chosen: the server's prompt and voice
+            ws_url = url.replace("http", "ws") + "api/chat?text_prompt=&voice_prompt="
+            async with http.ws_connect(ws_url) as ws:
+                await expect_handshake(ws, timeout=60)
+                meta = protocol.decode((await asyncio.wait_for(ws.receive(), 30)).data)
+                assert meta.json()["persona"] == {"text_prompt": PROMPT, "voice": "NATF1"}
+        proc.send_signal(signal.SIGTERM)
+        rest = (await asyncio.to_thread(proc.communicate, timeout=30))[1]
+        assert proc.returncode == 0 and "Traceback" not in rest, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
