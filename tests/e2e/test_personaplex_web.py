@@ -77,6 +77,19 @@ def test_the_stand_in_loads_keeping_8_of_16_depformer_steps(stand_in, persona_en
                           stacked[7 * rows: 8 * rows])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_stand_in_loads_quantized_after_keeping_its_steps(stand_in, bits):
+    """-q 4/8 on PersonaPlex's float PyTorch checkpoint: mapped and trimmed to 8 steps first, quantized after."""
+    import mlx.nn as nn
+
+    assets = load(ModelSource(quantize=bits, moshi_weights=stand_in / "model.safetensors",
+                              mimi_weights=stand_in / MIMI_NAME, tokenizer=stand_in / TOKENIZER_NAME,
+                              lm_config=stand_in / STAND_IN_LM_CONFIG), log=lambda line: None)
+    slices = assets.lm.depformer.slices
+    assert len(slices) == 8 and isinstance(slices[7].linear_out, nn.QuantizedLinear)
+    assert slices[7].linear_out.bits == bits
+
+
 async def _chat(running, query: dict[str, str]) -> tuple[list[protocol.Message], int | None]:
     """Open /api/chat with `query`; every message until the server closes (or audio flows), and the close code."""
     messages: list[protocol.Message] = []
