@@ -48,3 +48,16 @@ def test_a_prompt_longer_than_the_window_is_one_line(demo_assets_loaded):
     a = demo_assets_loaded
     with pytest.raises(PersonaError, match="shorten"):
         ConversationEngine(a.lm, a.mimi, a.tokenizer, EngineSettings(text_prompt="word " * 400, context=64))
+
+
+def test_the_benchmark_times_the_prompt_played_and_restored(demo_assets_loaded):
+    from moshi_mlx.benchmark.pipeline import time_prompt
+
+    a = demo_assets_loaded
+    engine = ConversationEngine(a.lm, a.mimi, a.tokenizer, EngineSettings(text_prompt="You are Ada, who likes maps."))
+    try:
+        t = time_prompt(engine, runs=1)
+    finally:
+        engine.close()
+    assert t.steps == engine.prompt.steps() > 2 * 6
+    assert 0 < t.warm_ms < t.cold_ms and t.snapshot_mb > 0
