@@ -32,3 +32,19 @@ def test_silence_and_short_clips_are_left_alone():
     assert integrated_loudness(np.zeros(48_000), 24_000) == -math.inf
     short = np.full(100, 0.3, np.float32)
     assert np.array_equal(normalise(short, 24_000, -24.0), short)
+
+
+def test_readings_equal_pyloudnorms():
+    """tests/fixtures/personaplex/loudness.json: pyloudnorm's readings (NVIDIA normalises voices with it) of
+    the signals its make_loudness.py draws from a seed."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "fixtures" / "personaplex"
+    spec = importlib.util.spec_from_file_location("make_loudness", folder / "make_loudness.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # numpy only at import
+    reference = json.loads((folder / "loudness.json").read_text())
+    for name, pcm in module.signals().items():
+        assert integrated_loudness(pcm, module.RATE) == pytest.approx(reference[name], abs=1e-6), name
