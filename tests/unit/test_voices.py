@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -70,11 +68,3 @@ def test_a_voice_is_audio_or_embeddings_never_both():
     with pytest.raises(VoiceError):
         Voice("x", pcm=np.zeros(3, np.float32), embeddings=np.zeros((1, 2), np.float32), cache=np.zeros((1, 1)))
 
-
-def test_converting_presets_without_torch_says_what_to_install(tmp_path, monkeypatch):
-    from moshi_mlx.voice_presets import convert_voices
-
-    (tmp_path / "voices.tgz").write_bytes(b"x")
-    monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without torch
-    with pytest.raises(VoiceError, match=r"pip install 'moshi_mlx\[voices\]'"):
-        convert_voices(tmp_path / "voices.tgz")
