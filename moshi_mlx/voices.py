@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio.files import AudioFileError, load_mono_24k
 from .audio.frames import SAMPLE_RATE
 from .audio.loudness import normalise
 from .errors import MoshiError
@@ -91,6 +90,8 @@ def load_voice(spec: str, voices_dir: Path | None) -> Voice:
                          "`python -m moshi_mlx.convert --voices voices.tgz`")
     if path.suffix.lower() == PRESET_SUFFIX:
         return _load_preset(path, path.stem)
+    from .audio.files import AudioFileError, load_mono_24k  # here: a preset needs no audio library
+
     try:
         pcm, _ = load_mono_24k(path)
     except AudioFileError as e:

@@ -54,7 +54,7 @@ def integrated_loudness(pcm: np.ndarray, rate: int) -> float:
     """Loudness of mono `pcm` in LUFS; -inf for silence or audio shorter than one block."""
     pcm = np.asarray(pcm, dtype=np.float64).reshape(-1)
     block = BLOCK_S * rate
-    blocks = int(round((pcm.shape[0] / rate - BLOCK_S) / (BLOCK_S * BLOCK_STEP))) + 1
+    blocks = round((pcm.shape[0] / rate - BLOCK_S) / (BLOCK_S * BLOCK_STEP)) + 1
     if pcm.shape[0] < block or blocks < 1:
         return -math.inf
     weighted = k_weighted(pcm, rate)
