@@ -585,7 +585,8 @@ class Session {
       message = BUSY_TEXT;
       stats.serverBusy = true;
     } else if (this.serverError) {
-      message = `The server ended the conversation: ${this.serverError}`;
+      // before the handshake: the server refused this connection's settings (a bad voice, a too long prompt)
+      message = wasLive ? `The server ended the conversation: ${this.serverError}` : `The server refused: ${this.serverError}`;
     } else if (!wasLive) {
       message = serverDownText();
     } else if (e.code === 1001) {

@@ -261,6 +261,15 @@ async def test_browser_types_a_prompt_picks_a_voice_and_the_conversation_starts(
         )
         query = await browser.eval("window.moshi.settingsQuery()")
         assert "voice_prompt=NATM1" in query and "text_prompt=You+enjoy" in query, query
+        # A role longer than the model's context first: refused in one line, shown, and the page can go on.
+        await browser.eval("document.querySelector('[name=text_prompt]').value = 'talk '.repeat(400)")
+        await browser.eval("document.getElementById('connect').click()")
+        assert await browser.wait_for(
+            "document.getElementById('message').textContent.includes('bad parameter')", timeout=60), browser.console[-10:]
+        shown = await browser.eval("document.getElementById('message').textContent")
+        assert shown.startswith("The server refused: bad parameter: the system prompt takes"), shown
+        await wait_idle(running.server)
+        await browser.eval(f"document.querySelector('[name=text_prompt]').value = {json.dumps(PROMPT)}")
         await browser.eval("document.getElementById('connect').click()")
         assert await browser.wait_for(f"{STATS}.handshake === true", timeout=60), browser.console[-10:]
         assert await browser.wait_for(f"{STATS}.audioMessagesIn > 5", timeout=60), browser.console[-10:]
@@ -268,7 +277,6 @@ async def test_browser_types_a_prompt_picks_a_voice_and_the_conversation_starts(
         assert stats["serverInfo"]["persona"] == {"text_prompt": PROMPT, "voice": "NATM1"}
         assert persona_engine.settings.voice == "NATM1"
         await browser.screenshot(ARTIFACTS / "browser_persona.png")
-        # A saved choice survives a reload; an unknown voice from the page would be one error line (see above).
         await browser.eval("document.getElementById('connect').click()")
         await wait_idle(running.server)
     finally:
