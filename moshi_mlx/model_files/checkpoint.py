@@ -32,6 +32,7 @@ from .hub import (
     quantizes_at_load,
     read_local_config,
 )
+from . import personaplex
 from .source import FLAGS, ModelSource
 
 
@@ -436,6 +437,9 @@ def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
     known = KNOWN_REPOS.get(files.repo or "")
     if known is not None and config.model_type != known.model_type and "model_type" not in (files.lm_config or {}):
         config = replace(config, model_type=known.model_type)  # what the repo is, where its config.json is silent
+    elif (known is None and checkpoint.layout == "pytorch" and "model_type" not in (files.lm_config or {})
+          and personaplex.predicts_both_streams(checkpoint.tensors, config.generated_codebooks, config.audio_codebooks)):
+        config = replace(config, model_type=personaplex.MODEL_TYPE)  # local PersonaPlex weights, no config
     for kind, (given, check) in checks.items():
         if given is None:
             check(getattr(files, kind), files.origins[kind])

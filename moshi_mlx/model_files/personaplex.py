@@ -12,10 +12,12 @@ This module only states those facts; `hub.py` fetches the files and `checkpoint.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Iterable
 
 __all__ = ["FULL_DIMS", "LayoutDims", "MODEL_TYPE", "REPO", "VOICES_ARCHIVE", "VOICES_FOLDER", "PRESETS", "DEP_Q", "layout",
-           "GATED_HINT"]
+           "GATED_HINT", "predicts_both_streams"]
 
 REPO = "nvidia/personaplex-7b-v1"
 #: Its config's `model_type` here (the repo's config.json is not read: see hub.KNOWN_REPOS).
@@ -86,3 +88,10 @@ def layout(d: LayoutDims = FULL_DIMS) -> dict[str, tuple[int, ...]]:
             s[f"{p}.gating.{k}.linear_in.weight"] = (2 * d.dep_hidden, d.dep_dim)
             s[f"{p}.gating.{k}.linear_out.weight"] = (d.dep_dim, d.dep_hidden)
     return s
+
+
+def predicts_both_streams(names: Iterable[str], generated: int, streams: int) -> bool:
+    """A PyTorch-layout checkpoint whose depformer has a step for every codebook of both streams (PersonaPlex's 16
+    for 8 + 8) while the model generates Moshi's only: PersonaPlex's layout, wherever the file comes from."""
+    steps = sum(1 for name in names if re.fullmatch(r"linears\.\d+\.weight", name))
+    return steps == streams == 2 * generated

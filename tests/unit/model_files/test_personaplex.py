@@ -104,3 +104,43 @@ def test_torch_presets_without_torch_say_the_command_that_converts_them(tmp_path
     folder = ready_voices(archive, lines.append, tmp_path / "cache")
     assert (folder / "NATF0.pt").exists() and len(lines) == 1 and "\n" not in lines[0]
     assert f"python -m moshi_mlx.convert --voices {archive} --out {folder}" in lines[0] and "torch" in lines[0]
+
+
+def _tiny_personaplex_files(folder):
+    """PersonaPlex's layout at small sizes, a stand-in tokenizer and a file with Mimi's names (never decoded)."""
+    import mlx.core as mx
+
+    from moshi_mlx.model_files.stand_ins import write_random_pytorch, write_stand_in_tokenizer
+
+    dims = personaplex.LayoutDims(dim=64, num_layers=1, hidden=176, text_card=100, card=32, dep_dim=64,
+                                  dep_layers=1, dep_hidden=176)
+    weights = write_random_pytorch(folder / "model.safetensors", personaplex.layout(dims))
+    mimi = folder / "mimi.safetensors"
+    mx.save_safetensors(str(mimi), {"encoder.model.0.conv.conv.weight": mx.zeros((4, 1, 7)),
+                                    "decoder.model.0.conv.conv.weight": mx.zeros((4, 4, 7)),
+                                    "quantizer.rvq_first.vq.layers.0._codebook.embedding_sum": mx.ones((8, 4))})
+    tokenizer = write_stand_in_tokenizer(folder / "tok.model", vocab_size=100)
+    config = {"dim": 64, "text_card": 100, "existing_text_padding_id": 3, "n_q": 16, "dep_q": 8, "card": 32,
+              "num_heads": 2, "num_layers": 1, "hidden_scale": 4.125, "causal": True, "layer_scale": None,
+              "context": 32, "max_period": 10000, "gating": "silu", "norm": "rms_norm_f32",
+              "positional_embedding": "rope", "depformer_dim": 64, "depformer_dim_feedforward": 264,
+              "depformer_num_heads": 2, "depformer_num_layers": 1, "depformer_layer_scale": None,
+              "depformer_multi_linear": True, "depformer_context": 8, "depformer_max_period": 10000,
+              "depformer_gating": "silu", "depformer_pos_emb": "none", "depformer_weights_per_step": True,
+              "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1]}
+    return weights, mimi, tokenizer, config
+
+
+def test_local_personaplex_weights_are_known_by_their_layout(tmp_path):
+    """Local weights with no model_type anywhere: a 16-step depformer for a model generating 8 of 16 codebooks
+    is PersonaPlex's layout (the web UI then offers a role and a voice); the steps kept at load are 8."""
+    from moshi_mlx.model_files.checkpoint import load_lm, resolve_model
+    from moshi_mlx.model_files.source import ModelSource
+
+    weights, mimi, tokenizer, config = _tiny_personaplex_files(tmp_path)
+    r = resolve_model(ModelSource(moshi_weights=weights, mimi_weights=mimi, tokenizer=tokenizer, lm_config=config))
+    assert r.config.model_type == personaplex.MODEL_TYPE and r.checkpoint.layout == "pytorch"
+    assert len(load_lm(r.checkpoint, r.config).depformer.slices) == 8
+    named = resolve_model(ModelSource(moshi_weights=weights, mimi_weights=mimi, tokenizer=tokenizer,
+                                      lm_config={**config, "model_type": "moshi"}))
+    assert named.config.model_type == "moshi"  # a config that says what it is wins
