@@ -13,11 +13,22 @@ This module only states those facts; `hub.py` fetches the files and `checkpoint.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-__all__ = ["FULL_DIMS", "LayoutDims", "MODEL_TYPE", "REPO", "VOICES_ARCHIVE", "VOICES_FOLDER", "PRESETS", "DEP_Q", "layout",
-           "GATED_HINT", "predicts_both_streams"]
+__all__ = [
+    "DEP_Q",
+    "FULL_DIMS",
+    "GATED_HINT",
+    "MODEL_TYPE",
+    "PRESETS",
+    "REPO",
+    "VOICES_ARCHIVE",
+    "VOICES_FOLDER",
+    "LayoutDims",
+    "layout",
+    "predicts_both_streams",
+]
 
 REPO = "nvidia/personaplex-7b-v1"
 #: Its config's `model_type` here (the repo's config.json is not read: see hub.KNOWN_REPOS).

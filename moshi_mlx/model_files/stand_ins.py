@@ -43,7 +43,7 @@ from .checkpoint import (
     save_lm,
 )
 from .hub import MIMI_NAME, MOSHI_NAMES, TOKENIZER_NAME
-from .personaplex import MODEL_TYPE, PRESETS, VOICES_ARCHIVE, LayoutDims, layout
+from .personaplex import MODEL_TYPE, PRESETS, VOICES_ARCHIVE, VOICES_FOLDER, LayoutDims, layout
 
 __all__ = [
     "MIMI_CONFIG",
@@ -539,7 +539,7 @@ def write_voices_archive(path: str | os.PathLike, files: list[Path]) -> Path:
 
     with atomic_output(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for f in files:
-            tar.add(f, arcname=f"voices/{f.name}")
+            tar.add(f, arcname=f"{VOICES_FOLDER}/{f.name}")
     return Path(path)
 
 

@@ -14,8 +14,8 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import MoshiError, first_line
 from ..places import voices_cache_dir

@@ -314,9 +314,7 @@ def parse_query(
 
 def voice_name(raw: str) -> str:
     """A voice as a URL names it: a preset's name (NVIDIA's client's NAME.pt taken as NAME), never a path."""
-    name = raw.strip()
-    if name.endswith(_PRESET_SUFFIX):
-        name = name[: -len(_PRESET_SUFFIX)]
+    name = raw.strip().removesuffix(_PRESET_SUFFIX)
     if not _VOICE_NAME.fullmatch(name):
         raise ParamError(f"voice_prompt {raw[:40]!r} is not a voice name (the server's voices are listed at {INFO_PATH})")
     return name

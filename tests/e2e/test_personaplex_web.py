@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import mlx.core as mx
 import numpy as np
 import pytest
-import mlx.core as mx
 
 from moshi_mlx.model_files import personaplex
 from moshi_mlx.model_files.assets import load
@@ -80,7 +80,7 @@ def test_the_stand_in_loads_keeping_8_of_16_depformer_steps(stand_in, persona_en
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_stand_in_loads_quantized_after_keeping_its_steps(stand_in, bits):
     """-q 4/8 on PersonaPlex's float PyTorch checkpoint: mapped and trimmed to 8 steps first, quantized after."""
-    import mlx.nn as nn
+    from mlx import nn
 
     assets = load(ModelSource(quantize=bits, moshi_weights=stand_in / "model.safetensors",
                               mimi_weights=stand_in / MIMI_NAME, tokenizer=stand_in / TOKENIZER_NAME,
