@@ -141,5 +141,5 @@ def test_a_snapshot_holds_the_prompts_slots_not_the_whole_window(lm):
         play_prompt(gen, prompt, None)
         snaps.append(gen.snapshot())
     grown = mx.get_active_memory() - before
-    assert sum(s.nbytes for s in snaps) < window / 100
+    assert sum(s.nbytes for s in snaps) < window / 50  # 3 x 13 of 3000 slots
     assert grown < window / 2  # slices would have pinned one whole window per snapshot
