@@ -129,7 +129,7 @@ class ConversationEngine:
         if settings.text_prompt and settings.text_prompt.strip() and encode is None:
             raise MoshiError("--text-prompt needs the model's text tokenizer")
         prompt = PersonaPrompt(voice, prompt_tokens(encode, settings.text_prompt) if encode else ())
-        prompt.check(self.lm.config, self.gen._cache.capacity)
+        prompt.check(self.lm.config, self.gen.window)
         return prompt
 
     def _start_conversation(self) -> None:

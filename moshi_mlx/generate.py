@@ -221,6 +221,11 @@ class LmGen:
         self._audio_key = self._stream_key(self.audio_seed, 1)
 
     @property
+    def window(self) -> int:
+        """Steps the attention window holds (a persona prompt must fit in it)."""
+        return self._cache.capacity
+
+    @property
     def rows(self) -> int:
         """Batch rows each step runs: 2 under classifier-free guidance (cfg_coef != 1), else 1."""
         return self._rows

@@ -46,7 +46,10 @@ SINE_TOKENS = np.array([430, 1268, 381, 1611, 1095, 1495, 56, 472], dtype=np.int
 ZERO_TEXT_TOKEN = 3  # the text stream's token during the voice and the silences
 SILENCE_FRAMES = 6  # 0.5 s at 12.5 Hz after the voice and after the text
 SYSTEM_TAG = "<system>"
-SNAPSHOTS_KEPT = 4  # prompt snapshots an engine keeps (least recently used goes first)
+# Prompt snapshots an engine keeps (least recently used goes first). One holds the prompt's KV slots: on Moshi 7B
+# 0.27 MB per prompt step with the default 8-bit KV (0.5 MB at 16, 0.14 MB at 4), so a 200-step prompt (a 10 s
+# voice, silences, ~60 text tokens) takes 53 MB and four of them 213 MB.
+SNAPSHOTS_KEPT = 4
 
 
 class PersonaError(MoshiError):

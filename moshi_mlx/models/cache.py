@@ -179,9 +179,14 @@ class TemporalCache:
         return StepContext.for_position(self.position, self.capacity)
 
     def window_slices(self, length: int) -> list[tuple[list[mx.array], list[mx.array]]]:
-        """Copies of each layer's first `length` slots (keys, values), e.g. a prompt's, to put back later."""
+        """Copies of each layer's first `length` slots (keys, values), e.g. a prompt's, to put back later.
+
+        Copies, not slices: a slice shares the whole window's buffer, which would keep every window ever
+        snapshotted alive (and make the next step's in-place update copy the window).
+        """
         return [
-            ([a[:, :, :length] for a in _flat(layer.keys)], [a[:, :, :length] for a in _flat(layer.values)])
+            ([mx.contiguous(a[:, :, :length]) for a in _flat(layer.keys)],
+             [mx.contiguous(a[:, :, :length]) for a in _flat(layer.values)])
             for layer in self.layers
         ]
 

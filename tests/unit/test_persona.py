@@ -125,3 +125,21 @@ def test_quantized_kv_cache_snapshots_too(lm):
     gen.reset()
     gen.restore(snap)
     assert _tokens(gen.step(u) for u in _user(8)) == a
+
+
+def test_a_snapshot_holds_the_prompts_slots_not_the_whole_window(lm):
+    import mlx.core as mx
+
+    gen = LmGen(lm, GREEDY, GREEDY, seed=0, kv_bits=16)
+    window = gen._cache.nbytes  # 3000 slots
+    prompt = PersonaPrompt(None, (9, 10))
+    play_prompt(gen, prompt, None)
+    before = mx.get_active_memory()
+    snaps = []
+    for _ in range(3):
+        gen.reset()
+        play_prompt(gen, prompt, None)
+        snaps.append(gen.snapshot())
+    grown = mx.get_active_memory() - before
+    assert sum(s.nbytes for s in snaps) < window / 50  # 3 x 13 of 3000 slots
+    assert grown < window / 2  # slices would have pinned one whole window per snapshot
