@@ -25,9 +25,11 @@ import numpy as np
 from . import cli
 from .audio.frames import FRAME_S
 from .cli.async_signals import AsyncStop
+from .cli.flags import add_persona_args, persona_from_args
 from .cli.terminal import TerminalSession, add_audio_args, add_record_arg, entry_points
-from .errors import error_line
+from .errors import UsageError, error_line
 from .net.address import DEFAULT_URL, chat_url, sampling_params
+from .net.protocol import INFO_PATH, ParamError, encode_persona, voice_name
 from .net.failures import ClientError, ConnectionLost, ServerRefused
 from .net.remote import RemoteConversation
 
@@ -57,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reconnect", action="store_true",
                    help="reconnect by itself when the connection is lost (otherwise: ask on a terminal, else stop)")
     cli.add_sampling_args(p, server_defaults=True)
+    add_persona_args(p, remote=True)
     cli.add_verbose_arg(p)
     add_record_arg(add_audio_args(p))
     return p
@@ -237,10 +240,27 @@ class _Server:
         self.session.show_lag(st.last_latency_ms, mine + overflows + st.server_dropped, warning)
 
 
+def persona_params(args: argparse.Namespace) -> dict[str, str]:
+    """--text-prompt / --text-prompt-file / --voice as the query's text_prompt and voice_prompt (one line if not)."""
+    persona = persona_from_args(args)
+    voice = persona["voice"]
+    try:
+        if voice is not None:
+            voice_name(voice)
+    except ParamError:
+        raise UsageError(f"--voice {voice[:60]!r}: a server's voice is one of its presets, by name (its "
+                         f"{INFO_PATH} lists them); a recording stays on this machine") from None
+    try:
+        return encode_persona(persona["text_prompt"], voice)
+    except ParamError as e:
+        raise UsageError(f"--text-prompt: {e}") from None
+
+
 def converse(args: argparse.Namespace) -> int:
     from .net.tls import client_context
 
-    url = chat_url(args.url, sampling_params(**{name: getattr(args, name) for name in cli.SAMPLING_PARAMS}))
+    url = chat_url(args.url, {**sampling_params(**{name: getattr(args, name) for name in cli.SAMPLING_PARAMS}),
+                              **persona_params(args)})
     ssl_ctx = client_context(args.insecure, args.cafile) if url.scheme == "wss" else None
     # The record folder and the devices are checked before connecting: a mistake should not occupy the server.
     server = _Server(args, url, ssl_ctx)

@@ -2,6 +2,7 @@
 
     python -m moshi_mlx.convert IN.safetensors OUT_DIR [-q 4|8] [--config config.json]
         [--lora ADAPTER.safetensors] [--max-out-n-q N]
+    python -m moshi_mlx.convert --voices voices.tgz [--out DIR]     (PersonaPlex voice presets, needs torch)
 
 IN is laid out like `model.safetensors` of kyutai/moshiko-pytorch-bf16 (attention weights either as
 `in_projs.{i}` / `out_projs.{i}` or as the older stacked `in_proj_weight` / `out_proj.weight`). An MLX bf16
@@ -21,6 +22,7 @@ import argparse
 import sys
 
 from . import cli
+from .errors import UsageError
 from .model_files.convert import OUTPUT_DTYPES, convert
 from .model_files.hub import MOSHI_NAMES
 from .model_files.lora import DEFAULT_SCALING
@@ -34,8 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a PyTorch Moshi checkpoint (e.g. model.safetensors of kyutai/moshiko-pytorch-bf16) "
         "to the MLX layout, optionally quantized like the published kyutai/moshiko-mlx-q4/-q8 files.",
     )
-    ap.add_argument("input", help="PyTorch Moshi .safetensors (or an MLX bf16 one to quantize)")
-    ap.add_argument("out_dir", help="directory for model[.q4|.q8].safetensors and config.json")
+    ap.add_argument("input", nargs="?", help="PyTorch Moshi .safetensors (or an MLX bf16 one to quantize)")
+    ap.add_argument("out_dir", nargs="?", help="directory for model[.q4|.q8].safetensors and config.json")
+    ap.add_argument(
+        "--voices", default=None, metavar="ARCHIVE",
+        help="instead: convert NVIDIA's PersonaPlex voice presets (voices.tgz, a folder of .pt or one .pt) to "
+        "NAME.safetensors (needs torch: pip install 'moshi_mlx[voices]')",
+    )
+    ap.add_argument("--out", default=None, metavar="DIR", help="with --voices: where to write (default: ./voices "
+                    "beside the archive)")
     ap.add_argument("-q", "--quantize", type=int, choices=[4, 8], default=None, help="quantize to 4 or 8 bits")
     ap.add_argument(
         "--config", default=None, metavar="JSON",
@@ -65,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.voices is not None:
+        if args.input is not None or args.out_dir is not None:
+            raise UsageError("--voices converts voice presets only: give no checkpoint beside it (--out DIR for "
+                             "where to write)")
+        from .voice_presets import convert_voices
+
+        convert_voices(args.voices, args.out, log=cli.say)
+        return 0
+    if args.input is None or args.out_dir is None:
+        raise UsageError("give IN.safetensors and OUT_DIR (or --voices ARCHIVE)")
+    if args.out is not None:
+        raise UsageError("--out goes with --voices; a checkpoint's output folder is OUT_DIR")
     bar = cli.Progress(not args.no_progress)
     progress = bar.callback(MOSHI_NAMES[args.quantize], unit="B", unit_scale=True, unit_divisor=1024)
     convert(

@@ -24,6 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -34,9 +35,11 @@ from .generate import LmGen, StepOutput
 from .mlx_thread import MlxThread
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
+from .persona import PersonaPrompt, PromptSnapshots, play_prompt, prompt_tokens
 from .settings import GREEDY, EngineSettings
 from .tokenizer import TextTokenizer
 from .transcribe import END_OF_TURN_HEAD, Transcriber, Word
+from .voices import Voice, load_voice
 
 
 class AudioCodec(Protocol):
@@ -79,6 +82,7 @@ class ConversationEngine:
         mimi: AudioCodec,
         tokenizer: TextTokenizer | None,
         settings: EngineSettings = EngineSettings(),
+        voices_dir: Path | None = None,
     ) -> None:
         self.text_only = lm.config.text_only
         if self.text_only and tokenizer is None:  # before any thread or cache exists
@@ -99,8 +103,21 @@ class ConversationEngine:
         )
         self._silence = np.zeros(FRAME_SIZE, dtype=np.float32)
         self.frames_in = 0
-        self.transcriber: Transcriber | None = None
-        self._prime()
+        self.transcriber: Transcriber | None = None  # a text-only model's words, made fresh per conversation
+        # The persona prompt (text_prompt / voice): checked now (one line before anything runs), played at
+        # each conversation's start, restored from a snapshot when it was played before.
+        self.voices_dir = voices_dir
+        self.snapshots = PromptSnapshots()
+        self._voices: dict[str, Voice] = {}
+        self.prompt: PersonaPrompt | None = None
+        self.prompt_seconds = 0.0  # what the last conversation start spent on the prompt
+        self.prompt_restored = False  # whether that start restored a snapshot
+        try:
+            self.prompt = self._prompt_for(settings)
+            self._start_conversation()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop the engine's model thread (the engine can still be used: it restarts on demand)."""
@@ -110,6 +127,7 @@ class ConversationEngine:
     def reset(self, settings: EngineSettings | None = None) -> None:
         """Start a fresh conversation (optionally with new sampling settings)."""
         if settings is not None and settings != self.settings:
+            self.prompt = self._prompt_for(settings)  # a bad voice or prompt: one line, the old settings stay
             self.settings = settings
             text = GREEDY if self.text_only else settings.text  # captions stay greedy (see __init__)
             self.mlx.run(
@@ -120,13 +138,51 @@ class ConversationEngine:
         self.mlx.run(self.gen.reset, s.seed, s.text_seed, s.audio_seed)
         self.mimi.reset()
         self.frames_in = 0
-        self._prime()
+        self._start_conversation()
 
     def _prime(self) -> None:
         """A text-only model: a fresh transcript, its silence prefix fed now (while no input waits)."""
+        self.transcriber = Transcriber(self.gen, self.mimi, self.tokenizer)
+        self.mlx.run(self.transcriber.prime)
+
+    def _prompt_for(self, settings: EngineSettings) -> PersonaPrompt | None:
+        """The persona prompt `settings` ask for, checked against the model (None: no prompt)."""
+        if not settings.has_prompt:
+            return None
+        voice = None
+        if settings.voice and settings.voice.strip():
+            spec = settings.voice.strip()
+            voice = self._voices.get(spec) or load_voice(spec, self.voices_dir)
+            self._voices = {spec: voice}  # the voice in use stays loaded; another one replaces it
+        encode = self.tokenizer.encode if self.tokenizer is not None else None
+        if settings.text_prompt and settings.text_prompt.strip() and encode is None:
+            raise MoshiError("--text-prompt needs the model's text tokenizer")
+        prompt = PersonaPrompt(voice, prompt_tokens(encode, settings.text_prompt) if encode else ())
+        prompt.check(self.lm.config, self.gen.window)
+        return prompt
+
+    def _start_conversation(self) -> None:
+        """Prime a text-only model; else play the persona prompt on the fresh LmGen, or restore what playing
+        it left last time."""
         if self.text_only:
-            self.transcriber = Transcriber(self.gen, self.mimi, self.tokenizer)
-            self.mlx.run(self.transcriber.prime)
+            self._prime()
+            return
+        prompt = self.prompt
+        if prompt is None:
+            return
+        start = time.perf_counter()
+        gen = self.gen
+        key = (prompt.key, gen.rows, repr(gen.condition), gen.cfg_coef)
+        snap = self.snapshots.get(key)
+        if snap is not None:
+            self.mlx.run(gen.restore, snap)
+        else:
+            encode = lambda pcm: self.mimi.encode_frame(pcm)  # noqa: E731
+            self.mlx.run(play_prompt, gen, prompt, encode)
+            self.snapshots.put(key, self.mlx.run(gen.snapshot))
+            self.mimi.reset()  # as NVIDIA: the voice's encoding leaves nothing in Mimi for the conversation
+        self.prompt_restored = snap is not None
+        self.prompt_seconds = time.perf_counter() - start
 
     def warmup(self, frames: int = 4) -> float:
         """Run a few frames of silence through everything (allocations, compiled samplers), then reset.

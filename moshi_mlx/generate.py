@@ -7,6 +7,13 @@ t - 1 - delay), with the learned start tokens (text `text_card`, audio `card`) w
 nothing yet. This is how Kyutai's MLX and Rust implementations and its training-time forward align
 the streams. A complete output frame is known `max_delay` steps after its first codebook was sampled.
 
+A persona prompt (moshi_mlx.persona) runs as *forced* steps: `submit(user, forced=frame)` decides Moshi's own
+frame (text and generated codebooks) instead of sampling it; each stream's token lands at position step + its
+delay, so with delays a prompt frame still decides a position or two after the prompt (those codebooks are then
+fed through the depformer as given). A step may also take its input as a stored embedding (`embedding=`:
+a voice preset). `begin_conversation()` marks the end of the prompt: frames count from 0 again after it, and
+`snapshot()` / `restore()` save and put back everything the prompt left (KV cache, token buffers).
+
 A conditioned model (Hibiki) adds its condition to every step's input. With classifier-free guidance
 (cfg_coef C != 1) each step runs a batch of two, the chosen condition and `very_bad`, on the same tokens, and
 samples text and every audio codebook from C * l_good - (C - 1) * l_bad, as Kyutai's PyTorch LMGen does; the
@@ -41,6 +48,23 @@ class StepOutput:
     frame: int  # index of the frame these tokens belong to (0-based)
     text_token: int
     audio_codes: np.ndarray  # [generated_codebooks] int32, each in [0, audio_card); empty for a text-only model
+
+
+@dataclass(frozen=True)
+class GenSnapshot:
+    """Everything an LmGen's prompt left behind, to start further conversations from (see LmGen.snapshot)."""
+
+    steps: int
+    kv: list[tuple[list[mx.array], list[mx.array]]]  # per layer: keys, values of the first `steps` slots
+    last_generated: mx.array | None
+    user_history: tuple[np.ndarray, ...]
+    generated_history: tuple[np.ndarray, ...]
+    forced: dict[int, tuple[np.ndarray, np.ndarray]]
+    prompt_steps: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for keys, values in self.kv for a in (*keys, *values))
 
 
 @dataclass
@@ -132,7 +156,8 @@ class LmGen:
         self._gen_delays = self._delays[: self.config.generated_codebooks]
         self._user_delays = self._delays[self.config.generated_codebooks :]
         # Learned start tokens of Moshi's own streams: text `text_card`, audio `card`.
-        self._start = mx.array([[self.config.text_out_vocab_size] + [self.config.audio_card] * self.config.generated_codebooks], dtype=mx.int32)
+        self._start_np = np.array([self.config.text_out_vocab_size] + [self.config.audio_card] * self.config.generated_codebooks, dtype=np.int32)
+        self._start = mx.array(self._start_np[None, :])
         # Text tokens the repetition penalty never counts: padding, end of padding, start.
         self._not_words = mx.array(
             [self.config.text_padding_id, self.config.end_of_text_padding_id, self.config.text_out_vocab_size]
@@ -179,7 +204,7 @@ class LmGen:
         self._text_sampler = make_text_sampler(
             text_sampling, text_controls, self.config.text_out_vocab_size, self.config.text_padding_id
         )
-        audio_sampler = make_sampler(audio_sampling, self.config.audio_card)
+        audio_sampler = self._audio_sampler = make_sampler(audio_sampling, self.config.audio_card)
         # The depformer's shapes never change, so it is traced once; fusing its small ops
         # saves launches (a few % on CPU, more where kernel launches cost more, as on GPUs).
         # The closure must not hold `self`: that cycle kept a finished LmGen (and its KV cache, up to GBs)
@@ -194,6 +219,11 @@ class LmGen:
         self.audio_seed = audio_seed if audio_seed is not None else seed
         self._text_key = self._stream_key(self.text_seed, 0)
         self._audio_key = self._stream_key(self.audio_seed, 1)
+
+    @property
+    def window(self) -> int:
+        """Steps the attention window holds (a persona prompt must fit in it)."""
+        return self._cache.capacity
 
     @property
     def rows(self) -> int:
@@ -231,6 +261,63 @@ class LmGen:
         self._user_history: deque[np.ndarray] = deque(maxlen=self.config.max_delay + 2)
         self._generated_history: deque[np.ndarray] = deque(maxlen=self.config.max_delay + 1)
         self._pending: PendingStep | None = None
+        # Prompt frames' tokens by position: (tokens [1 + generated], which of them are decided).
+        self._forced: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.prompt_steps = 0  # steps a persona prompt took; the conversation's frames count from there
+
+    def begin_conversation(self) -> None:
+        """The prompt is over: the next step is the conversation's first (its frames count from 0)."""
+        self.prompt_steps = self.step_index
+
+    def _force(self, frame: np.ndarray) -> None:
+        """Moshi's frame `step_index` is decided: each stream's token goes to position step + its delay."""
+        frame = np.asarray(frame, dtype=np.int32).reshape(-1)
+        width = 1 + self.config.generated_codebooks
+        if frame.shape[0] != width:
+            raise ValueError(f"expected a forced frame of {width} tokens (text first), got {frame.shape[0]}")
+        for s, delay in enumerate([0, *self._gen_delays]):
+            tokens, mask = self._forced.setdefault(
+                self.step_index + int(delay), (np.zeros(width, np.int32), np.zeros(width, bool))
+            )
+            tokens[s], mask[s] = frame[s], True
+
+    def snapshot(self) -> GenSnapshot:
+        """The state after the steps so far (a prompt), to `restore` later instead of replaying them."""
+        if self._pending is not None:
+            raise RuntimeError("finish the pending step before a snapshot")
+        steps = self.step_index
+        if steps > self._cache.capacity:
+            raise ValueError("the prompt no longer fits the attention window: nothing to snapshot")
+        kv = self._cache.window_slices(steps)
+        mx.eval(*[a for keys, values in kv for a in (*keys, *values)])
+        return GenSnapshot(
+            steps, kv, self._last_generated, tuple(self._user_history), tuple(self._generated_history),
+            {p: (t.copy(), m.copy()) for p, (t, m) in self._forced.items()}, self.prompt_steps,
+        )
+
+    def restore(self, snap: GenSnapshot) -> None:
+        """Back to the state of `snapshot()` (after a `reset()`: seeds and sampling stay as they are now)."""
+        if self.step_index != 0:
+            raise RuntimeError("restore a snapshot right after reset()")
+        self._cache.restore_slices(snap.kv, snap.steps)
+        self.step_index = snap.steps
+        self._last_generated = snap.last_generated
+        self._user_history.extend(snap.user_history)
+        self._generated_history.extend(snap.generated_history)
+        self._forced = {p: (t.copy(), m.copy()) for p, (t, m) in snap.forced.items()}
+        self.prompt_steps = snap.prompt_steps
+
+    def set_token_state(
+        self, last_generated: np.ndarray, user_frames: list[np.ndarray], generated: list[np.ndarray],
+        forced: dict[int, tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        """Put the token buffers as a voice preset recorded them (its KV entries come from replayed steps)."""
+        self._last_generated = mx.array(np.asarray(last_generated, np.int32)[None, :])
+        self._user_history.clear()
+        self._user_history.extend(np.asarray(f, np.int32) for f in user_frames)
+        self._generated_history.clear()
+        self._generated_history.extend(np.asarray(g, np.int32) for g in generated)
+        self._forced = {p: (np.asarray(t, np.int32).copy(), np.asarray(m, bool).copy()) for p, (t, m) in forced.items()}
 
     def _input_tokens(self, user_codes: np.ndarray) -> mx.array:
         """Position step - 1 of every stream, start tokens where a stream has no frame yet."""
@@ -250,11 +337,15 @@ class LmGen:
             generated = mx.where(mx.array(ready)[None, :], self._last_generated, self._start)
         return mx.concatenate([generated, user_in], axis=1)
 
-    def submit(self, user_codes: np.ndarray) -> PendingStep:
+    def submit(
+        self, user_codes: np.ndarray, forced: np.ndarray | None = None, embedding: mx.array | np.ndarray | None = None
+    ) -> PendingStep:
         """Queue one step on the device and return at once (mx.async_eval).
 
         The caller can do other work (e.g. decode the previous frame's audio) before
         calling `.result()`. Steps must be finished in order.
+        `forced`: Moshi's frame for this step, decided (a prompt frame: text first, then the generated codebooks).
+        `embedding`: [D] the temporal input to use instead of the tokens' embeddings (a voice preset's step).
         """
         if self._pending is not None:
             raise RuntimeError("finish the pending step (call .result()) before submitting another")
@@ -264,6 +355,14 @@ class LmGen:
         if user_codes.min() < 0 or user_codes.max() >= self.config.audio_card:
             raise ValueError(f"user codes must be in [0, {self.config.audio_card})")
         tokens = self._input_tokens(user_codes)
+        if forced is not None:
+            self._force(forced)
+        decided = self._forced.pop(self.step_index, None)
+        if decided is not None:
+            # Positions before a codebook's delay hold its start token whatever is sampled there.
+            early = np.concatenate([[False], self.step_index < self._gen_delays])
+            if (decided[1] | early).all():
+                return self._submit_decided(tokens, np.where(decided[1], decided[0], self._start_np), embedding)
         text_keys = mx.random.split(self._text_key, 2)
         audio_keys = mx.random.split(self._audio_key, 1 + self.config.generated_codebooks)
         self._text_key, self._audio_key = text_keys[0], audio_keys[0]
@@ -275,7 +374,7 @@ class LmGen:
         rows = self._rows
         if rows > 1:  # guidance: the same tokens under each row's condition
             tokens = mx.broadcast_to(tokens, (rows, tokens.shape[1]))
-        hidden, text_logits = self.model.temporal(tokens, self._cache.layers, self._cache.context(), self._condition)
+        hidden, text_logits = self._temporal(tokens, embedding)
         if rows > 1:
             text_logits = cfg_combine(text_logits, self.cfg_coef)
         text_token = self._text_sampler(text_logits, self._recent, text_keys[1])
@@ -284,9 +383,16 @@ class LmGen:
             self._recent = mx.concatenate([self._recent[:, 1:], word[:, None]], axis=1)
         if timings is not None:
             timings.lap(timings.temporal_ms, hidden, text_token, audio_keys)
+        if decided is not None and decided[1][0]:
+            text_token = mx.array(decided[0][:1])
         # A text-only model (dep_q 0) has no depformer to run: its frame carries no audio codes.
         if self.config.text_only:
             audio = mx.zeros((1, 0), mx.int32)
+        elif decided is not None:  # the few steps a prompt's last frames reach into (not traced: rare)
+            audio = self.model.depformer.sample(
+                hidden, text_token, self._audio_sampler, audio_keys[1:], cfg_coef=self.cfg_coef if rows > 1 else None,
+                forced=mx.array(decided[0][None, 1:]), forced_mask=mx.array(decided[1][None, 1:]),
+            )
         else:
             audio = self._depformer(hidden, text_token, audio_keys[1:])
         if timings is not None:
@@ -302,12 +408,37 @@ class LmGen:
         self.step_index += 1
         return self._pending
 
+    def _temporal(self, tokens: mx.array, embedding: mx.array | np.ndarray | None) -> tuple[mx.array, mx.array]:
+        if embedding is None:
+            return self.model.temporal(tokens, self._cache.layers, self._cache.context(), self._condition)
+        x = mx.array(embedding).reshape(1, 1, -1).astype(self.model.dtype)
+        x = mx.broadcast_to(x, (tokens.shape[0], 1, x.shape[-1]))
+        return self.model.temporal_embedded(x, self._cache.layers, self._cache.context(), self._condition)
+
+    def _submit_decided(
+        self, tokens: mx.array, frame: np.ndarray, embedding: mx.array | np.ndarray | None
+    ) -> PendingStep:
+        """A step whose every token is decided (a prompt frame): the temporal transformer only fills its cache.
+
+        Nothing is sampled, so the random keys and the repetition window stay as they were.
+        """
+        if self._rows > 1:
+            tokens = mx.broadcast_to(tokens, (self._rows, tokens.shape[1]))
+        hidden, _ = self._temporal(tokens, embedding)
+        generated = mx.array(frame[None, :].astype(np.int32))
+        self._cache.position += 1
+        self._last_generated = generated
+        mx.async_eval(hidden)
+        self._pending = PendingStep(self, self.step_index, generated)
+        self.step_index += 1
+        return self._pending
+
     def _finish(self, pending: PendingStep) -> StepOutput | None:
         if pending is not self._pending:
             raise RuntimeError("steps must be finished in the order they were submitted")
         self._pending = None
         self._generated_history.append(np.array(pending._tokens[0], copy=True))
-        frame = pending.step - self.config.max_delay
+        frame = pending.step - self.config.max_delay - self.prompt_steps
         if frame < 0:
             return None
         hist = self._generated_history
@@ -315,7 +446,9 @@ class LmGen:
         codes = np.array([hist[-1 - (self.config.max_delay - d)][1 + k] for k, d in enumerate(self._gen_delays)])
         return StepOutput(frame=frame, text_token=text_token, audio_codes=codes.astype(np.int32))
 
-    def step(self, user_codes: np.ndarray) -> StepOutput | None:
+    def step(
+        self, user_codes: np.ndarray, forced: np.ndarray | None = None, embedding: mx.array | np.ndarray | None = None
+    ) -> StepOutput | None:
         """Feed one frame of user codes; returns a complete Moshi frame once the delays have filled."""
-        return self.submit(user_codes).result()
+        return self.submit(user_codes, forced, embedding).result()
 

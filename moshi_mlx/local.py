@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "end-of-turn meter on the status line (--demo-stt shows it with a random stand-in); --record DIR keeps the microphone and the timed transcript (JSON: "
         f"words, VAD probabilities, ends of turn). The meter: {heads_note()}.",
     )
-    add_engine_args(p)
+    add_engine_args(p, persona=True)
     add_stt_demo_arg(p)
     g = add_audio_args(p)
     add_record_arg(g)
@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def converse(args: argparse.Namespace) -> int:
-    from .cli.flags import load_from_args, resolve_from_args, settings_from_args
+    from .cli.flags import check_persona_args, load_from_args, resolve_from_args, settings_from_args
 
     _check_demo_output(args)
+    check_persona_args(args)
     # Model files first (a missing or undownloadable file is the real problem, not the sound card), then the
     # devices: a wrong --input-device should not cost a model load.
     resolved = resolve_from_args(args)

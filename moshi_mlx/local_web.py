@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m moshi_mlx.local_web",
         description="Talk to Moshi in your browser: serves the web UI and Kyutai's WebSocket protocol locally.",
     )
-    add_engine_args(p)
+    add_engine_args(p, persona=True)  # a persona model's prompt and voice: the defaults of every connection
     add_stt_demo_arg(p)
     g = p.add_argument_group("web server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .cli.flags import load_from_args, settings_from_args
+    from .cli.flags import check_persona_args, load_from_args, settings_from_args
 
     server: ChatServer | None = None
     try:
+        check_persona_args(args)  # a prompt file or voice path that cannot be read: one line, nothing loaded
         web_dir = find_web_dir(args.web_dir)  # fail before the (slow) model load
         ssl_ctx, announce = ssl_setup(args.ssl, args.host)
         check_port_free(args.host, args.port)

@@ -4,7 +4,8 @@
   ``$XDG_CONFIG_HOME/moshi_mlx`` (default ``~/.config/moshi_mlx``); ``$MOSHI_MLX_CONFIG_DIR`` overrides.
 * cache (the demo's stand-in Mimi and tokenizer, remade when missing): ``~/Library/Caches/moshi_mlx`` on
   macOS, else ``$XDG_CACHE_HOME/moshi_mlx`` (default ``~/.cache/moshi_mlx``); the demo's folder is its
-  ``demo/``, or ``$MOSHI_MLX_DEMO_DIR``.
+  ``demo/``, or ``$MOSHI_MLX_DEMO_DIR``; a model's voice presets unpacked from its archive: its ``voices/``, or
+  ``$MOSHI_MLX_VOICE_CACHE``.
 
 Nothing is created here; the users of a folder make it when they write.
 """
@@ -15,11 +16,12 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["CONFIG_ENV", "DEMO_ENV", "config_dir", "demo_dir"]
+__all__ = ["CONFIG_ENV", "DEMO_ENV", "VOICE_CACHE_ENV", "config_dir", "demo_dir", "voices_cache_dir"]
 
-#: Overrides of the two folders (tests use them).
+#: Overrides of the folders (tests use them).
 CONFIG_ENV = "MOSHI_MLX_CONFIG_DIR"
 DEMO_ENV = "MOSHI_MLX_DEMO_DIR"
+VOICE_CACHE_ENV = "MOSHI_MLX_VOICE_CACHE"
 APP = "moshi_mlx"
 
 #: kind -> (macOS folder under ~/Library, XDG variable, its default)
@@ -46,3 +48,9 @@ def demo_dir() -> Path:
     """Where the demo's stand-in files are cached."""
     env = os.environ.get(DEMO_ENV)
     return Path(env).expanduser() if env else _user_dir("cache") / "demo"
+
+
+def voices_cache_dir() -> Path:
+    """Where a model's voice presets archive is unpacked (one folder per archive)."""
+    env = os.environ.get(VOICE_CACHE_ENV)
+    return Path(env).expanduser() if env else _user_dir("cache") / "voices"

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write Moshi's text pieces with timestamps as JSON (default: print the text to stdout); with a "
         "speech-to-text model (kyutai/stt-*) the timed words as .json, .txt or .srt (default: word lines on stdout)",
     )
-    add_engine_args(p)
+    add_engine_args(p, persona=True)
     return p
 
 
@@ -118,10 +118,11 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
-    from .cli.flags import load_from_args, settings_from_args
+    from .cli.flags import check_persona_args, load_from_args, settings_from_args
 
     # Open the input and check the outputs before paying for a model load.
     AudioReader(args.input).close()
+    check_persona_args(args)
     if args.output is not None:
         output_format(args.output)
     check_outputs(inputs=[args.input], outputs=[args.output, args.transcript])

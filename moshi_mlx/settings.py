@@ -273,6 +273,14 @@ class EngineSettings:
     context: int | None = None  # LM attention window; None = the checkpoint's
     cfg_coef: float = 1.0  # classifier-free guidance (a conditioned model only); 1 = off
     condition: str | None = None  # a conditioned model's condition; None = the model's default
+    # A persona model's system prompt (moshi_mlx.persona), played at each conversation's start: the role text
+    # (wrapped in <system> tags) and a voice (a preset NAME in the voices folder, or a PATH to audio / a preset).
+    text_prompt: str | None = None
+    voice: str | None = None
+
+    @property
+    def has_prompt(self) -> bool:
+        return bool(self.text_prompt and self.text_prompt.strip()) or bool(self.voice and self.voice.strip())
 
     def __post_init__(self) -> None:
         for name in ("seed", "text_seed", "audio_seed"):

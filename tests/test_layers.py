@@ -31,19 +31,20 @@ LAYERS: list[set[str]] = [
     {"errors"},  # the error base every layer raises
     # facts: the knobs, the audio format, the model's configuration, RSS readings, the user's folders
     {"settings", "memory", "places", "audio.frames", "audio.silence", "models.config", "models.cache",
-     "model_files.source", "codec.config"},
+     "model_files.source", "model_files.personaplex", "codec.config"},
     # single-job libraries
     {"sampling", "conditioning", "mlx_thread", "outputs", "tokenizer", "models.transformer", "audio.device_choice",
      "audio.echo",
-     "audio.files", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "net.asr_protocol", "model_files.hub",
+     "audio.files", "audio.loudness", "audio.wav_stream", "audio.mimi_pool", "net.tls", "net.protocol", "net.opus", "net.asr_protocol", "model_files.hub",
      "model_files.budget", "server.info", "models.pytorch", "models.conditioners", "codec.conv", "codec.transformer",
      "codec.quantizer"},
-    {"models.lm", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
+    {"models.lm", "voices", "audio.devices", "audio.mimi", "audio.recording", "net.failures", "server.security",
      "server.startup", "models.pytorch_config", "model_files.depformer_steps",
-     "model_files.pytorch_weights", "codec.seanet"},
+     "codec.seanet"},
+    {"model_files.pytorch_weights"},  # keeps the model's depformer steps of a longer one (PersonaPlex)
     {"generate", "model_files.checkpoint", "net.address", "codec.network"},
-    {"transcribe"},  # timed words from an STT model: the engine's live captions use it
-    {"engine", "clips", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
+    {"transcribe", "persona", "voice_presets"},  # timed words from an STT model; a persona's system prompt; its voice presets converted once
+    {"engine", "clips", "model_files.stand_ins", "model_files.voice_archive", "model_files.lora", "net.remote", "audio.mlx_mimi"},
     {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
     {"model_files.assets", "model_files.convert", "server.session", "server.asr", "captions"},  # load(): the one front door; one client around the engine
     {"server.app", "caption_recording"},
@@ -140,7 +141,7 @@ def test_hub_only_finds_files():
     Besides the errors it may import `source`: the model-choosing flags (`ModelSource`, `FLAGS`) it finds
     files for, a plain value that itself imports nothing of the package.
     """
-    assert imports_of(PACKAGE / "model_files" / "hub.py") <= {"errors", "model_files.source"}
+    assert imports_of(PACKAGE / "model_files" / "hub.py") <= {"errors", "model_files.source", "model_files.personaplex"}
     assert imports_of(PACKAGE / "model_files" / "source.py") == set()
 
 

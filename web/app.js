@@ -53,11 +53,13 @@ const ui = {
   saveNote: $("save-note"),
   form: $("settings"),
   conditioning: $("conditioning"),
+  persona: $("persona"),
   resetSettings: $("reset-settings"),
 };
-// Query parameters: the settings form's inputs, named as Kyutai's client sends them. Their limits,
-// kinds and help come from the server's knob table (/api/info), the one its own checks use.
-const PARAMS = Array.from(ui.form.querySelectorAll("input[name], select[name]"), (input) => input.name);
+// Query parameters: the settings form's fields, named as Kyutai's client sends them (the persona card's
+// prompt and voice belong to the form too, by their form attribute, named as NVIDIA's client sends them).
+// Their limits, kinds and help come from the server's knob table (/api/info), the one its own checks use.
+const PARAMS = Array.from(ui.form.elements, (input) => input.name).filter(Boolean);
 for (const name of PARAMS) if (ui.form.elements[name].type === "number") ui.form.elements[name].step = "any"; // until the server says which are whole
 const knobs = {}; // name -> the server's knob (low, high, open_low, kind, default, help)
 
@@ -595,7 +597,8 @@ class Session {
       message = BUSY_TEXT;
       stats.serverBusy = true;
     } else if (this.serverError) {
-      message = `The server ended the conversation: ${this.serverError}`;
+      // before the handshake: the server refused this connection's settings (a bad voice, a too long prompt)
+      message = wasLive ? `The server ended the conversation: ${this.serverError}` : `The server refused: ${this.serverError}`;
     } else if (!wasLive) {
       message = serverDownText();
     } else if (e.code === 1001) {
@@ -876,6 +879,19 @@ function applyConditioning(conditioning) {
   select.replaceChildren(...options);
   select.value = conditioning.values.includes(chosen) ? chosen : "";
 }
+// Role prompt and voice exist only for a persona model: the card shows only then, its voices the server's.
+function applyPersona(persona) {
+  ui.persona.hidden = !persona;
+  if (!persona) return;
+  const select = ui.form.elements.voice_prompt;
+  const chosen = select.value || savedSetting("voice_prompt");
+  const label = persona.voice ? `server default (${persona.voice})` : "server default";
+  const options = [new Option(label, "")];
+  for (const voice of persona.voices) options.push(new Option(voice, voice));
+  select.replaceChildren(...options);
+  select.value = persona.voices.includes(chosen) ? chosen : "";
+  if (persona.text_prompt) ui.form.elements.text_prompt.placeholder = persona.text_prompt;
+}
 async function pollInfo() {
   if (session) return; // our own conversation: the server is ours
   const info = await fetchInfo();
@@ -910,6 +926,7 @@ async function init() {
   if (info) {
     applyKnobs(info.knobs);
     applyConditioning(info.conditioning);
+    applyPersona(info.persona);
     showDefaults(info.defaults);
   }
   if (flag("autoconnect", false) && !ui.connect.disabled) connect();

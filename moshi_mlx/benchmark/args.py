@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples: -q 4 | --moshi-weights model.q8.safetensors | --config small -q 4 | --config tiny "
         "--dtype float32 | --long",
     )
-    add_engine_args(p)  # -q, --hf-repo, --moshi-weights, ..., --demo, --dtype, sampling, --seed: as the app
+    add_engine_args(p, persona=True)  # -q, --hf-repo, --moshi-weights, ..., --demo, --dtype, sampling, --seed: as the app
     g = p.add_argument_group("random weights (nothing downloaded; precision from -q and --dtype)")
     g.add_argument("--config", choices=sorted(RANDOM_CONFIGS),
                    help="random weights in the published layout of this config (hibiki-*: conditioned, so the step is "

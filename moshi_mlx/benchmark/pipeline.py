@@ -158,3 +158,32 @@ def time_runner(
         return result
     span = out_times[done - 1] - (out_times[first - 1] if first > 0 else start)
     return replace(result, ms_per_frame=round(span * 1e3 / (done - first), 3))
+
+
+@dataclass(frozen=True)
+class PromptTimes:
+    """A persona model's system prompt at a conversation's start: played (cold) vs restored (warm)."""
+
+    steps: int  # LmGen steps the prompt takes
+    cold_ms: float  # median: voice (Mimi-encoded if a recording), silences, role text, silences
+    warm_ms: float  # median: the snapshot of the same prompt put back
+    snapshot_mb: float  # one snapshot (KV entries of the prompt's steps and the token buffers)
+    runs: int
+
+
+def time_prompt(engine: ConversationEngine, runs: int = 3) -> PromptTimes:
+    """Start `runs` conversations with the snapshots dropped (cold), and `runs` from the snapshot (warm)."""
+    if engine.prompt is None:
+        raise ValueError("the engine has no persona prompt to time")
+    cold, warm = [], []
+    for _ in range(runs):
+        engine.snapshots.clear()
+        engine.reset()
+        cold.append(engine.prompt_seconds * 1e3)
+        engine.reset()
+        assert engine.prompt_restored
+        warm.append(engine.prompt_seconds * 1e3)
+    return PromptTimes(
+        steps=engine.prompt.steps(), cold_ms=round(float(np.median(cold)), 3), warm_ms=round(float(np.median(warm)), 3),
+        snapshot_mb=round(engine.snapshots.nbytes / 2**20, 3), runs=runs,
+    )

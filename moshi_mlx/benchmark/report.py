@@ -79,6 +79,11 @@ def format_table(res: BenchResult) -> str:
     if g is not None:
         lines.append(_row("LM step, CFG off (cfg_coef 1: one row)", g.off))
         lines.append(_row(f"LM step, CFG on (cfg_coef {g.coef:g}: two rows, x{g.cost:.2f})", g.on))
+    pt = res.prompt
+    if pt is not None:
+        lines.append(f"{f'persona prompt ({pt.steps} steps), played (cold)':<46} {pt.cold_ms:8.1f}  ms, median of {pt.runs}")
+        lines.append(f"{'persona prompt, restored from its snapshot':<46} {pt.warm_ms:8.1f}  ms; snapshot "
+                     f"{pt.snapshot_mb:.1f} MB")
     if res.mimi is not None:
         lines.append(_row("Mimi encode", res.mimi.encode))
         lines.append(_row("Mimi decode", res.mimi.decode))

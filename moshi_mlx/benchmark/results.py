@@ -10,7 +10,7 @@ from .loaded import LoadTimes, ModelInfo
 from .long import LongRun
 from .machine import Machine
 from .measure import PhaseMemory
-from .pipeline import MimiTimes, RunnerResult, Sequential
+from .pipeline import MimiTimes, PromptTimes, RunnerResult, Sequential
 from .steps import GuidanceTimes, LmTimes
 
 SCHEMA = "moshi_mlx.benchmark/2"
@@ -89,6 +89,7 @@ class BenchResult:
     mimi: MimiTimes | None = None
     pipeline: Pipeline | None = None
     long: LongRun | None = None
+    prompt: PromptTimes | None = None  # a persona prompt (--text-prompt / --voice): played vs restored
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:

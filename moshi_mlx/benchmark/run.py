@@ -22,7 +22,7 @@ from .loaded import PRECISIONS, Loaded, load_model, scratch_dir
 from .long import LongRun, long_session
 from .machine import Machine, machine_info
 from .measure import MemoryProbe, PhaseMemory, gb
-from .pipeline import time_mimi, time_runner, time_sequential
+from .pipeline import time_mimi, time_prompt, time_runner, time_sequential
 from .report import format_table, verdict
 from .results import BenchResult, Memory, Pipeline, Settings
 from .steps import (
@@ -76,6 +76,14 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
     lm = time_lm(assets.lm, args.steps, args.warmup, position, args.seed, kv, not args.no_split, progress,
                  probe.sample, sampling.text, sampling.audio, window, sampling.condition, sampling.cfg_coef)
     out: dict[str, Any] = {"lm": lm, "lm_memory": probe.result()}
+    if sampling.has_prompt:  # a persona prompt: what a conversation's start costs, played and restored
+        engine = ConversationEngine(assets.lm, assets.mimi, assets.tokenizer, engine_settings(sampling, kv, window),
+                                    voices_dir=assets.voices_dir)
+        try:
+            out["prompt"] = time_prompt(engine)
+        finally:
+            engine.close()
+        sampling = replace(sampling, text_prompt=None, voice=None)  # the pipeline is timed without one
     if assets.lm.config.is_conditioned:  # a conditioned model: what guidance costs per step
         out["guidance"] = time_guidance(assets.lm, args.steps, args.warmup, position, args.seed, kv, progress,
                                         sampling.text, sampling.audio, window, sampling.condition, sampling.cfg_coef)
@@ -190,6 +198,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
         mimi=out.get("mimi"),
         pipeline=out.get("pipeline"),
         long=out.get("long"),
+        prompt=out.get("prompt"),
     )
 
 

@@ -1,4 +1,5 @@
-"""The flag groups every command shares, each defined once: model files, sampling, memory, codec, lag, verbosity.
+"""The flag groups every command shares, each defined once: model files, sampling, memory, codec, lag, verbosity,
+a persona model's system prompt.
 
 A bad value is one usage line (exit 2) before anything loads: the argparse types below check bounds.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 from ..audio.codec_choice import CODECS, CodecChoice
@@ -18,7 +21,9 @@ from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME
 from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
 from ..models.config import LmConfig
+from ..errors import UsageError
 from ..settings import KNOBS, LM_GEN_KNOBS, EngineSettings, Knob
+from ..voices import load_voice, looks_like_path
 from .progress import Progress
 from .shell import say
 
@@ -121,8 +126,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Model, sampling and demo flags shared by every entry point."""
+def add_engine_args(parser: argparse.ArgumentParser, persona: bool = False) -> None:
+    """Model, sampling and demo flags shared by every entry point (`persona`: the system prompt's too)."""
     add_model_args(parser)
     parser.add_argument("--demo", action="store_true", help="tiny random model + random Mimi: no download (babble)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="compute dtype for unquantized weights")
@@ -130,6 +135,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     add_verbose_arg(parser)
     add_memory_args(parser)
     add_codec_args(parser)
+    if persona:
+        add_persona_args(parser)
 
 
 def add_stt_demo_arg(parser: argparse.ArgumentParser) -> None:
@@ -183,9 +190,68 @@ def given_knobs(args: argparse.Namespace) -> dict[str, object]:
     return {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
 
 
+def add_persona_args(parser: argparse.ArgumentParser, remote: bool = False) -> None:
+    """A persona model's system prompt (NVIDIA's PersonaPlex): the role text and the voice. `remote` (the
+    client): the server's model takes them, so the voice is a name the server lists and there is no folder."""
+    g = parser.add_argument_group("persona (a PersonaPlex model)")
+    text = g.add_mutually_exclusive_group()
+    text.add_argument("--text-prompt", default=None, metavar="TEXT",
+                      help="the role: who Moshi is and how it talks (wrapped in <system> tags)")
+    text.add_argument("--text-prompt-file", default=None, metavar="PATH", help="the role text, read from a file")
+    if remote:
+        g.add_argument("--voice", default=None, metavar="NAME",
+                       help="one of the server's voice presets (its /api/info lists them; sent as voice_prompt)")
+        return
+    g.add_argument("--voice", default=None, metavar="NAME|PATH",
+                   help="a voice preset's name (see --voices-dir), a recording (.wav, .flac...) or a converted preset "
+                   "(.safetensors from `python -m moshi_mlx.convert --voices`)")
+    g.add_argument("--voices-dir", default=None, metavar="DIR", help="folder of voice presets (NAME.safetensors)")
+
+
+def persona_from_args(args: argparse.Namespace) -> dict[str, str | None]:
+    """`text_prompt` and `voice` for EngineSettings from the persona flags (a file read here: one line if not)."""
+    text = getattr(args, "text_prompt", None)
+    path = getattr(args, "text_prompt_file", None)
+    if path is not None:
+        try:
+            text = Path(path).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--text-prompt-file {path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        if not text.strip():
+            raise UsageError(f"--text-prompt-file {path}: the file is empty")
+    voice = getattr(args, "voice", None)
+    if voice is not None and not voice.strip():
+        raise UsageError("--voice: empty name")
+    return {"text_prompt": text, "voice": voice}
+
+
+def check_persona_args(args: argparse.Namespace) -> None:
+    """The persona flags checked before anything loads: the prompt file read, --voices-dir a folder, a voice
+    given by path (or by name beside --voices-dir) readable. A name that only the model's presets can answer
+    is checked once the model is known."""
+    persona = persona_from_args(args)
+    folder = voices_dir_from_args(args)
+    spec = persona["voice"]
+    if spec is not None and (folder is not None or looks_like_path(spec.strip())):
+        load_voice(spec, folder)
+
+
+def voices_dir_from_args(args: argparse.Namespace) -> Path | None:
+    """--voices-dir checked (a folder), or None."""
+    folder = getattr(args, "voices_dir", None)
+    if folder is None:
+        return None
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--voices-dir {folder}: no such folder")
+    return path
+
+
 def settings_from_args(args: argparse.Namespace, config: LmConfig | None = None) -> EngineSettings:
     """The engine's settings: the table's defaults, then the model's `lm_gen_config`, then the flags given."""
-    return model_settings(config, given_knobs(args), kv_bits=getattr(args, "kv_bits", None))
+    settings = model_settings(config, given_knobs(args), kv_bits=getattr(args, "kv_bits", None))
+    persona = persona_from_args(args)
+    return replace(settings, **persona) if any(persona.values()) else settings
 
 
 def resolve_from_args(args: argparse.Namespace) -> ResolvedModel | None:
@@ -216,4 +282,7 @@ def load_from_args(
     assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log, progress=progress,
                   resolved=resolved, check=check, codec=CodecChoice.from_args(args))
     assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
+    folder = voices_dir_from_args(args)
+    if folder is not None:
+        assets.voices_dir = folder
     return assets

@@ -26,6 +26,8 @@ from .budget import (
 from .checkpoint import DTYPES, ResolvedModel, WeightsError, load_lm, resolve_model
 from .source import ModelSource
 from .stand_ins import demo_assets, demo_lm
+from ..voices import list_voices
+from .voice_archive import ready_voices
 
 __all__ = ["DEMO_BANNER", "Assets", "load", "say"]
 _log = logging.getLogger("moshi_mlx")
@@ -48,12 +50,13 @@ class Assets:
     load_seconds: float
     lm_file: str = ""  # where the LM weights came from (reported to web clients)
     memory: MemoryPlan | None = None  # what the memory budget chose (see moshi_mlx/budget.py)
+    voices_dir: Path | None = None  # a persona model's voice presets (NAME.safetensors; PersonaPlex's voices.tgz unpacked)
 
     def engine(self, settings: EngineSettings = EngineSettings()) -> ConversationEngine:
         plan = self.memory
         if plan is not None and settings.context is None and settings.kv_bits in (None, plan.kv_bits):
             settings = replace(settings, kv_bits=plan.kv_bits, context=plan.context)
-        return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings)
+        return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings, voices_dir=self.voices_dir)
 
     def plan_memory(
         self, max_memory_gb: float | None = None, kv_bits: int | None = None, log: Callable[[str], None] | None = None
@@ -140,4 +143,11 @@ def load(
             f"text tokenizer {files.tokenizer} has {tok.vocab_size} pieces but the model emits {config.text_out_vocab_size}"
         )
     label = files.repo or str(Path(files.moshi).parent)
-    return Assets(lm, mimi, tok, label, False, time.perf_counter() - start, lm_file=str(files.moshi))
+    voices_dir = None
+    if files.voices is not None:
+        voices_dir = ready_voices(files.voices, log)
+        log(f"voice presets of {files.voices} in {voices_dir}: {', '.join(list_voices(voices_dir)) or 'none'}")
+    elif files.voices_note:
+        log(files.voices_note)
+    return Assets(lm, mimi, tok, label, False, time.perf_counter() - start, lm_file=str(files.moshi),
+                  voices_dir=voices_dir)

@@ -32,6 +32,7 @@ from .hub import (
     quantizes_at_load,
     read_local_config,
 )
+from . import personaplex
 from .source import FLAGS, ModelSource
 
 
@@ -262,7 +263,8 @@ def _load_pytorch(info: CheckpointInfo, config: LmConfig, dtype: mx.Dtype | None
     schedule = config.depformer_weights_per_step_schedule
     weights = pytorch_weights(info.path, {k: v.shape for k, v in info.tensors.items()},
                               {k: v.dtype for k, v in info.tensors.items()},
-                              list(schedule) if schedule else None, f"{info.path} (PyTorch layout)")
+                              list(schedule) if schedule else None, f"{info.path} (PyTorch layout)",
+                              steps=config.generated_codebooks)
     quantization = Quantization(bits, GROUP_SIZE_FOR_BITS[bits]) if bits is not None else None
     own = SAFETENSORS_DTYPES.get(info.tensors["text_emb.weight"].dtype, mx.bfloat16)  # the file's precision
     model = build_model(config, None, dtype or (default_dtype(quantization) if quantization else own))
@@ -445,6 +447,9 @@ def resolve_model(source: ModelSource, progress: bool = True) -> ResolvedModel:
     known = KNOWN_REPOS.get(files.repo or "")
     if known is not None and config.model_type != known.model_type and "model_type" not in (files.lm_config or {}):
         config = replace(config, model_type=known.model_type)  # what the repo is, where its config.json is silent
+    elif (known is None and checkpoint.layout == "pytorch" and "model_type" not in (files.lm_config or {})
+          and personaplex.predicts_both_streams(checkpoint.tensors, config.generated_codebooks, config.audio_codebooks)):
+        config = replace(config, model_type=personaplex.MODEL_TYPE)  # local PersonaPlex weights, no config
     for kind, (given, check) in checks.items():
         if given is None:
             check(getattr(files, kind), files.origins[kind])

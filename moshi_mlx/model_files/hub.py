@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import MoshiError, first_line
+from . import personaplex
 from .source import FILE_FIELDS, FLAGS, ModelSource
 
 DEFAULT_REPOS: dict[int | None, str] = {
@@ -42,6 +43,8 @@ class KnownRepo:
 
     model_type: str  # Kyutai's model_type: "hibiki" for the translation models
     bf16_only: bool  # no q4/q8 file: -q 4/8 quantizes the bf16 checkpoint at load time
+    reads_config: bool = True  # False: the repo's config.json is not an LM config (the LM's is known here)
+    voices: str | None = None  # an archive of voice presets in the repo (PersonaPlex's voices.tgz)
 
 
 #: Kyutai's Hibiki (French -> English speech translation) repos, published in bf16 only. Their config.json names
@@ -51,6 +54,8 @@ class KnownRepo:
 KNOWN_REPOS: dict[str, KnownRepo] = {
     "kyutai/hibiki-1b-mlx-bf16": KnownRepo("hibiki", bf16_only=True),
     "kyutai/hibiki-2b-mlx-bf16": KnownRepo("hibiki", bf16_only=True),
+    # Moshi 7B's LM config and file names; PyTorch layout with 16 depformer steps (see personaplex.py)
+    personaplex.REPO: KnownRepo(personaplex.MODEL_TYPE, bf16_only=True, reads_config=False, voices=personaplex.VOICES_ARCHIVE),
 }
 
 
@@ -93,6 +98,8 @@ class ModelFiles:
     lm_config: dict | None
     repo: str | None
     origins: dict[str, str]  # kind -> how to name the file in messages ("--mimi-weights X", "repo/name")
+    voices: Path | None = None  # the repo's voice presets archive (PersonaPlex), when it has one
+    voices_note: str | None = None  # why a repo that has presets gave none (one line, said at load)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,10 +255,8 @@ class _Repo:
                 f"{self.repo_id}: revision {self.revision!r} not found on the hub (check --revision)"
             ) from None
         if isinstance(e, hf_utils.GatedRepoError):
-            raise HubError(
-                f"{self.repo_id}: gated repo; accept its terms on the hub and log in (`hf auth login`), "
-                f"or pass the files locally"
-            ) from None
+            how = personaplex.GATED_HINT.format(repo=self.repo_id)
+            raise HubError(f"{self.repo_id}: gated repo: {how}; or pass the files locally") from None
         if isinstance(e, hf_utils.RepositoryNotFoundError):
             raise HubError(
                 f"{self.repo_id}: repository not found on {self.endpoint} (check --hf-repo; private repos need a login)"
@@ -456,7 +461,9 @@ def find_model_files(
         files = repo.list_files()
 
         repo_config: dict = {}
-        if files is not None and CONFIG_NAME in files:
+        known = KNOWN_REPOS.get(repo_id)
+        reads_config = known is None or known.reads_config
+        if reads_config and files is not None and CONFIG_NAME in files:
             repo_config = read_local_config(repo.download(CONFIG_NAME, "lm_config"), origin=f"{repo.label}/{CONFIG_NAME}")
         if config is None and repo_config:
             config = repo_config
@@ -483,8 +490,26 @@ def find_model_files(
         for kind, name in needed.items():
             local[kind] = repo.download(name, kind)
             origins[kind] = f"{repo.label}/{name}"
+        voices, voices_note = _voices_archive(repo, files, known)
 
-    return ModelFiles(local["moshi"], local["mimi"], local["tokenizer"], config, repo_id, origins)
+    return ModelFiles(local["moshi"], local["mimi"], local["tokenizer"], config, repo_id, origins, voices, voices_note)
+
+
+def _voices_archive(repo: _Repo, files: set[str] | None, known: KnownRepo | None) -> tuple[Path | None, str | None]:
+    """The repo's voice presets archive, or None and why: a model without its presets still runs (with a WAV
+    voice or none), so a missing archive is said once at load, not fatal."""
+    if known is None or known.voices is None:
+        return None, None
+    name = known.voices
+    if repo.offline_reason is not None:
+        files = repo._cached_files({name})
+    if files is None or name not in files:
+        why = repo.offline_reason or "the repo does not list it"
+        return None, f"{repo.label}/{name} not available ({why}): no preset voices; --voice takes a WAV file"
+    try:
+        return repo.download(name, "moshi"), None
+    except HubError as e:
+        return None, f"no preset voices: {e}"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from ..errors import MoshiError
 from ..models.pytorch import ConvertError, plan_conversion
+from .depformer_steps import keep_steps
 
 #: Source dtypes a float checkpoint may hold.
 FLOAT_CODES = ("BF16", "F16", "F32")
@@ -20,12 +21,18 @@ FLOAT_CODES = ("BF16", "F16", "F32")
 
 def pytorch_weights(
     path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
-    schedule: list[int] | None = None, where: str | None = None,
+    schedule: list[int] | None = None, where: str | None = None, steps: int | None = None,
 ) -> dict[str, mx.array]:
-    """Our name -> tensor for every tensor of the PyTorch checkpoint at `path` (its header's `shapes`/`dtypes`)."""
+    """Our name -> tensor for every tensor of the PyTorch checkpoint at `path` (its header's `shapes`/`dtypes`).
+
+    `steps`: the depformer steps the model runs; a checkpoint with more (PersonaPlex: 16, of which a
+    conversation uses 8) gives only its first `steps`, as `convert --max-out-n-q` would.
+    """
     where = where or str(path)
     try:
         plan = plan_conversion(shapes, schedule)
+        if steps is not None and 0 < steps < plan.dims.dep_q:
+            plan = keep_steps(plan, steps)
     except ConvertError as e:
         raise MoshiError(f"{where}: {e}") from None
     for piece in plan.pieces:

@@ -42,7 +42,8 @@ from .checkpoint import (
     read_tensor_infos,
     save_lm,
 )
-from .hub import MIMI_NAME, MOSHI_NAMES
+from .hub import MIMI_NAME, MOSHI_NAMES, TOKENIZER_NAME
+from .personaplex import MODEL_TYPE, PRESETS, VOICES_ARCHIVE, VOICES_FOLDER, LayoutDims, layout
 
 __all__ = [
     "MIMI_CONFIG",
@@ -505,3 +506,92 @@ def cache_stand_in_repo(cache_dir: str | os.PathLike, repo_id: str, folder: str 
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return snapshot
+
+
+# --------------------------------------------------------------------------------------------------
+# PersonaPlex: a stand-in repo in NVIDIA's layout (PyTorch names, 16 depformer steps, voices.tgz)
+# --------------------------------------------------------------------------------------------------
+
+#: PersonaPlex's layout at config_tiny()'s sizes: the stand-in's LM config is config_tiny() (dep_q 8), the
+#: checkpoint holds 16 steps as NVIDIA's does, and loading keeps the first 8.
+TINY_PERSONAPLEX = LayoutDims(dim=256, num_layers=4, hidden=704, dep_dim=256, dep_layers=2, dep_hidden=704)
+#: The stand-in's own LM config file (the real repo's is Moshi 7B's, known in code, not read from the repo).
+STAND_IN_LM_CONFIG = "lm-config.json"
+
+
+def write_random_pytorch(path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> Path:
+    """Random bfloat16 tensors with exactly `shapes` (PyTorch names), as one safetensors file."""
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    arrays = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        if name.endswith(".alpha"):  # RMS norm gains near 1, as trained ones are
+            arrays[name] = mx.ones(shape, dtype=mx.bfloat16)
+        else:
+            arrays[name] = (0.05 * mx.random.normal(shape, key=keys[i])).astype(mx.bfloat16)
+    with atomic_output(path, suffix=".safetensors") as tmp:  # MLX adds the suffix to any other name
+        mx.save_safetensors(str(tmp), arrays)
+    return Path(path)
+
+
+def write_voices_archive(path: str | os.PathLike, files: list[Path]) -> Path:
+    """A `voices.tgz` as NVIDIA's: the files under a `voices/` folder."""
+    import tarfile
+
+    with atomic_output(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=f"{VOICES_FOLDER}/{f.name}")
+    return Path(path)
+
+
+def write_random_voice_presets(folder: str | os.PathLike, config: LmConfig, names: tuple[str, ...] = PRESETS,
+                               seed: int = 0, frames: int = 4) -> list[Path]:
+    """Random converted presets (NAME.safetensors: `frames` embeddings of the model's width and a token ring of
+    its streams) in the layout `convert --voices` writes, so preset voices run with no torch here."""
+    from safetensors.numpy import save_file
+
+    from ..voices import CACHE_KEY, EMBEDDINGS_KEY, PRESET_SUFFIX
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ring = config.max_delay + 3  # the ring NVIDIA's presets store (see persona.PersonaPrompt.check)
+    out = []
+    for name in names:
+        cache = rng.integers(0, config.audio_card - 1, size=(1 + config.audio_codebooks, ring), dtype=np.int32)
+        cache[0] = rng.integers(0, config.text_out_vocab_size, size=ring, dtype=np.int32)  # the text stream
+        arrays = {EMBEDDINGS_KEY: (0.02 * rng.standard_normal((frames, config.transformer.d_model))).astype(np.float32),
+                  CACHE_KEY: cache}
+        path = folder / f"{name}{PRESET_SUFFIX}"
+        save_file(arrays, str(path))
+        out.append(path)
+    return out
+
+
+def write_personaplex_stand_in(folder: str | os.PathLike, seed: int = 0, dims: LayoutDims = TINY_PERSONAPLEX,
+                               mimi_source: str | os.PathLike | None = None,
+                               tokenizer_source: str | os.PathLike | None = None) -> Path:
+    """A folder shaped as nvidia/personaplex-7b-v1: model.safetensors (random, PersonaPlex's layout at `dims`),
+    Mimi, tokenizer and voices.tgz under the repo's names, plus `lm-config.json` (config_tiny) to load it with.
+
+    The archive holds random presets already converted (NAME.safetensors): NVIDIA's are torch files, which only
+    torch writes. `mimi_source` / `tokenizer_source`: existing stand-ins to link (the demo's) instead of new ones.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_random_pytorch(folder / MOSHI_NAMES[None], layout(dims), seed)
+    for source, name, make in ((mimi_source, MIMI_NAME, lambda p: write_random_mimi(p, seed)),
+                               (tokenizer_source, TOKENIZER_NAME, write_stand_in_tokenizer)):
+        target = folder / name
+        if source is None:
+            make(target)
+        elif not target.exists():
+            try:
+                os.link(source, target)
+            except OSError:
+                target.write_bytes(Path(source).read_bytes())
+    config = config_tiny()
+    with tempfile.TemporaryDirectory() as tmp:
+        presets = write_random_voice_presets(tmp, config, seed=seed)
+        write_voices_archive(folder / VOICES_ARCHIVE, presets)
+    (folder / STAND_IN_LM_CONFIG).write_text(json.dumps({**config.to_dict(), "model_type": MODEL_TYPE}))
+    return folder

@@ -178,6 +178,30 @@ class TemporalCache:
     def context(self) -> StepContext:
         return StepContext.for_position(self.position, self.capacity)
 
+    def window_slices(self, length: int) -> list[tuple[list[mx.array], list[mx.array]]]:
+        """Copies of each layer's first `length` slots (keys, values), e.g. a prompt's, to put back later.
+
+        Copies, not slices: a slice shares the whole window's buffer, which would keep every window ever
+        snapshotted alive (and make the next step's in-place update copy the window).
+        """
+        return [
+            ([mx.contiguous(a[:, :, :length]) for a in _flat(layer.keys)],
+             [mx.contiguous(a[:, :, :length]) for a in _flat(layer.values)])
+            for layer in self.layers
+        ]
+
+    def restore_slices(self, slices: list[tuple[list[mx.array], list[mx.array]]], length: int) -> None:
+        """Write `window_slices` back into slots 0..length-1 and continue from position `length`."""
+        at = mx.array([0], dtype=mx.int32)
+        for layer, (keys, values) in zip(self.layers, slices):
+            new_k = [mx.slice_update(a, k, at, axes=(2,)) for a, k in zip(_flat(layer.keys), keys)]
+            new_v = [mx.slice_update(a, v, at, axes=(2,)) for a, v in zip(_flat(layer.values), values)]
+            quantized = isinstance(layer.keys, tuple)
+            layer.keys = tuple(new_k) if quantized else new_k[0]
+            layer.values = tuple(new_v) if quantized else new_v[0]
+        mx.eval(self.state)
+        self.position = length
+
     @property
     def state(self) -> list[mx.array]:
         return [a for layer in self.layers for a in _flat(layer.keys) + _flat(layer.values)]

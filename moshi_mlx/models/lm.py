@@ -112,7 +112,8 @@ class Depformer(nn.Module):
         return StepContext(position=index, slot=index[None], mask=mx.ones((1, 1, 1, k + 1), dtype=mx.bool_))
 
     def sample(
-        self, hidden: mx.array, text_token: mx.array, sampler: Sampler, keys: mx.array, cfg_coef: float | None = None
+        self, hidden: mx.array, text_token: mx.array, sampler: Sampler, keys: mx.array, cfg_coef: float | None = None,
+        forced: mx.array | None = None, forced_mask: mx.array | None = None,
     ) -> mx.array:
         """Sample the generated codebooks one after another; returns [B, K] int32.
 
@@ -120,6 +121,8 @@ class Depformer(nn.Module):
         each step scores both halves, samples B codes from `cfg_combine` of their logits, and feeds the same
         code back to both halves, as Kyutai's PyTorch LMGen does.
         Stays on device: each sampled code feeds the next slice without a host sync.
+        `forced` / `forced_mask` ([B, K] int32 / bool): codebooks whose token is already decided (a persona
+        prompt's frame that spills past the prompt through the delays): that token is returned and fed on.
         """
         if not self.slices:
             return mx.zeros((text_token.shape[0], 0), dtype=mx.int32)
@@ -134,6 +137,8 @@ class Depformer(nn.Module):
             if cfg_coef is not None:
                 logits = cfg_combine(logits, cfg_coef)
             previous = sampler(logits, keys[k])
+            if forced is not None:
+                previous = mx.where(forced_mask[:, k], forced[:, k], previous)
             codes.append(previous)
         return mx.stack(codes, axis=1)
 
@@ -224,10 +229,20 @@ class Lm(nn.Module):
         condition: [B or 1, 1, D] added to the input embedding (a conditioned model needs one).
         Returns (normalised hidden state [B, 1, D], text logits [B, text_out_vocab]).
         """
-        self._check_condition(condition)
+        return self.temporal_embedded(self.embed_step(tokens), caches, ctx, condition)
+
+    def embed_step(self, tokens: mx.array) -> mx.array:
+        """The temporal transformer's input for one step of tokens [B, 1 + audio_codebooks]: [B, 1, D]."""
         x = embed(self.text_emb, tokens[:, :1])
         for k, table in enumerate(self.audio_embs):
             x = x + embed(table, tokens[:, k + 1 : k + 2])
+        return x
+
+    def temporal_embedded(
+        self, x: mx.array, caches: list[RotatingKVCache], ctx: StepContext, condition: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """`temporal` from an already embedded input [B, 1, D] (a voice preset replays stored ones)."""
+        self._check_condition(condition)
         if condition is not None:
             x = x + condition.astype(x.dtype)
         hidden = self.out_norm(self.transformer(x, caches, ctx))

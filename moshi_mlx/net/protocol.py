@@ -25,8 +25,9 @@ Everything here is pure: no sockets, no threads, no codec, no MLX (tests check t
 from __future__ import annotations
 
 import json
+import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, Iterable, Mapping
 
@@ -62,6 +63,10 @@ __all__ = [
     "KNOWN_PARAMS",
     "SUPPORTED_PARAMS",
     "IGNORED_PARAMS",
+    "PERSONA_PARAMS",
+    "MAX_PROMPT_CHARS",
+    "voice_name",
+    "encode_persona",
 ]
 
 #: Largest message accepted from a peer (an 80 ms Opus page is a few hundred bytes).
@@ -220,7 +225,17 @@ def encode_ping() -> bytes:
 SUPPORTED_PARAMS = tuple(KNOBS)
 #: Parameters Kyutai's clients send that this engine accepts (after validation) but does not use.
 IGNORED_PARAMS: tuple[str, ...] = ()
-KNOWN_PARAMS = SUPPORTED_PARAMS + IGNORED_PARAMS
+#: A persona model's role prompt and voice, named as NVIDIA's PersonaPlex client sends them (an empty value, as
+#: that client sends when nothing is chosen, leaves the server's default).
+PERSONA_PARAMS = ("text_prompt", "voice_prompt")
+KNOWN_PARAMS = SUPPORTED_PARAMS + IGNORED_PARAMS + PERSONA_PARAMS
+#: Longest role prompt taken from a URL, in characters, before the tokenizer ever sees it (the model's context,
+#: checked by the server, is the real bound; this one only keeps a URL from costing more than a prompt can use).
+MAX_PROMPT_CHARS = 8000
+#: What a voice named in a URL may hold: a preset's name, never a path on the server.
+_VOICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: The extension NVIDIA's client appends to a preset's name (it sends NATF2.pt).
+_PRESET_SUFFIX = ".pt"
 
 
 @dataclass(frozen=True)
@@ -229,6 +244,7 @@ class QueryResult:
     applied: dict[str, Any] = field(default_factory=dict)  # supported parameters given, parsed
     ignored: dict[str, str] = field(default_factory=dict)  # known parameter -> why it has no effect
     unknown: tuple[str, ...] = ()  # names nobody here knows (ignored)
+    persona: dict[str, str] = field(default_factory=dict)  # "text_prompt" / "voice": what the URL chose
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary for the metadata message: every knob, seeds as in effect."""
@@ -280,6 +296,7 @@ def parse_query(
             raise ParamError(f"{name} is given twice ({values[name]!r} and {raw!r})")
         values[name] = raw
 
+    persona = _persona(values)
     # In the table's order, whatever order the URL had.
     applied = {name: _parse(name, values[name]) for name in SUPPORTED_PARAMS if name in values}
     changes = dict(applied)
@@ -290,7 +307,37 @@ def parse_query(
         settings = with_knobs(defaults, changes)  # memory settings (kv_bits, context) stay the server's
     except ValueError as e:  # defensive: the knobs' checks above should make this unreachable
         raise ParamError(str(e)) from None
-    return QueryResult(settings, applied, {}, tuple(unknown))
+    if persona:  # the model checks them (a voice it has, a prompt that fits) when the conversation starts
+        settings = replace(settings, **persona)
+    return QueryResult(settings, applied, {}, tuple(unknown), persona)
+
+
+def voice_name(raw: str) -> str:
+    """A voice as a URL names it: a preset's name (NVIDIA's client's NAME.pt taken as NAME), never a path."""
+    name = raw.strip().removesuffix(_PRESET_SUFFIX)
+    if not _VOICE_NAME.fullmatch(name):
+        raise ParamError(f"voice_prompt {raw[:40]!r} is not a voice name (the server's voices are listed at {INFO_PATH})")
+    return name
+
+
+def encode_persona(text_prompt: str | None = None, voice: str | None = None) -> dict[str, str]:
+    """The query parameters of a role prompt and a voice (None: the server's default), as NVIDIA's client names
+    them; checked as the server will (a voice is a name, never a path; a prompt within MAX_PROMPT_CHARS)."""
+    return {PERSONA_PARAMS[0] if k == "text_prompt" else PERSONA_PARAMS[1]: v
+            for k, v in _persona({"text_prompt": text_prompt or "", "voice_prompt": voice or ""}).items()}
+
+
+def _persona(values: Mapping[str, str]) -> dict[str, str]:
+    """The role prompt and the voice the URL gives (empty values: the server's defaults)."""
+    out: dict[str, str] = {}
+    prompt = values.get("text_prompt", "").strip()
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ParamError(f"text_prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are taken")
+    if prompt:
+        out["text_prompt"] = prompt
+    if values.get("voice_prompt", "").strip():
+        out["voice"] = voice_name(values["voice_prompt"])
+    return out
 
 
 def _parse(name: str, raw: str) -> Any:

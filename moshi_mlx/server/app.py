@@ -25,10 +25,12 @@ from ..audio.frames import SAMPLE_RATE
 from ..conditioning import ConditioningError, check_conditioning, conditioner_values, default_condition, model_kind
 from ..engine import ConversationEngine
 from ..errors import MoshiError, first_line
+from ..model_files.personaplex import MODEL_TYPE as PERSONA_MODEL_TYPE
 from ..models.config import LmConfig
 from ..net import protocol
 from ..net.protocol import ParamError
 from ..settings import EngineSettings
+from ..voices import list_voices
 from .asr import AsrServer, add_asr_route
 from .info import knobs_info
 from .security import (
@@ -122,6 +124,17 @@ def model_fields(config: LmConfig) -> dict[str, Any]:
     return {"model_kind": model_kind(config), "conditioning": conditioning, "text_only": config.text_only}
 
 
+#: The query parameter of each persona choice (for the one line that refuses them).
+_PERSONA_NAMES = {"text_prompt": "text_prompt", "voice": "voice_prompt"}
+
+
+def is_persona_model(engine: ConversationEngine, defaults: EngineSettings) -> bool:
+    """A model that takes a role prompt and a voice: PersonaPlex, one given voice presets, or one the command line
+    already gave a prompt or a voice."""
+    config = engine.lm.config
+    return config.model_type == PERSONA_MODEL_TYPE or engine.voices_dir is not None or defaults.has_prompt
+
+
 class ChatServer:
     """Owns the engine and admits one conversation at a time."""
 
@@ -143,10 +156,12 @@ class ChatServer:
     ) -> None:
         self.engine = engine
         self.lm_model_file = lm_model_file
-        # What kind of model this is and, for a conditioned one, the conditions the UI offers.
-        self.model_fields = model_fields(engine.lm.config)
         # Settings for parameters a client leaves out (the command line's, by default).
         self.default_settings: EngineSettings = default_settings or engine.settings
+        # What kind of model this is and, for a conditioned one, the conditions the UI offers.
+        self.model_fields = model_fields(engine.lm.config)
+        # A persona model (PersonaPlex): the role prompt and voice a client may choose, else None.
+        self.persona = is_persona_model(engine, self.default_settings)
         self.description = description
         self.demo = demo
         self.max_pending = max_pending
@@ -194,6 +209,7 @@ class ChatServer:
                 "defaults": protocol.QueryResult(self.default_settings).describe(),
                 "knobs": knobs_info(),  # the UI takes its limits from here: one set of bounds
                 **self.model_fields,  # model_kind; conditioning (null: the UI hides guidance and condition)
+                "persona": self.persona_info(),  # null: the UI hides the role prompt and the voice picker
             }
         )
         origin = request.headers.get("Origin")
@@ -201,6 +217,15 @@ class ChatServer:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
         return response
+
+    def persona_info(self) -> dict[str, Any] | None:
+        """The voices a client may name (read from the folder each time: presets added later show) and the
+        server's own prompt and voice, for a persona model; None for any other."""
+        if not self.persona:
+            return None
+        d = self.default_settings
+        voice = Path(d.voice).stem if d.voice else None  # a recording's name, not where it lies on the server
+        return {"voices": list_voices(self.engine.voices_dir), "voice": voice, "text_prompt": d.text_prompt}
 
     def _origin_ok(self, request: web.Request) -> bool:
         if not self.check_origin:
@@ -228,6 +253,14 @@ class ChatServer:
             query = protocol.parse_query(request.query, self.default_settings)
             given = query.applied
             check_conditioning(self.engine.lm.config, given.get("condition"), given.get("cfg_coef"))
+            if query.persona and not self.persona:
+                raise ParamError(f"{' and '.join(_PERSONA_NAMES[k] for k in query.persona)}: this model takes no "
+                                 "role prompt or voice (a PersonaPlex model does)")
+            voice = query.persona.get("voice")
+            if voice is not None:  # said here in the client's terms: the names it may use, not the server's folder
+                voices = list_voices(self.engine.voices_dir)
+                if voice not in voices:
+                    raise ParamError(f"unknown voice {voice!r}; this server has {', '.join(voices) or 'no presets'}")
         except (ParamError, ConditioningError) as e:
             log.info("%s: refused: %s", peer, e)
             return await self._refuse(ws, f"bad parameter: {e}", 1008)
@@ -256,7 +289,13 @@ class ChatServer:
         loop = asyncio.get_running_loop()
         log.info("%s: conversation %d starts (%s)", conv.peer, self.conversations, conv.query.describe())
         try:
-            await loop.run_in_executor(self.executor, self.engine.reset, conv.query.settings)
+            try:
+                await loop.run_in_executor(self.executor, self.engine.reset, conv.query.settings)
+            except MoshiError as e:  # what the model refuses of this client's choice: an unknown voice, a
+                # prompt longer than the context, a voice file that is not audio. The engine keeps its settings.
+                log.info("%s: refused: %s", conv.peer, first_line(e))
+                await _say_and_close(conv.ws, f"bad parameter: {first_line(e)}", code=1008)
+                return
             await conv.run()
         except ConnectionError:  # the client left while we were talking to it
             pass
@@ -292,11 +331,13 @@ class ChatServer:
             await stop_future
 
 
-async def _say_and_close(ws: web.WebSocketResponse, message: str) -> None:
-    """Send an error directly (the sender task may not be running yet), then close as a server error."""
+async def _say_and_close(ws: web.WebSocketResponse, message: str, code: int = 1011) -> None:
+    """Send an error directly (the sender task may not be running yet), then close (a server error by default;
+    1008: the client's parameters)."""
     try:
         await asyncio.wait_for(ws.send_bytes(protocol.encode_error(message)), 2.0)
-        await asyncio.wait_for(ws.close(code=1011, message=b"server error"), 2.0)
+        reason = b"server error" if code == 1011 else b"bad parameter"
+        await asyncio.wait_for(ws.close(code=code, message=reason), 2.0)
     except Exception:
         pass
 

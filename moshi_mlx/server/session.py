@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from pathlib import Path
 from statistics import median
 from typing import Any, Callable, Protocol
 
@@ -52,6 +53,14 @@ def captions_message(result: FrameResult) -> dict[str, Any]:
         "pauses": None if result.pauses is None else [round(p, 4) for p in result.pauses],
         "turn_end": result.turn_end,
     }
+
+
+def _persona(settings: Any) -> dict[str, Any] | None:
+    """The role prompt and voice this conversation started with (None: no system prompt)."""
+    if not settings.has_prompt:
+        return None
+    voice = Path(settings.voice).stem if settings.voice else None  # a name, not a path on the server
+    return {"text_prompt": settings.text_prompt, "voice": voice}
 
 
 class Host(Protocol):
@@ -257,6 +266,7 @@ class Conversation:
             "sample_rate": SAMPLE_RATE,
             "frame_size": FRAME_SIZE,
             "settings": self.query.describe(),
+            "persona": _persona(self.query.settings),
             "ignored_params": self.query.ignored,
             "unknown_params": list(self.query.unknown),
         }

@@ -46,8 +46,10 @@ from moshi_mlx.model_files.hub import (
     TOKENIZER_NAME,
     pytorch_layout_repo,
 )
+from moshi_mlx.model_files import personaplex
+from moshi_mlx.model_files.personaplex import LayoutDims
 from moshi_mlx.model_files.source import ModelSource
-from moshi_mlx.models.config import LmConfig, TransformerConfig
+from moshi_mlx.models.config import LmConfig, TransformerConfig, config_tiny
 from tests.helpers.family import pytorch_checkpoint, variant_config
 
 Resolved = namedtuple("Resolved", "moshi mimi tokenizer lm_config repo quantize")
@@ -76,10 +78,20 @@ TINY = LmConfig(
 )
 
 
+#: PersonaPlex's layout (16 depformer steps, PyTorch names) at sizes that resolve in a blink.
+PERSONAPLEX_DIMS = LayoutDims(dim=256, num_layers=1, hidden=704, text_card=100, card=32, dep_dim=256, dep_layers=1,
+                              dep_hidden=704)
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, bytes]:
     """name -> bytes of every stand-in file a repo may hold."""
-    from moshi_mlx.model_files.stand_ins import write_stand_in_tokenizer
+    from moshi_mlx.model_files.stand_ins import (
+        write_random_pytorch,
+        write_random_voice_presets,
+        write_stand_in_tokenizer,
+        write_voices_archive,
+    )
 
     root = tmp_path_factory.mktemp("assets")
     out: dict[str, bytes] = {}
@@ -105,6 +117,10 @@ def assets(tmp_path_factory) -> dict[str, bytes]:
     weights = pytorch_checkpoint(variant_config("stt_text_only"), np.random.default_rng(0))
     mx.save_safetensors(str(pytorch), {k: mx.array(v.astype(np.float32)) for k, v in weights.items()})
     out["pytorch.safetensors"] = pytorch.read_bytes()
+    write_random_pytorch(root / "pp.safetensors", personaplex.layout(PERSONAPLEX_DIMS))
+    out["personaplex.safetensors"] = (root / "pp.safetensors").read_bytes()
+    presets = write_random_voice_presets(root / "voices", config_tiny(), names=("NATF0", "VARM4"))
+    out[personaplex.VOICES_ARCHIVE] = write_voices_archive(root / "voices.tgz", presets).read_bytes()
     return out
 
 
@@ -121,6 +137,7 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.repos: dict[str, dict] = {}
+        self.gated: set[str] = set()  # repos answering as a gated repo does to a caller without access
         self.log: list[tuple[str, str]] = []
         hub = self
 
@@ -167,6 +184,8 @@ class FakeHub:
             h.wfile.write(data)
 
     def _resolve(self, repo: str, rev: str):
+        if repo in self.gated:
+            return None, "GatedRepo"
         entry = self.repos.get(repo)
         if entry is None:
             return None, "RepoNotFound"
@@ -186,7 +205,7 @@ class FakeHub:
             repo, rev = f"{parts[2]}/{parts[3]}", parts[5]
             commit, err = self._resolve(repo, rev)
             if err:
-                return self._reply(h, 404, {"X-Error-Code": err}, b"{}", body)
+                return self._reply(h, 401 if err == "GatedRepo" else 404, {"X-Error-Code": err}, b"{}", body)
             files = self.repos[repo]["commits"][commit]
             listing = [
                 {"type": "file", "path": p, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
@@ -198,7 +217,7 @@ class FakeHub:
             repo, rev, filename = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
             commit, err = self._resolve(repo, rev)
             if err:
-                return self._reply(h, 404, {"X-Error-Code": err}, b"", body)
+                return self._reply(h, 401 if err == "GatedRepo" else 404, {"X-Error-Code": err}, b"", body)
             files = self.repos[repo]["commits"][commit]
             if filename not in files:
                 return self._reply(h, 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, b"", body)
@@ -260,6 +279,13 @@ def fake_hub(assets):
     plain = json.dumps(variant_config("stt_text_only")).encode()  # no file names: the standard ones
     hub.add("someone/stt-plain", {**pytorch_files, "config.json": plain})
     hub.add("someone/empty", {"README.md": b"nothing here"})
+    # PersonaPlex's file plan: Kyutai's names, its checkpoint in PyTorch layout (16 depformer steps, at stand-in
+    # sizes), voices.tgz, and a config.json that is no LM config (NVIDIA's server downloads it only to count).
+    hub.add(personaplex.REPO, {**common, "config.json": b'{"architectures": ["PersonaPlex"]}',
+                               "model.safetensors": assets["personaplex.safetensors"],
+                               personaplex.VOICES_ARCHIVE: assets[personaplex.VOICES_ARCHIVE]})
+    hub.add("someone/gated", {**common, "model.safetensors": assets["model.safetensors"]})
+    hub.gated.add("someone/gated")
     hub.add("someone/no-mimi", {**cfg, TOKENIZER_NAME: assets[TOKENIZER_NAME], **q4})
     yield hub
     hub.close()
@@ -678,3 +704,69 @@ def test_progress_flag_restores_global_state(hub_env):
     assert not hf_utils.are_progress_bars_disabled()
     resolve_model_files(quantize=4, progress=False)
     assert not hf_utils.are_progress_bars_disabled()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PersonaPlex (nvidia/personaplex-7b-v1): its file plan, and a gated repo without a token
+
+
+def test_personaplex_file_plan(hub_env, fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSHI_MLX_VOICE_CACHE", str(tmp_path / "voices"))
+    r = resolve_model(ModelSource(hf_repo=personaplex.REPO, quantize=4), progress=False)
+    assert r.files.moshi.name == "model.safetensors" and r.checkpoint.layout == "pytorch"
+    assert r.quantize_at_load == 4  # float PyTorch weights: -q 4 quantizes them while loading
+    assert r.files.voices is not None and r.files.voices.name == personaplex.VOICES_ARCHIVE
+    # Moshi 7B's config (known here), kept at 8 depformer steps; the repo's config.json is never fetched
+    assert r.config.generated_codebooks == 8 and r.config.transformer.d_model == 4096
+    assert r.config.model_type == "personaplex"
+    assert not fake_hub.requests_for(f"{personaplex.REPO}/resolve/main/config.json")
+    from moshi_mlx.model_files.voice_archive import ready_voices
+    from moshi_mlx.voices import list_voices
+
+    folder = ready_voices(r.files.voices, log=print)
+    assert list_voices(folder) == ["NATF0", "VARM4"]
+    assert ready_voices(r.files.voices, log=print) == folder  # once: the second start finds it
+
+
+def test_personaplex_offline_without_voices_still_resolves(hub_env, fake_hub, monkeypatch):
+    resolve_model(ModelSource(hf_repo=personaplex.REPO), progress=False)  # caches everything
+    cached = hub_env / ("models--" + personaplex.REPO.replace("/", "--"))
+    for f in cached.rglob(personaplex.VOICES_ARCHIVE):
+        f.unlink()
+    _offline(monkeypatch)
+    r = resolve_model(ModelSource(hf_repo=personaplex.REPO), progress=False)
+    assert r.files.voices is None and "no preset voices" in r.files.voices_note
+    assert "\n" not in r.files.voices_note
+
+
+def test_gated_repo_without_a_token_says_how_to_get_access(hub_env):
+    """The stand-in hub answers as the real one does for a gated repo (401, X-Error-Code: GatedRepo), so
+    huggingface_hub raises its own GatedRepoError; the real hub cannot be reached from here."""
+    with pytest.raises(MoshiError) as e:
+        resolve_model_files(hf_repo="someone/gated", progress=False)
+    line = _one_line(e)
+    assert "gated repo" in line and "https://huggingface.co/someone/gated" in line
+    assert "huggingface-cli login" in line and "HF_TOKEN" in line
+
+
+def test_gated_error_from_a_download_function(monkeypatch, hub_env):
+    """huggingface_hub's own GatedRepoError raised by a fake hf_hub_download (no hub is reachable here): the
+    download path turns it into the same one line."""
+    from huggingface_hub import utils as hf_utils
+
+    from moshi_mlx.model_files import hub
+
+    class Response:  # what the error reads of the hub's answer
+        headers: dict[str, str] = {"X-Error-Code": "GatedRepo"}
+        request = None
+        status_code = 401
+
+    def gated(*args, **kwargs):
+        response = Response()
+        raise hf_utils.GatedRepoError("Access to model nvidia/personaplex-7b-v1 is restricted", response=response)
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", gated)
+    with pytest.raises(MoshiError) as e:
+        hub._Repo(personaplex.REPO, None).download("model.safetensors", "moshi")
+    line = _one_line(e)
+    assert line.startswith(f"{personaplex.REPO}: gated repo") and "HF_TOKEN" in line

@@ -298,3 +298,40 @@ def test_cli_bad_sampling_values_fail_before_loading(tmp_path, flag, value, frag
     error = r.stderr.strip().splitlines()[-1]
     assert flag in error and fragment in error, r.stderr
     assert "DEMO MODE" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_persona_prompt_and_voice(tmp_path):
+    """--text-prompt / --text-prompt-file / --voice on the demo model (PersonaPlex's 8 + 8 codebooks of 2048: a
+    persona stand-in): the prompt reaches the model, a bad voice is one line before anything loads."""
+    src = _tone_wav(tmp_path / "in.wav")
+    voice = tmp_path / "voice.wav"
+    t = np.arange(24_000) / 24_000
+    pcm = (8000 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 3 * t)).astype("<i2")
+    import wave
+
+    with wave.open(str(voice), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(24000), w.writeframes(pcm.tobytes())
+    (tmp_path / "role.txt").write_text("You are Ada, a patient teacher.")
+
+    def run(name: str, *flags: str) -> bytes:
+        out = tmp_path / f"{name}.wav"
+        r = _run([str(src), str(out), "--demo", "--seed", "4", *flags])
+        assert r.returncode == 0, r.stderr
+        return out.read_bytes()
+
+    plain = run("plain")
+    prompted = run("prompted", "--text-prompt", "You are Ada, a patient teacher.", "--voice", str(voice))
+    from_file = run("file", "--text-prompt-file", str(tmp_path / "role.txt"), "--voice", str(voice))
+    assert prompted == from_file and prompted != plain
+
+    for flags, needle in [
+        (["--voice", str(tmp_path / "in.txt")], "no such file"),
+        (["--voice", "NATF9", "--voices-dir", str(tmp_path)], "unknown voice 'NATF9'"),
+        (["--text-prompt-file", str(tmp_path / "none.txt")], "cannot be read"),
+    ]:
+        r = _run([str(src), str(tmp_path / "x.wav"), "--demo", *flags], timeout=60)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and "DEMO MODE" not in r.stderr, r.stderr
+        assert needle in r.stderr.strip().splitlines()[-1], r.stderr
+    (tmp_path / "noise.wav").write_bytes(b"RIFF not really")
+    r = _run([str(src), str(tmp_path / "x.wav"), "--demo", "--voice", str(tmp_path / "noise.wav")], timeout=60)
+    assert r.returncode == 1 and "noise.wav" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr

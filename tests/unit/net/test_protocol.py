@@ -169,3 +169,43 @@ def test_repeated_param():
     assert parse_query([("text_topk", "5"), ("text_topk", "5")]).settings.text.top_k == 5
     with pytest.raises(ParamError, match="twice"):
         parse_query([("text_topk", "5"), ("text_topk", "6")])
+
+
+# -- a persona model's role prompt and voice (NVIDIA's PersonaPlex client's names) ----------------------------
+
+
+def test_persona_parameters_as_nvidias_client_sends_them():
+    q = protocol.parse_query({"text_prompt": "  You enjoy having a good conversation. ", "voice_prompt": "NATF2.pt"})
+    assert q.persona == {"text_prompt": "You enjoy having a good conversation.", "voice": "NATF2"}
+    assert q.settings.text_prompt == "You enjoy having a good conversation." and q.settings.voice == "NATF2"
+    assert q.unknown == ()
+
+
+def test_empty_persona_parameters_keep_the_servers_defaults():
+    defaults = EngineSettings(text_prompt="Be a pirate.", voice="VARM4")
+    q = protocol.parse_query({"text_prompt": "", "voice_prompt": " "}, defaults)
+    assert q.persona == {} and (q.settings.text_prompt, q.settings.voice) == ("Be a pirate.", "VARM4")
+    q = protocol.parse_query({"voice_prompt": "NATM0"}, defaults)
+    assert (q.settings.text_prompt, q.settings.voice) == ("Be a pirate.", "NATM0")
+
+
+@pytest.mark.parametrize("raw", ["../voices/NATF0", "/etc/passwd", "a b", "x" * 65, ".hidden", "NATF0.pt/x"])
+def test_a_voice_in_a_url_is_a_name_never_a_path(raw):
+    with pytest.raises(protocol.ParamError, match="is not a voice name") as e:
+        protocol.parse_query({"voice_prompt": raw})
+    assert "\n" not in str(e.value) and "/api/info" in str(e.value)
+
+
+def test_a_prompt_longer_than_any_context_is_refused_before_tokenizing():
+    ok = "a" * protocol.MAX_PROMPT_CHARS
+    assert protocol.parse_query({"text_prompt": ok}).settings.text_prompt == ok
+    with pytest.raises(protocol.ParamError, match=f"at most {protocol.MAX_PROMPT_CHARS}"):
+        protocol.parse_query({"text_prompt": ok + "a"})
+
+
+def test_encode_persona_is_parse_querys_inverse():
+    params = protocol.encode_persona("Be brief.\nBe kind.", "NATF1")
+    assert params == {"text_prompt": "Be brief.\nBe kind.", "voice_prompt": "NATF1"}
+    q = protocol.parse_query(params)
+    assert (q.settings.text_prompt, q.settings.voice) == ("Be brief.\nBe kind.", "NATF1")
+    assert protocol.encode_persona(None, None) == {}
