@@ -37,7 +37,7 @@ from .voices import Voice, VoiceError
 
 __all__ = [
     "PROMPT_CODEBOOKS", "SILENCE_FRAMES", "SILENCE_TOKENS", "SINE_TOKENS", "ZERO_TEXT_TOKEN", "PersonaPrompt",
-    "PromptSnapshots", "check_persona_model", "play_prompt", "prompt_tokens", "wrap_system",
+    "PromptSnapshots", "check_persona_model", "play_prompt", "prompt_tokens", "voice_codes", "wrap_system",
 ]
 
 PROMPT_CODEBOOKS = 8  # codebooks per stream in the prompt's fixed frames
@@ -124,7 +124,7 @@ def _frame(text: int, moshi: np.ndarray) -> np.ndarray:
     return np.concatenate([[text], moshi]).astype(np.int32)
 
 
-def _voice_codes(pcm: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+def voice_codes(pcm: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
     """The voice's Mimi codes frame by frame (the last frame padded with zeros), 8 codebooks each."""
     frames = -(-pcm.shape[0] // FRAME_SIZE)
     padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
@@ -133,11 +133,13 @@ def _voice_codes(pcm: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) ->
 
 
 def play_prompt(
-    gen: LmGen, prompt: PersonaPrompt, encode: Callable[[np.ndarray], np.ndarray] | None, batched: bool = True
+    gen: LmGen, prompt: PersonaPrompt, encode: Callable[[np.ndarray], np.ndarray] | None, batched: bool = True,
+    codes: list[np.ndarray] | None = None,
 ) -> None:
     """Run the prompt on a freshly reset `gen`, then mark the conversation's start.
 
     `encode`: the engine's Mimi (one frame of 24 kHz PCM -> codes), for a voice given as audio.
+    `codes`: the voice's Mimi codes when already known (`voice_codes`), instead of `encode`.
     `batched`: every prompt token is known in advance, so the temporal transformer takes the prompt in chunks
     of positions (LmGen.prefill) instead of one step at a time, as NVIDIA does; same state either way.
     """
@@ -147,9 +149,10 @@ def play_prompt(
     if voice is not None and voice.is_preset:
         _replay_preset(gen, voice, batched)
     elif voice is not None:
-        if encode is None:
+        if codes is None and encode is None:
             raise ValueError("a voice recording needs a Mimi to encode it")
-        frames += [_frame(ZERO_TEXT_TOKEN, codes) for codes in _voice_codes(voice.pcm, encode)]
+        codes = voice_codes(voice.pcm, encode) if codes is None else codes
+        frames += [_frame(ZERO_TEXT_TOKEN, c) for c in codes]
     frames += [silence] * SILENCE_FRAMES
     frames += [_frame(t, SILENCE_TOKENS) for t in prompt.text_tokens]
     frames += [silence] * SILENCE_FRAMES
