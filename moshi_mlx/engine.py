@@ -35,7 +35,7 @@ from .generate import LmGen, StepOutput
 from .mlx_thread import MlxThread
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
-from .persona import PersonaPrompt, PromptSnapshots, play_prompt, prompt_tokens
+from .persona import PersonaPrompt, PromptSnapshots, play_prompt, prompt_tokens, voice_codes
 from .settings import GREEDY, EngineSettings
 from .tokenizer import TextTokenizer
 from .transcribe import END_OF_TURN_HEAD, Transcriber, Word
@@ -109,6 +109,7 @@ class ConversationEngine:
         self.voices_dir = voices_dir
         self.snapshots = PromptSnapshots()
         self._voices: dict[str, Voice] = {}
+        self._codes: dict[tuple, list[np.ndarray]] = {}  # the voice recording in use, Mimi-encoded once
         self.prompt: PersonaPrompt | None = None
         self.prompt_seconds = 0.0  # what the last conversation start spent on the prompt
         self.prompt_restored = False  # whether that start restored a snapshot
@@ -177,10 +178,16 @@ class ConversationEngine:
         if snap is not None:
             self.mlx.run(gen.restore, snap)
         else:
-            encode = lambda pcm: self.mimi.encode_frame(pcm)  # noqa: E731
-            self.mlx.run(play_prompt, gen, prompt, encode)
+            codes = None
+            voice = prompt.voice
+            if voice is not None and not voice.is_preset:  # encoded here, off the model's thread; kept for the
+                codes = self._codes.get(voice.key)  # next role text with the same voice
+                if codes is None:
+                    codes = voice_codes(voice.pcm, self.mimi.encode_frame)
+                    self._codes = {voice.key: codes}
+                    self.mimi.reset()  # as NVIDIA: the voice's encoding leaves nothing in Mimi for the conversation
+            self.mlx.run(play_prompt, gen, prompt, None, True, codes)
             self.snapshots.put(key, self.mlx.run(gen.snapshot))
-            self.mimi.reset()  # as NVIDIA: the voice's encoding leaves nothing in Mimi for the conversation
         self.prompt_restored = snap is not None
         self.prompt_seconds = time.perf_counter() - start
 

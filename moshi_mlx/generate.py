@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .conditioning import conditions_for
+from .models.cache import prefill_context
 from .models.lm import Lm, cfg_combine
 from .sampling import make_sampler, make_text_sampler
 from .settings import (
@@ -48,6 +49,9 @@ class StepOutput:
     frame: int  # index of the frame these tokens belong to (0-based)
     text_token: int
     audio_codes: np.ndarray  # [generated_codebooks] int32, each in [0, audio_card); empty for a text-only model
+
+
+PREFILL_CHUNK = 64  # prompt positions per temporal call in LmGen.prefill (bounds its activations)
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,44 @@ class LmGen:
                 self.step_index + int(delay), (np.zeros(width, np.int32), np.zeros(width, bool))
             )
             tokens[s], mask[s] = frame[s], True
+
+    def prefill(
+        self, steps: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], chunk: int = PREFILL_CHUNK
+    ) -> None:
+        """Run decided steps (user codes, Moshi's forced frame, optional embedding) as whole sequences.
+
+        The same state as calling `step(user, forced=frame, embedding=e)` for each, but the temporal
+        transformer takes up to `chunk` positions per call (matrix products instead of one row at a time).
+        Every step must be wholly decided: nothing is sampled.
+        """
+        if self._pending is not None:
+            raise RuntimeError("finish the pending step before a prefill")
+        for start in range(0, len(steps), chunk):
+            inputs = []
+            for user, frame, embedding in steps[start:start + chunk]:
+                user = np.asarray(user, dtype=np.int32).reshape(-1)
+                tokens = self._input_tokens(user)
+                self._force(frame)
+                tokens_np, mask = self._forced.pop(self.step_index)
+                early = np.concatenate([[False], self.step_index < self._gen_delays])
+                if not (mask | early).all():
+                    raise ValueError("a prefill step must decide every stream")
+                decided = np.where(mask, tokens_np, self._start_np)
+                if embedding is None:
+                    inputs.append(self.model.embed_step(tokens))
+                else:
+                    inputs.append(mx.array(embedding).reshape(1, 1, -1).astype(self.model.dtype))
+                self._last_generated = mx.array(decided[None, :])
+                self._generated_history.append(decided)
+                self.step_index += 1
+            x = mx.concatenate(inputs, axis=1)
+            if self._rows > 1:
+                x = mx.broadcast_to(x, (self._rows, *x.shape[1:]))
+            if self._condition is not None:
+                x = x + self._condition.astype(x.dtype)
+            ctx = prefill_context(self._cache.position, x.shape[1], self._cache.capacity)
+            mx.eval(self.model.transformer(x, self._cache.layers, ctx))
+            self._cache.position += x.shape[1]
 
     def snapshot(self) -> GenSnapshot:
         """The state after the steps so far (a prompt), to `restore` later instead of replaying them."""

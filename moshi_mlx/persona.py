@@ -37,7 +37,7 @@ from .voices import Voice, VoiceError
 
 __all__ = [
     "PROMPT_CODEBOOKS", "SILENCE_FRAMES", "SILENCE_TOKENS", "SINE_TOKENS", "ZERO_TEXT_TOKEN", "PersonaPrompt",
-    "PromptSnapshots", "check_persona_model", "play_prompt", "prompt_tokens", "wrap_system",
+    "PromptSnapshots", "check_persona_model", "play_prompt", "prompt_tokens", "voice_codes", "wrap_system",
 ]
 
 PROMPT_CODEBOOKS = 8  # codebooks per stream in the prompt's fixed frames
@@ -124,7 +124,7 @@ def _frame(text: int, moshi: np.ndarray) -> np.ndarray:
     return np.concatenate([[text], moshi]).astype(np.int32)
 
 
-def _voice_codes(pcm: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+def voice_codes(pcm: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
     """The voice's Mimi codes frame by frame (the last frame padded with zeros), 8 codebooks each."""
     frames = -(-pcm.shape[0] // FRAME_SIZE)
     padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
@@ -132,36 +132,50 @@ def _voice_codes(pcm: np.ndarray, encode: Callable[[np.ndarray], np.ndarray]) ->
     return [np.asarray(encode(padded[i * FRAME_SIZE:(i + 1) * FRAME_SIZE]))[:PROMPT_CODEBOOKS] for i in range(frames)]
 
 
-def play_prompt(gen: LmGen, prompt: PersonaPrompt, encode: Callable[[np.ndarray], np.ndarray] | None) -> None:
+def play_prompt(
+    gen: LmGen, prompt: PersonaPrompt, encode: Callable[[np.ndarray], np.ndarray] | None, batched: bool = True,
+    codes: list[np.ndarray] | None = None,
+) -> None:
     """Run the prompt on a freshly reset `gen`, then mark the conversation's start.
 
     `encode`: the engine's Mimi (one frame of 24 kHz PCM -> codes), for a voice given as audio.
+    `codes`: the voice's Mimi codes when already known (`voice_codes`), instead of `encode`.
+    `batched`: every prompt token is known in advance, so the temporal transformer takes the prompt in chunks
+    of positions (LmGen.prefill) instead of one step at a time, as NVIDIA does; same state either way.
     """
     silence = _frame(ZERO_TEXT_TOKEN, SILENCE_TOKENS)
     frames: list[np.ndarray] = []  # Moshi's side of each frame; the user's is always SINE_TOKENS
     voice = prompt.voice
     if voice is not None and voice.is_preset:
-        _replay_preset(gen, voice)
+        _replay_preset(gen, voice, batched)
     elif voice is not None:
-        if encode is None:
+        if codes is None and encode is None:
             raise ValueError("a voice recording needs a Mimi to encode it")
-        frames += [_frame(ZERO_TEXT_TOKEN, codes) for codes in _voice_codes(voice.pcm, encode)]
+        codes = voice_codes(voice.pcm, encode) if codes is None else codes
+        frames += [_frame(ZERO_TEXT_TOKEN, c) for c in codes]
     frames += [silence] * SILENCE_FRAMES
     frames += [_frame(t, SILENCE_TOKENS) for t in prompt.text_tokens]
     frames += [silence] * SILENCE_FRAMES
     if voice is None or not voice.is_preset:
         frames = frames[1:]  # NVIDIA's offset-0 frame: see the module's note on alignment
-    for frame in frames:
-        gen.step(SINE_TOKENS, forced=frame)
+    _run(gen, [(SINE_TOKENS, frame, None) for frame in frames], batched)
     gen.begin_conversation()
 
 
-def _replay_preset(gen: LmGen, voice: Voice) -> None:
+def _run(gen: LmGen, steps: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]], batched: bool) -> None:
+    if batched:
+        gen.prefill(steps)
+    else:
+        for user, frame, embedding in steps:
+            gen.step(user, forced=frame, embedding=embedding)
+
+
+def _replay_preset(gen: LmGen, voice: Voice, batched: bool) -> None:
     """The preset's embeddings one step each, then NVIDIA's token ring put back into our buffers."""
     cfg = gen.config
     dummy = np.full(cfg.user_codebooks, 0, dtype=np.int32)  # overwritten below: never read by the model
-    for embedding in voice.embeddings:
-        gen.step(dummy, forced=_frame(ZERO_TEXT_TOKEN, np.zeros(cfg.generated_codebooks, np.int32)), embedding=embedding)
+    blank = _frame(ZERO_TEXT_TOKEN, np.zeros(cfg.generated_codebooks, np.int32))
+    _run(gen, [(dummy, blank, embedding) for embedding in voice.embeddings], batched)
     ring, t = voice.cache, voice.embeddings.shape[0]
     width = ring.shape[1]
     delays = np.array([0, *cfg.audio_delays])

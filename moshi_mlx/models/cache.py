@@ -48,6 +48,21 @@ class StepContext:
         )
 
 
+def prefill_context(position: int, steps: int, capacity: int) -> StepContext:
+    """Context for `steps` consecutive positions from `position` at once (a prompt known in advance): each
+    attends to the slots up to its own. They must fit in the window without wrapping."""
+    if position + steps > capacity:
+        raise ValueError(f"{steps} steps from position {position} do not fit a window of {capacity}")
+    filled = position + steps
+    length = min(capacity, -(-filled // LENGTH_BUCKET) * LENGTH_BUCKET)
+    valid = np.arange(length)[None, :] <= (position + np.arange(steps))[:, None]
+    return StepContext(
+        position=mx.array(position, dtype=mx.int32),
+        slot=mx.array([position], dtype=mx.int32),
+        mask=mx.array(valid)[None, None, :, :],
+    )
+
+
 class RotatingKVCache:
     """One layer's window of `capacity` positions, preallocated."""
 

@@ -61,3 +61,30 @@ def test_the_benchmark_times_the_prompt_played_and_restored(demo_assets_loaded):
         engine.close()
     assert t.steps == engine.prompt.steps() > 2 * 6
     assert 0 < t.warm_ms < t.cold_ms and t.snapshot_mb > 0
+
+
+class _CountingMimi:
+    """The real Mimi, counting encoded frames."""
+
+    def __init__(self, mimi) -> None:
+        self.mimi, self.encoded = mimi, 0
+
+    def encode_frame(self, pcm):
+        self.encoded += 1
+        return self.mimi.encode_frame(pcm)
+
+    def __getattr__(self, name):
+        return getattr(self.mimi, name)
+
+
+def test_a_voice_recording_is_encoded_once_for_several_roles(demo_assets_loaded, tmp_path):
+    a = demo_assets_loaded
+    write_wav(tmp_path / "v.wav", (0.2 * np.sin(np.arange(9600) / 7)).astype(np.float32))  # 0.4 s: 5 frames
+    mimi = _CountingMimi(a.mimi)
+    engine = ConversationEngine(a.lm, mimi, a.tokenizer, EngineSettings(text_prompt="Ada.", voice=str(tmp_path / "v.wav")))
+    try:
+        assert mimi.encoded == 5
+        engine.reset(EngineSettings(text_prompt="Bea.", voice=str(tmp_path / "v.wav")))
+        assert mimi.encoded == 5 and not engine.prompt_restored and len(engine.snapshots) == 2
+    finally:
+        engine.close()

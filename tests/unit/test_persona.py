@@ -143,3 +143,23 @@ def test_a_snapshot_holds_the_prompts_slots_not_the_whole_window(lm):
     grown = mx.get_active_memory() - before
     assert sum(s.nbytes for s in snaps) < window / 50  # 3 x 13 of 3000 slots
     assert grown < window / 2  # slices would have pinned one whole window per snapshot
+
+
+@pytest.mark.parametrize("kv_bits", [16, 8])
+def test_a_prefilled_prompt_answers_as_a_stepped_one(lm, kv_bits):
+    prompt = PersonaPrompt(_preset(frames=7), tuple(range(20, 90)))  # 7 + 12 + 70 steps: two prefill chunks
+    runs = []
+    for batched in (False, True):
+        gen = LmGen(lm, GREEDY, GREEDY, seed=0, kv_bits=kv_bits)
+        play_prompt(gen, prompt, None, batched=batched)
+        assert gen.step_index == prompt.steps() == 89
+        runs.append(_tokens(gen.step(u) for u in _user(12)))
+    assert runs[0] == runs[1] and len(runs[0]) == 11
+
+
+def test_a_prefill_refuses_a_step_it_would_have_to_sample(lm):
+    gen = LmGen(lm, GREEDY, GREEDY, seed=0)
+    for u in _user(3):
+        gen.step(u)  # sampled frames: position 3 of the delayed codebooks is nobody's decision yet
+    with pytest.raises(ValueError, match="decide every stream"):
+        gen.prefill([(np.zeros(8, np.int32), np.full(9, 5, np.int32), None)])

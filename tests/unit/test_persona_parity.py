@@ -7,7 +7,8 @@ Mimi bypassed on both sides) and the preset NVIDIA saved from that run, converte
 Alignment: NVIDIA's first LMGen call only primes its buffers, so its k-th temporal forward (k >= 1) is our
 step k - 1; the text argmax at every forward is compared, prompt and conversation. NVIDIA's first conversation
 step returns the prompt's last frame (ours withholds it: conversation frames count from 0), so its step t
-returns our frame t - 1.
+returns our frame t - 1. The prompt runs both ways: step by step (its per-step text argmax compared too) and
+as one prefill (LmGen.prefill: the temporal transformer over the whole prompt at once; conversation compared).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def expected() -> dict[str, np.ndarray]:
     return load_file(str(FIX / "expected.safetensors"))
 
 
-def _run(lm, expected, voice: Voice, encode) -> tuple[list[int], list]:
+def _run(lm, expected, voice: Voice, encode, batched: bool) -> tuple[list[int], list]:
     gen = LmGen(lm, GREEDY, GREEDY, seed=0)
     argmax: list[int] = []
     temporal = gen._temporal
@@ -69,13 +70,15 @@ def _run(lm, expected, voice: Voice, encode) -> tuple[list[int], list]:
         return hidden, logits
 
     gen._temporal = spy
-    play_prompt(gen, PersonaPrompt(voice, tuple(int(t) for t in expected["text_tokens"])), encode)
+    play_prompt(gen, PersonaPrompt(voice, tuple(int(t) for t in expected["text_tokens"])), encode, batched)
     outs = [gen.step(u) for u in expected["user_codes"]]
     return argmax, outs
 
 
-def _check(argmax, outs, ref_argmax, ref_out) -> None:
-    assert argmax == ref_argmax.tolist()
+def _check(argmax, outs, ref_argmax, ref_out, batched: bool) -> None:
+    # A prefill runs the prompt in one call (no per-step text logits): the conversation's are compared.
+    assert argmax == ref_argmax.tolist()[-len(argmax) if batched else 0:]
+    assert len(argmax) == (len(outs) if batched else len(ref_argmax))
     assert outs[0] is None and (ref_out[0] >= 0).all()  # NVIDIA's is the prompt's last frame
     ours = np.array([[o.text_token, *o.audio_codes] for o in outs[1:]])
     np.testing.assert_array_equal(ours, ref_out[1:, :MOSHI_STREAMS])
@@ -83,14 +86,16 @@ def _check(argmax, outs, ref_argmax, ref_out) -> None:
     assert len(outs) - 1 >= 20
 
 
-def test_audio_voice_matches_nvidia(lm, expected):
+@pytest.mark.parametrize("batched", [False, True], ids=["stepwise", "prefill"])
+def test_audio_voice_matches_nvidia(lm, expected, batched):
     codes = iter(expected["voice_codes"])
     voice = Voice("wav", pcm=np.zeros(len(expected["voice_codes"]) * 1920, np.float32))
-    argmax, outs = _run(lm, expected, voice, lambda pcm: next(codes))
-    _check(argmax, outs, expected["wav_text_argmax"], expected["wav_out"])
+    argmax, outs = _run(lm, expected, voice, lambda pcm: next(codes), batched)
+    _check(argmax, outs, expected["wav_text_argmax"], expected["wav_out"], batched)
 
 
-def test_preset_voice_matches_nvidia(lm, expected):
+@pytest.mark.parametrize("batched", [False, True], ids=["stepwise", "prefill"])
+def test_preset_voice_matches_nvidia(lm, expected, batched):
     voice = load_voice(str(FIX / "voice.safetensors"), None)
-    argmax, outs = _run(lm, expected, voice, None)
-    _check(argmax, outs, expected["preset_text_argmax"], expected["preset_out"])
+    argmax, outs = _run(lm, expected, voice, None, batched)
+    _check(argmax, outs, expected["preset_text_argmax"], expected["preset_out"], batched)
