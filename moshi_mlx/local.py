@@ -39,13 +39,14 @@ NO_SOUND_HINT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli.flags import add_engine_args
+    from .cli.flags import add_engine_args, add_transcribe_user_arg
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local",
         description="Real-time spoken conversation with Moshi through the microphone and speaker.",
     )
     add_engine_args(p)
+    add_transcribe_user_arg(p)
     g = add_audio_args(p)
     add_record_arg(g)
     g.add_argument(
@@ -62,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def converse(args: argparse.Namespace) -> int:
-    from .cli.flags import load_from_args, resolve_from_args, settings_from_args
+    from .cli.flags import load_from_args, load_user_stt, resolve_from_args, resolve_user_stt, settings_from_args
 
     _check_demo_output(args)
     # Model files first (a missing or undownloadable file is the real problem, not the sound card), then the
     # devices: a wrong --input-device should not cost a model load.
     resolved = resolve_from_args(args)
+    want_stt, stt_resolved = resolve_user_stt(args)
     can_demo = args.demo and args.input_device is None and args.output_device is None
     moshi = LocalMoshi()
     try:
@@ -78,8 +80,11 @@ def converse(args: argparse.Namespace) -> int:
         raise
 
     t0 = time.perf_counter()
-    assets = load_from_args(args, log=_log, resolved=resolved)
+    stt = load_user_stt(args, stt_resolved, log=_log) if want_stt else None
+    assets = load_from_args(args, log=_log, resolved=resolved, stt=stt)
     engine = assets.engine(settings_from_args(args, assets.lm.config))
+    if stt is not None:
+        session.attach_user_transcriber(stt)
     load_s = time.perf_counter() - t0
     warm_s = engine.warmup()
     _log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description}")

@@ -41,13 +41,14 @@ DEFAULT_HOST = "localhost"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli.flags import add_engine_args, add_lag_arg
+    from .cli.flags import add_engine_args, add_lag_arg, add_transcribe_user_arg
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local_web",
         description="Talk to Moshi in your browser: serves the web UI and Kyutai's WebSocket protocol locally.",
     )
     add_engine_args(p)
+    add_transcribe_user_arg(p)
     g = p.add_argument_group("web server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     g.add_argument("--port", type=cli.integer(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
@@ -81,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .cli.flags import load_from_args, settings_from_args
+    from .cli.flags import load_from_args, load_user_stt, resolve_user_stt, settings_from_args
 
     server: ChatServer | None = None
     try:
         web_dir = find_web_dir(args.web_dir)  # fail before the (slow) model load
+        want_stt, stt_resolved = resolve_user_stt(args)  # a bad REPO: one line, nothing loaded
         ssl_ctx, announce = ssl_setup(args.ssl, args.host)
         check_port_free(args.host, args.port)
         t0 = time.perf_counter()
-        assets = load_from_args(args)
+        stt = load_user_stt(args, stt_resolved) if want_stt else None
+        assets = load_from_args(args, stt=stt)
         engine = assets.engine(settings_from_args(args, assets.lm.config))
         load_s = time.perf_counter() - t0
         warm_s = engine.warmup()
@@ -97,7 +100,7 @@ def _main(args: argparse.Namespace) -> int:
         server = ChatServer(
             engine, description=assets.description, demo=assets.demo, max_pending=args.max_lag_frames,
             lm_model_file=assets.lm_file,
-            policy=HostPolicy(args.host, args.allow_origin),
+            policy=HostPolicy(args.host, args.allow_origin), stt=stt,
         )
         app = create_app(server, web_dir)
         asyncio.run(serve(app, args.host, args.port, ssl_ctx, not args.no_browser, announce))

@@ -43,7 +43,7 @@ LAYERS: list[set[str]] = [
      "model_files.pytorch_weights", "codec.seanet"},
     {"generate", "model_files.checkpoint", "net.address", "codec.network"},
     {"engine", "clips", "transcribe", "model_files.stand_ins", "model_files.lora", "net.remote", "audio.mlx_mimi"},
-    {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
+    {"audio.codec_choice", "user_transcript"},  # which Mimi; the user's words beside Moshi: rustymimi or the MLX one
     {"model_files.assets", "model_files.convert", "server.session", "captions"},  # load(): the one front door; one client around the engine
     {"server.app"},
     {"cli.shell", "cli.progress", "cli.display"},

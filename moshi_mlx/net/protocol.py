@@ -13,9 +13,14 @@ byte  kind        payload
 0x04  metadata    a JSON object
 0x05  error       a UTF-8 message
 0x06  ping        empty
+0x08  user words  ours, not Kyutai's: a JSON object ``{"words": [{"text", "start", "end"}]}``, the user's
+                  words from the server's speech-to-text model (``local_web --transcribe-user``), times in
+                  seconds from the conversation's first audio frame; sent only to a client that asked
+                  with the query parameter ``user_words=1``
 ====  ==========  =========================================================================
 
-Unknown kinds are ignored by both sides. Sampling settings travel as query parameters on the
+Unknown kinds are ignored by our server and client. Kyutai's web client throws on a kind it does not know
+(7 is its "colored text"), hence 0x08 only on request: Kyutai's client never asks, so never receives it. Sampling settings travel as query parameters on the
 WebSocket URL (``/api/chat?text_temperature=0.7&audio_topk=250``); :func:`parse_query` turns
 them into :class:`~moshi_mlx.settings.EngineSettings` with clear errors.
 
@@ -56,6 +61,8 @@ __all__ = [
     "encode_metadata",
     "encode_error",
     "encode_ping",
+    "encode_user_words",
+    "USER_WORDS_PARAM",
     "QueryResult",
     "parse_query",
     "encode_query",
@@ -81,7 +88,11 @@ class Kind(IntEnum):
     METADATA = 4
     ERROR = 5
     PING = 6
+    USER_WORDS = 8
 
+
+#: The query parameter by which a client asks for 0x08 user-words messages (our web UI and client send it).
+USER_WORDS_PARAM = "user_words"
 
 class Control(IntEnum):
     START = 0
@@ -211,6 +222,12 @@ def encode_error(message: str) -> bytes:
     return encode(Kind.ERROR, message.encode("utf-8"))
 
 
+def encode_user_words(words: Iterable[Any]) -> bytes:
+    """0x08: the user's words (objects with `text`, `start`, `end`, e.g. moshi_mlx.transcribe.Word)."""
+    items = [{"text": w.text, "start": round(float(w.start), 3), "end": round(float(w.end), 3)} for w in words]
+    return encode(Kind.USER_WORDS, json.dumps({"words": items}, ensure_ascii=False).encode("utf-8"))
+
+
 def encode_ping() -> bytes:
     return encode(Kind.PING)
 
@@ -229,6 +246,7 @@ class QueryResult:
     applied: dict[str, Any] = field(default_factory=dict)  # supported parameters given, parsed
     ignored: dict[str, str] = field(default_factory=dict)  # known parameter -> why it has no effect
     unknown: tuple[str, ...] = ()  # names nobody here knows (ignored)
+    user_words: bool = False  # the client asked for 0x08 user-words messages (USER_WORDS_PARAM=1)
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary for the metadata message: every knob, seeds as in effect."""
@@ -271,7 +289,13 @@ def parse_query(
     """
     values: dict[str, str] = {}
     unknown: list[str] = []
+    user_words = False
     for name, raw in _pairs(params):
+        if name == USER_WORDS_PARAM:
+            if raw not in ("0", "1"):
+                raise ParamError(f"{USER_WORDS_PARAM} must be 0 or 1, got {raw!r}")
+            user_words = raw == "1"
+            continue
         if name not in KNOWN_PARAMS:
             if name not in unknown:
                 unknown.append(name)
@@ -290,7 +314,7 @@ def parse_query(
         settings = with_knobs(defaults, changes)  # memory settings (kv_bits, context) stay the server's
     except ValueError as e:  # defensive: the knobs' checks above should make this unreachable
         raise ParamError(str(e)) from None
-    return QueryResult(settings, applied, {}, tuple(unknown))
+    return QueryResult(settings, applied, {}, tuple(unknown), user_words)
 
 
 def _parse(name: str, raw: str) -> Any:

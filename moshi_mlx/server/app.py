@@ -138,8 +138,11 @@ class ChatServer:
         default_settings: EngineSettings | None = None,
         lm_model_file: str = "",
         policy: HostPolicy | None = None,
+        stt: Any = None,
     ) -> None:
         self.engine = engine
+        # --transcribe-user: an STT model (SttAssets) writing down the user's words for clients asking for them
+        self.stt = stt
         self.lm_model_file = lm_model_file
         # What kind of model this is and, for a conditioned one, the conditions the UI offers.
         self.model_fields = model_fields(engine.lm.config)
