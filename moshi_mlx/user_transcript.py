@@ -40,9 +40,11 @@ class UserTranscriber:
         self, lm, encoder: FrameEncoder, tokenizer: PieceSource, on_words: Callable[[list[Word]], None],
         kv_bits: int = 16, name: str = "stt-user",
     ) -> None:
-        self.transcriber = Transcriber(LmGen(lm, GREEDY, GREEDY, kv_bits=kv_bits), encoder, tokenizer)
         self._on_words = on_words
         self._worker = MlxThread(name)
+        # Made on the worker: MLX arrays and caches belong to the stream (thread) that creates them.
+        self.transcriber: Transcriber = self._worker.run(
+            lambda: Transcriber(LmGen(lm, GREEDY, GREEDY, kv_bits=kv_bits), encoder, tokenizer))
         self._lock = threading.Lock()
         self._waiting = 0
         self._max_waiting = max(1, round(MAX_BEHIND_S * FRAME_RATE))
@@ -71,7 +73,7 @@ class UserTranscriber:
 
         start = time.perf_counter()
         try:
-            if self.error is None:
+            if self.error is None and not self._closed:  # closing: frames still queued are let go
                 words = self.transcriber.feed(np.zeros(FRAME_SIZE, np.float32) if frame is None else frame)
                 if words:
                     self._on_words(words)
