@@ -272,7 +272,7 @@ def _finalise(
     wav_part, text_part = partial
     frames = sum(f.shape[0] for f in read_frames(wav_part, 1 << 20))
     seconds = frames / rate
-    pieces = sorted(pieces, key=lambda p: p["t"])  # both speakers in time order (stable: Moshi's stay in order)
+    pieces = _in_time_order(pieces)
     text = _words_of(pieces, MOSHI)
     two_sided = any(p.get("speaker", MOSHI) != MOSHI for p in pieces)
     text_file = _dialogue(pieces) if two_sided else text
@@ -363,6 +363,21 @@ def recover_unfinished(folder: str | os.PathLike) -> list[RecordingFiles]:
                 {"recovered": "finished after the recording process ended without closing it (crash or kill)"},
             ))
     return done
+
+
+def _in_time_order(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Both speakers merged by time. Moshi's pieces keep the order they came in (their own stream's order);
+    the user's words, which come late and in batches (the STT model's delay), are placed among them by time."""
+    moshi = [p for p in pieces if p.get("speaker", MOSHI) == MOSHI]
+    others = sorted((p for p in pieces if p.get("speaker", MOSHI) != MOSHI), key=lambda p: p["t"])
+    merged: list[dict[str, Any]] = []
+    i = 0
+    for piece in moshi:
+        while i < len(others) and others[i]["t"] < piece["t"]:
+            merged.append(others[i])
+            i += 1
+        merged.append(piece)
+    return merged + others[i:]
 
 
 def _words_of(pieces: list[dict[str, Any]], speaker: str) -> str:
