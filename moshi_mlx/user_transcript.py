@@ -3,8 +3,8 @@
 :class:`UserTranscriber` runs a :class:`~moshi_mlx.transcribe.Transcriber` on its own worker thread with its own
 MLX stream (:class:`~moshi_mlx.mlx_thread.MlxThread`), so the audio callbacks that hand it frames never wait:
 :meth:`UserTranscriber.push` only queues a copy. Frames the model cannot keep up with are counted, not queued
-without end (at most :data:`MAX_BEHIND_S` of audio waits); a dropped frame is replaced by silence in the model's
-time line, so the words' times stay those of the session. Words come out through ``on_words`` on the worker
+without end (at most :data:`MAX_BEHIND_S` of audio waits); the words after a dropped frame are moved on by
+it, so their times stay those of the session. Words come out through ``on_words`` on the worker
 thread, with times in seconds from the first frame pushed.
 
 The STT model needs its own Mimi: Kyutai's STT models read 32 codebooks, Moshi's Mimi encodes 8 (16 for Hibiki 2B),
@@ -14,12 +14,13 @@ and a codec's codebook count is fixed when it is opened.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from typing import Callable
 
 import numpy as np
 
-from .audio.frames import FRAME_RATE, FRAME_SIZE
+from .audio.frames import FRAME_RATE
 from .generate import LmGen
 from .mlx_thread import MlxThread
 from .settings import GREEDY
@@ -49,6 +50,7 @@ class UserTranscriber:
         self._waiting = 0
         self._max_waiting = max(1, round(MAX_BEHIND_S * FRAME_RATE))
         self._closed = False
+        self._abandoned = False
         self.frames_in = 0
         self.dropped = 0
         self.error: BaseException | None = None
@@ -56,33 +58,37 @@ class UserTranscriber:
 
     def push(self, pcm: np.ndarray) -> None:
         """One 80 ms frame (24 kHz mono float32); returns at once. A frame that finds the model
-        :data:`MAX_BEHIND_S` behind is dropped (counted; silence takes its place)."""
-        frame = np.array(pcm, np.float32, copy=True).reshape(-1)
+        :data:`MAX_BEHIND_S` behind is dropped (counted; the words after it keep the session's times)."""
         with self._lock:
             if self._closed or self.error is not None:
                 return
             self.frames_in += 1
             if self._waiting >= self._max_waiting:
                 self.dropped += 1
-                frame = None
+                return
             self._waiting += 1
-        self._worker.submit(self._step, frame)
+            skipped = self.dropped
+        self._worker.submit(self._step, np.array(pcm, np.float32, copy=True).reshape(-1), skipped)
 
-    def _step(self, frame: np.ndarray | None) -> None:
-        import time
-
+    def _step(self, frame: np.ndarray, skipped: int) -> None:
         start = time.perf_counter()
         try:
-            if self.error is None and not self._closed:  # closing: frames still queued are let go
-                words = self.transcriber.feed(np.zeros(FRAME_SIZE, np.float32) if frame is None else frame)
-                if words:
-                    self._on_words(words)
+            if self.error is None and not self._abandoned:  # close(flush=False): frames still queued are let go
+                self._emit(self.transcriber.feed(frame), skipped)
         except BaseException as e:  # kept for the owner to raise on its own thread
             self.error = e
         finally:
             with self._lock:
                 self._waiting -= 1
             self.step_seconds.append(time.perf_counter() - start)
+
+    def _emit(self, words: list[Word], skipped: int) -> None:
+        """Words in the session's time: the model never heard the `skipped` frames dropped before them."""
+        if skipped:
+            shift = skipped / FRAME_RATE
+            words = [Word(w.text, w.start + shift, w.end + shift) for w in words]
+        if words:
+            self._on_words(words)
 
     @property
     def waiting(self) -> int:
@@ -91,12 +97,14 @@ class UserTranscriber:
             return self._waiting
 
     def close(self, flush: bool = True, timeout: float = 10.0) -> None:
-        """Stop taking frames; with `flush`, feed the model its audio delay of silence so the last words
-        come out (through `on_words`), waiting at most `timeout` seconds. Idempotent."""
+        """Stop taking frames; with `flush`, the frames still queued and then the model's audio delay of silence
+        go through it so the last words come out (through `on_words`), waited for at most `timeout` seconds;
+        without, queued frames are let go. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._abandoned = not flush
         if flush and self.error is None and self.transcriber.frames:
             done = self._worker.submit(self._finish)
             try:
@@ -106,6 +114,4 @@ class UserTranscriber:
         self._worker.close()
 
     def _finish(self) -> None:
-        words = self.transcriber.finish()
-        if words:
-            self._on_words(words)
+        self._emit(self.transcriber.finish(), self.dropped)
