@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -89,6 +91,7 @@ class BenchResult:
     mimi: MimiTimes | None = None
     pipeline: Pipeline | None = None
     long: LongRun | None = None
+    transcribe_user: Any = None  # benchmark.stt.OnTopTimes: Moshi's frame with the user's STT beside it
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:
