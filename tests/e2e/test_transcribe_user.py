@@ -190,3 +190,28 @@ def test_client_writes_down_your_words_against_local_web(jack_tools, stt_folder,
     no_traceback(err)
     assert "your words: " in err and "STT for your words" in err, err
     assert "you" in {who for _, who in re.findall(LABEL, out)}, out
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark: STT alone, and on top of Moshi
+# ------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_times_stt_alone_and_on_top_of_moshi(tmp_path):
+    def bench(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moshi_mlx.benchmark", *flags, "--steps", "4", "--warmup", "1",
+                               "--no-progress", "--json", str(tmp_path / "b.json")],
+                              env=base_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    alone = bench("--stt-only", "--stt-size", "tiny", "--dtype", "float32")
+    assert alone.returncode == 0, alone.stderr
+    assert "STT tiny float32" in alone.stdout and " RTF" in alone.stdout
+    row = json.loads((tmp_path / "b.json").read_text())["stt"][0]
+    assert row["size"] == "tiny" and row["step"]["n"] == 4 and row["rtf"] > 0
+
+    on_top = bench("--demo", "--transcribe-user", "--realtime-frames", "0", "--no-split")
+    assert on_top.returncode == 0, on_top.stderr
+    assert "--transcribe-user adds per frame" in on_top.stdout
+    extra = json.loads((tmp_path / "b.json").read_text())["transcribe_user"]
+    assert extra["alone"]["n"] == extra["with_stt"]["n"] == 4
+    assert extra["extra_ms"] == pytest.approx(extra["with_stt"]["median_ms"] - extra["alone"]["median_ms"], abs=1e-2)

@@ -160,3 +160,25 @@ def test_user_words_message_and_its_query_parameter():
     assert not protocol.parse_query({}).user_words and protocol.parse_query({"user_words": "1"}).unknown == ()
     with pytest.raises(protocol.ParamError, match="user_words must be 0 or 1"):
         protocol.parse_query({"user_words": "yes"})
+
+
+# -- the benchmark's STT layouts and flags -------------------------------------------------------------
+def test_stt_sizes_have_the_published_layouts():
+    from moshi_mlx.benchmark.stt import stt_config
+
+    one, big = stt_config("1b"), stt_config("2.6b")
+    assert (one.transformer.num_layers, one.transformer.d_model, one.transformer.context) == (16, 2048, 750)
+    assert (big.transformer.num_layers, big.transformer.num_heads, big.transformer.context) == (48, 32, 375)
+    assert one.text_only and big.text_only and one.audio_codebooks == big.audio_codebooks == 32
+    assert big.text_out_vocab_size == 4000 and big.stt.audio_delay_seconds == 2.5
+
+
+def test_benchmark_stt_flags_are_checked_before_loading():
+    from moshi_mlx.benchmark.args import build_parser, check_args
+
+    parser = build_parser()
+    args = check_args(parser, parser.parse_args(["--stt-only", "--stt-size", "tiny,1b"]))
+    assert args.stt_sizes == ["tiny", "1b"]
+    for bad in (["--stt-only", "--stt-size", "3b"], ["--stt-only", "--demo"], ["--demo", "--transcribe-user", "--lm-only"]):
+        with pytest.raises(SystemExit):
+            check_args(parser, parser.parse_args(bad))
