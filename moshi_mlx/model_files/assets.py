@@ -226,7 +226,10 @@ def resolve_stt(repo: str | None, demo: bool) -> ResolvedModel | None:
     except SttError:
         raise
     except MoshiError as e:
-        raise SttError(f"--transcribe-user {repo}: {first_line(e)}") from None
+        line = first_line(e)
+        line = line[len(repo) + 2:] if line.startswith(f"{repo}: ") else line  # the repo is named once
+        line = line.replace("pass --moshi-weights PATH", "give --transcribe-user a local folder of its files")
+        raise SttError(f"--transcribe-user {repo}: {line}") from None
     config = resolved.config
     if not config.text_only or config.stt is None:
         raise SttError(f"--transcribe-user {repo}: not a speech-to-text model (it needs dep_q 0 and an stt_config)")

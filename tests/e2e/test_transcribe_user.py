@@ -215,3 +215,18 @@ def test_benchmark_times_stt_alone_and_on_top_of_moshi(tmp_path):
     extra = json.loads((tmp_path / "b.json").read_text())["transcribe_user"]
     assert extra["alone"]["n"] == extra["with_stt"]["n"] == 4
     assert extra["extra_ms"] == pytest.approx(extra["with_stt"]["median_ms"] - extra["alone"]["median_ms"], abs=1e-2)
+
+
+def test_offline_demo_records_both_speakers(tmp_path):
+    """No sound device (a HOME without an ALSA setup): `local --demo --transcribe-user --record` writes the test
+    signal's words beside Moshi's babble, in time order, and prints them as a "you:" line."""
+    env = base_env(HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "moshi_mlx.local", "--demo", "--transcribe-user", "--record",
+                        str(tmp_path / "rec"), "--demo-output", str(tmp_path / "babble.wav")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "no usable sound device" in r.stderr and "] you: " in r.stdout
+    meta = json.loads(next((tmp_path / "rec").glob("*-transcript.json")).read_text())
+    speakers = {p["speaker"] for p in meta["pieces"]}
+    assert speakers == {"you", "moshi"} and meta["user_text"]
+    assert [p["t"] for p in meta["pieces"]] == sorted(p["t"] for p in meta["pieces"])
