@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,40 @@ def test_offline_demo_records_both_speakers(tmp_path):
     speakers = {p["speaker"] for p in meta["pieces"]}
     assert speakers == {"you", "moshi"} and meta["user_text"]
     assert [p["t"] for p in meta["pieces"]] == sorted(p["t"] for p in meta["pieces"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The web UI in a real browser: the user's words in the transcript
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_stt():
+    from moshi_mlx.model_files.assets import load_stt
+
+    stt = load_stt(None)  # the demo's tiny random STT with its own 32-codebook Mimi
+    yield stt
+    stt.close()
+
+
+@pytest.mark.asyncio
+async def test_web_ui_shows_your_words(chromium, engine, mic_wav, demo_stt):
+    """Headless Chromium with a fake microphone: our page asks for the user's words and shows "you:" turns."""
+    from tests.helpers.browser import ARTIFACTS, Browser
+    from tests.helpers.web_server import start_server, stop_server
+
+    running = await start_server(engine, stt=demo_stt)
+    browser = await Browser(chromium, mic_wav).start()
+    try:
+        await browser.goto(f"http://127.0.0.1:{running.port}/?rawmic=1&autoconnect=1")
+        shown = await browser.wait_for("window.moshi && window.moshi.stats.userWords > 0", timeout=120)
+        await browser.screenshot(ARTIFACTS / "browser_user_words.png")
+        assert shown, browser.console[-10:]
+        conv = running.server.active
+        assert conv is not None and conv.query.user_words and conv.user_words > 0
+        text = await browser.eval("document.getElementById('transcript').textContent")
+        assert re.search(r"\[\s*\d+\.\d s\] you: \S+", text), text
+        assert not [line for line in browser.console if "error" in line.lower()], browser.console[-10:]
+    finally:
+        await browser.close()
+        await stop_server(running)
