@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 
@@ -158,11 +158,12 @@ def stt_lines(rows: list[SttTimes]) -> list[str]:
 
 
 def on_top_lines(t: OnTopTimes) -> list[str]:
+    def row(name: str, s: Stats) -> str:
+        return f"{name:<46} {s.median_ms:8.2f} {s.p90_ms:8.2f} {s.max_ms:8.2f}"
+
     return [
-        f"{'Moshi frame alone (engine.process)':<46} {t.alone.median_ms:8.2f} {t.alone.p90_ms:8.2f} {t.alone.max_ms:8.2f}",
-        f"{'Moshi frame + your words (' + t.stt + ')':<46} {t.with_stt.median_ms:8.2f} {t.with_stt.p90_ms:8.2f} "
-        f"{t.with_stt.max_ms:8.2f}",
-        f"{'  the STT frame on its worker, meanwhile':<46} {t.stt_step.median_ms:8.2f} {t.stt_step.p90_ms:8.2f} "
-        f"{t.stt_step.max_ms:8.2f}",
+        row("Moshi frame alone (engine.process)", t.alone),
+        row(f"Moshi frame + your words ({t.stt})", t.with_stt),
+        row("  the STT frame on its worker, meanwhile", t.stt_step),
         f"{'--transcribe-user adds per frame':<46} {t.extra_ms:8.2f}  (RTF with it {t.rtf:.3f})",
     ]

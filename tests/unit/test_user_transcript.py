@@ -141,8 +141,8 @@ def test_older_partial_transcript_lines_read_as_moshis(tmp_path):
 
 # -- the memory plan -------------------------------------------------------------------------------
 def test_the_memory_plan_takes_the_stt_model_out_of_the_budget():
-    args = dict(weight_bytes=int(4 * GB), num_layers=32, num_heads=32, head_dim=128, context=3000,
-                budget_bytes=int(5.2 * GB))
+    args = {"weight_bytes": int(4 * GB), "num_layers": 32, "num_heads": 32, "head_dim": 128, "context": 3000,
+            "budget_bytes": int(5.2 * GB)}
     alone = plan_memory(**args)
     both = plan_memory(**args, stt_bytes=int(0.6 * GB), stt_note="STT for your words 0.60 GB")
     assert both.total_bytes <= both.budget_bytes and alone.total_bytes <= alone.budget_bytes
