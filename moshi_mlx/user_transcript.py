@@ -43,9 +43,15 @@ class UserTranscriber:
     ) -> None:
         self._on_words = on_words
         self._worker = MlxThread(name)
-        # Made on the worker: MLX arrays and caches belong to the stream (thread) that creates them.
-        self.transcriber: Transcriber = self._worker.run(
-            lambda: Transcriber(LmGen(lm, GREEDY, GREEDY, kv_bits=kv_bits), encoder, tokenizer))
+        # Made on the worker: MLX arrays and caches belong to the stream (thread) that creates them. The codec is
+        # reset first: a web server's STT Mimi serves one conversation after another.
+        def make() -> Transcriber:
+            reset = getattr(encoder, "reset_encoder", None) or getattr(encoder, "reset", None)
+            if reset is not None:
+                reset()
+            return Transcriber(LmGen(lm, GREEDY, GREEDY, kv_bits=kv_bits), encoder, tokenizer)
+
+        self.transcriber: Transcriber = self._worker.run(make)
         self._lock = threading.Lock()
         self._waiting = 0
         self._max_waiting = max(1, round(MAX_BEHIND_S * FRAME_RATE))
