@@ -39,9 +39,10 @@ class UserTranscriber:
 
     def __init__(
         self, lm, encoder: FrameEncoder, tokenizer: PieceSource, on_words: Callable[[list[Word]], None],
-        kv_bits: int = 16, name: str = "stt-user",
+        kv_bits: int = 16, name: str = "stt-user", on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._on_words = on_words
+        self._on_error = on_error  # told once, on the worker, when the model fails (then frames are ignored)
         self._worker = MlxThread(name)
         # Made on the worker: MLX arrays and caches belong to the stream (thread) that creates them. The codec is
         # reset first: a web server's STT Mimi serves one conversation after another.
@@ -83,6 +84,8 @@ class UserTranscriber:
                 self._emit(self.transcriber.feed(frame), skipped)
         except BaseException as e:  # kept for the owner to raise on its own thread
             self.error = e
+            if self._on_error is not None:
+                self._on_error(e)
         finally:
             with self._lock:
                 self._waiting -= 1

@@ -307,7 +307,11 @@ class Conversation:
         if stt is not None and self.query.user_words:  # only a client that shows them asked for them
             from ..user_transcript import UserTranscriber
 
-            self.user_stt = UserTranscriber(stt.lm, stt.mimi, stt.tokenizer, self.on_user_words)
+            self.user_stt = UserTranscriber(
+                stt.lm, stt.mimi, stt.tokenizer, self.on_user_words,
+                on_error=lambda e: self._call(self._send_error, f"your words cannot be written down: {first_line(e)}",
+                                              "stt"),
+            )
         # The handshake must be the first message; send it directly, then the rest via the queue.
         await self.ws.send_bytes(protocol.encode_handshake())
         self.out.put(protocol.encode_metadata(self.info()))

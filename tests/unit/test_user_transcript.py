@@ -182,3 +182,17 @@ def test_benchmark_stt_flags_are_checked_before_loading():
     for bad in (["--stt-only", "--stt-size", "3b"], ["--stt-only", "--demo"], ["--demo", "--transcribe-user", "--lm-only"]):
         with pytest.raises(SystemExit):
             check_args(parser, parser.parse_args(bad))
+
+
+def test_a_failing_model_is_told_once_and_later_frames_are_ignored(stt_lm):
+    class Broken(CodesOf):
+        def encode_frame(self, pcm):
+            raise RuntimeError("codec broke")
+
+    told: list[BaseException] = []
+    user = UserTranscriber(stt_lm, Broken(), Pieces(), lambda words: None, on_error=told.append)
+    user.push(frames(1)[0])
+    user.close(flush=False)
+    assert [str(e) for e in told] == ["codec broke"] and str(user.error) == "codec broke"
+    user.push(frames(1)[0])
+    assert user.frames_in == 1
