@@ -192,6 +192,8 @@ def test_a_failing_model_is_told_once_and_later_frames_are_ignored(stt_lm):
     told: list[BaseException] = []
     user = UserTranscriber(stt_lm, Broken(), Pieces(), lambda words: None, on_error=told.append)
     user.push(frames(1)[0])
+    while user.waiting:
+        time.sleep(0.01)
     user.close(flush=False)
     assert [str(e) for e in told] == ["codec broke"] and str(user.error) == "codec broke"
     user.push(frames(1)[0])
