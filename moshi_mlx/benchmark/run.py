@@ -140,6 +140,7 @@ def _stt_only(args: argparse.Namespace, argv: list[str] | None) -> int:
             cli.say(f"STT {size}: building random weights")
             lm = random_stt(size, args.quantize, dtype)
             rows.append(time_stt(size, lm, mimi, args.steps, args.warmup, args.quantize))
+            cli.say(stt_lines(rows[-1:])[1])  # each size as it is done: a long run keeps what it measured
             del lm
             mx.clear_cache()
     finally:
