@@ -109,9 +109,9 @@ def time_stt(size: str, lm, encoder, steps: int, warmup: int, bits: int | None, 
     finally:
         worker.close()
     step = Stats.of(times)
-    from mlx.utils import tree_flatten
+    from .loaded import param_count
 
-    params = sum(p.size for _, p in tree_flatten(lm.parameters()))
+    params = param_count(lm.config)  # logical, before any 4/8-bit packing
     return SttTimes(size, bits, str(lm.dtype).replace("mlx.core.", ""), int(params), gb(weights_bytes(lm)), step,
                     round(step.median_ms / FRAME_MS, 3))
 
