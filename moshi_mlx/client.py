@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_persona_args(p, remote=True)
     cli.add_verbose_arg(p)
     add_record_arg(add_audio_args(p))
+    cli.add_transcribe_user_arg(p)
+    cli.add_codec_args(p)  # the Mimi of --transcribe-user's model
     return p
 
 
@@ -262,9 +264,14 @@ def converse(args: argparse.Namespace) -> int:
     url = chat_url(args.url, {**sampling_params(**{name: getattr(args, name) for name in cli.SAMPLING_PARAMS}),
                               **persona_params(args)})
     ssl_ctx = client_context(args.insecure, args.cafile) if url.scheme == "wss" else None
+    want_stt, stt_resolved = cli.resolve_user_stt(args)  # a bad REPO: one line before anything loads
     # The record folder and the devices are checked before connecting: a mistake should not occupy the server.
     server = _Server(args, url, ssl_ctx)
     server.session = TerminalSession(args, server, NO_SOUND_HINT)
+    if want_stt:  # the user's words, written down here (the server only sees audio)
+        stt = cli.load_user_stt(args, stt_resolved, log=cli.say)
+        cli.say(f"your words: {stt.description}; {stt.memory_note()}")
+        server.session.attach_user_transcriber(stt)
     # also on a lost connection: what was said until then is saved, and summed up
     return server.session.run(lambda: asyncio.run(server.run()), summary_on_error=True)
 

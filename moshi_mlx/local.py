@@ -42,7 +42,7 @@ NO_SOUND_HINT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli.flags import add_engine_args, add_stt_demo_arg
+    from .cli.flags import add_engine_args, add_stt_demo_arg, add_transcribe_user_arg
     from .transcribe import heads_note
 
     p = argparse.ArgumentParser(
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(p, persona=True)
     add_stt_demo_arg(p)
+    add_transcribe_user_arg(p)
     g = add_audio_args(p)
     add_record_arg(g)
     g.add_argument(
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def converse(args: argparse.Namespace) -> int:
-    from .cli.flags import check_persona_args, load_from_args, resolve_from_args, settings_from_args
+    from .cli.flags import (
+        check_persona_args, load_from_args, load_user_stt, resolve_from_args, resolve_user_stt, settings_from_args,
+    )
 
     _check_demo_output(args)
     check_persona_args(args)
@@ -81,19 +84,25 @@ def converse(args: argparse.Namespace) -> int:
     if args.demo == STT_DEMO or (resolved is not None and resolved.config.text_only):  # captions, no speaker
         from .cli.live_captions import caption
 
+        if args.transcribe_user is not None:
+            raise UsageError("--transcribe-user: this model is a speech-to-text model; it already writes your words down")
         return caption(args, resolved)
+    want_stt, stt_resolved = resolve_user_stt(args)
     can_demo = args.demo and args.input_device is None and args.output_device is None
     moshi = LocalMoshi()
     try:
         session = TerminalSession(args, moshi, no_sound_hint=None if can_demo else NO_SOUND_HINT)
     except AudioDeviceError as e:
         if can_demo:
-            return _offline_demo(args, e)
+            return _offline_demo(args, e, stt_resolved if want_stt else False)
         raise
 
     t0 = time.perf_counter()
-    assets = load_from_args(args, log=_log, resolved=resolved)
+    stt = load_user_stt(args, stt_resolved, log=_log) if want_stt else None
+    assets = load_from_args(args, log=_log, resolved=resolved, stt=stt)
     engine = assets.engine(settings_from_args(args, assets.lm.config))
+    if stt is not None:
+        session.attach_user_transcriber(stt)
     load_s = time.perf_counter() - t0
     warm_s = engine.warmup()
     _log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description}")
@@ -128,9 +137,10 @@ def _write_demo_wav(pcm, chosen: str | None) -> Path:
                 raise OutputError(f"--demo-output {chosen}: was created meanwhile; the demo never replaces a file") from None
 
 
-def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
-    """--demo on a machine with no usable sound device: run the same pipeline on a test signal."""
-    from .cli.flags import load_from_args, settings_from_args
+def _offline_demo(args: argparse.Namespace, device_error: BaseException, stt_resolved: object = False) -> int:
+    """--demo on a machine with no usable sound device: run the same pipeline on a test signal.
+    `stt_resolved`: --transcribe-user's model as resolve_user_stt found it (False: not asked for)."""
+    from .cli.flags import load_from_args, load_user_stt, settings_from_args
     from .clips import converse_offline
 
     _log(f"no usable sound device ({first_line(device_error)})")
@@ -138,7 +148,8 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     if args.demo_output is None:  # the folder must take a file before 10 s of work, not after
         check_outputs(inputs=[], outputs=[fresh_path(".", "moshi-demo", ".wav")])
     _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {where}")
-    assets = load_from_args(args, log=_log)
+    stt = load_user_stt(args, stt_resolved, log=_log) if stt_resolved is not False else None
+    assets = load_from_args(args, log=_log, stt=stt)
     engine = assets.engine(settings_from_args(args, assets.lm.config))
     t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
     # A gliding tone with a syllable-like envelope stands in for a voice.
@@ -155,6 +166,9 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     finally:
         engine.close()
     print(flush=True)
+    words = _user_words_offline(stt, signal_in.astype(np.float32)) if stt is not None else []
+    if words:
+        print(f"[{words[0].start:7.1f} s] you: " + " ".join(w.text for w in words), flush=True)
     written = _write_demo_wav(out, args.demo_output)
     recorder = make_recorder(args.record)
     if recorder is not None:
@@ -162,9 +176,28 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         recorder.add_moshi(out)
         for p in pieces:
             recorder.add_text(p["text"], p["start"])
+        for w in words:
+            recorder.add_text(" " + w.text, w.start, speaker="you", end=w.end)
         save_recording(recorder, {"model": assets.description})
     _log(f"demo done: {len(pieces)} transcript pieces, {out.size / SAMPLE_RATE:.1f} s of audio written to {written}")
     return 0
+
+
+def _user_words_offline(stt, pcm: np.ndarray) -> list:
+    """--transcribe-user in the offline demo: the test signal's words from the STT model (the same worker-thread
+    transcriber as live, fed at once and flushed)."""
+    from .audio.frames import FRAME_SIZE
+    from .user_transcript import UserTranscriber
+
+    words: list = []
+    user = UserTranscriber(stt.lm, stt.mimi, stt.tokenizer, words.extend)
+    for i in range(0, pcm.size - FRAME_SIZE + 1, FRAME_SIZE):
+        while user.waiting > 10:  # offline: nothing to drop, so wait for the model
+            time.sleep(0.01)
+        user.push(pcm[i:i + FRAME_SIZE])
+    user.close(flush=True, timeout=60.0)
+    stt.close()
+    return words
 
 
 #: ``main(argv) -> exit code``; ``console_main()``: the command line's entry (``main()``, then a quick exit).

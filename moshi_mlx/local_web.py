@@ -30,6 +30,8 @@ import sys
 import time
 
 from . import cli
+from .errors import UsageError
+from .model_files.assets import STT_DEMO
 from .net.protocol import DEFAULT_PORT
 from .server.app import ChatServer, create_app, find_web_dir
 from .net.asr_protocol import ASR_PATH
@@ -43,7 +45,7 @@ DEFAULT_HOST = "localhost"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli.flags import add_engine_args, add_lag_arg, add_stt_demo_arg
+    from .cli.flags import add_engine_args, add_lag_arg, add_stt_demo_arg, add_transcribe_user_arg
 
     p = argparse.ArgumentParser(
         prog="python -m moshi_mlx.local_web",
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(p, persona=True)  # a persona model's prompt and voice: the defaults of every connection
     add_stt_demo_arg(p)
+    add_transcribe_user_arg(p)
     g = p.add_argument_group("web server")
     g.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     g.add_argument("--port", type=cli.integer(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
@@ -84,24 +87,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .cli.flags import check_persona_args, load_from_args, settings_from_args
+    from .cli.flags import check_persona_args, load_from_args, load_user_stt, resolve_user_stt, settings_from_args
 
     server: ChatServer | None = None
     try:
         check_persona_args(args)  # a prompt file or voice path that cannot be read: one line, nothing loaded
         web_dir = find_web_dir(args.web_dir)  # fail before the (slow) model load
+        want_stt, stt_resolved = resolve_user_stt(args)  # a bad REPO: one line, nothing loaded
+        if want_stt and args.demo == STT_DEMO:
+            raise UsageError("--transcribe-user: --demo-stt already writes your words down")
         ssl_ctx, announce = ssl_setup(args.ssl, args.host)
         check_port_free(args.host, args.port)
         t0 = time.perf_counter()
-        assets = load_from_args(args)
+        stt = load_user_stt(args, stt_resolved) if want_stt else None
+        assets = load_from_args(args, stt=stt)
         engine = assets.engine(settings_from_args(args, assets.lm.config))
+        if stt is not None and engine.text_only:
+            raise UsageError("--transcribe-user: this model is a speech-to-text model; it already writes your words down")
         load_s = time.perf_counter() - t0
         warm_s = engine.warmup()
         log.info("ready in %.1f s (load %.1f s, warm-up %.1f s): %s", load_s + warm_s, load_s, warm_s, assets.description)
         server = ChatServer(
             engine, description=assets.description, demo=assets.demo, max_pending=args.max_lag_frames,
             lm_model_file=assets.lm_file,
-            policy=HostPolicy(args.host, args.allow_origin),
+            policy=HostPolicy(args.host, args.allow_origin), stt=stt,
         )
         # A speech-to-text model also answers Kyutai's STT WebSocket (what Unmute's STT client speaks).
         asr = AsrServer(EngineStt(engine), policy=server.policy) if engine.text_only else None

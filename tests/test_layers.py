@@ -45,7 +45,7 @@ LAYERS: list[set[str]] = [
     {"generate", "model_files.checkpoint", "net.address", "codec.network"},
     {"transcribe", "persona", "voice_presets"},  # timed words from an STT model; a persona's system prompt; its voice presets converted once
     {"engine", "clips", "model_files.stand_ins", "model_files.voice_archive", "model_files.lora", "net.remote", "audio.mlx_mimi"},
-    {"audio.codec_choice"},  # which Mimi: rustymimi or the MLX one
+    {"audio.codec_choice", "user_transcript"},  # which Mimi (rustymimi or the MLX one); the user's words beside Moshi
     {"model_files.assets", "model_files.convert", "server.session", "server.asr", "captions"},  # load(): the one front door; one client around the engine
     {"server.app", "caption_recording"},
     {"cli.shell", "cli.progress", "cli.display"},

@@ -5,6 +5,8 @@
 // WebSocket 0x01 (Ogg/Opus pages) -> ogg-opus-decoder (48 kHz PCM) -> AudioWorklet
 // "moshi-playback" (jitter buffer, resampling) -> speakers.
 // 0x02 text goes to the transcript, 0x04 metadata to the status line, 0x05 errors to the user.
+// 0x08 (ours: asked for with user_words=1) carries the user's words from a server run with
+// --transcribe-user; they go to the transcript as "you:" turns beside Moshi's "moshi:" ones.
 // Each conversation is recorded in the page (recorder.js): both voices as heard and the timed
 // transcript, offered as files during and after it. Nothing is uploaded.
 //
@@ -15,7 +17,7 @@
 import { ConversationRecording } from "./recorder.js";
 import { RecordingJournal, lastUnsaved, markSaved } from "./recording-store.js";
 
-const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5, PING: 6 };
+const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5, PING: 6, USER_WORDS: 8 };
 const STORAGE_KEY = "moshi_mlx.settings";
 const MAX_WS_BUFFER = 256 * 1024; // bytes queued in the socket before mic pages are skipped
 const INFO_POLL_MS = 3000; // how often an idle page asks whether the server is free
@@ -80,6 +82,7 @@ const stats = {
   bufferedMs: 0,
   textPieces: 0,
   transcriptChars: 0,
+  userWords: 0, // the user's words the server wrote down (0x08)
   inputRms: 0,
   maxInputRms: 0,
   outputRms: 0,
@@ -176,6 +179,28 @@ function startTurn(heading = `Conversation at ${new Date().toLocaleTimeString()}
   p.append(head, document.createTextNode(""));
   ui.transcript.append(p);
   currentTurn = p.lastChild;
+  speaking = "moshi";
+}
+// Who the open line belongs to once the user's words come too: a change of speaker starts a labelled line.
+let speaking = "moshi";
+function speakerLine(who, seconds) {
+  const p = document.createElement("p");
+  p.className = `speaker-${who}`;
+  const head = document.createElement("span");
+  head.className = "turn-head";
+  head.textContent = `[${seconds.toFixed(1)} s] ${who}: `;
+  p.append(head, document.createTextNode(""));
+  ui.transcript.append(p);
+  speaking = who;
+  return p.lastChild;
+}
+function addUserWords(words) {
+  if (!currentTurn) startTurn();
+  if (!words.length) return;
+  if (speaking !== "you") currentTurn = speakerLine("you", words[0].start);
+  for (const w of words) currentTurn.data += (currentTurn.data ? " " : "") + w.text;
+  stats.userWords += words.length;
+  ui.transcript.scrollTop = ui.transcript.scrollHeight;
 }
 function addText(piece) {
   if (turnEnded && piece.trim()) {
@@ -183,6 +208,7 @@ function addText(piece) {
     startTurn(`Next turn, from ${session ? session.elapsed().toFixed(1) : "?"} s`);
   }
   if (!currentTurn) startTurn();
+  if (speaking === "you") currentTurn = speakerLine("moshi", session ? session.elapsed() : 0);
   if (session && session.recording) session.recording.addText(piece, session.elapsed());
   const atBottom = ui.transcript.scrollHeight - ui.transcript.scrollTop - ui.transcript.clientHeight < 30;
   let text = piece;
@@ -407,6 +433,7 @@ class Session {
 
   wsUrl() {
     const params = settingsQuery();
+    params.set("user_words", "1"); // a server with --transcribe-user then sends the user's words (0x08)
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     const qs = params.toString();
     return `${scheme}//${location.host}/api/chat${qs ? "?" + qs : ""}`;
@@ -451,6 +478,13 @@ class Session {
         break;
       case KIND.TEXT:
         addText(new TextDecoder().decode(payload));
+        break;
+      case KIND.USER_WORDS:
+        try {
+          addUserWords(JSON.parse(new TextDecoder().decode(payload)).words || []);
+        } catch (e) {
+          /* not JSON: ignore */
+        }
         break;
       case KIND.METADATA:
         try {

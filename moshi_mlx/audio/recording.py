@@ -16,7 +16,9 @@ recording, each put in place atomically (whole or absent), then removes the part
 
 * ``<stem>-stereo.wav``; ``<stem>-mixed.wav``: both voices mixed to mono (what a listener in the room heard);
 * ``<stem>-transcript.txt``: Moshi's words; ``<stem>-transcript.json``: the pieces with their start
-  times, plus what the files hold.
+  times and ``speaker``, plus what the files hold. With the user's words too (``--transcribe-user``: pieces
+  with ``speaker`` "you" and an ``end``), the pieces are in time order, ``text`` stays Moshi's words,
+  ``user_text`` holds the user's and the ``.txt`` becomes the dialogue (``[12.3 s] you: ...`` lines).
 
 ``<stem>`` is ``moshi-<date>-<time>`` with a counter appended when needed: a recording never replaces a file.
 Memory stays bounded (the audio is on disk, not in a list), whatever the conversation's length.
@@ -42,6 +44,8 @@ from .files import to_pcm16
 from .frames import SAMPLE_RATE
 from .wav_stream import HEADER_BYTES, WavStream, read_frames, stereo_to_mixed
 
+#: Who said a transcript piece: the names the transcript JSON's `speaker`, the terminal and the web UI use.
+MOSHI, USER = "moshi", "you"
 SUFFIXES = ("stereo.wav", "mixed.wav", "transcript.txt", "transcript.json")
 PARTIAL_SUFFIXES = ("stereo.partial.wav", "transcript.partial.jsonl")
 STEM = "moshi"
@@ -163,15 +167,19 @@ class ConversationRecorder:
             self._moshi.append(chunk)
             self._n_moshi += chunk.size
 
-    def add_text(self, text: str, t: float | None = None) -> None:
-        """A transcript piece; ``t`` is its time in seconds from the start (default: now)."""
+    def add_text(self, text: str, t: float | None = None, speaker: str = MOSHI, end: float | None = None) -> None:
+        """A transcript piece; ``t`` is its time in seconds from the start (default: now). ``speaker``: whose
+        words (:data:`MOSHI`, or :data:`USER` for the user's words from a speech-to-text model, with their
+        ``end``); pieces may come out of time order (the STT model's delay): the finished transcript sorts them."""
         if not text:
             return
         with self._lock:
             self._start()
             if t is None:
                 t = self._clock() - self._t0
-            piece = {"t": round(float(t), 3), "text": text}
+            piece: dict[str, Any] = {"t": round(float(t), 3), "text": text, "speaker": speaker}
+            if end is not None:
+                piece["end"] = round(float(end), 3)
             self._pieces.append(piece)
             self._all_pieces.append(piece)
 
@@ -186,8 +194,9 @@ class ConversationRecorder:
             return not (self._n_user or self._n_moshi or self._all_pieces)
 
     def transcript(self) -> str:
+        """Moshi's words."""
         with self._lock:
-            return "".join(p["text"] for p in self._all_pieces).strip()
+            return _words_of(self._all_pieces, MOSHI)
 
     @property
     def partial_paths(self) -> tuple[Path, Path] | None:
@@ -263,7 +272,10 @@ def _finalise(
     wav_part, text_part = partial
     frames = sum(f.shape[0] for f in read_frames(wav_part, 1 << 20))
     seconds = frames / rate
-    text = "".join(p["text"] for p in pieces).strip()
+    pieces = _in_time_order(pieces)
+    text = _words_of(pieces, MOSHI)
+    two_sided = any(p.get("speaker", MOSHI) != MOSHI for p in pieces)
+    text_file = _dialogue(pieces) if two_sided else text
     for attempt in range(1000):
         paths = (
             [folder / f"{stem}-{s}" for s in SUFFIXES] if attempt == 0
@@ -276,6 +288,7 @@ def _finalise(
             "channels": {"left": "you (microphone, after echo cancellation)", "right": "Moshi"},
             "files": dict(zip(("stereo", "mixed", "text", "json"), (p.name for p in paths))),
             "text": text,
+            **({"user_text": _words_of(pieces, USER)} if two_sided else {}),
             "pieces": pieces,
             **(info or {}),
         }
@@ -285,7 +298,7 @@ def _finalise(
             made.append(paths[0])
             writers = [
                 lambda tmp: stereo_to_mixed(wav_part, tmp, rate),
-                lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"),
+                lambda tmp: tmp.write_text(text_file + "\n", encoding="utf-8"),
                 lambda tmp: tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"),
             ]
             for path, write in zip(paths[1:], writers):
@@ -352,6 +365,39 @@ def recover_unfinished(folder: str | os.PathLike) -> list[RecordingFiles]:
     return done
 
 
+def _in_time_order(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Both speakers merged by time. Moshi's pieces keep the order they came in (their own stream's order);
+    the user's words, which come late and in batches (the STT model's delay), are placed among them by time."""
+    moshi = [p for p in pieces if p.get("speaker", MOSHI) == MOSHI]
+    others = sorted((p for p in pieces if p.get("speaker", MOSHI) != MOSHI), key=lambda p: p["t"])
+    merged: list[dict[str, Any]] = []
+    i = 0
+    for piece in moshi:
+        while i < len(others) and others[i]["t"] < piece["t"]:
+            merged.append(others[i])
+            i += 1
+        merged.append(piece)
+    return merged + others[i:]
+
+
+def _words_of(pieces: list[dict[str, Any]], speaker: str) -> str:
+    """One speaker's words (a piece without `speaker`, as older recordings wrote them, is Moshi's)."""
+    return "".join(p["text"] for p in pieces if p.get("speaker", MOSHI) == speaker).strip()
+
+
+def _dialogue(pieces: list[dict[str, Any]]) -> str:
+    """Both speakers as turns, in time order: `[12.3 s] you: ...` lines, one per change of speaker."""
+    lines: list[str] = []
+    speaker = None
+    for p in pieces:
+        who = p.get("speaker", MOSHI)
+        if who != speaker:
+            lines.append(f"[{p['t']:.1f} s] {who}:")
+            speaker = who
+        lines[-1] += p["text"] if lines[-1][-1] != ":" else " " + p["text"].lstrip()
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def _read_pieces(path: Path) -> list[dict[str, Any]]:
     pieces = []
     try:
@@ -361,7 +407,10 @@ def _read_pieces(path: Path) -> list[dict[str, Any]]:
     for line in lines:
         try:
             piece = json.loads(line)
-            pieces.append({"t": float(piece["t"]), "text": str(piece["text"])})
+            read = {"t": float(piece["t"]), "text": str(piece["text"]), "speaker": str(piece.get("speaker", MOSHI))}
+            if piece.get("end") is not None:
+                read["end"] = float(piece["end"])
+            pieces.append(read)
         except (ValueError, KeyError, TypeError):
             break  # the last line, cut short by the kill
     return pieces

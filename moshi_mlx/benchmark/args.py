@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli.flags import add_engine_args
+from ..cli.flags import add_engine_args, add_transcribe_user_arg
 from .loaded import RANDOM_CONFIGS
 from .long import DEFAULT_LONG_STEPS
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype float32 | --long",
     )
     add_engine_args(p, persona=True)  # -q, --hf-repo, --moshi-weights, ..., --demo, --dtype, sampling, --seed: as the app
+    add_transcribe_user_arg(p)  # also time the user's STT model beside Moshi: the extra cost per frame
     g = p.add_argument_group("random weights (nothing downloaded; precision from -q and --dtype)")
     g.add_argument("--config", choices=sorted(RANDOM_CONFIGS),
                    help="random weights in the published layout of this config (hibiki-*: conditioned, so the step is "
@@ -39,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"frames fed at the real 80 ms pace (latency, dropped frames; default "
                    f"min({DEFAULT_REALTIME_FRAMES}, --steps); 0 skips)")
     r.add_argument("--lm-only", action="store_true", help="skip Mimi and the pipeline")
+    r.add_argument("--stt-only", action="store_true",
+                   help="time speech-to-text models alone instead of Moshi: step time and real-time factor per size "
+                   "(random weights; --stt-size, -q, --dtype)")
+    r.add_argument("--stt-size", default="1b,2.6b", metavar="SIZES",
+                   help="with --stt-only: comma-separated sizes among tiny, 1b, 2.6b (default 1b,2.6b)")
     r.add_argument("--no-split", action="store_true", help="skip timing the step's two halves")
     r.add_argument("--long", action="store_true",
                    help=f"long session from a fresh start: {DEFAULT_LONG_STEPS} steps (one hour of audio; tiny config "
@@ -60,6 +66,23 @@ def _files_given(args: argparse.Namespace) -> list[str]:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Refuse bad or conflicting flags with one line (parser.error: exit 2) before anything loads."""
     files = _files_given(args)
+    if args.stt_only:
+        from .stt import STT_SIZES
+
+        sizes = [x.strip() for x in args.stt_size.split(",") if x.strip()]
+        bad = [x for x in sizes if x not in STT_SIZES]
+        if not sizes or bad:
+            parser.error(f"--stt-size: choose among {', '.join(STT_SIZES)}, got {args.stt_size!r}")
+        if files or args.demo or args.config or args.long or args.transcribe_user is not None:
+            parser.error("--stt-only times random STT weights by itself: leave out the model flags, --demo, --config, "
+                         "--long and --transcribe-user")
+        args.stt_sizes = sizes
+        args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+        if args.steps < 1 or args.warmup < 0:
+            parser.error("--steps must be >= 1 and --warmup >= 0")
+        return args
+    if args.transcribe_user is not None and (args.lm_only or args.long):
+        parser.error("--transcribe-user times the whole pipeline: leave out --lm-only and --long")
     if args.long and args.config is None and not files and args.quantize is None and not args.demo:
         args.config = "tiny"
     if args.demo and (args.config or files or args.quantize is not None):

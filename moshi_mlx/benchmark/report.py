@@ -97,6 +97,10 @@ def format_table(res: BenchResult) -> str:
         if p.realtime is not None:
             rt = p.realtime
             lines.append(f"{'real-time pace':<46} {rt.frames_out} frames out of {rt.frames_in} in, {rt.dropped} dropped")
+    if res.transcribe_user is not None:
+        from .stt import on_top_lines
+
+        lines += on_top_lines(res.transcribe_user)
     v = res.verdict
     lines.append(f"{'real-time factor':<46} {v.rtf:8.3f}  (work / 80 ms, {v.basis}): {pace(v.ms_per_frame)}")
     mem = res.memory

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -90,6 +92,7 @@ class BenchResult:
     pipeline: Pipeline | None = None
     long: LongRun | None = None
     prompt: PromptTimes | None = None  # a persona prompt (--text-prompt / --voice): played vs restored
+    transcribe_user: Any = None  # benchmark.stt.OnTopTimes: Moshi's frame with the user's STT beside it
     schema: str = SCHEMA
 
     def to_dict(self) -> dict:

@@ -102,6 +102,8 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
         realtime = None
         if args.realtime_frames > 0:
             realtime = time_runner(engine, args.realtime_frames, short_warmup, position, True, progress, probe.sample)
+        if args.transcribe_user is not None:
+            out["transcribe_user"] = _time_user_stt(args, engine, progress)
     finally:
         engine.close()
     out["pipeline"] = Pipeline(sequential, threaded, realtime)
@@ -113,6 +115,57 @@ def _short_run(args: argparse.Namespace, loaded: Loaded, position: int, progress
     dropped = realtime.dropped if realtime is not None else 0
     out["verdict"] = verdict(ms, loaded.info.label, machine.where(), basis, dropped, lm.step.p90_ms)
     return out
+
+
+def _time_user_stt(args: argparse.Namespace, engine: ConversationEngine, progress: cli.Progress):
+    """--transcribe-user: the app's STT model (or the demo's stand-in) beside Moshi, frame by frame."""
+    from .stt import time_on_top
+
+    _, resolved = cli.resolve_user_stt(args)
+    stt = cli.load_user_stt(args, resolved, log=cli.say)
+    try:
+        return time_on_top(engine, stt.lm, stt.mimi, stt.description, args.steps, min(args.warmup, 5))
+    finally:
+        stt.close()
+
+
+def _stt_only(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """--stt-only: each STT size alone, random weights, through the demo's random Mimi (32 codebooks)."""
+    import json
+
+    from ..audio.codec_choice import CodecChoice, open_mimi
+    from ..model_files.checkpoint import DTYPES
+    from ..model_files.stand_ins import demo_assets
+    from .stt import random_stt, stt_lines, time_stt
+
+    _set_device(args.device)
+    machine = machine_info()
+    dtype = DTYPES[args.dtype] if args.dtype else mx.bfloat16
+    mimi = open_mimi(demo_assets().mimi_path, 32, CodecChoice.from_args(args), cli.say)
+    rows = []
+    try:
+        for size in args.stt_sizes:
+            cli.say(f"STT {size}: building random weights")
+            lm = random_stt(size, args.quantize, dtype)
+            rows.append(time_stt(size, lm, mimi, args.steps, args.warmup, args.quantize))
+            cli.say(stt_lines(rows[-1:])[1])  # each size as it is done: a long run keeps what it measured
+            del lm
+            mx.clear_cache()
+    finally:
+        mimi.close()
+    print("\n".join([f"machine : {machine.chip} | {machine.os} | MLX {machine.mlx_version} on {machine.mlx_device}",
+                      f"run     : {args.steps} timed frames after {args.warmup} warm-up, Mimi "
+                      f"{getattr(mimi, 'memory_note', '')}", "", *stt_lines(rows)]), flush=True)
+    if args.json:
+        from dataclasses import asdict
+
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python -m moshi_mlx.benchmark", *(sys.argv[1:] if argv is None else argv)])
+        path.write_text(json.dumps({"command": command, "machine": asdict(machine),
+                                    "stt": [asdict(r) for r in rows]}, indent=2) + "\n")
+        cli.say(f"wrote {path}")
+    return 0
 
 
 def _long_run(args: argparse.Namespace, loaded: Loaded, progress: cli.Progress, machine: Machine) -> dict:
@@ -199,6 +252,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> BenchResult:
         pipeline=out.get("pipeline"),
         long=out.get("long"),
         prompt=out.get("prompt"),
+        transcribe_user=out.get("transcribe_user"),
     )
 
 
@@ -208,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(parser, args, argv: list[str] | None) -> int:
-    result = run(check_args(parser, args), argv)
+    args = check_args(parser, args)
+    if args.stt_only:
+        return _stt_only(args, argv)
+    result = run(args, argv)
     print(format_table(result), flush=True)
     if args.json:
         path = Path(args.json)

@@ -28,6 +28,8 @@ class Display:
         self.status = ""
         self._last_status_print = 0.0
         self._printed_status = ""
+        self._started = False  # anything written to stdout yet
+        self.speaking: str | None = None  # with two speakers (--transcribe-user): whose line is open
 
     def _width(self) -> int:
         return max(40, shutil.get_terminal_size((100, 24)).columns - 1)
@@ -44,6 +46,7 @@ class Display:
         sys.stderr.flush()
 
     def text(self, piece: str) -> None:
+        self._started = True
         if not self.tty:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -67,6 +70,24 @@ class Display:
         sys.stdout.flush()
         if self.tty and (self.line or self.status):
             self._redraw()
+
+    def speaker(self, name: str, seconds: float) -> None:
+        """Two speakers: when `name` takes over, the open line ends and a new one starts with `[time] name:`."""
+        if name == self.speaking:
+            return
+        self.speaking = name
+        label = f"[{seconds:7.1f} s] {name}:"
+        if not self.tty:
+            sys.stdout.write(("\n" if self._started else "") + label)
+            sys.stdout.flush()
+            self._started = True
+            return
+        if self.line.strip():
+            self._clear()
+            sys.stdout.write(self.line.strip() + "\n")
+            sys.stdout.flush()
+        self.line = label
+        self._redraw()
 
     def set_status(self, status: str, now: float) -> None:
         self.status = status

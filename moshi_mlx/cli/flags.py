@@ -15,7 +15,7 @@ from typing import Callable
 from ..audio.codec_choice import CODECS, CodecChoice
 from ..audio.mlx_mimi import DEFAULT_DEVICE, DEVICES
 from ..conditioning import check_conditioning, model_settings
-from ..model_files.assets import Assets, load, refuse_demo_flags
+from ..model_files.assets import DEFAULT_STT_REPO, Assets, SttAssets, load, load_stt, refuse_demo_flags, resolve_stt
 from ..model_files.checkpoint import DTYPES, ResolvedModel, resolve_model
 from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME
 from ..model_files.source import ModelSource
@@ -264,8 +264,42 @@ def resolve_from_args(args: argparse.Namespace) -> ResolvedModel | None:
     return resolve_model(source)
 
 
+#: `--transcribe-user` given without REPO: the default STT model (the demo's stand-in with --demo).
+_STT_DEFAULT = "default"
+
+
+def add_transcribe_user_arg(parser: argparse.ArgumentParser) -> None:
+    """--transcribe-user [REPO]: a speech-to-text model writes the user's side down too (local, local_web, client)."""
+    g = parser.add_argument_group("your words")
+    g.add_argument(
+        "--transcribe-user", nargs="?", const=_STT_DEFAULT, default=None, metavar="REPO",
+        help=f"also write down what you say, with a speech-to-text model beside Moshi in this process (default "
+        f"{DEFAULT_STT_REPO}; a hub repo id or a local folder of its files; with --demo, a tiny random stand-in): "
+        "the terminal shows both speakers with times, --record's transcript holds both, the web UI shows yours",
+    )
+
+
+def stt_repo(args: argparse.Namespace) -> str | None:
+    """The REPO given to --transcribe-user (None: the default, or the demo's stand-in with --demo)."""
+    value = getattr(args, "transcribe_user", None)
+    return None if value in (None, _STT_DEFAULT) else value
+
+
+def resolve_user_stt(args: argparse.Namespace) -> tuple[bool, object]:
+    """(wanted, resolved): --transcribe-user checked and its files found before anything loads (one line if not)."""
+    if getattr(args, "transcribe_user", None) is None:
+        return False, None
+    return True, resolve_stt(stt_repo(args), bool(getattr(args, "demo", False)))
+
+
+def load_user_stt(args: argparse.Namespace, resolved: object, log: Callable[[str], None] = say) -> SttAssets:
+    """The STT model for the user's words, with its own Mimi (the codec flags apply to it too)."""
+    return load_stt(resolved, CodecChoice.from_args(args), log, getattr(args, "dtype", None))
+
+
 def load_from_args(
-    args: argparse.Namespace, log: Callable[[str], None] = say, resolved: ResolvedModel | None = None
+    args: argparse.Namespace, log: Callable[[str], None] = say, resolved: ResolvedModel | None = None,
+    stt: SttAssets | None = None,
 ) -> Assets:
     """load() from the shared flags (`resolved`: :func:`resolve_from_args`'s answer), then fit the memory
     budget (one line says what it chose).
@@ -281,7 +315,7 @@ def load_from_args(
 
     assets = load(ModelSource.from_args(args), demo=args.demo, dtype=args.dtype, log=log, progress=progress,
                   resolved=resolved, check=check, codec=CodecChoice.from_args(args))
-    assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log)
+    assets.plan_memory(getattr(args, "max_memory", None), getattr(args, "kv_bits", None), log, stt=stt)
     folder = voices_dir_from_args(args)
     if folder is not None:
         assets.voices_dir = folder

@@ -188,17 +188,52 @@ class TerminalSession:
         self._warned_drops = 0
         self._last_warn = 0.0
         self._told_silent = False
+        # --transcribe-user: the user's words from an STT model on its own thread (attach_user_transcriber)
+        self.user_stt = None
+        self._user_words: queue.SimpleQueue = queue.SimpleQueue()
+        self.user_word_count = 0
+        self._t0: float | None = None  # the first frame heard while listening: both speakers' times count from it
 
     # -- the devices' threads ---------------------------------------------------------------------
     def _heard(self, frame: np.ndarray) -> None:  # PortAudio's thread: the mic
         if self.far.listening:
+            if self._t0 is None:
+                self._t0 = time.monotonic()
             if self.recorder is not None:  # only while the far end listens: both sides start together
                 self.recorder.add_user(frame)
             self.far.push(frame)
+            if self.user_stt is not None:  # only queues a copy: never waits
+                self.user_stt.push(frame)
 
     def _played(self, frame: np.ndarray) -> None:  # PortAudio's thread: Moshi's side as it goes out
         if self.recorder is not None and self.far.listening:
             self.recorder.add_moshi(frame)
+
+    # -- the user's words (--transcribe-user) ------------------------------------------------------
+    def attach_user_transcriber(self, stt) -> None:
+        """Write the user's side down too: `stt` (:class:`~moshi_mlx.model_files.assets.SttAssets`) runs on the
+        microphone's frames on its own worker thread; its words are shown and recorded from the main thread."""
+        from ..user_transcript import UserTranscriber
+
+        self.user_stt = UserTranscriber(stt.lm, stt.mimi, stt.tokenizer, self._user_words.put)
+
+    def _show_user_words(self) -> None:
+        from ..audio.recording import USER
+
+        while True:
+            try:
+                words = self._user_words.get_nowait()
+            except queue.Empty:
+                return
+            for word in words:
+                self.user_word_count += 1
+                self.display.speaker(USER, word.start)
+                self.display.text(" " + word.text)
+                if self.recorder is not None:
+                    self.recorder.add_text(" " + word.text, word.start, speaker=USER, end=word.end)
+
+    def _now(self) -> float:
+        return 0.0 if self._t0 is None else time.monotonic() - self._t0
 
     # -- for the far end ----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -213,6 +248,10 @@ class TerminalSession:
         self.audio.play(pcm)
 
     def text(self, piece: str) -> None:
+        if self.user_stt is not None:  # two speakers: Moshi's words get their label and time too
+            from ..audio.recording import MOSHI
+
+            self.display.speaker(MOSHI, self._now())
         self.display.text(piece)
         if self.recorder is not None:
             self.recorder.add_text(piece)
@@ -230,6 +269,9 @@ class TerminalSession:
         """The status line (``prefix`` first: the captions' end-of-turn meter); ``warning(dropped, lag_ms)`` at
         most every 2 s while frames are being dropped."""
         now = time.monotonic()
+        self._show_user_words()
+        if self.user_stt is not None and self.user_stt.error is not None:
+            raise self.user_stt.error
         if self.audio.silence.silent and not self._told_silent:  # e.g. macOS before the permission is granted
             self._told_silent = True
             self.display.message(silent_microphone_line())
@@ -262,6 +304,9 @@ class TerminalSession:
     def _close(self, summary: bool) -> None:
         self.audio.close()
         self.far.close()
+        if self.user_stt is not None:  # the last words: the model's audio delay flushed with silence
+            self.user_stt.close(flush=self.far.reached)
+            self._show_user_words()
         self.display.finish()
         if not self.far.reached:
             return
@@ -278,9 +323,11 @@ class TerminalSession:
         lat = self.far.latencies()
         lat_txt = f", latency median {statistics.median(lat):.0f} ms / max {max(lat):.0f} ms" if lat else ""
         stopped = f" (stopped by {self.stopped_by})" if self.stopped_by else ""
+        stt = self.user_stt
+        yours = f", your words {self.user_word_count} (STT skipped {stt.dropped} frames)" if stt is not None else ""
         return (
             f"session: {time.monotonic() - self.started:.1f} s, {self.far.counts()}, "
-            f"{self.audio.stats.underruns} underruns{lat_txt}{stopped}"
+            f"{self.audio.stats.underruns} underruns{lat_txt}{yours}{stopped}"
         )
 
 

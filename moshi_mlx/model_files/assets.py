@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -10,7 +11,8 @@ from typing import Callable
 
 from ..audio.codec_choice import CodecChoice
 from ..engine import ConversationEngine
-from ..errors import UsageError
+from ..errors import MoshiError, UsageError, first_line
+from ..models.cache import kv_cache_bytes
 from ..models.config import LmConfig, config_tiny_stt
 from ..models.lm import Lm
 from ..settings import EngineSettings
@@ -29,7 +31,7 @@ from .stand_ins import demo_assets, demo_lm
 from ..voices import list_voices
 from .voice_archive import ready_voices
 
-__all__ = ["DEMO_BANNER", "Assets", "load", "say"]
+__all__ = ["DEMO_BANNER", "DEFAULT_STT_REPO", "Assets", "SttAssets", "SttError", "load", "load_stt", "resolve_stt", "say"]
 _log = logging.getLogger("moshi_mlx")
 #: The default `log`: status lines through the "moshi_mlx" logger (the CLI shell prints them on stderr).
 say = _log.info
@@ -59,9 +61,11 @@ class Assets:
         return ConversationEngine(self.lm, self.mimi, self.tokenizer, settings, voices_dir=self.voices_dir)
 
     def plan_memory(
-        self, max_memory_gb: float | None = None, kv_bits: int | None = None, log: Callable[[str], None] | None = None
+        self, max_memory_gb: float | None = None, kv_bits: int | None = None, log: Callable[[str], None] | None = None,
+        stt: "SttAssets | None" = None,
     ) -> MemoryPlan:
-        """Fit the LM into ``max_memory_gb`` (default: the machine's), set MLX's limits, say what was chosen."""
+        """Fit the LM into ``max_memory_gb`` (default: the machine's), set MLX's limits, say what was chosen.
+        ``stt``: the user's speech-to-text model (--transcribe-user), counted in the same budget."""
         t = self.lm.config.transformer
         budget = int(max_memory_gb * GB) if max_memory_gb is not None else machine_budget_bytes()
         # A conditioned model may run guided (two batch rows: any client may ask for it): room for both rows'
@@ -71,6 +75,7 @@ class Assets:
         plan = plan_memory(
             weights_bytes(self.lm), t.num_layers, t.num_kv_heads * rows, t.head_dim, t.context, budget, kv_bits,
             dtype_bytes=self.lm.dtype.size, codec_bytes=codec_bytes,
+            stt_bytes=stt.mlx_bytes if stt is not None else 0, stt_note=stt.memory_note() if stt is not None else "",
         )
         apply_limits(plan)
         line = plan.describe()
@@ -151,3 +156,128 @@ def load(
         log(files.voices_note)
     return Assets(lm, mimi, tok, label, False, time.perf_counter() - start, lm_file=str(files.moshi),
                   voices_dir=voices_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# A speech-to-text model beside Moshi (--transcribe-user): the user's side written down
+# --------------------------------------------------------------------------------------------------
+
+#: The STT model `--transcribe-user` runs when no REPO is given (Kyutai's English/French 1B, MLX layout).
+DEFAULT_STT_REPO = "kyutai/stt-1b-en_fr-mlx"
+#: The demo's stand-in STT tokenizer (Kyutai's STT models read an 8000-piece vocabulary).
+STT_TOKENIZER_FILE, STT_VOCAB = "tokenizer-stt-stand-in.model", 8000
+
+
+class SttError(MoshiError, ValueError):
+    """--transcribe-user REPO cannot be used (missing, unreadable, not a speech-to-text model); one line."""
+
+
+@dataclass
+class SttAssets:
+    """What the user's transcriber needs: a text-only LM, its own Mimi (32 codebooks), its tokenizer."""
+
+    lm: Lm
+    mimi: object  # a moshi_mlx.audio.mimi.FrameCodec with lm.config.mimi_codebooks codebooks
+    tokenizer: TextTokenizer
+    description: str
+
+    @property
+    def mlx_bytes(self) -> int:
+        """What it holds inside MLX's allocator: weights, a full window of 16-bit keys and values, an MLX Mimi."""
+        t = self.lm.config.transformer
+        kv = kv_cache_bytes(t.num_layers, t.num_kv_heads, t.head_dim, t.context, 16, self.lm.dtype.size)
+        return weights_bytes(self.lm) + kv + int(getattr(self.mimi, "mlx_bytes", 0))
+
+    @property
+    def outside_bytes(self) -> int:
+        """Its Mimi's memory outside MLX (rustymimi), 0 for the MLX Mimi."""
+        return max(0, int(getattr(self.mimi, "resident_bytes", 0)) - int(getattr(self.mimi, "mlx_bytes", 0)))
+
+    def memory_note(self) -> str:
+        """The `memory:` line's part for it."""
+        mimi_out = self.outside_bytes
+        return (f"STT for your words ({self.description}) {self.mlx_bytes / GB:.2f} GB within it (weights, KV, "
+                f"MLX Mimi)" + (f", its own 32-codebook Mimi {mimi_out / GB:.2f} GB on top" if mimi_out else ""))
+
+    def close(self) -> None:
+        close = getattr(self.mimi, "close", None)
+        if close is not None:
+            close()
+
+
+def stt_source(repo: str) -> ModelSource:
+    """`--transcribe-user REPO` as a model source: a hub repo id, or a local folder holding a published repo's
+    files (config.json naming `moshi_name`, and `mimi_name` / `tokenizer_name` where they differ from Moshi's)."""
+    folder = Path(repo).expanduser()
+    if not folder.is_dir():
+        if repo.startswith((".", "/", "~")) or repo.count("/") > 1:
+            raise SttError(f"--transcribe-user {repo}: no such folder (and not a hub repo id like {DEFAULT_STT_REPO})")
+        return ModelSource(hf_repo=repo)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SttError(f"--transcribe-user {repo}: the folder has no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SttError(f"--transcribe-user {repo}: config.json cannot be read ({first_line(e)})") from None
+    names = {key: config.get(key) for key in ("moshi_name", "mimi_name", "tokenizer_name")}
+    missing = [key for key, name in names.items() if not name]
+    if missing:
+        raise SttError(f"--transcribe-user {repo}: config.json names no {', '.join(missing)}")
+    return ModelSource(moshi_weights=str(folder / names["moshi_name"]), lm_config=str(config_path),
+                       mimi_weights=str(folder / names["mimi_name"]), tokenizer=str(folder / names["tokenizer_name"]))
+
+
+def resolve_stt(repo: str | None, demo: bool) -> ResolvedModel | None:
+    """`--transcribe-user [REPO]` checked before anything loads: the files found, and the model a text-only one
+    with an stt_config. None: the demo's stand-in (with --demo and no REPO). Errors: one line (SttError)."""
+    if repo is None and demo:
+        return None
+    repo = repo or DEFAULT_STT_REPO
+    try:
+        resolved = resolve_model(stt_source(repo))
+    except SttError:
+        raise
+    except MoshiError as e:
+        line = first_line(e)
+        line = line[len(repo) + 2:] if line.startswith(f"{repo}: ") else line  # the repo is named once
+        line = line.replace("pass --moshi-weights PATH", "give --transcribe-user a local folder of its files")
+        raise SttError(f"--transcribe-user {repo}: {line}") from None
+    config = resolved.config
+    if not config.text_only or config.stt is None:
+        raise SttError(f"--transcribe-user {repo}: not a speech-to-text model (it needs dep_q 0 and an stt_config)")
+    if config.audio_card != _codebook_size():
+        raise SttError(f"--transcribe-user {repo}: its audio card {config.audio_card} is not Mimi's codes")
+    return resolved
+
+
+def _codebook_size() -> int:
+    from ..codec.config import CODEBOOK_SIZE
+
+    return CODEBOOK_SIZE
+
+
+def load_stt(
+    resolved: ResolvedModel | None, codec: CodecChoice = CodecChoice(), log: Callable[[str], None] = say,
+    dtype: str | None = None,
+) -> SttAssets:
+    """The STT model `resolve_stt` found (None: the demo's tiny random stand-in), with its own Mimi."""
+    from ..audio.codec_choice import open_mimi
+    from .stand_ins import default_cache_dir, is_valid_tokenizer_file, write_stand_in_tokenizer
+
+    if resolved is None:
+        lm = demo_lm(seed=7, config=config_tiny_stt())
+        files = demo_assets()
+        tok_path = default_cache_dir() / STT_TOKENIZER_FILE
+        if not is_valid_tokenizer_file(tok_path, STT_VOCAB):
+            write_stand_in_tokenizer(tok_path, STT_VOCAB)
+        mimi = open_mimi(files.mimi_path, lm.config.mimi_codebooks, codec, log)
+        return SttAssets(lm, mimi, TextTokenizer(tok_path), "demo stand-in: tiny random STT")
+    files = resolved.files
+    log(f"loading the STT model for your words from {files.moshi}")
+    lm = load_lm(resolved.checkpoint, resolved.config, DTYPES[dtype] if dtype else None, None,
+                 quantize=resolved.quantize_at_load)
+    mimi = open_mimi(files.mimi, resolved.config.mimi_codebooks, codec, log)
+    tok = TextTokenizer(files.tokenizer)
+    label = files.repo or str(Path(files.moshi).parent)
+    return SttAssets(lm, mimi, tok, label)

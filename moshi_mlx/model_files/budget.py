@@ -37,11 +37,15 @@ class MemoryPlan:
     kv_bytes: int
     reserve_bytes: int
     codec_bytes: int = 0  # the MLX Mimi inside MLX's allocator, beside the LM (0 for rustymimi, outside it)
+    # A speech-to-text model writing the user's words (--transcribe-user) in MLX's allocator: taken out of the
+    # budget before the LM's window is chosen, so both fit the one budget.
+    stt_bytes: int = 0
+    stt_note: str = ""
 
     @property
     def total_bytes(self) -> int:
-        """The LM's share: what the budget must hold."""
-        return self.weight_bytes + self.kv_bytes + self.reserve_bytes
+        """What the budget must hold: the LM's share, and the user's STT model when there is one."""
+        return self.weight_bytes + self.kv_bytes + self.reserve_bytes + self.stt_bytes
 
     @property
     def mlx_limit_bytes(self) -> int:
@@ -53,6 +57,7 @@ class MemoryPlan:
         return (
             f"memory: budget {self.budget_bytes / GB:.2f} GB; weights {self.weight_bytes / GB:.2f} GB + "
             f"{self.kv_bits}-bit KV {self.kv_bytes / GB:.2f} GB ({window}) + {self.reserve_bytes / GB:.2f} GB reserve"
+            + (f" + {self.stt_note or f'STT {self.stt_bytes / GB:.2f} GB'}" if self.stt_bytes else "")
             + (f"; MLX Mimi {self.codec_bytes / GB:.2f} GB beside it (MLX limit {self.mlx_limit_bytes / GB:.2f} GB)"
                if self.codec_bytes else "")
         )
@@ -69,18 +74,22 @@ def plan_memory(
     dtype_bytes: int = 2,
     reserve_bytes: int = DEFAULT_RESERVE_BYTES,
     codec_bytes: int = 0,
+    stt_bytes: int = 0,
+    stt_note: str = "",
 ) -> MemoryPlan:
     """Pure: the most precise KV setting (default 8 bits, else 4) whose full window fits; else the longest
-    window at the lowest precision. A fixed ``kv_bits`` is kept and only the window may shrink."""
+    window at the lowest precision. A fixed ``kv_bits`` is kept and only the window may shrink.
+    ``stt_bytes`` (the user's STT model, --transcribe-user) comes out of the budget first."""
     choices = [kv_bits] if kv_bits is not None else [b for b in (DEFAULT_KV_BITS, 4) if b <= DEFAULT_KV_BITS]
-    room = budget_bytes - weight_bytes - reserve_bytes
+    room = budget_bytes - weight_bytes - reserve_bytes - stt_bytes
 
     def size(bits: int, window: int) -> int:
         return kv_cache_bytes(num_layers, num_heads, head_dim, window, bits, dtype_bytes)
 
     def plan(bits: int, window: int) -> MemoryPlan:
         return MemoryPlan(
-            budget_bytes, weight_bytes, bits, window, context, size(bits, window), reserve_bytes, codec_bytes
+            budget_bytes, weight_bytes, bits, window, context, size(bits, window), reserve_bytes, codec_bytes,
+            stt_bytes, stt_note,
         )
 
     for bits in choices:
@@ -91,7 +100,7 @@ def plan_memory(
     window = int(room // per_step) if room > 0 else 0
     if window < MIN_CONTEXT:
         raise BudgetError(
-            f"the model needs {(weight_bytes + reserve_bytes + size(bits, MIN_CONTEXT)) / GB:.2f} GB at least "
+            f"the model needs {(weight_bytes + reserve_bytes + stt_bytes + size(bits, MIN_CONTEXT)) / GB:.2f} GB at least "
             f"({bits}-bit KV, {MIN_CONTEXT}-step window) but the memory budget is {budget_bytes / GB:.2f} GB"
         )
     return plan(bits, min(window, context))

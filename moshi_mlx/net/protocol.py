@@ -13,9 +13,14 @@ byte  kind        payload
 0x04  metadata    a JSON object
 0x05  error       a UTF-8 message
 0x06  ping        empty
+0x08  user words  ours, not Kyutai's: a JSON object ``{"words": [{"text", "start", "end"}]}``, the user's
+                  words from the server's speech-to-text model (``local_web --transcribe-user``), times in
+                  seconds from the conversation's first audio frame; sent only to a client that asked
+                  with the query parameter ``user_words=1``
 ====  ==========  =========================================================================
 
-Unknown kinds are ignored by both sides. Sampling settings travel as query parameters on the
+Unknown kinds are ignored by our server and client. Kyutai's web client throws on a kind it does not know
+(7 is its "colored text"), hence 0x08 only on request: Kyutai's client never asks, so never receives it. Sampling settings travel as query parameters on the
 WebSocket URL (``/api/chat?text_temperature=0.7&audio_topk=250``); :func:`parse_query` turns
 them into :class:`~moshi_mlx.settings.EngineSettings` with clear errors.
 
@@ -57,6 +62,8 @@ __all__ = [
     "encode_metadata",
     "encode_error",
     "encode_ping",
+    "encode_user_words",
+    "USER_WORDS_PARAM",
     "QueryResult",
     "parse_query",
     "encode_query",
@@ -86,7 +93,11 @@ class Kind(IntEnum):
     METADATA = 4
     ERROR = 5
     PING = 6
+    USER_WORDS = 8
 
+
+#: The query parameter by which a client asks for 0x08 user-words messages (our web UI and client send it).
+USER_WORDS_PARAM = "user_words"
 
 class Control(IntEnum):
     START = 0
@@ -216,6 +227,12 @@ def encode_error(message: str) -> bytes:
     return encode(Kind.ERROR, message.encode("utf-8"))
 
 
+def encode_user_words(words: Iterable[Any]) -> bytes:
+    """0x08: the user's words (objects with `text`, `start`, `end`, e.g. moshi_mlx.transcribe.Word)."""
+    items = [{"text": w.text, "start": round(float(w.start), 3), "end": round(float(w.end), 3)} for w in words]
+    return encode(Kind.USER_WORDS, json.dumps({"words": items}, ensure_ascii=False).encode("utf-8"))
+
+
 def encode_ping() -> bytes:
     return encode(Kind.PING)
 
@@ -245,6 +262,7 @@ class QueryResult:
     ignored: dict[str, str] = field(default_factory=dict)  # known parameter -> why it has no effect
     unknown: tuple[str, ...] = ()  # names nobody here knows (ignored)
     persona: dict[str, str] = field(default_factory=dict)  # "text_prompt" / "voice": what the URL chose
+    user_words: bool = False  # the client asked for 0x08 user-words messages (USER_WORDS_PARAM=1)
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary for the metadata message: every knob, seeds as in effect."""
@@ -287,7 +305,13 @@ def parse_query(
     """
     values: dict[str, str] = {}
     unknown: list[str] = []
+    user_words = False
     for name, raw in _pairs(params):
+        if name == USER_WORDS_PARAM:
+            if raw not in ("0", "1"):
+                raise ParamError(f"{USER_WORDS_PARAM} must be 0 or 1, got {raw!r}")
+            user_words = raw == "1"
+            continue
         if name not in KNOWN_PARAMS:
             if name not in unknown:
                 unknown.append(name)
@@ -309,7 +333,7 @@ def parse_query(
         raise ParamError(str(e)) from None
     if persona:  # the model checks them (a voice it has, a prompt that fits) when the conversation starts
         settings = replace(settings, **persona)
-    return QueryResult(settings, applied, {}, tuple(unknown), persona)
+    return QueryResult(settings, applied, {}, tuple(unknown), persona=persona, user_words=user_words)
 
 
 def voice_name(raw: str) -> str:

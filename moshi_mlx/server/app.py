@@ -153,8 +153,11 @@ class ChatServer:
         default_settings: EngineSettings | None = None,
         lm_model_file: str = "",
         policy: HostPolicy | None = None,
+        stt: Any = None,
     ) -> None:
         self.engine = engine
+        # --transcribe-user: an STT model (SttAssets) writing down the user's words for clients asking for them
+        self.stt = stt
         self.lm_model_file = lm_model_file
         # Settings for parameters a client leaves out (the command line's, by default).
         self.default_settings: EngineSettings = default_settings or engine.settings

@@ -75,6 +75,7 @@ class Host(Protocol):
     max_audio_backlog: int
     max_message_bytes: int
     stats_interval: float
+    stt: Any  # the user's speech-to-text model (moshi_mlx.model_files.assets.SttAssets), or None
 
 
 class OutQueue:
@@ -161,6 +162,8 @@ class Conversation:
         self.text_pieces = 0
         self.audio_frames_out = 0
         self.not_encoded = 0  # Moshi's frames skipped because the client did not keep up (decode thread)
+        self.user_words = 0  # the user's words sent (0x08, --transcribe-user and a client that asked)
+        self.user_stt = None  # a UserTranscriber for this conversation, when both want one
         self._last_error_sent: dict[str, float] = {}
         self._tasks: list[asyncio.Task] = []
         # Every metadata message starts with these (Kyutai's client checks each one against its schema).
@@ -193,7 +196,16 @@ class Conversation:
     def on_error(self, error: BaseException) -> None:
         self._call(self._fail, f"the model failed: {first_line(error)}")
 
+    def on_user_words(self, words: list) -> None:
+        """The user's words, on the STT model's worker thread: handed to the event loop."""
+        self._call(self._deliver_user_words, words)
+
     # -- event loop side -------------------------------------------------------------------
+    def _deliver_user_words(self, words: list) -> None:
+        if not self.closing:
+            self.user_words += len(words)
+            self.out.put(protocol.encode_user_words(words))
+
     def _deliver(self, page: bytes, text: str | None) -> None:
         if self.closing:
             return
@@ -306,6 +318,8 @@ class Conversation:
         for frame in frames:
             self.frames_pushed += 1
             self.runner.push(frame)
+            if self.user_stt is not None:  # queues a copy for the STT model's thread; never waits
+                self.user_stt.push(frame)
 
     async def _sender(self) -> None:
         try:
@@ -332,6 +346,15 @@ class Conversation:
             self.server.engine, self.on_result, max_pending=self.server.max_pending, on_error=self.on_error
         )
         self.runner.start()
+        stt = getattr(self.server, "stt", None)
+        if stt is not None and self.query.user_words:  # only a client that shows them asked for them
+            from ..user_transcript import UserTranscriber
+
+            self.user_stt = UserTranscriber(
+                stt.lm, stt.mimi, stt.tokenizer, self.on_user_words,
+                on_error=lambda e: self._call(self._send_error, f"your words cannot be written down: {first_line(e)}",
+                                              "stt"),
+            )
         # The handshake must be the first message; send it directly, then the rest via the queue.
         await self.ws.send_bytes(protocol.encode_handshake())
         self.out.put(protocol.encode_metadata(self.info()))
@@ -352,6 +375,8 @@ class Conversation:
     async def stop_io(self) -> None:
         """Stop the background tasks and close the socket (never waits long on a stuck peer)."""
         self.closing = True
+        if self.user_stt is not None:  # its thread stops (the last step finishing) off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.user_stt.close, False)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

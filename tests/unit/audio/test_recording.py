@@ -71,7 +71,8 @@ def test_four_whole_files_and_never_over_an_existing_one(tmp_path):
     np.testing.assert_allclose(mixed[:, 0], np.clip(stereo.sum(axis=1), -1, 1), atol=2 / 32767)
     assert first.text.read_text() == "Hello there.\n"
     meta = json.loads(first.json.read_text())
-    assert meta["pieces"] == [{"t": 0.5, "text": " Hello"}, {"t": 0.16, "text": " there."}]
+    assert meta["pieces"] == [{"t": 0.5, "text": " Hello", "speaker": "moshi"},
+                              {"t": 0.16, "text": " there.", "speaker": "moshi"}]  # Moshi's in the order they came
     assert meta["text"] == "Hello there." and meta["model"] == "demo" and meta["seconds"] == 0.24
     assert meta["files"]["stereo"] == first.stereo.name
 
@@ -91,7 +92,7 @@ def test_the_files_are_readable_while_the_conversation_goes(tmp_path):
     wav_part, text_part = rec.partial_paths
     data, rate = sf.read(wav_part, dtype="float32")  # libsndfile takes it as it is, mid-recording
     assert rate == SR and data.shape == (25 * FRAME, 2)
-    assert [json.loads(x) for x in text_part.read_text().splitlines()] == [{"t": 0.3, "text": " Hi"}]
+    assert [json.loads(x) for x in text_part.read_text().splitlines()] == [{"t": 0.3, "text": " Hi", "speaker": "moshi"}]
     rec.add_moshi(np.zeros(int(3 * MAX_SKEW_S * SR), np.float32))  # Moshi's side runs ahead: not held forever
     time.sleep(2 * FRAME_WAIT)
     assert sf.info(str(wav_part)).frames >= 25 * FRAME + 2 * MAX_SKEW_S * SR
