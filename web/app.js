@@ -232,7 +232,14 @@ function settingsQuery() {
   }
   return params;
 }
+// The form offers only the server's knobs: a speech-to-text model reads its captions greedily, so its table
+// leaves out the temperatures, top-k/p, min-p and seeds (queryParams skips hidden fields).
 function applyKnobs(table) {
+  const offered = new Set((table || []).map((knob) => knob.name));
+  for (const name of PARAMS) {
+    if (ui.conditioning.contains(ui.form.elements[name])) continue; // shown by applyConditioning
+    ui.form.elements[name].closest("label").hidden = table !== undefined && !offered.has(name);
+  }
   for (const knob of table || []) {
     const input = ui.form.elements[knob.name];
     if (!input || input.type !== "number") continue; // a knob this form does not offer as a number (seed, condition)

@@ -28,7 +28,7 @@ from ..errors import MoshiError, first_line
 from ..models.config import LmConfig
 from ..net import protocol
 from ..net.protocol import ParamError
-from ..settings import EngineSettings
+from ..settings import EngineSettings, in_effect
 from .asr import AsrServer, add_asr_route
 from .info import knobs_info
 from .security import (
@@ -145,8 +145,10 @@ class ChatServer:
         self.lm_model_file = lm_model_file
         # What kind of model this is and, for a conditioned one, the conditions the UI offers.
         self.model_fields = model_fields(engine.lm.config)
-        # Settings for parameters a client leaves out (the command line's, by default).
-        self.default_settings: EngineSettings = default_settings or engine.settings
+        # Settings for parameters a client leaves out (the command line's, by default), as the model runs them
+        # (a text-only model: greedy, whatever the flags said; see settings.in_effect).
+        self.text_only = engine.text_only
+        self.default_settings: EngineSettings = in_effect(default_settings or engine.settings, self.text_only)
         self.description = description
         self.demo = demo
         self.max_pending = max_pending
@@ -192,7 +194,7 @@ class ChatServer:
                 "threads": threading.active_count(),
                 "protocol": {"sample_rate": SAMPLE_RATE, "params": list(protocol.KNOWN_PARAMS)},
                 "defaults": protocol.QueryResult(self.default_settings).describe(),
-                "knobs": knobs_info(),  # the UI takes its limits from here: one set of bounds
+                "knobs": knobs_info(self.text_only),  # the UI offers these, with these limits: one set of bounds
                 **self.model_fields,  # model_kind; conditioning (null: the UI hides guidance and condition)
             }
         )
@@ -225,12 +227,14 @@ class ChatServer:
         await ws.prepare(request)
         peer = request.remote or "?"
         try:
-            query = protocol.parse_query(request.query, self.default_settings)
+            query = protocol.parse_query(request.query, self.default_settings, self.text_only)
             given = query.applied
             check_conditioning(self.engine.lm.config, given.get("condition"), given.get("cfg_coef"))
         except (ParamError, ConditioningError) as e:
             log.info("%s: refused: %s", peer, e)
             return await self._refuse(ws, f"bad parameter: {e}", 1008)
+        if query.ignored:  # said back in the info message's ignored_params too
+            log.info("%s: ignored %s: %s", peer, ", ".join(query.ignored), "; ".join(sorted(set(query.ignored.values()))))
         if not await self._wait_for_leaver():
             self.refused_busy += 1
             log.info("%s: refused: busy", peer)

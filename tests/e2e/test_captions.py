@@ -172,6 +172,11 @@ async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wa
         ))
         assert shown[0] is False and re.fullmatch(r"\d\.\d\d", shown[1]) and shown[2] is True
         assert shown[3] == "Live captions of what you say"
+        # the settings form offers only the knobs that act on captions (greedy: no temperatures, no seeds)
+        offered = json.loads(await browser.eval(
+            "JSON.stringify(Array.from(document.querySelectorAll('#settings input'), i => i).filter(i => !i.closest('[hidden]')).map(i => i.name))"
+        ))
+        assert offered == ["repetition_penalty", "repetition_penalty_context", "pad_mult"], offered
         assert not browser.errors, browser.errors
     finally:
         await browser.close()
@@ -229,4 +234,33 @@ async def test_demo_stt_serves_labelled_captions(tmp_path):
     finally:
         server.stop()
     assert "DEMO MODE: tiny random-weight speech-to-text model" in server.log
+    no_traceback(server.log)
+
+
+@pytest.mark.asyncio
+async def test_web_reports_the_greedy_sampling_that_runs(tmp_path):
+    """`local_web --demo-stt --text-temperature 0.9`: /api/info and the info message report what runs (greedy:
+    text_temperature 0), /api/info offers only the knobs that act on captions, and a temperature sent in the query
+    anyway is ignored with the reason (ignored_params, one server log line) while pad_mult applies."""
+    from moshi_mlx.settings import TEXT_ONLY_KNOBS, TEXT_ONLY_NOTE
+
+    server = LocalWeb(tmp_path / "web.log", extra=["--demo-stt", "--text-temperature", "0.9"], demo=False)
+    try:
+        info = server.info()
+        assert info["defaults"]["text_temperature"] == 0.0 and info["defaults"]["text_topk"] == 0
+        assert [k["name"] for k in info["knobs"]] == list(TEXT_ONLY_KNOBS)
+        url = server.ws + "?text_temperature=0.5&text_seed=4&pad_mult=0.25"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            assert (await asyncio.wait_for(ws.receive(), 60)).data == b"\x00"
+            while True:
+                m = protocol.decode((await asyncio.wait_for(ws.receive(), 30)).data)
+                if m is not None and m.kind == Kind.METADATA and m.json()["type"] == "info":
+                    first = m.json()
+                    break
+        assert first["text_temperature"] == 0.0 and first["settings"]["text_temperature"] == 0.0
+        assert first["settings"]["pad_mult"] == 0.25
+        assert first["ignored_params"] == {"text_temperature": TEXT_ONLY_NOTE, "text_seed": TEXT_ONLY_NOTE}
+    finally:
+        server.stop()
+    assert f"ignored text_temperature, text_seed: {TEXT_ONLY_NOTE}" in server.log
     no_traceback(server.log)
