@@ -15,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .audio.device_choice import AudioDeviceError
 from .audio.files import write_wav
@@ -107,6 +106,9 @@ def _check_demo_output(args: argparse.Namespace) -> None:
         return
     if not args.demo:
         raise UsageError("--demo-output only applies with --demo")
+    if args.demo == STT_DEMO:
+        raise UsageError("--demo-output: the speech-to-text demo writes no audio (its captions go to stdout; "
+                         "--record DIR keeps them)")
     if os.path.lexists(args.demo_output):
         raise OutputError(
             f"--demo-output {args.demo_output}: exists; the demo never replaces a file (remove it or pick a new name)"
@@ -130,18 +132,16 @@ def _write_demo_wav(pcm, chosen: str | None) -> Path:
 def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     """--demo on a machine with no usable sound device: run the same pipeline on a test signal."""
     from .cli.flags import load_from_args, settings_from_args
-    from .clips import converse_offline
+    from .clips import DEMO_SIGNAL_SECONDS, converse_offline, demo_signal
 
     _log(f"no usable sound device ({first_line(device_error)})")
     where = args.demo_output or "a new moshi-demo-*.wav in the current folder"
     if args.demo_output is None:  # the folder must take a file before 10 s of work, not after
         check_outputs(inputs=[], outputs=[fresh_path(".", "moshi-demo", ".wav")])
-    _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {where}")
+    _log(f"running the demo offline instead: {DEMO_SIGNAL_SECONDS:.0f} s of test signal in, Moshi's babble out to {where}")
     assets = load_from_args(args, log=_log)
     engine = assets.engine(settings_from_args(args, assets.lm.config))
-    t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
-    # A gliding tone with a syllable-like envelope stands in for a voice.
-    signal_in = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
+    signal_in = demo_signal()
     shown: list[str] = []
 
     def show(piece: dict) -> None:  # the transcript as it comes: the 125 frames take tens of seconds on a CPU
@@ -150,7 +150,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         print(text, end="", flush=True)
 
     try:
-        out, pieces = converse_offline(engine, signal_in.astype(np.float32), on_text=show)
+        out, pieces = converse_offline(engine, signal_in, on_text=show)
     finally:
         engine.close()
     print(flush=True)

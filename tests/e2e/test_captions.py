@@ -264,3 +264,26 @@ async def test_web_reports_the_greedy_sampling_that_runs(tmp_path):
         server.stop()
     assert f"ignored text_temperature, text_seed: {TEXT_ONLY_NOTE}" in server.log
     no_traceback(server.log)
+
+
+def test_demo_stt_without_a_sound_card_captions_a_test_signal(tmp_path):
+    """No default sound device (a HOME without an ALSA setup, on a machine without a sound card): `local
+    --demo-stt` captions the demos' test signal instead, labelled DEMO, words on stdout as live captions print
+    them; --record keeps the signal and the timed transcript. --demo-output (audio) is refused for it."""
+    record = tmp_path / "rec"
+    record.mkdir()
+    env = base_env(HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "moshi_mlx.local", "--demo-stt", "--record", str(record)], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "no usable sound device" in r.stderr and "DEMO MODE" in r.stderr and "DEMO done:" in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines and all(re.fullmatch(r"\s*\d+\.\d\d\s+\d+\.\d\d\s+\S.*", line) for line in lines), r.stdout[:500]
+    assert f"DEMO done: {len(lines)} made-up words" in r.stderr
+    transcript = json.loads(next(record.glob("*.json")).read_text())
+    assert len(transcript["words"]) == len(lines) and transcript["input"] == "the demo's test signal"
+    pcm, rate = read_wav(next(record.glob("*.wav")))
+    assert abs(pcm.size / rate - 10.0) < 0.1  # the signal
+    bad = subprocess.run([sys.executable, "-m", "moshi_mlx.local", "--demo-stt", "--demo-output", "x.wav"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "writes no audio" in bad.stderr
