@@ -177,6 +177,31 @@ async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wa
             "JSON.stringify(Array.from(document.querySelectorAll('#settings input'), i => i).filter(i => !i.closest('[hidden]')).map(i => i.name))"
         ))
         assert offered == ["repetition_penalty", "repetition_penalty_context", "pad_mult"], offered
+        # The save buttons: the microphone alone (mono) and the timed words, no empty Moshi channel; the
+        # browser's crash-recovery store gives back the same (its copy lags at most one flush).
+        assert await browser.wait_for("window.moshi.recording.words.length > 0", timeout=30)
+        await asyncio.sleep(1.2)  # a journal flush (every 0.5 s) has stored the words seen so far
+        saved = json.loads(await browser.eval(
+            "(async () => { const r = window.moshi.recording; const store = await import('./recording-store.js');"
+            " const k = await store.lastUnsaved();"
+            " const channels = async (blob) => new DataView(await blob.arrayBuffer()).getUint16(22, true);"
+            " const shown = (kind) => !document.querySelector(`#save button[data-save=${kind}]`).hidden;"
+            " return JSON.stringify({textOnly: r.textOnly, moshi: r.moshi.length, micChannels: await channels(r.micWav()),"
+            " words: r.words, json: JSON.parse(await r.jsonBlob().text()), txt: await r.textBlob().text(),"
+            " buttons: ['stereo', 'mixed', 'mic', 'txt', 'json'].filter(shown),"
+            " kept: {textOnly: k.textOnly, moshi: k.moshi.length, words: k.words,"
+            " micChannels: await channels(k.micWav())}}); })()"
+        ))
+        assert saved["textOnly"] is True and saved["moshi"] == 0 and saved["micChannels"] == 1, saved
+        assert saved["buttons"] == ["mic", "txt", "json"], saved["buttons"]
+        words = saved["words"]
+        assert words and all(w["start"] <= w["end"] for w in words)
+        assert saved["json"]["words"][: len(words)] == words and "pieces" not in saved["json"]
+        assert list(saved["json"]["channels"]) == ["mono"]
+        assert [line.split(maxsplit=2)[2] for line in saved["txt"].splitlines()][: len(words)] == [w["text"] for w in words]
+        kept = saved["kept"]
+        assert kept["textOnly"] is True and kept["moshi"] == 0 and kept["micChannels"] == 1
+        assert kept["words"] and kept["words"] == words[: len(kept["words"])], (kept["words"], words)
         assert not browser.errors, browser.errors
     finally:
         await browser.close()
