@@ -18,7 +18,7 @@ from ..model_files.hub import MIMI_NAME, TOKENIZER_NAME
 from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
 from ..models.config import LmConfig
-from ..settings import KNOBS, LM_GEN_KNOBS, EngineSettings, Knob
+from ..settings import KNOBS, LM_GEN_KNOBS, TEXT_ONLY_KNOBS, TEXT_ONLY_NOTE, EngineSettings, Knob
 from .progress import Progress
 from .shell import say
 
@@ -183,9 +183,21 @@ def given_knobs(args: argparse.Namespace) -> dict[str, object]:
     return {name: getattr(args, name) for name in KNOBS if getattr(args, name, None) is not None}
 
 
-def settings_from_args(args: argparse.Namespace, config: LmConfig | None = None) -> EngineSettings:
-    """The engine's settings: the table's defaults, then the model's `lm_gen_config`, then the flags given."""
+def settings_from_args(
+    args: argparse.Namespace, config: LmConfig | None = None, log: Callable[[str], None] = say
+) -> EngineSettings:
+    """The engine's settings: the table's defaults, then the model's `lm_gen_config`, then the flags given
+    (a text-only model: one line names the flags it ignores)."""
+    if config is not None and config.text_only:
+        note_text_only_flags(args, log)
     return model_settings(config, given_knobs(args), kv_bits=getattr(args, "kv_bits", None))
+
+
+def note_text_only_flags(args: argparse.Namespace, log: Callable[[str], None] = say) -> None:
+    """One line naming the sampling flags given that a text-only (speech-to-text) model ignores, if any."""
+    flags = [KNOBS[name].flag for name in given_knobs(args) if name not in TEXT_ONLY_KNOBS]
+    if flags:
+        log(f"note: {', '.join(flags)} ignored: {TEXT_ONLY_NOTE}")
 
 
 def resolve_from_args(args: argparse.Namespace) -> ResolvedModel | None:

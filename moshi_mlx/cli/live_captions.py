@@ -173,7 +173,7 @@ def caption(args: argparse.Namespace, resolved: Any) -> int:
         raise
     t0 = time.perf_counter()
     assets = load_from_args(args, log=log, resolved=resolved)
-    engine = assets.engine(settings_from_args(args, assets.lm.config))
+    engine = assets.engine(settings_from_args(args, assets.lm.config, log))
     load_s = time.perf_counter() - t0
     warm_s = engine.warmup()
     log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description} "
@@ -193,7 +193,7 @@ def offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     log(f"running the speech-to-text demo offline instead: {DEMO_SIGNAL_SECONDS:.0f} s of test signal in, captions "
         "out (DEMO: random weights, so the words are made up)")
     assets = load_from_args(args, log=log)
-    engine = assets.engine(settings_from_args(args, assets.lm.config))
+    engine = assets.engine(settings_from_args(args, assets.lm.config, log))
     signal = demo_signal()
     words: list[Word] = []
     turn_ends = 0

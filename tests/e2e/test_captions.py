@@ -288,6 +288,7 @@ async def test_web_reports_the_greedy_sampling_that_runs(tmp_path):
     finally:
         server.stop()
     assert f"ignored text_temperature, text_seed: {TEXT_ONLY_NOTE}" in server.log
+    assert f"note: --text-temperature ignored: {TEXT_ONLY_NOTE}" in server.log  # the flag, said once at start
     no_traceback(server.log)
 
 

@@ -194,3 +194,4 @@ def test_text_only_knob_table_offers_only_what_acts():
 
     assert [k["name"] for k in knobs_info(text_only=True)] == list(TEXT_ONLY_KNOBS)
     assert len(knobs_info()) > len(TEXT_ONLY_KNOBS)
+
