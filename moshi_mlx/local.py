@@ -15,7 +15,6 @@ import os
 import time
 from pathlib import Path
 
-
 from .audio.device_choice import AudioDeviceError
 from .audio.files import write_wav
 from .audio.frames import SAMPLE_RATE

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from ..audio.device_choice import AudioDeviceError
 from ..audio.frames import FRAME_S, SAMPLE_RATE
 from ..captions import word_line
 from ..clips import DEMO_SIGNAL_SECONDS, demo_signal
 from ..engine import ConversationEngine, EngineRunner, FrameResult
-from ..audio.device_choice import AudioDeviceError
 from ..errors import UsageError, first_line
 from ..model_files.assets import STT_DEMO
 from ..transcribe import END_OF_TURN_HEAD, END_OF_TURN_THRESHOLD, Word, frames_of
