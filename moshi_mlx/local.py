@@ -137,7 +137,8 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
     where = args.demo_output or "a new moshi-demo-*.wav in the current folder"
     if args.demo_output is None:  # the folder must take a file before 10 s of work, not after
         check_outputs(inputs=[], outputs=[fresh_path(".", "moshi-demo", ".wav")])
-    _log(f"running the demo offline instead: {DEMO_SIGNAL_SECONDS:.0f} s of test signal in, Moshi's babble out to {where}")
+    _log(f"running the demo offline instead: {DEMO_SIGNAL_SECONDS:.0f} s of test signal in, Moshi's babble out to "
+         f"{where}")
     assets = load_from_args(args, log=_log)
     engine = assets.engine(settings_from_args(args, assets.lm.config))
     signal_in = demo_signal()

@@ -439,7 +439,8 @@ class Session {
           // The recording starts now, on the audio clock shared by the mic and playback worklets.
           const rate = this.ctx.sampleRate;
           const textOnly = Boolean(document.body.dataset.textOnly); // captions: the microphone and the words
-          this.recording = new ConversationRecording(rate, Math.round(this.ctx.currentTime * rate), new Date(), textOnly);
+          const startFrame = Math.round(this.ctx.currentTime * rate);
+          this.recording = new ConversationRecording(rate, startFrame, new Date(), textOnly);
           this.journal = new RecordingJournal(this.recording); // kept in IndexedDB as it goes: survives a crash
           window.moshi.recording = this.recording;
           renderSave();

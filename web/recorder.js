@@ -55,7 +55,8 @@ export class ConversationRecording {
   }
 
   addWord(word) {
-    if (this.endFrame === null && word && word.text) this.words.push({ text: word.text, start: word.start, end: word.end });
+    if (this.endFrame !== null || !word || !word.text) return;
+    this.words.push({ text: word.text, start: word.start, end: word.end });
   }
 
   addText(text, seconds) {

@@ -5,8 +5,8 @@
 // Database "moshi_mlx-recordings": store "recordings" ({id, sampleRate, startFrame, startedAt, endFrame,
 // saved, textOnly}) and store "chunks" ({rec, kind: "mic" | "moshi" | "text" | "word", offset + samples, t +
 // text, or a caption word's text + start + end}, indexed by rec); a speech-to-text model's recording (textOnly)
-// keeps the microphone and its words, no Moshi channel. Every FLUSH_MS what the recording gained is appended in one transaction, each voice's new
-// chunks joined into runs. Only the newest KEEP recordings are kept.
+// keeps the microphone and its words, no Moshi channel. Every FLUSH_MS what the recording gained is appended
+// in one transaction, each voice's new chunks joined into runs. Only the newest KEEP recordings are kept.
 
 import { ConversationRecording } from "./recorder.js";
 
@@ -181,7 +181,8 @@ export async function lastUnsaved() {
     if (meta.saved) continue;
     const chunks = await settle(db.transaction("chunks").objectStore("chunks").index("rec").getAll(meta.id));
     if (!chunks.length) continue;
-    const rec = new ConversationRecording(meta.sampleRate, meta.startFrame, new Date(meta.startedAt), Boolean(meta.textOnly));
+    const textOnly = Boolean(meta.textOnly);
+    const rec = new ConversationRecording(meta.sampleRate, meta.startFrame, new Date(meta.startedAt), textOnly);
     for (const c of chunks) {
       if (c.kind === "text") rec.pieces.push({ t: c.t, text: c.text });
       else if (c.kind === "word") rec.words.push({ text: c.text, start: c.start, end: c.end });

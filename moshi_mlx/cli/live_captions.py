@@ -221,6 +221,6 @@ def offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
         engine.close()
     if recorder is not None:
         save_recording(recorder, {"model": assets.description, "input": "the demo's test signal"})
-    log(f"DEMO done: {len(words)} made-up words and {turn_ends} ends of turn from {signal.size / SAMPLE_RATE:.1f} s of test "
-        "signal (a real model: --hf-repo kyutai/stt-1b-en_fr-mlx)")
+    log(f"DEMO done: {len(words)} made-up words and {turn_ends} ends of turn from {signal.size / SAMPLE_RATE:.1f} s "
+        "of test signal (a real model: --hf-repo kyutai/stt-1b-en_fr-mlx)")
     return 0

@@ -234,7 +234,8 @@ class ChatServer:
             log.info("%s: refused: %s", peer, e)
             return await self._refuse(ws, f"bad parameter: {e}", 1008)
         if query.ignored:  # said back in the info message's ignored_params too
-            log.info("%s: ignored %s: %s", peer, ", ".join(query.ignored), "; ".join(sorted(set(query.ignored.values()))))
+            why = "; ".join(sorted(set(query.ignored.values())))
+            log.info("%s: ignored %s: %s", peer, ", ".join(query.ignored), why)
         if not await self._wait_for_leaver():
             self.refused_busy += 1
             log.info("%s: refused: busy", peer)

@@ -174,7 +174,8 @@ async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wa
         assert shown[3] == "Live captions of what you say"
         # the settings form offers only the knobs that act on captions (greedy: no temperatures, no seeds)
         offered = json.loads(await browser.eval(
-            "JSON.stringify(Array.from(document.querySelectorAll('#settings input'), i => i).filter(i => !i.closest('[hidden]')).map(i => i.name))"
+            "JSON.stringify(Array.from(document.querySelectorAll('#settings input'))"
+            ".filter(i => !i.closest('[hidden]')).map(i => i.name))"
         ))
         assert offered == ["repetition_penalty", "repetition_penalty_context", "pad_mult"], offered
         # The save buttons: the microphone alone (mono) and the timed words, no empty Moshi channel; the
@@ -186,7 +187,8 @@ async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wa
             " const k = await store.lastUnsaved();"
             " const channels = async (blob) => new DataView(await blob.arrayBuffer()).getUint16(22, true);"
             " const shown = (kind) => !document.querySelector(`#save button[data-save=${kind}]`).hidden;"
-            " return JSON.stringify({textOnly: r.textOnly, moshi: r.moshi.length, micChannels: await channels(r.micWav()),"
+            " return JSON.stringify({textOnly: r.textOnly, moshi: r.moshi.length,"
+            " micChannels: await channels(r.micWav()),"
             " words: r.words, json: JSON.parse(await r.jsonBlob().text()), txt: await r.textBlob().text(),"
             " buttons: ['stereo', 'mixed', 'mic', 'txt', 'json'].filter(shown),"
             " kept: {textOnly: k.textOnly, moshi: k.moshi.length, words: k.words,"
@@ -198,7 +200,8 @@ async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wa
         assert words and all(w["start"] <= w["end"] for w in words)
         assert saved["json"]["words"][: len(words)] == words and "pieces" not in saved["json"]
         assert list(saved["json"]["channels"]) == ["mono"]
-        assert [line.split(maxsplit=2)[2] for line in saved["txt"].splitlines()][: len(words)] == [w["text"] for w in words]
+        txt_words = [line.split(maxsplit=2)[2] for line in saved["txt"].splitlines()]
+        assert txt_words[: len(words)] == [w["text"] for w in words]
         kept = saved["kept"]
         assert kept["textOnly"] is True and kept["moshi"] == 0 and kept["micChannels"] == 1
         assert kept["words"] and kept["words"] == words[: len(kept["words"])], (kept["words"], words)
