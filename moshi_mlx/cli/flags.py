@@ -138,7 +138,8 @@ def add_stt_demo_arg(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--demo-stt", dest="demo", action="store_const", const=STT_DEMO,
-        help="tiny random speech-to-text model + random Mimi: live captions with no download (made-up words)",
+        help="tiny random speech-to-text model + random Mimi: live captions with no download (made-up words); "
+        "`local` with no sound card captions a built-in test signal instead",
     )
 
 
