@@ -11,7 +11,17 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .audio.frames import FRAME_S, FRAME_SIZE, FrameChunker
+from .audio.frames import FRAME_S, FRAME_SIZE, SAMPLE_RATE, FrameChunker
+
+#: Length of the offline demos' test signal (`local --demo` / `--demo-stt` with no sound card).
+DEMO_SIGNAL_SECONDS = 10.0
+
+
+def demo_signal(seconds: float = DEMO_SIGNAL_SECONDS) -> np.ndarray:
+    """The offline demos' input at 24 kHz: a gliding tone with a syllable-like envelope standing in for a voice."""
+    t = np.arange(round(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    tone = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t)
+    return (tone * (np.sin(2 * np.pi * 3 * t) > 0)).astype(np.float32)
 
 
 def converse_stream(

@@ -36,7 +36,7 @@ from .mlx_thread import MlxThread
 from .models.cache import DEFAULT_KV_BITS
 from .models.lm import Lm
 from .persona import PersonaPrompt, PromptSnapshots, play_prompt, prompt_tokens, voice_codes
-from .settings import GREEDY, EngineSettings
+from .settings import EngineSettings, in_effect
 from .tokenizer import TextTokenizer
 from .transcribe import END_OF_TURN_HEAD, Transcriber, Word
 from .voices import Voice, load_voice
@@ -92,12 +92,12 @@ class ConversationEngine:
         self.tokenizer = tokenizer
         self.settings = settings
         self.mlx = MlxThread()
-        # Captions are read greedily, as Kyutai's STT configs (temp_text 0) and scripts run these models; the
-        # extra heads (semantic VAD) are computed at each step.
-        text = GREEDY if self.text_only else settings.text
+        # Captions are read greedily (settings.in_effect says what a text-only model runs); the extra heads
+        # (semantic VAD) are computed at each step.
+        run = in_effect(settings, self.text_only)
         self.gen = self.mlx.run(
-            lambda: LmGen(lm, text, settings.audio, settings.seed, text_controls=settings.text_controls,
-                          text_seed=settings.text_seed, audio_seed=settings.audio_seed,
+            lambda: LmGen(lm, run.text, run.audio, run.seed, text_controls=run.text_controls,
+                          text_seed=run.text_seed, audio_seed=run.audio_seed,
                           kv_bits=settings.kv_bits or DEFAULT_KV_BITS, context=settings.context,
                           condition=settings.condition, cfg_coef=settings.cfg_coef, extra_heads=self.text_only)
         )
@@ -130,12 +130,12 @@ class ConversationEngine:
         if settings is not None and settings != self.settings:
             self.prompt = self._prompt_for(settings)  # a bad voice or prompt: one line, the old settings stay
             self.settings = settings
-            text = GREEDY if self.text_only else settings.text  # captions stay greedy (see __init__)
+            run = in_effect(settings, self.text_only)  # captions stay greedy (see __init__)
             self.mlx.run(
-                self.gen.configure, text, settings.audio, settings.seed, settings.text_controls,
-                settings.text_seed, settings.audio_seed, settings.condition, settings.cfg_coef,
+                self.gen.configure, run.text, run.audio, run.seed, run.text_controls,
+                run.text_seed, run.audio_seed, run.condition, run.cfg_coef,
             )
-        s = self.settings
+        s = in_effect(self.settings, self.text_only)
         self.mlx.run(self.gen.reset, s.seed, s.text_seed, s.audio_seed)
         self.mimi.reset()
         self.frames_in = 0

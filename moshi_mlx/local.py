@@ -117,6 +117,9 @@ def _check_demo_output(args: argparse.Namespace) -> None:
         return
     if not args.demo:
         raise UsageError("--demo-output only applies with --demo")
+    if args.demo == STT_DEMO:
+        raise UsageError("--demo-output: the speech-to-text demo writes no audio (its captions go to stdout; "
+                         "--record DIR keeps them)")
     if os.path.lexists(args.demo_output):
         raise OutputError(
             f"--demo-output {args.demo_output}: exists; the demo never replaces a file (remove it or pick a new name)"
@@ -141,19 +144,18 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException, stt_res
     """--demo on a machine with no usable sound device: run the same pipeline on a test signal.
     `stt_resolved`: --transcribe-user's model as resolve_user_stt found it (False: not asked for)."""
     from .cli.flags import load_from_args, load_user_stt, settings_from_args
-    from .clips import converse_offline
+    from .clips import DEMO_SIGNAL_SECONDS, converse_offline, demo_signal
 
     _log(f"no usable sound device ({first_line(device_error)})")
     where = args.demo_output or "a new moshi-demo-*.wav in the current folder"
     if args.demo_output is None:  # the folder must take a file before 10 s of work, not after
         check_outputs(inputs=[], outputs=[fresh_path(".", "moshi-demo", ".wav")])
-    _log(f"running the demo offline instead: 10 s of test signal in, Moshi's babble out to {where}")
+    _log(f"running the demo offline instead: {DEMO_SIGNAL_SECONDS:.0f} s of test signal in, Moshi's babble out to "
+         f"{where}")
     stt = load_user_stt(args, stt_resolved, log=_log) if stt_resolved is not False else None
     assets = load_from_args(args, log=_log, stt=stt)
     engine = assets.engine(settings_from_args(args, assets.lm.config))
-    t = np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE
-    # A gliding tone with a syllable-like envelope stands in for a voice.
-    signal_in = 0.3 * np.sin(2 * np.pi * (150 + 50 * np.sin(2 * np.pi * 0.5 * t)) * t) * (np.sin(2 * np.pi * 3 * t) > 0)
+    signal_in = demo_signal()
     shown: list[str] = []
 
     def show(piece: dict) -> None:  # the transcript as it comes: the 125 frames take tens of seconds on a CPU
@@ -162,7 +164,7 @@ def _offline_demo(args: argparse.Namespace, device_error: BaseException, stt_res
         print(text, end="", flush=True)
 
     try:
-        out, pieces = converse_offline(engine, signal_in.astype(np.float32), on_text=show)
+        out, pieces = converse_offline(engine, signal_in, on_text=show)
     finally:
         engine.close()
     print(flush=True)

@@ -152,10 +152,12 @@ def _answer(args: argparse.Namespace) -> int:
 
 def _transcribe(args: argparse.Namespace, assets) -> int:
     """A speech-to-text model: the input's timed words, on stdout as they come or into --transcript."""
+    from .cli.flags import note_text_only_flags
     from .generate import LmGen
     from .settings import GREEDY
     from .transcribe import Transcriber, frames_of
 
+    note_text_only_flags(args)
     plan = assets.memory
     # Greedy text, as Kyutai's STT configs (lm_gen_config temp_text 0) and scripts run these models.
     gen = LmGen(assets.lm, GREEDY, GREEDY, kv_bits=plan.kv_bits if plan else 16, context=plan.context if plan else None,

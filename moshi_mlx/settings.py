@@ -173,9 +173,10 @@ KNOBS: dict[str, Knob] = _knobs(
 CONDITIONING_KNOBS = ("cfg_coef", "condition")
 
 
-def knob_table() -> list[dict[str, Any]]:
-    """KNOBS as JSON, for clients that build their own forms (the web UI)."""
-    return [k.as_json() for k in KNOBS.values()]
+def knob_table(text_only: bool = False) -> list[dict[str, Any]]:
+    """KNOBS as JSON, for clients that build their own forms (the web UI); for a text-only model, only the
+    knobs that change its captions (:data:`TEXT_ONLY_KNOBS`)."""
+    return [k.as_json() for k in KNOBS.values() if not text_only or k.name in TEXT_ONLY_KNOBS]
 
 
 def knob_values(settings: EngineSettings) -> dict[str, Any]:
@@ -226,6 +227,13 @@ def _stream_defaults(stream: str) -> SamplingParams:
 DEFAULT_TEXT_SAMPLING = _stream_defaults("text")
 DEFAULT_AUDIO_SAMPLING = _stream_defaults("audio")
 GREEDY = SamplingParams(temperature=0.0, top_k=0)
+
+#: The knobs that still change a text-only (speech-to-text) model's captions. Captions are read greedily, as
+#: Kyutai's STT configs (temp_text 0) and scripts run these models, and no audio is sampled: the temperatures,
+#: top-k/p, min-p and seeds do nothing; the repetition penalty and pad_mult act on the logits before the argmax.
+TEXT_ONLY_KNOBS = ("repetition_penalty", "repetition_penalty_context", "pad_mult")
+#: Why the other knobs are ignored for such a model (said per knob in the web info message's ignored_params).
+TEXT_ONLY_NOTE = "a speech-to-text model reads its captions greedily: sampling and seeds have no effect"
 
 
 @dataclass(frozen=True)
@@ -323,3 +331,11 @@ def lm_gen_knobs(lm_gen_config: Mapping[str, Any] | None) -> dict[str, Any]:
     if (lm_gen_config or {}).get("use_sampling") is False:
         values["text_temperature"] = values["audio_temperature"] = 0.0
     return values
+
+
+def in_effect(settings: EngineSettings, text_only: bool) -> EngineSettings:
+    """The settings a model actually runs with: for a text-only model, greedy text, no audio sampling and no
+    seeds (see :data:`TEXT_ONLY_KNOBS`); any other model runs `settings` as given."""
+    if not text_only:
+        return settings
+    return replace(settings, text=GREEDY, audio=GREEDY, seed=None, text_seed=None, audio_seed=None)

@@ -260,7 +260,14 @@ function settingsQuery() {
   }
   return params;
 }
+// The form offers only the server's knobs: a speech-to-text model reads its captions greedily, so its table
+// leaves out the temperatures, top-k/p, min-p and seeds (queryParams skips hidden fields).
 function applyKnobs(table) {
+  const offered = new Set((table || []).map((knob) => knob.name));
+  for (const name of PARAMS) {
+    if (ui.conditioning.contains(ui.form.elements[name])) continue; // shown by applyConditioning
+    ui.form.elements[name].closest("label").hidden = table !== undefined && !offered.has(name);
+  }
   for (const knob of table || []) {
     const input = ui.form.elements[knob.name];
     if (!input || input.type !== "number") continue; // a knob this form does not offer as a number (seed, condition)
@@ -460,7 +467,9 @@ class Session {
           stats.handshake = true;
           // The recording starts now, on the audio clock shared by the mic and playback worklets.
           const rate = this.ctx.sampleRate;
-          this.recording = new ConversationRecording(rate, Math.round(this.ctx.currentTime * rate));
+          const textOnly = Boolean(document.body.dataset.textOnly); // captions: the microphone and the words
+          const startFrame = Math.round(this.ctx.currentTime * rate);
+          this.recording = new ConversationRecording(rate, startFrame, new Date(), textOnly);
           this.journal = new RecordingJournal(this.recording); // kept in IndexedDB as it goes: survives a crash
           window.moshi.recording = this.recording;
           renderSave();
@@ -520,6 +529,7 @@ class Session {
       this.renderLag();
     } else if (meta.type === "captions") {
       showCaptionFrame(meta);
+      if (this.recording) for (const word of meta.words || []) this.recording.addWord(word);
     }
   }
 
@@ -810,6 +820,12 @@ function renderSave() {
   const has = Boolean(rec && !rec.empty);
   ui.save.hidden = !has;
   if (!has) return;
+  // A speech-to-text model's recording has no Moshi channel: the microphone alone (mono) and the timed words.
+  for (const button of ui.save.querySelectorAll("[data-save=stereo], [data-save=mixed]")) button.hidden = rec.textOnly;
+  ui.save.querySelector("[data-save=mic]").hidden = !rec.textOnly;
+  $("save-channels").textContent = rec.textOnly
+    ? "Audio: your microphone as sent for captioning; transcript: each word with its start and end in seconds."
+    : "Stereo: you on the left, Moshi on the right, as heard here.";
   const secs = rec.seconds.toFixed(1);
   ui.saveNote.textContent = rec.recovered
     ? `Not saved last time: ${secs} s recorded ${rec.startedAt.toLocaleString()}, kept by this browser ` +
@@ -838,6 +854,7 @@ ui.save.addEventListener("click", (e) => {
   const info = stats.serverInfo || {};
   if (kind === "stereo") download(rec.stereoWav(), `${stem}-stereo.wav`);
   else if (kind === "mixed") download(rec.mixedWav(), `${stem}-mixed.wav`);
+  else if (kind === "mic") download(rec.micWav(), `${stem}-mic.wav`);
   else if (kind === "txt") download(rec.textBlob(), `${stem}-transcript.txt`);
   else if (kind === "json") download(rec.jsonBlob({ model: info.model, settings: info.settings }), `${stem}-transcript.json`);
   markSaved(rec.storeId); // taken: not offered again after a reload

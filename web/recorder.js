@@ -4,10 +4,21 @@
 // played it, silence included) arrive as chunks stamped with the AudioContext's frame counter, so the
 // two channels line up sample for sample. Audio is kept as 16-bit samples at the context's rate
 // (about 11 MB a minute at 48 kHz) and turned into files only when asked for. Nothing leaves the page.
+//
+// With a speech-to-text model (textOnly: live captions) nothing is played: the recording is the microphone
+// alone (micWav, mono) and the timed words of the captions messages (seconds of the audio the server heard),
+// as `local --record` keeps them; no Moshi channel.
+
+// One word line of a timed transcript: start and end in seconds, then the word (as `local` prints them).
+export function wordLine(w) {
+  return `${w.start.toFixed(2).padStart(8)} ${w.end.toFixed(2).padStart(8)}  ${w.text}`;
+}
 
 export class ConversationRecording {
-  constructor(sampleRate, startFrame, startedAt = new Date()) {
+  constructor(sampleRate, startFrame, startedAt = new Date(), textOnly = false) {
     this.sampleRate = sampleRate;
+    this.textOnly = textOnly;
+    this.words = []; // [{text, start, end}]: a speech-to-text model's timed words
     this.startFrame = startFrame;
     this.endFrame = null; // set by stop(); until then the recording grows
     this.startedAt = startedAt;
@@ -40,7 +51,12 @@ export class ConversationRecording {
   }
 
   addMoshi(samples, frame) {
-    this._add(this.moshi, samples, frame);
+    if (!this.textOnly) this._add(this.moshi, samples, frame); // captions: only the playback's silence
+  }
+
+  addWord(word) {
+    if (this.endFrame !== null || !word || !word.text) return;
+    this.words.push({ text: word.text, start: word.start, end: word.end });
   }
 
   addText(text, seconds) {
@@ -60,10 +76,11 @@ export class ConversationRecording {
   }
 
   get empty() {
-    return this.length <= 0 && this.pieces.length === 0;
+    return this.length <= 0 && this.pieces.length === 0 && this.words.length === 0;
   }
 
   text() {
+    if (this.textOnly) return this.words.map((w) => w.text).join(" ");
     return this.pieces.map((p) => p.text).join("").trim();
   }
 
@@ -88,6 +105,10 @@ export class ConversationRecording {
     return wavBlob(pcm, 2, this.sampleRate);
   }
 
+  micWav() {
+    return wavBlob(this._channel(this.mic, this.length), 1, this.sampleRate);
+  }
+
   mixedWav() {
     const n = this.length;
     const left = this._channel(this.mic, n);
@@ -98,7 +119,8 @@ export class ConversationRecording {
   }
 
   textBlob() {
-    return new Blob([this.text() + "\n"], { type: "text/plain;charset=utf-8" });
+    const body = this.textOnly ? this.words.map((w) => wordLine(w) + "\n").join("") : this.text() + "\n";
+    return new Blob([body], { type: "text/plain;charset=utf-8" });
   }
 
   jsonBlob(extra = {}) {
@@ -106,9 +128,11 @@ export class ConversationRecording {
       started_at: this.startedAt.toISOString(),
       seconds: Math.round(this.seconds * 1000) / 1000,
       sample_rate: this.sampleRate,
-      channels: { left: "you (microphone, after the browser's echo cancellation)", right: "Moshi (as played)" },
+      channels: this.textOnly
+        ? { mono: "you (microphone, after the browser's echo cancellation)" }
+        : { left: "you (microphone, after the browser's echo cancellation)", right: "Moshi (as played)" },
       text: this.text(),
-      pieces: this.pieces,
+      ...(this.textOnly ? { words: this.words } : { pieces: this.pieces }),
       ...extra,
     };
     return new Blob([JSON.stringify(data, null, 1) + "\n"], { type: "application/json" });

@@ -3,9 +3,10 @@
 // conversation that was not saved. Nothing leaves the browser.
 //
 // Database "moshi_mlx-recordings": store "recordings" ({id, sampleRate, startFrame, startedAt, endFrame,
-// saved}) and store "chunks" ({rec, kind: "mic" | "moshi" | "text", offset + samples, or t + text}, indexed
-// by rec). Every FLUSH_MS what the recording gained is appended in one transaction, each voice's new
-// chunks joined into runs. Only the newest KEEP recordings are kept.
+// saved, textOnly}) and store "chunks" ({rec, kind: "mic" | "moshi" | "text" | "word", offset + samples, t +
+// text, or a caption word's text + start + end}, indexed by rec); a speech-to-text model's recording (textOnly)
+// keeps the microphone and its words, no Moshi channel. Every FLUSH_MS what the recording gained is appended
+// in one transaction, each voice's new chunks joined into runs. Only the newest KEEP recordings are kept.
 
 import { ConversationRecording } from "./recorder.js";
 
@@ -87,7 +88,7 @@ export class RecordingJournal {
     this.recording = recording;
     this.id = `${recording.startedAt.getTime()}-${Math.random().toString(36).slice(2, 8)}`;
     recording.storeId = this.id;
-    this.written = { mic: 0, moshi: 0, text: 0 };
+    this.written = { mic: 0, moshi: 0, text: 0, word: 0 };
     this.failure = null;
     this.busy = Promise.resolve();
     this.ready = this._begin();
@@ -100,7 +101,7 @@ export class RecordingJournal {
     const tx = db.transaction("recordings", "readwrite");
     tx.objectStore("recordings").put({
       id: this.id, sampleRate: r.sampleRate, startFrame: r.startFrame, startedAt: r.startedAt.toISOString(),
-      endFrame: null, saved: false,
+      endFrame: null, saved: false, textOnly: r.textOnly,
     });
     await committed(tx);
     const all = await settle(db.transaction("recordings").objectStore("recordings").getAll());
@@ -119,12 +120,13 @@ export class RecordingJournal {
     try {
       await this.ready;
       const r = this.recording;
-      const counts = { mic: r.mic.length, moshi: r.moshi.length, text: r.pieces.length };
+      const counts = { mic: r.mic.length, moshi: r.moshi.length, text: r.pieces.length, word: r.words.length };
       const rows = [];
       for (const kind of ["mic", "moshi"]) {
         for (const run of runs(r[kind], this.written[kind], counts[kind])) rows.push({ rec: this.id, kind, ...run });
       }
       for (let i = this.written.text; i < counts.text; i++) rows.push({ rec: this.id, kind: "text", ...r.pieces[i] });
+      for (let i = this.written.word; i < counts.word; i++) rows.push({ rec: this.id, kind: "word", ...r.words[i] });
       const ended = r.endFrame !== null;
       if (!rows.length && !ended) return;
       const db = await openDb();
@@ -179,9 +181,11 @@ export async function lastUnsaved() {
     if (meta.saved) continue;
     const chunks = await settle(db.transaction("chunks").objectStore("chunks").index("rec").getAll(meta.id));
     if (!chunks.length) continue;
-    const rec = new ConversationRecording(meta.sampleRate, meta.startFrame, new Date(meta.startedAt));
+    const textOnly = Boolean(meta.textOnly);
+    const rec = new ConversationRecording(meta.sampleRate, meta.startFrame, new Date(meta.startedAt), textOnly);
     for (const c of chunks) {
       if (c.kind === "text") rec.pieces.push({ t: c.t, text: c.text });
+      else if (c.kind === "word") rec.words.push({ text: c.text, start: c.start, end: c.end });
       else {
         rec[c.kind].push({ offset: c.offset, samples: c.samples });
         rec.latestFrame = Math.max(rec.latestFrame, meta.startFrame + c.offset + c.samples.length);

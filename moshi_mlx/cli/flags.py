@@ -22,7 +22,7 @@ from ..model_files.source import ModelSource
 from ..models.cache import DEFAULT_KV_BITS, KV_BITS
 from ..models.config import LmConfig
 from ..errors import UsageError
-from ..settings import KNOBS, LM_GEN_KNOBS, EngineSettings, Knob
+from ..settings import KNOBS, LM_GEN_KNOBS, TEXT_ONLY_KNOBS, TEXT_ONLY_NOTE, EngineSettings, Knob
 from ..voices import load_voice, looks_like_path
 from .progress import Progress
 from .shell import say
@@ -145,7 +145,8 @@ def add_stt_demo_arg(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument(
         "--demo-stt", dest="demo", action="store_const", const=STT_DEMO,
-        help="tiny random speech-to-text model + random Mimi: live captions with no download (made-up words)",
+        help="tiny random speech-to-text model + random Mimi: live captions with no download (made-up words); "
+        "`local` with no sound card captions a built-in test signal instead",
     )
 
 
@@ -247,11 +248,23 @@ def voices_dir_from_args(args: argparse.Namespace) -> Path | None:
     return path
 
 
-def settings_from_args(args: argparse.Namespace, config: LmConfig | None = None) -> EngineSettings:
-    """The engine's settings: the table's defaults, then the model's `lm_gen_config`, then the flags given."""
+def settings_from_args(
+    args: argparse.Namespace, config: LmConfig | None = None, log: Callable[[str], None] = say
+) -> EngineSettings:
+    """The engine's settings: the table's defaults, then the model's `lm_gen_config`, then the flags given
+    (a text-only model: one line names the flags it ignores); the persona flags' prompt and voice."""
+    if config is not None and config.text_only:
+        note_text_only_flags(args, log)
     settings = model_settings(config, given_knobs(args), kv_bits=getattr(args, "kv_bits", None))
     persona = persona_from_args(args)
     return replace(settings, **persona) if any(persona.values()) else settings
+
+
+def note_text_only_flags(args: argparse.Namespace, log: Callable[[str], None] = say) -> None:
+    """One line naming the sampling flags given that a text-only (speech-to-text) model ignores, if any."""
+    flags = [KNOBS[name].flag for name in given_knobs(args) if name not in TEXT_ONLY_KNOBS]
+    if flags:
+        log(f"note: {', '.join(flags)} ignored: {TEXT_ONLY_NOTE}")
 
 
 def resolve_from_args(args: argparse.Namespace) -> ResolvedModel | None:

@@ -19,12 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from ..audio.frames import FRAME_S
+from ..audio.device_choice import AudioDeviceError
+from ..audio.frames import FRAME_S, SAMPLE_RATE
 from ..captions import word_line
+from ..clips import DEMO_SIGNAL_SECONDS, demo_signal
 from ..engine import ConversationEngine, EngineRunner, FrameResult
-from ..errors import UsageError
-from ..transcribe import END_OF_TURN_HEAD, END_OF_TURN_THRESHOLD, Word
-from .terminal import TerminalSession, log
+from ..errors import UsageError, first_line
+from ..model_files.assets import STT_DEMO
+from ..transcribe import END_OF_TURN_HEAD, END_OF_TURN_THRESHOLD, Word, frames_of
+from .terminal import TerminalSession, log, make_recorder, save_recording
 
 #: Cells of the end-of-turn meter on the status line.
 METER_CELLS = 10
@@ -162,10 +165,15 @@ def caption(args: argparse.Namespace, resolved: Any) -> int:
 
     check_caption_args(args)
     far = LocalCaptions()
-    session = TerminalSession(args, far, no_sound_hint=None, playback=False)
+    try:
+        session = TerminalSession(args, far, no_sound_hint=None, playback=False)
+    except AudioDeviceError as e:
+        if args.demo == STT_DEMO and args.input_device is None:  # as `--demo` does for Moshi: a file instead
+            return offline_demo(args, e)
+        raise
     t0 = time.perf_counter()
     assets = load_from_args(args, log=log, resolved=resolved)
-    engine = assets.engine(settings_from_args(args, assets.lm.config))
+    engine = assets.engine(settings_from_args(args, assets.lm.config, log))
     load_s = time.perf_counter() - t0
     warm_s = engine.warmup()
     log(f"ready in {load_s + warm_s:.1f} s (load {load_s:.1f} s, warm-up {warm_s:.1f} s): {assets.description} "
@@ -173,3 +181,46 @@ def caption(args: argparse.Namespace, resolved: Any) -> int:
     far.start(engine, assets.description, session, max_pending=args.max_lag_frames)
     session.begin()
     return session.run(lambda: far.converse(session), summary_on_error=False)
+
+
+def offline_demo(args: argparse.Namespace, device_error: BaseException) -> int:
+    """`--demo-stt` on a machine with no usable microphone: the same engine captions the demos' test signal, the
+    words on stdout as live captions print them (``--record DIR`` keeps the signal and the timed transcript)."""
+    from .flags import load_from_args, settings_from_args
+
+    log(f"no usable sound device ({first_line(device_error)})")
+    recorder = make_recorder(args.record, captions=True)  # its folder checked before the load
+    log(f"running the speech-to-text demo offline instead: {DEMO_SIGNAL_SECONDS:.0f} s of test signal in, captions "
+        "out (DEMO: random weights, so the words are made up)")
+    assets = load_from_args(args, log=log)
+    engine = assets.engine(settings_from_args(args, assets.lm.config, log))
+    signal = demo_signal()
+    words: list[Word] = []
+    turn_ends = 0
+
+    def show(new: Any) -> None:
+        for word in new:
+            words.append(word)
+            print(word_line(word), flush=True)
+            if recorder is not None:
+                recorder.add_word(word)
+
+    try:
+        for frame in frames_of([signal]):
+            res = engine.process(frame)
+            if recorder is not None:
+                recorder.add_user(frame)
+                if res.pauses is not None:
+                    recorder.add_vad(res.heard_s, res.pauses)
+                if res.turn_end:
+                    recorder.add_turn_end(res.heard_s)
+            turn_ends += res.turn_end
+            show(res.words)
+        show(engine.flush())
+    finally:
+        engine.close()
+    if recorder is not None:
+        save_recording(recorder, {"model": assets.description, "input": "the demo's test signal"})
+    log(f"DEMO done: {len(words)} made-up words and {turn_ends} ends of turn from {signal.size / SAMPLE_RATE:.1f} s "
+        "of test signal (a real model: --hf-repo kyutai/stt-1b-en_fr-mlx)")
+    return 0

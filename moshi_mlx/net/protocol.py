@@ -37,7 +37,7 @@ from enum import IntEnum
 from typing import Any, Iterable, Mapping
 
 from ..errors import MoshiError
-from ..settings import KNOBS, EngineSettings, knob_values, with_knobs
+from ..settings import KNOBS, TEXT_ONLY_KNOBS, TEXT_ONLY_NOTE, EngineSettings, in_effect, knob_values, with_knobs
 
 __all__ = [
     "CHAT_PATH",
@@ -293,6 +293,7 @@ def _pairs(params: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[
 def parse_query(
     params: Mapping[str, str] | Iterable[tuple[str, str]],
     defaults: EngineSettings = EngineSettings(),
+    text_only: bool = False,
 ) -> QueryResult:
     """Turn the WebSocket URL's query parameters into engine settings.
 
@@ -302,6 +303,9 @@ def parse_query(
     reported in ``ignored``.
 
     ``seed`` seeds both streams; ``text_seed`` and ``audio_seed`` take precedence for their stream.
+    For a ``text_only`` (speech-to-text) model the knobs that do nothing there (all but
+    :data:`~moshi_mlx.settings.TEXT_ONLY_KNOBS`) are validated, then reported in ``ignored`` with the
+    reason rather than refused: Kyutai's official client sends every knob to every server.
     """
     values: dict[str, str] = {}
     unknown: list[str] = []
@@ -323,6 +327,10 @@ def parse_query(
     persona = _persona(values)
     # In the table's order, whatever order the URL had.
     applied = {name: _parse(name, values[name]) for name in SUPPORTED_PARAMS if name in values}
+    ignored: dict[str, str] = {}
+    if text_only:
+        ignored = {name: TEXT_ONLY_NOTE for name in applied if name not in TEXT_ONLY_KNOBS}
+        applied = {name: value for name, value in applied.items() if name in TEXT_ONLY_KNOBS}
     changes = dict(applied)
     if "seed" in applied:  # a query's `seed` replaces the server's per-stream seeds too
         changes.setdefault("text_seed", None)
@@ -333,7 +341,8 @@ def parse_query(
         raise ParamError(str(e)) from None
     if persona:  # the model checks them (a voice it has, a prompt that fits) when the conversation starts
         settings = replace(settings, **persona)
-    return QueryResult(settings, applied, {}, tuple(unknown), persona=persona, user_words=user_words)
+    return QueryResult(in_effect(settings, text_only), applied, ignored, tuple(unknown), persona=persona,
+                       user_words=user_words)
 
 
 def voice_name(raw: str) -> str:

@@ -29,7 +29,7 @@ from ..model_files.personaplex import MODEL_TYPE as PERSONA_MODEL_TYPE
 from ..models.config import LmConfig
 from ..net import protocol
 from ..net.protocol import ParamError
-from ..settings import EngineSettings
+from ..settings import EngineSettings, in_effect
 from ..voices import list_voices
 from .asr import AsrServer, add_asr_route
 from .info import knobs_info
@@ -159,10 +159,12 @@ class ChatServer:
         # --transcribe-user: an STT model (SttAssets) writing down the user's words for clients asking for them
         self.stt = stt
         self.lm_model_file = lm_model_file
-        # Settings for parameters a client leaves out (the command line's, by default).
-        self.default_settings: EngineSettings = default_settings or engine.settings
         # What kind of model this is and, for a conditioned one, the conditions the UI offers.
         self.model_fields = model_fields(engine.lm.config)
+        # Settings for parameters a client leaves out (the command line's, by default), as the model runs them
+        # (a text-only model: greedy, whatever the flags said; see settings.in_effect).
+        self.text_only = engine.text_only
+        self.default_settings: EngineSettings = in_effect(default_settings or engine.settings, self.text_only)
         # A persona model (PersonaPlex): the role prompt and voice a client may choose, else None.
         self.persona = is_persona_model(engine, self.default_settings)
         self.description = description
@@ -210,7 +212,7 @@ class ChatServer:
                 "threads": threading.active_count(),
                 "protocol": {"sample_rate": SAMPLE_RATE, "params": list(protocol.KNOWN_PARAMS)},
                 "defaults": protocol.QueryResult(self.default_settings).describe(),
-                "knobs": knobs_info(),  # the UI takes its limits from here: one set of bounds
+                "knobs": knobs_info(self.text_only),  # the UI offers these, with these limits: one set of bounds
                 **self.model_fields,  # model_kind; conditioning (null: the UI hides guidance and condition)
                 "persona": self.persona_info(),  # null: the UI hides the role prompt and the voice picker
             }
@@ -253,7 +255,7 @@ class ChatServer:
         await ws.prepare(request)
         peer = request.remote or "?"
         try:
-            query = protocol.parse_query(request.query, self.default_settings)
+            query = protocol.parse_query(request.query, self.default_settings, self.text_only)
             given = query.applied
             check_conditioning(self.engine.lm.config, given.get("condition"), given.get("cfg_coef"))
             if query.persona and not self.persona:
@@ -267,6 +269,9 @@ class ChatServer:
         except (ParamError, ConditioningError) as e:
             log.info("%s: refused: %s", peer, e)
             return await self._refuse(ws, f"bad parameter: {e}", 1008)
+        if query.ignored:  # said back in the info message's ignored_params too
+            why = "; ".join(sorted(set(query.ignored.values())))
+            log.info("%s: ignored %s: %s", peer, ", ".join(query.ignored), why)
         if not await self._wait_for_leaver():
             self.refused_busy += 1
             log.info("%s: refused: busy", peer)

@@ -78,9 +78,10 @@ def sampling_fields(settings: Mapping[str, Any]) -> dict[str, Any]:
     return {k.name: k.cast(settings.get(k.name, k.default)) for k in KNOBS.values() if k.kind in ("float", "int")}
 
 
-def knobs_info() -> list[dict[str, Any]]:
-    """The sampling knobs for ``/api/info``: the web UI takes its form's limits from here."""
-    return knob_table()
+def knobs_info(text_only: bool = False) -> list[dict[str, Any]]:
+    """The sampling knobs for ``/api/info``: the web UI takes its form's limits from here, and offers only
+    these (a text-only model: only the knobs that change its captions)."""
+    return knob_table(text_only)
 
 
 def server_info(settings: Mapping[str, Any], lm_model_file: str, instance_name: str | None = None) -> dict[str, Any]:

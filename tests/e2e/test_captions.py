@@ -172,6 +172,39 @@ async def test_browser_shows_captions_and_the_end_of_turn_meter(chromium, mic_wa
         ))
         assert shown[0] is False and re.fullmatch(r"\d\.\d\d", shown[1]) and shown[2] is True
         assert shown[3] == "Live captions of what you say"
+        # the settings form offers only the knobs that act on captions (greedy: no temperatures, no seeds)
+        offered = json.loads(await browser.eval(
+            "JSON.stringify(Array.from(document.querySelectorAll('#settings input'))"
+            ".filter(i => !i.closest('[hidden]')).map(i => i.name))"
+        ))
+        assert offered == ["repetition_penalty", "repetition_penalty_context", "pad_mult"], offered
+        # The save buttons: the microphone alone (mono) and the timed words, no empty Moshi channel; the
+        # browser's crash-recovery store gives back the same (its copy lags at most one flush).
+        assert await browser.wait_for("window.moshi.recording.words.length > 0", timeout=30)
+        await asyncio.sleep(1.2)  # a journal flush (every 0.5 s) has stored the words seen so far
+        saved = json.loads(await browser.eval(
+            "(async () => { const r = window.moshi.recording; const store = await import('./recording-store.js');"
+            " const k = await store.lastUnsaved();"
+            " const channels = async (blob) => new DataView(await blob.arrayBuffer()).getUint16(22, true);"
+            " const shown = (kind) => !document.querySelector(`#save button[data-save=${kind}]`).hidden;"
+            " return JSON.stringify({textOnly: r.textOnly, moshi: r.moshi.length,"
+            " micChannels: await channels(r.micWav()),"
+            " words: r.words, json: JSON.parse(await r.jsonBlob().text()), txt: await r.textBlob().text(),"
+            " buttons: ['stereo', 'mixed', 'mic', 'txt', 'json'].filter(shown),"
+            " kept: {textOnly: k.textOnly, moshi: k.moshi.length, words: k.words,"
+            " micChannels: await channels(k.micWav())}}); })()"
+        ))
+        assert saved["textOnly"] is True and saved["moshi"] == 0 and saved["micChannels"] == 1, saved
+        assert saved["buttons"] == ["mic", "txt", "json"], saved["buttons"]
+        words = saved["words"]
+        assert words and all(w["start"] <= w["end"] for w in words)
+        assert saved["json"]["words"][: len(words)] == words and "pieces" not in saved["json"]
+        assert list(saved["json"]["channels"]) == ["mono"]
+        txt_words = [line.split(maxsplit=2)[2] for line in saved["txt"].splitlines()]
+        assert txt_words[: len(words)] == [w["text"] for w in words]
+        kept = saved["kept"]
+        assert kept["textOnly"] is True and kept["moshi"] == 0 and kept["micChannels"] == 1
+        assert kept["words"] and kept["words"] == words[: len(kept["words"])], (kept["words"], words)
         assert not browser.errors, browser.errors
     finally:
         await browser.close()
@@ -230,3 +263,56 @@ async def test_demo_stt_serves_labelled_captions(tmp_path):
         server.stop()
     assert "DEMO MODE: tiny random-weight speech-to-text model" in server.log
     no_traceback(server.log)
+
+
+@pytest.mark.asyncio
+async def test_web_reports_the_greedy_sampling_that_runs(tmp_path):
+    """`local_web --demo-stt --text-temperature 0.9`: /api/info and the info message report what runs (greedy:
+    text_temperature 0), /api/info offers only the knobs that act on captions, and a temperature sent in the query
+    anyway is ignored with the reason (ignored_params, one server log line) while pad_mult applies."""
+    from moshi_mlx.settings import TEXT_ONLY_KNOBS, TEXT_ONLY_NOTE
+
+    server = LocalWeb(tmp_path / "web.log", extra=["--demo-stt", "--text-temperature", "0.9"], demo=False)
+    try:
+        info = server.info()
+        assert info["defaults"]["text_temperature"] == 0.0 and info["defaults"]["text_topk"] == 0
+        assert [k["name"] for k in info["knobs"]] == list(TEXT_ONLY_KNOBS)
+        url = server.ws + "?text_temperature=0.5&text_seed=4&pad_mult=0.25"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            assert (await asyncio.wait_for(ws.receive(), 60)).data == b"\x00"
+            while True:
+                m = protocol.decode((await asyncio.wait_for(ws.receive(), 30)).data)
+                if m is not None and m.kind == Kind.METADATA and m.json()["type"] == "info":
+                    first = m.json()
+                    break
+        assert first["text_temperature"] == 0.0 and first["settings"]["text_temperature"] == 0.0
+        assert first["settings"]["pad_mult"] == 0.25
+        assert first["ignored_params"] == {"text_temperature": TEXT_ONLY_NOTE, "text_seed": TEXT_ONLY_NOTE}
+    finally:
+        server.stop()
+    assert f"ignored text_temperature, text_seed: {TEXT_ONLY_NOTE}" in server.log
+    assert f"note: --text-temperature ignored: {TEXT_ONLY_NOTE}" in server.log  # the flag, said once at start
+    no_traceback(server.log)
+
+
+def test_demo_stt_without_a_sound_card_captions_a_test_signal(tmp_path):
+    """No default sound device (a HOME without an ALSA setup, on a machine without a sound card): `local
+    --demo-stt` captions the demos' test signal instead, labelled DEMO, words on stdout as live captions print
+    them; --record keeps the signal and the timed transcript. --demo-output (audio) is refused for it."""
+    record = tmp_path / "rec"
+    record.mkdir()
+    env = base_env(HOME=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "moshi_mlx.local", "--demo-stt", "--record", str(record)], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "no usable sound device" in r.stderr and "DEMO MODE" in r.stderr and "DEMO done:" in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines and all(re.fullmatch(r"\s*\d+\.\d\d\s+\d+\.\d\d\s+\S.*", line) for line in lines), r.stdout[:500]
+    assert f"DEMO done: {len(lines)} made-up words" in r.stderr
+    transcript = json.loads(next(record.glob("*.json")).read_text())
+    assert len(transcript["words"]) == len(lines) and transcript["input"] == "the demo's test signal"
+    pcm, rate = read_wav(next(record.glob("*.wav")))
+    assert abs(pcm.size / rate - 10.0) < 0.1  # the signal
+    bad = subprocess.run([sys.executable, "-m", "moshi_mlx.local", "--demo-stt", "--demo-output", "x.wav"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "writes no audio" in bad.stderr

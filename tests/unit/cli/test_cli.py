@@ -76,3 +76,18 @@ def test_codec_flags_become_a_codec_choice():
     assert CodecChoice.from_args(p.parse_args(["--mimi", "mlx", "--mimi-device", "gpu"])) == CodecChoice("mlx", "gpu")
     with pytest.raises(SystemExit):
         p.parse_args(["--mimi", "torch"])
+
+
+def test_text_only_flags_given_are_named_in_one_line():
+    """The command line's side of the same rule: `local`/`run_inference`/`local_web` say which flags a
+    speech-to-text model ignores (pad_mult acts: not named)."""
+    from moshi_mlx.cli.flags import note_text_only_flags
+    from moshi_mlx.local import build_parser
+    from moshi_mlx.settings import TEXT_ONLY_NOTE
+
+    lines: list[str] = []
+    note_text_only_flags(build_parser().parse_args(["--text-temperature", "0.9", "--seed", "1", "--pad-mult", "1"]),
+                         lines.append)
+    assert lines == [f"note: --text-temperature, --seed ignored: {TEXT_ONLY_NOTE}"]
+    note_text_only_flags(build_parser().parse_args(["--pad-mult", "1"]), lines.append)
+    assert len(lines) == 1

@@ -211,3 +211,29 @@ def test_encode_persona_is_parse_querys_inverse():
     q = protocol.parse_query(params)
     assert (q.settings.text_prompt, q.settings.voice) == ("Be brief.\nBe kind.", "NATF1")
     assert protocol.encode_persona(None, None) == {}
+
+
+def test_text_only_model_ignores_the_knobs_that_do_nothing_with_a_note():
+    """A speech-to-text model reads greedily: temperatures and seeds sent anyway are validated, then reported in
+    `ignored` with the reason; pad_mult (which still moves the argmax) applies; what runs is greedy."""
+    from moshi_mlx.settings import GREEDY, TEXT_ONLY_NOTE
+
+    q = protocol.parse_query({"text_temperature": "0.9", "audio_topk": "10", "seed": "3", "pad_mult": "0.5"},
+                             EngineSettings(), text_only=True)
+    assert q.ignored == {"text_temperature": TEXT_ONLY_NOTE, "audio_topk": TEXT_ONLY_NOTE, "seed": TEXT_ONLY_NOTE}
+    assert q.applied == {"pad_mult": 0.5}
+    assert q.settings.text == GREEDY and q.settings.audio == GREEDY and q.settings.seeds == (None, None)
+    assert q.describe()["text_temperature"] == 0.0 and q.describe()["pad_mult"] == 0.5
+    with pytest.raises(protocol.ParamError):  # still checked: a bad value is one clear line, not silence
+        protocol.parse_query({"text_temperature": "-1"}, EngineSettings(), text_only=True)
+    # Moshi itself: nothing ignored, the temperature applies
+    assert protocol.parse_query({"text_temperature": "0.9"}).settings.text.temperature == 0.9
+
+
+def test_text_only_knob_table_offers_only_what_acts():
+    from moshi_mlx.server.info import knobs_info
+    from moshi_mlx.settings import TEXT_ONLY_KNOBS
+
+    assert [k["name"] for k in knobs_info(text_only=True)] == list(TEXT_ONLY_KNOBS)
+    assert len(knobs_info()) > len(TEXT_ONLY_KNOBS)
+
