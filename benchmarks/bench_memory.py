@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py --config small -q 4 --kv-bits 4 8 16 --pipeline
     python benchmarks/bench_memory.py --config 7b -q 4 --kv-bits 4 --steps 2 --pipeline
+    python benchmarks/bench_memory.py --config 7b -q 4 --kv-bits 4 --pipeline --mimi mlx --max-memory 5.2
     python benchmarks/bench_memory.py --long --minutes 1 10 60        # Mimi alone, faster than real time
     python benchmarks/bench_memory.py --long --mimi mlx --minutes 1 5  # the MLX Mimi instead of rustymimi
 
@@ -40,6 +41,7 @@ def one_setting(args: argparse.Namespace, bits: int) -> dict:
                 "--realtime-frames", "0", "--no-split", "--no-progress", "--json", str(out)]
         argv += ["-q", str(args.quantize)] if args.quantize else ["--dtype", args.dtype]
         argv += ["--mimi", args.mimi] if args.mimi else []
+        argv += ["--max-memory", str(args.max_memory)] if args.max_memory else []
         if not args.pipeline:
             argv.append("--lm-only")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -48,9 +50,14 @@ def one_setting(args: argparse.Namespace, bits: int) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"kv-bits {bits}: the benchmark failed: {proc.stderr.strip().splitlines()[-1:]}")
         result = json.loads(out.read_text())
+        memory_line = next((ln.strip() for ln in proc.stderr.splitlines() if "memory:" in ln), None)
     memory = result["memory"]
     return {
         "kv_bits": bits,
+        "max_memory_gb": args.max_memory,
+        "context": result["settings"]["context"],  # the attention window the plan chose (full: the model's)
+        "memory_line": memory_line,
+        "mimi_note": memory.get("mimi_note"),
         "weights_gb": memory["weights_gb"],
         "kv_cache_gb": memory["kv_cache_gb"],
         "lm_alone": memory["lm"],
@@ -106,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--kv-bits", type=int, nargs="+", choices=(16, 8, 4), default=[4, 8, 16])
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="the LM's memory budget, as the app's --max-memory (it picks the KV window)")
     p.add_argument("--pipeline", action="store_true", help="also the full pipeline (LM + Mimi both ways)")
     p.add_argument("--long", action="store_true", help="Mimi alone: RSS at the --minutes of audio")
     p.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 60])
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['lm_alone']['mlx_peak_gb']:>11.3f} {r['lm_alone']['rss_peak_gb']:>11.3f} "
                   f"{r['mimi_gb']:>7.3f} {r['lm_rss_over_weights']:>25.3f} "
                   f"{pipe if pipe is not None else '-':>17} {r['step_ms_median']:>8.1f}", file=sys.stderr)
-        out = {"config": args.config, "quantize": args.quantize, "dtype": args.dtype, "runs": runs}
+        out = {"config": args.config, "mimi": args.mimi, "quantize": args.quantize, "dtype": args.dtype, "runs": runs}
     print(json.dumps(out, indent=2))
     return 0
 

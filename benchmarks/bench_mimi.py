@@ -2,6 +2,7 @@
 
     python benchmarks/bench_mimi.py                       # ms per frame (alternating), memory of each
     python benchmarks/bench_mimi.py --frames 100 --long-frames 3000   # and RSS over 4 minutes of audio
+    python benchmarks/bench_mimi.py --child mlx --frames 3000 --every 125 --start-frame 64000  # across the move back
 
 Timing: both codecs loaded in one process, frames alternating between them (encode, then decode of the
 same codes), so load on the machine hits both alike; the ratio is MLX / rustymimi. Memory: each codec in a
@@ -73,13 +74,20 @@ def timing(path: str, frames: int, warmup: int, device: str) -> dict:
     return out
 
 
-def memory_child(name: str, path: str, frames: int, device: str, every: int) -> dict:
-    """In a fresh process: RSS before and after loading one codec, then along ``frames`` frames both ways."""
+def memory_child(name: str, path: str, frames: int, device: str, every: int, start_frame: int = 0) -> dict:
+    """In a fresh process: RSS before and after loading one codec, then along ``frames`` frames both ways.
+
+    ``start_frame``: the MLX Mimi's streams start that many frames in (its positions move back at frame
+    65536, 87 minutes of audio: a start shortly before puts that move inside a short run)."""
     import mlx.core as mx  # noqa: F401  (MLX's own start-up is not the codec's)
 
     base = rss_bytes()
     codec = open_codec(name, path, device)
     loaded = rss_bytes()
+    if start_frame:
+        if name != "mlx":
+            raise SystemExit("--start-frame: the MLX Mimi only")
+        codec.start_at(start_frame)
     rng = np.random.default_rng(1)
     curve = []
     start = time.perf_counter()
@@ -87,8 +95,10 @@ def memory_child(name: str, path: str, frames: int, device: str, every: int) -> 
         codec.decode_frame(codec.encode_frame(signal(i, rng)))
         if i % every == 0 or i == frames:
             curve.append((i, round(rss_bytes() / 1e6, 1), round(time.perf_counter() - start, 1)))
+            if name == "mlx":  # where the stream's positions are: shows the move back when it happens
+                curve[-1] += (codec._enc.window.offset, codec._enc.window.rebased)
             print(json.dumps(curve[-1]), file=sys.stderr, flush=True)  # progress, and a record if stopped early
-    return {"codec": name, "load_mb": round((loaded - base) / 1e6, 1), "rss_after_load_mb": round(loaded / 1e6, 1),
+    return {"codec": name, "start_frame": start_frame, "load_mb": round((loaded - base) / 1e6, 1), "rss_after_load_mb": round(loaded / 1e6, 1),
             "reported_mb": round(codec.resident_bytes / 1e6, 1), "note": codec.memory_note, "curve": curve}
 
 
@@ -104,7 +114,7 @@ def in_child(name: str, path: str, frames: int, device: str, every: int) -> dict
 
 def slope_mb_per_min(curve: list, skip_frames: int) -> float:
     """Least-squares RSS slope (MB per minute of audio) past ``skip_frames`` (the window's first fill)."""
-    pts = [(f / FRAME_RATE / 60, mb) for f, mb, _ in curve if f > skip_frames]
+    pts = [(p[0] / FRAME_RATE / 60, p[1]) for p in curve if p[0] > skip_frames]
     if len(pts) < 2:
         return float("nan")
     x, y = np.array(pts).T
@@ -119,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="the MLX Mimi's device")
     p.add_argument("--long-frames", type=int, default=0, help="also: the MLX Mimi's RSS over this many frames")
     p.add_argument("--every", type=int, default=250)
+    p.add_argument("--start-frame", type=int, default=0,
+                   help="the MLX Mimi's streams start this many frames in (with --child mlx)")
     p.add_argument("--child", choices=CODECS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(memory_child(args.child, args.weights, args.frames, args.device, args.every)))
+        print(json.dumps(memory_child(args.child, args.weights, args.frames, args.device, args.every,
+                                      args.start_frame)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         path = args.weights
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             long = in_child("mlx", path, args.long_frames, args.device, args.every)
             long["slope_mb_per_min_after_first_window"] = slope_mb_per_min(long["curve"], 250)
             result["long"] = long
-            for f, mb, s in long["curve"]:
+            for f, mb, s, *_ in long["curve"]:
                 say(f"  frame {f:>6} ({f / FRAME_RATE:>6.0f} s of audio, {s:>6.0f} s wall): RSS {mb:.1f} MB")
             say(f"  slope past the first window: {long['slope_mb_per_min_after_first_window']} MB per minute of audio")
         print(json.dumps(result, indent=1))

@@ -2,8 +2,9 @@
 
 Each direction (encoder, decoder) runs on its own thread with its own MLX stream on the chosen device,
 so the two overlap as rustymimi's do, and MLX streams stay with the thread that made them. Memory is
-the weights (about 0.33 GB in float32 with 8 codebooks) plus two streams of about 8 MB each, the same
-after a minute or a day: the transformers' keys and values live in a rotating window of their context.
+the weights (about 0.33 GB in float32 with 8 codebooks) plus two streams of about 8 MB each and a step's
+workspace each way, the same after a minute or a day: the transformers' keys and values live in a rotating
+window of their context.
 
 Device: the CPU by default. On a Mac the LM owns the GPU (its step is the real-time bottleneck, and
 Metal runs one command queue at a time per process in practice), while Mimi's matrix products on the CPU
@@ -23,6 +24,10 @@ from ..errors import MoshiError, first_line
 from ..mlx_thread import MlxThread
 from .mimi import FrameCodec, check_codes, check_num_codebooks, check_pcm_frame
 from .mimi_pool import MimiError
+
+#: MLX memory one direction's step allocates and frees again, 8 codebooks (measured with MLX 0.32 on the CPU:
+#: 12.8 MB encoding, 14.3 MB decoding, 14.5 MB both at once; rounded up per direction since both may step together).
+STEP_WORKSPACE_BYTES = 16 << 20
 
 #: Where the MLX Mimi may run (``--mimi-device``).
 DEVICES = ("cpu", "gpu")
@@ -63,9 +68,23 @@ class MlxMimi(FrameCodec):
             self.close()
             raise MimiError(f"cannot load Mimi weights from {self.path}: {first_line(e)}") from None
         self._weights = self.net.nbytes
+        self._stream_bytes = self._warm_up()
         self._enc: Stream = self._enc_lane.run(self.net.new_stream)
         self._dec: Stream = self._dec_lane.run(self.net.new_stream)
-        self._stream_bytes = self._enc.nbytes + self._dec.nbytes
+
+    def _warm_up(self) -> int:
+        """One silent frame each way on throwaway streams: compiles the steps (so the first live frame is not
+        slow) and fills every convolution buffer, which a fresh stream makes only on its first step. Returns
+        both streams' full size."""
+        def one_way(encode: bool) -> int:
+            stream = self.net.new_stream()
+            if encode:
+                mx.eval(self.net.encode_step(mx.zeros((1, self.net.cfg.frame_size)), stream))
+            else:
+                mx.eval(self.net.decode_step(mx.zeros((1, self.num_codebooks), mx.int32), stream))
+            return stream.nbytes
+
+        return self._enc_lane.run(lambda: one_way(True)) + self._dec_lane.run(lambda: one_way(False))
 
     # -- streaming -----------------------------------------------------------------------------------
     def encode_frame(self, pcm: np.ndarray) -> np.ndarray:
@@ -80,6 +99,15 @@ class MlxMimi(FrameCodec):
         pcm = self._dec_lane.run(lambda: np.array(self.net.decode_step(mx.array(c), self._dec)))
         return pcm.reshape(-1)
 
+    def start_at(self, frame: int) -> None:
+        """Fresh streams both ways whose positions start ``frame`` frames in, as if a session had run that long.
+
+        For tests and benchmarks only: the positions move back every few hours of audio (see
+        ``codec/transformer.py``) and this reaches that point in seconds instead of hours.
+        """
+        self._enc = self._enc_lane.run(lambda: self.net.new_stream(frame=frame))
+        self._dec = self._dec_lane.run(lambda: self.net.new_stream(frame=frame))
+
     def reset_encoder(self) -> None:
         self._enc = self._enc_lane.run(self.net.new_stream)
 
@@ -89,8 +117,9 @@ class MlxMimi(FrameCodec):
     # -- memory ---------------------------------------------------------------------------------------
     @property
     def resident_bytes(self) -> int:
-        """Weights and both directions' streaming state: all inside MLX, fixed for any session length."""
-        return self._weights + self._stream_bytes
+        """MLX memory at the codec's peak: weights, both directions' full streaming state and a step's workspace
+        each way; all inside MLX's allocator and fixed for any session length (the memory plan counts it)."""
+        return self._weights + self._stream_bytes + 2 * STEP_WORKSPACE_BYTES
 
     @property
     def mlx_bytes(self) -> int:

@@ -119,8 +119,11 @@ class MimiNetwork:
         """Bytes of the weights as loaded (float32)."""
         return sum(a.nbytes for a in self._arrays())
 
-    def new_stream(self, batch: int = 1) -> Stream:
-        return Stream(self.encoder_transformer.new_window(batch, self.cfg.downsample_stride))
+    def new_stream(self, batch: int = 1, frame: int = 0) -> Stream:
+        """A fresh stream; ``frame`` > 0 starts its positions as if that many frames had gone by (for tests and
+        benchmarks that must reach the positions' move back quickly; the output is the same up to rounding)."""
+        positions = frame * self.cfg.downsample_stride  # the transformers run at 25 Hz: 2 positions a frame
+        return Stream(self.encoder_transformer.new_window(batch, self.cfg.downsample_stride, position=positions))
 
     # -- streaming, one frame at a time ---------------------------------------------------------------
     def encode_step(self, pcm: mx.array, stream: Stream) -> mx.array:

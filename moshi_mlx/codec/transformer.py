@@ -133,9 +133,13 @@ class CodecTransformer:
             x = layer(x, mask)
         return x
 
-    def new_window(self, batch: int, step_positions: int, dtype: mx.Dtype = mx.float32) -> Window:
+    def new_window(self, batch: int, step_positions: int, dtype: mx.Dtype = mx.float32, position: int = 0) -> Window:
+        """An empty window whose first step is at ``position`` (0 normally; later ones let a test reach the
+        positions' move back, at ``2 * REBASE_POSITIONS``, without hours of audio first)."""
+        if position < 0:
+            raise ValueError(f"a stream's start position must be >= 0, got {position}")
         cfg = self.cfg
-        window = Window(cfg.context + step_positions)
+        window = Window(cfg.context + step_positions, offset=position)
         shape = (batch, cfg.num_heads, window.slots, cfg.head_dim)
         window.keys = [mx.zeros(shape, dtype) for _ in self.layers]
         window.values = [mx.zeros(shape, dtype) for _ in self.layers]

@@ -16,7 +16,7 @@ def test_memory_per_kv_bits_through_the_benchmark(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--config", "tiny", "--dtype", "float32",
-         "--kv-bits", "4", "16", "--steps", "1"],
+         "--kv-bits", "4", "16", "--steps", "1", "--max-memory", "3"],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -25,6 +25,8 @@ def test_memory_per_kv_bits_through_the_benchmark(tmp_path):
     for r in runs.values():
         assert r["lm_alone"]["mlx_peak_gb"] >= r["weights_gb"] + r["kv_cache_gb"] * 0.99
         assert r["process_rss_peak_gb"] >= r["lm_alone"]["rss_peak_gb"] > 0 and r["step_ms_median"] > 0
+        # --max-memory reaches the app's memory plan, and its start-up line is recorded with the window it chose
+        assert r["max_memory_gb"] == 3 and r["memory_line"].startswith("memory: budget 3.00 GB") and r["context"] > 0
         # Mimi's instances load beside the LM (one MLX copy where rustymimi is missing); the LM's share leaves them out.
         assert r["mimi_gb"] > (0.75 if rustymimi_problem() is None else 0.25) and r["lm_rss_over_weights"] == round(
             (r["lm_alone"]["rss_peak_gb"] - r["mimi_gb"]) / r["weights_gb"], 3)

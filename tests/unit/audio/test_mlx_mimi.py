@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from moshi_mlx.audio.codec_choice import CodecChoice, open_mimi
 from moshi_mlx.audio.mimi import MimiInputError
 from moshi_mlx.audio.mimi_pool import MimiError
 from moshi_mlx.audio.mlx_mimi import MlxMimi
+from moshi_mlx.codec.transformer import REBASE_POSITIONS
 from moshi_mlx.errors import MoshiError
 from tests.helpers.mimi_signals import speechy
 
@@ -115,3 +117,55 @@ def test_without_rustymimi_a_whole_process_loads_the_demo(tmp_path, demo_files):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "rustymimi cannot be imported" in out.stdout and "MlxMimi (8,)" in out.stdout
+
+
+def test_a_stream_started_late_crosses_the_positions_move_back_unchanged(mimi):
+    """Streams started 3 frames before their positions move back (2^17 positions, 87 min of audio in) give
+    what streams started at 0 give, and keep their size: the move back is reached here in seconds."""
+    first_move = 2 * REBASE_POSITIONS // mimi.net.cfg.downsample_stride  # frames
+    pcm = speechy(6, seed=3).reshape(-1, 1920)
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        codes = np.stack([mimi.encode_frame(f) for f in pcm])
+        return codes, np.concatenate([mimi.decode_frame(c) for c in codes])
+
+    mimi.reset()
+    codes0, audio0 = run()
+    size = mimi.resident_bytes
+    mimi.start_at(first_move - 3)
+    codes1, audio1 = run()
+    assert mimi._enc.window.rebased == mimi._dec.window.rebased == REBASE_POSITIONS  # it did move back
+    assert mimi.resident_bytes == size
+    assert (codes1 == codes0).mean() >= 0.95  # float32 rotary angles near 2^17 round a little differently
+    snr = 10 * np.log10(np.sum(audio0**2) / np.sum((audio1 - audio0) ** 2))
+    assert snr > 30, snr
+    mimi.reset()
+
+
+def test_the_memory_plan_counts_the_mlx_mimis_real_peak(demo_files):
+    """MLX's own peak counter around loading the MLX Mimi and running both directions at once (two threads, as
+    the engine does) stays within what the codec reports, and the memory plan's line counts that figure."""
+    from moshi_mlx.model_files.assets import load
+    from moshi_mlx.model_files.budget import GB
+
+    assets = load(demo=True, log=lambda s: None, codec=CodecChoice("mlx"))
+    m = assets.mimi
+    m.close()  # the real measurement below is of a fresh one, from nothing
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    m = assets.mimi = MlxMimi(m.path)
+    pcm = speechy(4, seed=4).reshape(-1, 1920)
+    codes = [m.encode_frame(f) for f in pcm]
+    both = [threading.Thread(target=lambda: [m.encode_frame(f) for f in pcm]),
+            threading.Thread(target=lambda: [m.decode_frame(c) for c in codes])]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join()
+    real = mx.get_peak_memory() - base
+    assert real <= m.mlx_bytes <= 1.10 * real, (real, m.mlx_bytes)  # all counted, and not grossly over
+    lines: list[str] = []
+    plan = assets.plan_memory(4.0, log=lines.append)
+    assert plan.codec_bytes == m.mlx_bytes and plan.mlx_limit_bytes == plan.budget_bytes + m.mlx_bytes
+    assert f"MLX Mimi {m.mlx_bytes / GB:.2f} GB beside it" in lines[0] and "on top" not in lines[0]
+    m.close()
