@@ -27,17 +27,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from .audio.files import to_pcm16
 from .audio.frames import SAMPLE_RATE
-from .audio.recording import FLUSH_S, RecordingError
-from .audio.wav_stream import HEADER_BYTES, WavStream
+from .audio.recording import FLUSH_S, PartialFiles, RecordingError
+from .audio.wav_stream import HEADER_BYTES
 from .captions import render
 from .errors import first_line
-from .outputs import OutputError, atomic_output, fresh_paths
+from .outputs import OutputError, atomic_output
 from .transcribe import Word, heads_note
 
 STEM = "captions"
@@ -58,47 +58,8 @@ class CaptionFiles:
         return iter((self.mic, self.text, self.json))
 
 
-class _Partial:
-    """The two growing files, the WAV locked while it lives."""
-
-    def __init__(self, folder: Path, started: datetime) -> None:
-        for _ in range(1000):
-            *_, wav_path, events_path = fresh_paths(
-                folder, STEM, [f"-{s}" for s in SUFFIXES + PARTIAL_SUFFIXES], started.timestamp()
-            )
-            try:
-                self.wav = WavStream(wav_path, 1, SAMPLE_RATE, new=True)
-            except FileExistsError:
-                continue
-            try:
-                fcntl.flock(self.wav.fileno, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.events: IO[str] = open(events_path, "x", encoding="utf-8")
-            except BaseException:
-                self.wav.close()
-                os.unlink(wav_path)
-                raise
-            self.stem = wav_path.name[: -len(PARTIAL_SUFFIXES[0]) - 1]
-            return
-        raise FileExistsError(f"no free file name for {STEM}-{started:%Y%m%d-%H%M%S}")
-
-    @property
-    def paths(self) -> tuple[Path, Path]:
-        return self.wav.path, Path(self.events.name)
-
-    def append(self, mono: np.ndarray, events: list[dict[str, Any]]) -> None:
-        if mono.size:
-            self.wav.write(mono.reshape(-1, 1))
-            self.wav.commit()
-        if events:
-            self.events.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
-            self.events.flush()
-            os.fsync(self.events.fileno())
-
-    def close(self) -> None:
-        try:
-            self.wav.close()
-        finally:
-            self.events.close()
+#: This recorder's files, for the shared growing-files writer (audio.recording.PartialFiles).
+FILES = (STEM, SUFFIXES, PARTIAL_SUFFIXES)
 
 
 class CaptionRecorder:
@@ -115,7 +76,7 @@ class CaptionRecorder:
         self._events: list[dict[str, Any]] = []
         self._n = 0
         self.started_at: datetime | None = None
-        self._partial: _Partial | None = None
+        self._partial: PartialFiles | None = None
         self.error: str | None = None
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._run, name="captions-writer", daemon=True)
@@ -166,7 +127,7 @@ class CaptionRecorder:
             return
         try:
             if self._partial is None:
-                self._partial = _Partial(self.folder, started)
+                self._partial = PartialFiles(self.folder, started, SAMPLE_RATE, 1, FILES)
             self._partial.append(np.concatenate(audio) if audio else np.zeros(0, "<i2"), events)
         except (OSError, ValueError) as e:  # a full disk, the folder gone
             self.error = getattr(e, "strerror", None) or first_line(e)

@@ -71,47 +71,54 @@ class RecordingFiles:
         return iter((self.stereo, self.mixed, self.text, self.json))
 
 
-class _Partial:
-    """The two growing files of one recording, the WAV locked while it lives (see :func:`recover_unfinished`)."""
+class PartialFiles:
+    """The two growing files of one recording in progress: a WAV (locked while it lives, so that
+    recovery never touches a live recording) and a JSON-lines file of timed pieces, both synced as they grow.
+    `kind` is (stem, final suffixes, partial suffixes): the name is reserved against the final files too."""
 
-    def __init__(self, folder: Path, started: datetime, rate: int) -> None:
+    def __init__(
+        self, folder: Path, started: datetime, rate: int, channels: int,
+        kind: tuple[str, tuple[str, ...], tuple[str, str]] | None = None,
+    ) -> None:
+        stem, finals, partials = kind or (STEM, SUFFIXES, PARTIAL_SUFFIXES)
         for _ in range(1000):  # a name is only a proposal: another recording may take it meanwhile
-            *finals, wav_path, text_path = fresh_paths(
-                folder, STEM, [f"-{s}" for s in SUFFIXES + PARTIAL_SUFFIXES], started.timestamp()
+            *_, wav_path, lines_path = fresh_paths(
+                folder, stem, [f"-{s}" for s in finals + partials], started.timestamp()
             )
             try:
-                self.wav = WavStream(wav_path, 2, rate, new=True)
+                self.wav = WavStream(wav_path, channels, rate, new=True)
             except FileExistsError:
                 continue
             try:
                 fcntl.flock(self.wav.fileno, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.text: IO[str] = open(text_path, "x", encoding="utf-8")
+                self.lines: IO[str] = open(lines_path, "x", encoding="utf-8")
             except BaseException:
                 self.wav.close()
                 os.unlink(wav_path)
                 raise
-            self.stem = wav_path.name[: -len(PARTIAL_SUFFIXES[0]) - 1]
+            self.stem = wav_path.name[: -len(partials[0]) - 1]
             return
-        raise FileExistsError(f"no free file name for {STEM}-{started:%Y%m%d-%H%M%S}")
+        raise FileExistsError(f"no free file name for {stem}-{started:%Y%m%d-%H%M%S}")
 
     @property
     def paths(self) -> tuple[Path, Path]:
-        return self.wav.path, Path(self.text.name)
+        return self.wav.path, Path(self.lines.name)
 
-    def append(self, stereo: np.ndarray, pieces: list[dict[str, Any]]) -> None:
-        if len(stereo):
-            self.wav.write(stereo)
+    def append(self, frames: np.ndarray, pieces: list[dict[str, Any]]) -> None:
+        """`frames`: int16 samples [n, channels] (or [n] for mono); `pieces`: one JSON line each."""
+        if len(frames):
+            self.wav.write(frames.reshape(len(frames), -1))
             self.wav.commit()
         if pieces:
-            self.text.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pieces))
-            self.text.flush()
-            os.fsync(self.text.fileno())
+            self.lines.write("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pieces))
+            self.lines.flush()
+            os.fsync(self.lines.fileno())
 
     def close(self) -> None:
         try:
             self.wav.close()
         finally:
-            self.text.close()
+            self.lines.close()
 
 
 class ConversationRecorder:
@@ -139,7 +146,7 @@ class ConversationRecorder:
         self.started_at: datetime | None = None
         # The writer thread's own state.
         self._left = (np.zeros(0, "<i2"), np.zeros(0, "<i2"))  # what one side has that the other has not yet
-        self._partial: _Partial | None = None
+        self._partial: PartialFiles | None = None
         self.error: str | None = None
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._run, name="recording-writer", daemon=True)
@@ -231,7 +238,7 @@ class ConversationRecorder:
         try:
             if self._partial is None:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                self._partial = _Partial(self.folder, started, self.sample_rate)
+                self._partial = PartialFiles(self.folder, started, self.sample_rate, 2)
             self._partial.append(stereo, pieces)
         except (OSError, ValueError) as e:  # a full disk, a file-size limit, the folder gone
             self.error = getattr(e, "strerror", None) or first_line(e)

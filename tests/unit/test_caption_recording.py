@@ -57,7 +57,7 @@ def test_what_a_crash_left_is_finished_next_time(tmp_path):
     assert recover_unfinished(tmp_path) == []  # alive: its WAV is locked
     rec._stop.set()  # the writer stops as a killed process would, the files left open
     rec._writer.join()
-    rec._partial.events.close()
+    rec._partial.lines.close()
     rec._partial.wav._f.close()  # closed without a last commit; the lock goes with the file, as when a process dies
     done = recover_unfinished(tmp_path)
     assert len(done) == 1 and abs(done[0].seconds - 2.0) < 1e-6
