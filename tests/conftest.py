@@ -68,9 +68,37 @@ def jack_tools(portaudio):
 E2E = Path(__file__).resolve().parent / "e2e"
 
 
+#: The by-hand tier: end-to-end checks that repeat what faster tests already cover by another route, kept to run
+#: before a release (`MOSHI_MLX_LONG_TESTS=1 python -m pytest -q -m long`) so that the default suite stays within
+#: CI's 20 minutes on 2 cores. Each is skipped with this reason, never silently.
+LONG_ENV = "MOSHI_MLX_LONG_TESTS"
+
+
 def pytest_collection_modifyitems(config, items):
+    import os
+
+    run_long = os.environ.get(LONG_ENV) == "1"
     for item in items:
+        if item.get_closest_marker("long") is not None and not run_long:
+            item.add_marker(pytest.mark.skip(reason=f"by-hand tier (repeats faster coverage): set {LONG_ENV}=1"))
         if E2E in Path(item.fspath).resolve().parents:
             item.add_marker(pytest.mark.slow)
             if "jack_tools" in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.realtime)
+
+
+# -- memory: the whole suite runs in one process, and MLX keeps freed buffers in its cache for reuse. Dozens of
+# modules each load their own random models; without handing that cache back after each module the process grows
+# past this machine's 24 GB before the rustymimi tests (which hold pools of codec instances) run.
+@pytest.fixture(scope="module", autouse=True)
+def _release_memory_after_module():
+    yield
+    import gc
+    import sys
+
+    gc.collect()
+    mx = sys.modules.get("mlx.core")  # only if the module used MLX: never import it for tests that do not
+    if mx is not None:
+        clear = getattr(mx, "clear_cache", None) or getattr(getattr(mx, "metal", None), "clear_cache", None)
+        if clear is not None:
+            clear()

@@ -265,8 +265,10 @@ function settingsQuery() {
 function applyKnobs(table) {
   const offered = new Set((table || []).map((knob) => knob.name));
   for (const name of PARAMS) {
-    if (ui.conditioning.contains(ui.form.elements[name])) continue; // shown by applyConditioning
-    ui.form.elements[name].closest("label").hidden = table !== undefined && !offered.has(name);
+    const input = ui.form.elements[name];
+    // Guidance and the persona's role and voice are not knobs: applyConditioning / applyPersona show them.
+    if (ui.conditioning.contains(input) || ui.persona.contains(input)) continue;
+    input.closest("label").hidden = table !== undefined && !offered.has(name);
   }
   for (const knob of table || []) {
     const input = ui.form.elements[knob.name];

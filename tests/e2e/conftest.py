@@ -19,7 +19,8 @@ def engine():
     assets = load(demo=True, log=lambda msg: None)
     eng = assets.engine()
     eng.warmup()
-    return eng
+    yield eng
+    eng.close()  # its model thread holds the model: let the module's memory go
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,9 @@ def test_conversation_over_ws(jack_tools, tmp_path):
     assert times == sorted(times) and times[-1] <= stereo.shape[0] / 24000 + 2.0
 
 
+# By hand (15 s here): the same conversation as over ws above, through --ssl auto; wss itself runs in CI in
+# test_remote.py and test_local_web_command.py.
+@pytest.mark.long
 def test_conversation_over_wss_with_auto_certificate(jack_tools, tmp_path):
     """The issue's 'done when': local_web --demo --ssl auto and client --insecure wss://... on virtual devices,
     with transcript and recording."""

@@ -109,6 +109,9 @@ def test_bad_values_are_usage_errors_before_anything_loads(hf_home, tmp_path, fl
     assert r.returncode == 2 and f"argument {flag}:" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
+# By hand (24 s here): the offline demo with sampling flags runs in CI in test_local.py; top-p / min-p reaching
+# the sampler is checked by the unit tests.
+@pytest.mark.long
 def test_the_terminal_demo_takes_the_new_sampling_flags(tmp_path):
     """`local --demo` without a sound card runs offline; top-p and min-p reach its sampler."""
     out = tmp_path / "babble.wav"

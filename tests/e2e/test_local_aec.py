@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
+
 from tests.helpers.apps import App, no_traceback, session_summary
 from tests.helpers.audio_env import JackServer
 
@@ -38,6 +40,8 @@ def test_echo_of_moshi_is_removed(jack_tools, tmp_path):
     assert float(m.group(1)) > 10.0, err
 
 
+# By hand (13 s here): the flag's session; the echo-cancelling session itself runs in CI just above.
+@pytest.mark.long
 def test_no_aec_flag(jack_tools, tmp_path):
     err = _echo_session(tmp_path, ["--no-aec"])
     no_traceback(err)

@@ -70,6 +70,9 @@ def test_without_the_rust_codec_the_mlx_mimi_runs_with_one_line(tmp_path, clip, 
     assert out.is_file()
 
 
+# By hand (65 s here): the offline demo through the MLX Mimi; the same codec in the terminal app, the browser and
+# run_inference is checked in CI above.
+@pytest.mark.long
 def test_local_offline_demo_with_mimi_mlx(tmp_path, demo_files):
     out = tmp_path / "babble.wav"
     r = run(["moshi_mlx.local", "--demo", "--mimi", "mlx", "--demo-output", str(out)], env_with(tmp_path, demo_files))

@@ -215,6 +215,9 @@ def test_benchmark_times_stt_alone_and_on_top_of_moshi(tmp_path):
     assert extra["extra_ms"] == pytest.approx(extra["with_stt"]["median_ms"] - extra["alone"]["median_ms"], abs=1e-2)
 
 
+# By hand (38 s here): the offline demo's two speakers; the terminal app on JACK checks both speakers in --record
+# in CI.
+@pytest.mark.long
 def test_offline_demo_records_both_speakers(tmp_path):
     """No sound device (a HOME without an ALSA setup): `local --demo --transcribe-user --record` writes the test
     signal's words beside Moshi's babble, in time order, and prints them as a "you:" line."""
