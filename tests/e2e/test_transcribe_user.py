@@ -172,6 +172,8 @@ def test_local_web_sends_the_user_words_to_a_client_that_asks(tmp_path):
     assert not_asked == []  # Kyutai's client never asks: it never sees a kind it would throw on
 
 
+# By hand (18 s here): the client runs the same UserTranscriber the terminal app's JACK test checks in CI.
+@pytest.mark.long
 def test_client_writes_down_your_words_against_local_web(jack_tools, stt_folder, tmp_path):
     """`client --transcribe-user FOLDER` against a plain `local_web --demo`: the STT runs in the client."""
     import re
